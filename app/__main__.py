@@ -1,0 +1,34 @@
+"""`python -m app [overrides...]`: run the batch job with Hydra-composed configuration."""
+
+import logging
+import sys
+
+import hydra
+
+import app.conf  # noqa: F401  (registers the typed config schema)
+
+from app.pipeline import ConfigError, run
+
+log = logging.getLogger("app")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg) -> None:
+    try:
+        summary = run(cfg)
+    except ConfigError as error:
+        print(f"ray-detect: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    errors = ", ".join(f"{kind}={count}" for kind, count in summary.errors_by_kind.items()) or "none"
+    print(
+        f"ray-detect: {summary.inputs} images ({summary.ok} ok, {summary.errors} errors: {errors}), "
+        f"{summary.detections} detections in {summary.wall_seconds:.1f} s "
+        f"({summary.images_per_second:.2f} images/s)\n"
+        f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
+    )
+    for warning in summary.warnings:
+        log.warning(warning)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Typed configuration schema.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``base_config``; the YAML files under
+``app/conf`` fill them in. Because every node is typed, a misspelt key or a value of the wrong type
+fails at composition, naming the key, before Ray starts.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
+
+
+@dataclass
+class DataConfig:
+    # Local directory (searched recursively), glob, single file, or URI (s3://, gs://, any fsspec protocol).
+    path: str = MISSING
+    # File extensions treated as images, matched case-insensitively; other files are ignored.
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # Files larger than this are not read; they become error rows (kind "too_large").
+    max_file_bytes: int = 64 * 1024 * 1024
+    # Images with more pixels than this are not decoded (decompression-bomb guard); Pillow's own limit is 89M.
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass
+class ModelConfig:
+    # A torchvision detection model name (see app/conf/model/).
+    name: str = MISSING
+    # DEFAULT (torchvision's pretrained COCO weights), a checkpoint path or URI, or none (random init).
+    weights: str = "DEFAULT"
+    # Detections scoring below this are dropped.
+    score_threshold: float = 0.5
+    # Model input size: the shorter side is scaled to min_size unless the longer would exceed max_size.
+    min_size: int = 800
+    max_size: int = 1333
+    # For checkpoints of fine-tuned models: number of classes (background included) and their names.
+    num_classes: Optional[int] = None
+    class_names: Optional[list[str]] = None
+
+
+@dataclass
+class InferenceConfig:
+    # Images per model call.
+    batch_size: int = 4
+    # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
+    num_gpus: str = "auto"
+    # Detector actor-pool size: "auto" = one actor per GPU in the cluster, or 1 on CPU.
+    num_actors: str = "auto"
+    # CPUs each detector actor reserves (= torch threads): "auto" = 1 with a GPU, else all CPUs but one.
+    num_cpus_per_actor: str = "auto"
+    # Resize to the model's input size in the CPU stage, so only uint8 pixels at model size cross stages.
+    resize_on_cpu: bool = True
+
+
+@dataclass
+class OutputConfig:
+    # Directory or URI of the Parquet dataset.
+    path: str = MISSING
+    # Replace results already in output.path instead of refusing to run.
+    overwrite: bool = False
+
+
+@dataclass
+class RayConfig:
+    # Cluster address; null = RAY_ADDRESS when set (as in a RayJob), else a local Ray started in-process.
+    address: Optional[str] = None
+    # CPUs of the local Ray instance (null = all); ignored when attaching to a cluster.
+    num_cpus: Optional[int] = None
+    # Start the dashboard with a local Ray instance.
+    include_dashboard: bool = False
+
+
+@dataclass
+class AppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def register_configs() -> None:
+    """Register the schema and the resolver that points at the bundled sample images."""
+    ConfigStore.instance().store(name="base_config", node=AppConfig)
+    if not OmegaConf.has_resolver("samples_dir"):
+        OmegaConf.register_new_resolver("samples_dir", lambda: str(SAMPLES_DIR))

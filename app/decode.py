@@ -1,0 +1,133 @@
+"""The CPU stage: read each file, decode it to RGB uint8 at the model's input size, or say why not.
+
+Every input row comes out as exactly one row: pixels on success, an error kind and message otherwise.
+"""
+
+import io
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Error kinds, as they appear in the `error_kind` column and the run summary.
+EMPTY_FILE = "empty_file"
+TOO_LARGE = "too_large"
+UNREADABLE = "unreadable"
+NOT_AN_IMAGE = "not_an_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+CORRUPT_IMAGE = "corrupt_image"
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("width", pa.int32()),  # original size, after EXIF orientation
+        ("height", pa.int32()),
+        ("pixels", pa.binary()),  # HWC uint8 RGB at pixel_height x pixel_width
+        ("pixel_width", pa.int32()),
+        ("pixel_height", pa.int32()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the CPU stage reads and sizes images."""
+
+    max_file_bytes: int
+    max_image_pixels: int
+    # Model input size; None keeps the original size.
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+
+
+class ImageError(Exception):
+    """An input that cannot become an image; `kind` names the reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def model_input_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The (width, height) FasterRCNN's transform scales an image to: shorter side to min_size,
+    unless the longer side would then exceed max_size."""
+    scale = min(min_size / min(width, height), max_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def read_file(filesystem: pafs.FileSystem, path: str, size: int, options: DecodeOptions) -> bytes:
+    if size > options.max_file_bytes:
+        raise ImageError(TOO_LARGE, f"file is {size} bytes, over data.max_file_bytes={options.max_file_bytes}")
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+    except OSError as error:
+        raise ImageError(UNREADABLE, str(error)) from error
+    if not data:
+        raise ImageError(EMPTY_FILE, "file is empty")
+    return data
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) as 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16- and 32-bit grayscale: Pillow's convert would clip to 255, so rescale to 8 bits first.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(gray, mode="L")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
+    """Decode bytes to an RGB image at model size; returns it with the original width and height."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as error:
+        raise ImageError(NOT_AN_IMAGE, "not a recognised image format") from error
+    except Image.DecompressionBombError as error:
+        raise ImageError(TOO_MANY_PIXELS, str(error)) from error
+    pixels = image.width * image.height
+    if pixels > options.max_image_pixels:
+        raise ImageError(
+            TOO_MANY_PIXELS,
+            f"{image.width}x{image.height} is {pixels} pixels, over data.max_image_pixels={options.max_image_pixels}",
+        )
+    try:
+        image = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(CORRUPT_IMAGE, f"cannot decode: {error}") from error
+    width, height = image.size
+    if options.min_size is not None and options.max_size is not None:
+        size = model_input_size(width, height, options.min_size, options.max_size)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+    return image, width, height
+
+
+def decode_images(
+    batch: pa.Table, *, filesystem: pafs.FileSystem, uri_prefix: str, options: DecodeOptions
+) -> pa.Table:
+    """Ray Data UDF: rows of (path, size) in, rows of DECODED_SCHEMA out, one for one."""
+    rows = {name: [] for name in DECODED_SCHEMA.names}
+    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+        row = dict.fromkeys(DECODED_SCHEMA.names)
+        row["path"] = uri_prefix + path
+        try:
+            image, row["width"], row["height"] = decode(read_file(filesystem, path, size, options), options)
+            row["pixels"] = image.tobytes()
+            row["pixel_width"], row["pixel_height"] = image.size
+        except ImageError as error:
+            row["error_kind"], row["error"] = error.kind, str(error)
+        except Exception as error:  # a decoder bug or an exotic file must still end as one row
+            row["error_kind"], row["error"] = CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
+        for name, value in row.items():
+            rows[name].append(value)
+    return pa.table(rows, schema=DECODED_SCHEMA)

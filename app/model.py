@@ -1,0 +1,131 @@
+"""Detection models by torchvision name, and the weights they load.
+
+Weights are resolved on the driver before any work starts, so a run that cannot get its weights stops
+with one clear paragraph instead of failing inside every actor.
+"""
+
+import io
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torchvision.models import get_model, get_model_weights
+
+from app import storage
+
+MODEL_NAMES = (
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+PRETRAINED = "DEFAULT"
+RANDOM_INIT = "none"
+
+
+class WeightsError(Exception):
+    """The configured weights cannot be obtained."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an actor needs to build the model, resolved on the driver."""
+
+    name: str
+    weights: str  # PRETRAINED, RANDOM_INIT or a checkpoint path/URI
+    score_threshold: float
+    min_size: int
+    max_size: int
+    num_classes: Optional[int] = None
+    class_names: Optional[tuple[str, ...]] = None
+    # Why the weights differ from what was asked for (the demo's random-init fallback), else None.
+    fallback_reason: Optional[str] = None
+
+
+def coco_categories(name: str) -> list[str]:
+    """Label names of torchvision's pretrained weights for this model (index = label id)."""
+    return list(get_model_weights(name).DEFAULT.meta["categories"])
+
+
+def pretrained_weights_file(name: str) -> str:
+    url = get_model_weights(name).DEFAULT.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def ensure_pretrained_weights(name: str) -> None:
+    """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them if they are not."""
+    target = pretrained_weights_file(name)
+    if os.path.exists(target):
+        return
+    url = get_model_weights(name).DEFAULT.url
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, target, progress=False)
+    except Exception as error:  # URLError, HTTPError, timeouts, disk errors: all mean "not available"
+        raise WeightsError(
+            f"model.weights=DEFAULT needs torchvision's pretrained weights for {name}, which are not in "
+            f"TORCH_HOME ({torch.hub.get_dir()}) and could not be downloaded from {url} "
+            f"({type(error).__name__}: {error}). Fix it in one of three ways: point model.weights at a "
+            f"checkpoint file (local path or URI); pre-fill TORCH_HOME with {os.path.basename(url)} under "
+            f"hub/checkpoints/ (the Docker image does this at build time); or pass model.weights=none for "
+            f"random initialisation, whose detections are meaningless."
+        ) from error
+
+
+def resolve_weights(spec: ModelSpec, allow_random_fallback: bool = False) -> ModelSpec:
+    """Check the weights can be had before work starts; normalise the weights keyword."""
+    if spec.weights.lower() in (RANDOM_INIT, "null", ""):
+        return replace(spec, weights=RANDOM_INIT)
+    if spec.weights.upper() == PRETRAINED:
+        try:
+            ensure_pretrained_weights(spec.name)
+        except WeightsError as error:
+            if not allow_random_fallback:
+                raise
+            return replace(spec, weights=RANDOM_INIT, fallback_reason=str(error))
+        return replace(spec, weights=PRETRAINED)
+    location = storage.resolve(spec.weights)
+    try:
+        found = location.filesystem.get_file_info(location.path).type == storage.pafs.FileType.File
+    except OSError as error:
+        raise WeightsError(f"model.weights checkpoint {spec.weights} cannot be reached: {error}") from error
+    if not found:
+        raise WeightsError(f"model.weights checkpoint {spec.weights} does not exist")
+    return spec
+
+
+def load_checkpoint(uri: str) -> dict:
+    """A state dict from a checkpoint file: a bare state dict, or a dict holding one under "model" or
+    "state_dict" (torchvision's reference scripts save the former), optionally with "class_names"."""
+    location = storage.resolve(uri)
+    with location.filesystem.open_input_stream(location.path) as stream:
+        checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+    return checkpoint
+
+
+def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
+    """The model in eval mode, on CPU, and its label names (index = label id)."""
+    options = dict(box_score_thresh=spec.score_threshold, min_size=spec.min_size, max_size=spec.max_size)
+    if spec.weights == PRETRAINED:
+        model = get_model(spec.name, weights=PRETRAINED, **options)
+        return model.eval(), coco_categories(spec.name)
+    state_dict, class_names = None, spec.class_names
+    if spec.weights != RANDOM_INIT:
+        checkpoint = load_checkpoint(spec.weights)
+        state_dict = checkpoint.get("model") or checkpoint.get("state_dict") or checkpoint
+        class_names = class_names or checkpoint.get("class_names")
+    num_classes = spec.num_classes or (len(class_names) if class_names else None)
+    if num_classes is None and state_dict is not None:
+        num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
+    num_classes = num_classes or len(coco_categories(spec.name))
+    model = get_model(spec.name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    if class_names is None:
+        coco = coco_categories(spec.name)
+        class_names = coco if num_classes == len(coco) else [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise WeightsError(f"{len(class_names)} class names given for a model with {num_classes} classes")
+    return model.eval(), list(class_names)
+

@@ -1,0 +1,130 @@
+"""Every config option and experiment composes; mistakes fail at composition or in check_config,
+naming the key, before Ray starts."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from app.config import SAMPLES_DIR
+from app.pipeline import ConfigError, Resources, check_config, plan_resources
+from tests.conftest import compose_config
+
+CONF = Path(__file__).parent.parent / "app" / "conf"
+GROUPS = ["data", "model", "inference", "output"]
+
+
+def options(group):
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    check_config(cfg)
+    if group == "model":
+        assert cfg.model.name == option
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    check_config(cfg)
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = compose_config()
+    assert cfg.data.path == str(SAMPLES_DIR)
+    assert cfg.model.name == "fasterrcnn_resnet50_fpn_v2"
+    assert cfg.model.weights == "DEFAULT"
+    assert cfg.inference.num_gpus == "auto"
+    assert cfg.output.path == "results"
+
+
+def test_voc_animals_experiment_is_the_tutorial_setup():
+    cfg = compose_config(["experiment=voc_animals"])
+    assert cfg.data.path == "s3://anonymous@air-example-data/AnimalDetection/JPEGImages"
+    assert cfg.inference.num_actors == "4"
+    assert cfg.inference.num_gpus == "1"
+    assert cfg.inference.batch_size == 4
+    assert cfg.model.score_threshold == 0.9
+
+
+def test_public_keys_take_overrides():
+    cfg = compose_config(
+        [
+            "data.path=s3://bucket/images",
+            "output.path=/tmp/out",
+            "model=fasterrcnn_resnet50_fpn",
+            "model.weights=/ckpt/model.pt",
+            "model.score_threshold=0.25",
+            "inference.batch_size=16",
+            "inference.num_gpus=0.5",
+            "inference.num_actors=3",
+        ]
+    )
+    assert (cfg.data.path, cfg.output.path, cfg.model.name) == ("s3://bucket/images", "/tmp/out", "fasterrcnn_resnet50_fpn")
+    assert (cfg.model.weights, cfg.model.score_threshold) == ("/ckpt/model.pt", 0.25)
+    assert (cfg.inference.batch_size, cfg.inference.num_gpus, cfg.inference.num_actors) == (16, "0.5", "3")
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(["inference.batch_sise=4"])
+    assert str(caught.value).startswith("Could not override 'inference.batch_sise'.")
+    assert str(caught.value.__cause__).startswith("Key 'batch_sise' not in 'InferenceConfig'")
+
+
+def test_ill_typed_value_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(["inference.batch_size=four"])
+    cause = caught.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert "inference.batch_size" in str(cause)
+
+
+def test_unknown_model_option_fails():
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/yolo'"):
+        compose_config(["model=yolo"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("inference.batch_size=0", "inference.batch_size=0 must be at least 1"),
+        ("inference.batch_size=-2", "inference.batch_size=-2 must be at least 1"),
+        ("model.name=maskrcnn", "model.name='maskrcnn' is not one of fasterrcnn_resnet50_fpn_v2, "),
+        ("inference.num_gpus=some", "inference.num_gpus='some' must be 'auto' or a number"),
+        ("inference.num_actors=0", "inference.num_actors='0' must be at least 1"),
+        ("model.score_threshold=1.5", "model.score_threshold=1.5 must be between 0 and 1"),
+    ],
+)
+def test_bad_values_fail_in_one_line(override, message):
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config([override]))
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,cluster,expected",
+    [
+        ({}, {"CPU": 2.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=1.0)),
+        ({}, {"CPU": 16.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=15.0)),
+        ({}, {"CPU": 32.0, "GPU": 4.0}, Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)),
+        ({"num_gpus": "0.5"}, {"CPU": 32.0, "GPU": 2.0}, Resources(num_gpus=0.5, num_actors=4, num_cpus_per_actor=1.0)),
+        ({"num_gpus": "0"}, {"CPU": 9.0, "GPU": 2.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=8.0)),
+        ({"num_actors": "2"}, {"CPU": 9.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
+        ({"num_cpus_per_actor": "3"}, {"CPU": 32.0, "GPU": 1.0}, Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=3.0)),
+    ],
+)
+def test_plan_resources_resolves_auto(overrides, cluster, expected):
+    cfg = compose_config([f"inference.{key}={value}" for key, value in overrides.items()])
+    assert plan_resources(cfg.inference, cluster) == expected
+
+
+def test_gpus_requested_on_a_cluster_without_gpus_fail():
+    cfg = compose_config(["inference=gpu"])
+    with pytest.raises(ConfigError, match="^inference.num_gpus=1 but the Ray cluster has no GPUs$"):
+        plan_resources(cfg.inference, {"CPU": 8.0})
