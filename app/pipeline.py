@@ -70,15 +70,22 @@ def parse_number(key: str, value: str, minimum: float) -> float:
     return number
 
 
-def plan_resources(inference: InferenceConfig, cluster: dict[str, float]) -> Resources:
-    """Resolve the "auto" settings of the detector stage against the cluster's resources."""
+def plan_resources(inference: InferenceConfig, cluster: dict[str, float], local: bool = True) -> Resources:
+    """Resolve the "auto" settings of the detector stage against the cluster's resources.
+
+    A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
+    cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
+    """
     cluster_gpus, cluster_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
     if inference.num_gpus == AUTO:
         num_gpus = 1.0 if cluster_gpus > 0 else 0.0
     else:
         num_gpus = parse_number("inference.num_gpus", inference.num_gpus, 0)
         if num_gpus > 0 and cluster_gpus == 0:
-            raise ConfigError(f"inference.num_gpus={inference.num_gpus} but the Ray cluster has no GPUs")
+            message = f"inference.num_gpus={inference.num_gpus} but the Ray cluster has no GPUs"
+            if local:
+                raise ConfigError(message)
+            log.warning("%s yet; waiting for its autoscaler to add GPU nodes", message)
     if inference.num_actors == AUTO:
         num_actors = max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1
     else:
@@ -89,6 +96,13 @@ def plan_resources(inference: InferenceConfig, cluster: dict[str, float]) -> Res
     else:
         num_cpus = parse_number("inference.num_cpus_per_actor", inference.num_cpus_per_actor, 0)
     return Resources(num_gpus=num_gpus, num_actors=num_actors, num_cpus_per_actor=num_cpus)
+
+
+def decoded_image_bytes(cfg: AppConfig) -> int:
+    """Upper bound of one decoded image's pixels at model size; a 12 MP photo when not resizing."""
+    if cfg.inference.resize_on_cpu:
+        return cfg.model.min_size * cfg.model.max_size * 3
+    return 12_000_000 * 3
 
 
 def check_config(cfg: AppConfig) -> None:
@@ -157,14 +171,17 @@ def model_spec(cfg: AppConfig) -> ModelSpec:
         raise ConfigError(str(error)) from None
 
 
-def connect_ray(cfg: AppConfig) -> None:
-    """Attach to the cluster in ray.address or RAY_ADDRESS (as in a RayJob), else start Ray locally."""
+def connect_ray(cfg: AppConfig) -> bool:
+    """Attach to the cluster in ray.address or RAY_ADDRESS (as in a RayJob), else start Ray locally.
+
+    Returns whether Ray runs locally (in this process's machine, without an autoscaler)."""
     if ray.is_initialized():
-        return
+        return len(ray.nodes()) == 1
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
+        return False
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
+    return True
 
 
 def run(cfg: AppConfig) -> Summary:
@@ -174,8 +191,8 @@ def run(cfg: AppConfig) -> Summary:
     source, files = list_inputs(cfg)
     spec = model_spec(cfg)
     output = prepare_output(cfg)
-    connect_ray(cfg)
-    resources = plan_resources(cfg.inference, ray.cluster_resources())
+    local = connect_ray(cfg)
+    resources = plan_resources(cfg.inference, ray.cluster_resources(), local)
     if spec.fallback_reason:
         log.warning("!" * 80)
         log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
@@ -200,6 +217,9 @@ def run(cfg: AppConfig) -> Summary:
         batch_size=None,
         fn_kwargs=dict(filesystem=source.filesystem, uri_prefix=source.uri_prefix, options=decode_options),
         num_cpus=1,
+        # The task's output, declared so Ray can plan memory. As the detector declares no memory, this
+        # also keeps Ray from fusing decoding into the actors, where it would run serially with the model.
+        memory=FILES_PER_DECODE_TASK * decoded_image_bytes(cfg),
     )
     detected = decoded.map_batches(
         Detector,
@@ -209,11 +229,6 @@ def run(cfg: AppConfig) -> Summary:
         compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
         num_gpus=resources.num_gpus,
         num_cpus=resources.num_cpus_per_actor,
-        # A lost actor is re-created and its batches retried (Ray Data's defaults, stated here because
-        # remote args the decode tasks lack also keep Ray from fusing decoding into the actors, where
-        # it would run serially with the model).
-        max_restarts=-1,
-        max_task_retries=-1,
     )
     detected.write_parquet(staging, filesystem=output.filesystem)
 

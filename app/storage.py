@@ -40,7 +40,7 @@ def resolve(uri: str) -> Location:
     protocol = uri.split("://", 1)[0]
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError) as error:
+    except (ValueError, OSError) as error:
         if "Unrecognized filesystem type" not in str(error):
             raise StorageError(f"cannot open {uri}: {error}") from error
         filesystem, path = _fsspec_filesystem(uri)

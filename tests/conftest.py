@@ -42,9 +42,10 @@ def write_images(folder: Path, count: int, width=96, height=72) -> list[Path]:
     return paths
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance for the tests that run pipelines, with a fixed CPU count."""
+    """A local Ray instance with a fixed CPU count, shared by one test module's pipelines (modules that
+    start their own multi-node cluster need Ray free)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)

