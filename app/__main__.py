@@ -6,28 +6,34 @@ import sys
 import hydra
 
 import app.conf  # noqa: F401  (registers the typed config schema)
-
-from app.pipeline import ConfigError, run
+from app.pipeline import ConfigError, Summary, TooManyErrors, run
 
 log = logging.getLogger("app")
+
+
+def print_summary(summary: Summary) -> None:
+    errors = ", ".join(f"{kind}={count}" for kind, count in summary.errors_by_kind.items()) or "none"
+    print(
+        f"ray-detect: {summary.inputs} images ({summary.ok} ok, {summary.errors} errors: {errors}), "
+        f"{summary.detections} detections; {summary.processed} processed by this run in "
+        f"{summary.wall_seconds:.1f} s ({summary.images_per_second:.2f} images/s)\n"
+        f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
+    )
+    for warning in summary.warnings:
+        log.warning(warning)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg) -> None:
     try:
-        summary = run(cfg)
+        print_summary(run(cfg))
     except ConfigError as error:
         print(f"ray-detect: config error: {error}", file=sys.stderr)
         sys.exit(2)
-    errors = ", ".join(f"{kind}={count}" for kind, count in summary.errors_by_kind.items()) or "none"
-    print(
-        f"ray-detect: {summary.inputs} images ({summary.ok} ok, {summary.errors} errors: {errors}), "
-        f"{summary.detections} detections in {summary.wall_seconds:.1f} s "
-        f"({summary.images_per_second:.2f} images/s)\n"
-        f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
-    )
-    for warning in summary.warnings:
-        log.warning(warning)
+    except TooManyErrors as error:
+        print_summary(error.summary)
+        print(f"ray-detect: failed: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

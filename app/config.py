@@ -26,6 +26,8 @@ class DataConfig:
     max_file_bytes: int = 64 * 1024 * 1024
     # Images with more pixels than this are not decoded (decompression-bomb guard); Pillow's own limit is 89M.
     max_image_pixels: int = 40_000_000
+    # Fail the run (after every row is written) when more than this fraction of the images are errors.
+    max_error_fraction: float = 1.0
 
 
 @dataclass
@@ -62,8 +64,12 @@ class InferenceConfig:
 class OutputConfig:
     # Directory or URI of the Parquet dataset.
     path: str = MISSING
-    # Replace results already in output.path instead of refusing to run.
+    # Delete what output.path holds and start afresh, instead of resuming the run that wrote it.
     overwrite: bool = False
+    # Rows are committed in files of at most this many rows, and at least every commit_interval_s seconds:
+    # a crashed run loses only rows not yet committed.
+    rows_per_file: int = 10_000
+    commit_interval_s: float = 60.0
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The batch job: list inputs → read bytes and decode (CPU tasks) → detect (actor pool) → write Parquet."""
+"""The batch job: list inputs → read bytes and decode (CPU tasks) → detect (actor pool) → commit Parquet."""
 
 import logging
 import math
@@ -6,10 +6,10 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 import torch
@@ -22,17 +22,29 @@ from app.config import SAMPLES_DIR, AppConfig, InferenceConfig
 from app.decode import DecodeOptions, decode_images
 from app.detector import Detector
 from app.model import MODEL_NAMES, ModelSpec, WeightsError, resolve_weights
-from app.results import MANIFEST_NAME, STAGING_DIR, write_json
+from app.results import MANIFEST_NAME, SETTINGS_NAME, STAGING_DIR, ResultWriter, read_committed, read_json, write_json
 
 log = logging.getLogger("app")
 
 AUTO = "auto"
 # Files per decode task: small enough to spread work over many CPUs, large enough to amortise a task.
 FILES_PER_DECODE_TASK = 16
+# A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
+DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 
 
 class ConfigError(Exception):
     """A configuration mistake, found before any work starts; the message is one line."""
+
+
+class TooManyErrors(Exception):
+    """More than data.max_error_fraction of the images failed; raised after every row is written."""
+
+    def __init__(self, summary: "Summary", max_fraction: float):
+        super().__init__(
+            f"{summary.errors} of {summary.inputs} images failed, over data.max_error_fraction={max_fraction}"
+        )
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Summary:
 
     output_path: str
     inputs: int
+    processed: int  # images that went through the model in this run (the rest were already committed)
     ok: int
     errors: int
     detections: int
@@ -70,13 +83,15 @@ def parse_number(key: str, value: str, minimum: float) -> float:
     return number
 
 
-def plan_resources(inference: InferenceConfig, cluster: dict[str, float], local: bool = True) -> Resources:
-    """Resolve the "auto" settings of the detector stage against the cluster's resources.
+def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True) -> Resources:
+    """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes.
 
     A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
     cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
     """
-    cluster_gpus, cluster_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    cluster_gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    largest_node_cpus = max((node.get("CPU", 0.0) for node in nodes), default=1.0)
     if inference.num_gpus == AUTO:
         num_gpus = 1.0 if cluster_gpus > 0 else 0.0
     else:
@@ -86,15 +101,23 @@ def plan_resources(inference: InferenceConfig, cluster: dict[str, float], local:
             if local:
                 raise ConfigError(message)
             log.warning("%s yet; waiting for its autoscaler to add GPU nodes", message)
-    if inference.num_actors == AUTO:
-        num_actors = max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1
-    else:
-        num_actors = int(parse_number("inference.num_actors", inference.num_actors, 1))
-    if inference.num_cpus_per_actor == AUTO:
-        # With a GPU one CPU feeds it; on CPU the actors share all cores but one, left for decoding.
-        num_cpus = 1.0 if num_gpus else max(1.0, (cluster_cpus - 1) // num_actors)
-    else:
+    fixed_actors = None if inference.num_actors == AUTO else int(parse_number("inference.num_actors", inference.num_actors, 1))
+    if inference.num_cpus_per_actor != AUTO:
         num_cpus = parse_number("inference.num_cpus_per_actor", inference.num_cpus_per_actor, 0)
+    elif num_gpus:
+        num_cpus = 1.0  # one CPU feeds a GPU
+    else:
+        # On CPU an actor takes a node's cores but one, which is left for decoding; actors share a node
+        # when more are asked for than that allows.
+        num_cpus = max(1.0, largest_node_cpus - 1)
+        if fixed_actors:
+            num_cpus = max(1.0, min(num_cpus, (cluster_cpus - 1) // fixed_actors))
+    if fixed_actors:
+        num_actors = fixed_actors
+    elif num_gpus:
+        num_actors = max(1, int(cluster_gpus // num_gpus))
+    else:
+        num_actors = max(1, int(cluster_cpus // (num_cpus + 1)))
     return Resources(num_gpus=num_gpus, num_actors=num_actors, num_cpus_per_actor=num_cpus)
 
 
@@ -111,6 +134,10 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
     if cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
+    if cfg.output.rows_per_file < 1:
+        raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
+    if not 0 <= cfg.data.max_error_fraction <= 1:
+        raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
     if not 0 <= cfg.model.score_threshold <= 1:
         raise ConfigError(f"model.score_threshold={cfg.model.score_threshold} must be between 0 and 1")
     for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
@@ -131,8 +158,20 @@ def list_inputs(cfg: AppConfig) -> tuple[storage.Location, pa.Table]:
     return source, table
 
 
-def prepare_output(cfg: AppConfig) -> storage.Location:
-    """Refuse to mix this run's rows with results already in output.path, unless asked to replace them."""
+def result_settings(cfg: AppConfig) -> dict:
+    """The settings the result rows depend on: a run resumes an output.path only if they are equal."""
+    return {
+        "data.path": cfg.data.path,
+        "data.max_file_bytes": cfg.data.max_file_bytes,
+        "data.max_image_pixels": cfg.data.max_image_pixels,
+        "inference.resize_on_cpu": cfg.inference.resize_on_cpu,
+        **{f"model.{key}": value for key, value in OmegaConf.to_container(cfg.model, resolve=True).items()},
+    }
+
+
+def open_output(cfg: AppConfig) -> storage.Location:
+    """Prepare output.path for this run: a new dataset, or the resumption of one made with the same
+    settings. Files a crashed run left in staging are discarded; committed rows are kept."""
     try:
         output = storage.resolve(cfg.output.path)
         info = output.filesystem.get_file_info(output.path)
@@ -140,16 +179,27 @@ def prepare_output(cfg: AppConfig) -> storage.Location:
         raise ConfigError(f"output.path {cfg.output.path} cannot be used: {error}") from None
     if info.type == pafs.FileType.File:
         raise ConfigError(f"output.path {cfg.output.path} is a file, not a directory")
+    settings = result_settings(cfg)
     if info.type == pafs.FileType.Directory:
-        existing = output.filesystem.get_file_info(pafs.FileSelector(output.path))
-        if existing and not cfg.output.overwrite:
-            raise ConfigError(
-                f"output.path {cfg.output.path} is not empty; choose another output.path "
-                f"or pass output.overwrite=true to replace its contents"
-            )
-        if existing:
+        if cfg.output.overwrite:
             output.filesystem.delete_dir_contents(output.path)
+        previous = read_json(output.filesystem, output.join(SETTINGS_NAME))
+        if previous is None and output.filesystem.get_file_info(pafs.FileSelector(output.path)):
+            raise ConfigError(
+                f"output.path {cfg.output.path} holds files that are not ray-detect results; "
+                f"choose another output.path or pass output.overwrite=true to replace its contents"
+            )
+        if previous is not None and previous != settings:
+            key = next(key for key in sorted(set(settings) | set(previous)) if settings.get(key) != previous.get(key))
+            raise ConfigError(
+                f"output.path {cfg.output.path} holds results made with {key}={previous.get(key)!r}, not "
+                f"{settings.get(key)!r}; choose another output.path or pass output.overwrite=true to replace them"
+            )
+        output.filesystem.delete_dir_contents(output.join(STAGING_DIR), missing_dir_ok=True)
+        if previous is not None:
+            return output
     output.filesystem.create_dir(output.path, recursive=True)
+    write_json(output.filesystem, output.join(SETTINGS_NAME), settings)
     return output
 
 
@@ -185,93 +235,107 @@ def connect_ray(cfg: AppConfig) -> bool:
 
 
 def run(cfg: AppConfig) -> Summary:
-    """Run the batch job described by cfg; raises ConfigError before any work when cfg is wrong."""
+    """Run the batch job described by cfg, or resume it on an output.path that holds part of its results.
+
+    Raises ConfigError before any work when cfg is wrong, and TooManyErrors after everything is written
+    when more than data.max_error_fraction of the images failed.
+    """
     started = time.monotonic()
     check_config(cfg)
     source, files = list_inputs(cfg)
     spec = model_spec(cfg)
-    output = prepare_output(cfg)
-    local = connect_ray(cfg)
-    resources = plan_resources(cfg.inference, ray.cluster_resources(), local)
-    if spec.fallback_reason:
-        log.warning("!" * 80)
-        log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
-        log.warning("!" * 80)
-    log.info("%d images from %s; detector: %s", files.num_rows, cfg.data.path, resources)
+    output = open_output(cfg)
+    done = read_committed(output, ["path"]).column("path")
+    todo = files.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(source.uri_prefix, files["path"], ""), done)))
+    if todo.num_rows == 0 and read_json(output.filesystem, output.join(MANIFEST_NAME)) is not None:
+        log.info("every input already has its row in %s: nothing to do", cfg.output.path)
+        return check_errors(cfg, summarize(output, files.num_rows, 0, started, spec))
+    log.info("%d of %d images to process from %s", todo.num_rows, files.num_rows, cfg.data.path)
 
-    resize = cfg.inference.resize_on_cpu
-    decode_options = DecodeOptions(
-        max_file_bytes=cfg.data.max_file_bytes,
-        max_image_pixels=cfg.data.max_image_pixels,
-        min_size=cfg.model.min_size if resize else None,
-        max_size=cfg.model.max_size if resize else None,
-    )
-    run_id = uuid.uuid4().hex[:12]
-    staging = output.join(STAGING_DIR, run_id)
-    blocks = [files.slice(i, FILES_PER_DECODE_TASK) for i in range(0, files.num_rows, FILES_PER_DECODE_TASK)]
+    if todo.num_rows:
+        local = connect_ray(cfg)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        resources = plan_resources(cfg.inference, nodes, local)
+        if spec.fallback_reason:
+            log.warning("!" * 80)
+            log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
+            log.warning("!" * 80)
+        log.info("detector stage: %s", resources)
+        resize = cfg.inference.resize_on_cpu
+        decode_options = DecodeOptions(
+            max_file_bytes=cfg.data.max_file_bytes,
+            max_image_pixels=cfg.data.max_image_pixels,
+            min_size=cfg.model.min_size if resize else None,
+            max_size=cfg.model.max_size if resize else None,
+        )
+        blocks = [todo.slice(i, FILES_PER_DECODE_TASK) for i in range(0, todo.num_rows, FILES_PER_DECODE_TASK)]
 
-    images = ray.data.from_arrow(blocks)
-    decoded = images.map_batches(
-        decode_images,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs=dict(filesystem=source.filesystem, uri_prefix=source.uri_prefix, options=decode_options),
-        num_cpus=1,
-        # The task's output, declared so Ray can plan memory. As the detector declares no memory, this
-        # also keeps Ray from fusing decoding into the actors, where it would run serially with the model.
-        memory=FILES_PER_DECODE_TASK * decoded_image_bytes(cfg),
-    )
-    detected = decoded.map_batches(
-        Detector,
-        batch_format="pyarrow",
-        batch_size=cfg.inference.batch_size,
-        fn_constructor_kwargs=dict(spec=spec, num_threads=int(max(1, resources.num_cpus_per_actor))),
-        compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
-        num_gpus=resources.num_gpus,
-        num_cpus=resources.num_cpus_per_actor,
-    )
-    detected.write_parquet(staging, filesystem=output.filesystem)
+        images = ray.data.from_arrow(blocks)
+        decoded = images.map_batches(
+            decode_images,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs=dict(filesystem=source.filesystem, uri_prefix=source.uri_prefix, options=decode_options),
+            num_cpus=1,
+            # The task's memory, declared so Ray can plan it. As the detector declares none, this also
+            # keeps Ray from fusing decoding into the actors, where it would run serially with the model.
+            memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_TASK * decoded_image_bytes(cfg),
+        )
+        detected = decoded.map_batches(
+            Detector,
+            batch_format="pyarrow",
+            batch_size=cfg.inference.batch_size,
+            fn_constructor_kwargs=dict(spec=spec, num_threads=int(max(1, resources.num_cpus_per_actor))),
+            compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
+            num_gpus=resources.num_gpus,
+            num_cpus=resources.num_cpus_per_actor,
+        )
+        # The driver is the only writer: it commits result files one by one as rows stream in, so rows
+        # are committed exactly once even when Ray retries tasks or restarts actors on other nodes.
+        writer = ResultWriter(output, uuid.uuid4().hex[:12], cfg.output.rows_per_file, cfg.output.commit_interval_s)
+        for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(rows)
+        writer.close()
 
-    summary = publish(output, staging, run_id, files.num_rows, started, spec)
-    write_json(output.filesystem, output.join(MANIFEST_NAME), manifest(cfg, spec, resources, summary, run_id))
+    summary = summarize(output, files.num_rows, todo.num_rows, started, spec)
+    write_json(output.filesystem, output.join(MANIFEST_NAME), manifest(cfg, spec, summary))
+    return check_errors(cfg, summary)
+
+
+def summarize(output: storage.Location, inputs: int, processed: int, started: float, spec: ModelSpec) -> Summary:
+    """Count the committed rows, checking each input has exactly one."""
+    table = read_committed(output, ["path", "error_kind", "num_detections"])
+    unique = pc.count_distinct(table["path"]).as_py()
+    if table.num_rows != unique or unique < inputs:
+        raise RuntimeError(f"{output.uri(output.path)} holds {table.num_rows} rows for {unique} paths and {inputs} inputs")
+    kinds = Counter(kind for kind in table["error_kind"].to_pylist() if kind is not None)
+    errors = sum(kinds.values())
+    wall = time.monotonic() - started
+    return Summary(
+        output_path=output.uri(output.path),
+        inputs=table.num_rows,
+        processed=processed,
+        ok=table.num_rows - errors,
+        errors=errors,
+        detections=int(pc.sum(table["num_detections"]).as_py() or 0),
+        errors_by_kind=dict(sorted(kinds.items())),
+        wall_seconds=round(wall, 3),
+        images_per_second=round(processed / wall, 3) if wall > 0 else 0.0,
+        weights=spec.weights,
+        warnings=[f"random weights: {spec.fallback_reason}"] if spec.fallback_reason else [],
+    )
+
+
+def check_errors(cfg: AppConfig, summary: Summary) -> Summary:
+    if summary.errors > cfg.data.max_error_fraction * summary.inputs:
+        raise TooManyErrors(summary, cfg.data.max_error_fraction)
     return summary
 
 
-def publish(
-    output: storage.Location, staging: str, run_id: str, inputs: int, started: float, spec: ModelSpec
-) -> Summary:
-    """Count the staged rows, then move the staged files into the dataset directory."""
-    staged = pads.dataset(staging, filesystem=output.filesystem, format="parquet")
-    table = staged.to_table(columns=["error_kind", "num_detections"])
-    if table.num_rows != inputs:
-        raise RuntimeError(f"the run wrote {table.num_rows} rows for {inputs} inputs; nothing was published")
-    kinds = Counter(kind for kind in table.column("error_kind").to_pylist() if kind is not None)
-    for fragment in staged.files:
-        name = fragment.rsplit("/", 1)[-1]
-        output.filesystem.move(fragment, output.join(f"part-{run_id}-{name}"))
-    output.filesystem.delete_dir(output.join(STAGING_DIR))
-    wall = time.monotonic() - started
-    errors = sum(kinds.values())
-    warnings = [f"random weights: {spec.fallback_reason}"] if spec.fallback_reason else []
-    return Summary(
-        output_path=output.uri(output.path),
-        inputs=inputs,
-        ok=inputs - errors,
-        errors=errors,
-        detections=int(pc.sum(table.column("num_detections")).as_py() or 0),
-        errors_by_kind=dict(sorted(kinds.items())),
-        wall_seconds=round(wall, 3),
-        images_per_second=round(inputs / wall, 3) if wall > 0 else 0.0,
-        weights=spec.weights,
-        warnings=warnings,
-    )
-
-
-def manifest(cfg: AppConfig, spec: ModelSpec, resources: Resources, summary: Summary, run_id: str) -> dict:
+def manifest(cfg: AppConfig, spec: ModelSpec, summary: Summary) -> dict:
     return {
-        "run_id": run_id,
         "complete": True,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": {
             "app": app.__version__,
             "ray": ray.__version__,
@@ -279,7 +343,6 @@ def manifest(cfg: AppConfig, spec: ModelSpec, resources: Resources, summary: Sum
             "torchvision": torchvision.__version__,
         },
         "model": {"name": spec.name, "weights": spec.weights, "random_init_fallback": spec.fallback_reason},
-        "resources": asdict(resources),
         "counts": {
             "inputs": summary.inputs,
             "ok": summary.ok,
@@ -287,6 +350,8 @@ def manifest(cfg: AppConfig, spec: ModelSpec, resources: Resources, summary: Sum
             "detections": summary.detections,
             "errors_by_kind": summary.errors_by_kind,
         },
+        "max_error_fraction_exceeded": summary.errors > cfg.data.max_error_fraction * summary.inputs,
+        "processed_by_last_run": summary.processed,
         "wall_seconds": summary.wall_seconds,
         "images_per_second": summary.images_per_second,
     }

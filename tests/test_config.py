@@ -98,6 +98,8 @@ def test_unknown_model_option_fails():
         ("inference.num_gpus=some", "inference.num_gpus='some' must be 'auto' or a number"),
         ("inference.num_actors=0", "inference.num_actors='0' must be at least 1"),
         ("model.score_threshold=1.5", "model.score_threshold=1.5 must be between 0 and 1"),
+        ("data.max_error_fraction=2", "data.max_error_fraction=2.0 must be between 0 and 1"),
+        ("output.rows_per_file=0", "output.rows_per_file=0 must be at least 1"),
     ],
 )
 def test_bad_values_fail_in_one_line(override, message):
@@ -119,19 +121,27 @@ def test_bad_values_fail_in_one_line(override, message):
         ({"num_cpus_per_actor": "3"}, {"CPU": 32.0, "GPU": 1.0}, Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=3.0)),
     ],
 )
-def test_plan_resources_resolves_auto(overrides, cluster, expected):
+def test_plan_resources_resolves_auto_on_one_node(overrides, cluster, expected):
     cfg = compose_config([f"inference.{key}={value}" for key, value in overrides.items()])
-    assert plan_resources(cfg.inference, cluster) == expected
+    assert plan_resources(cfg.inference, [cluster]) == expected
+
+
+def test_plan_resources_fits_cpu_actors_on_nodes():
+    cfg = compose_config()
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 2.0}]
+    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=0.0, num_actors=3, num_cpus_per_actor=1.0)
+    nodes = [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}]
+    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)
 
 
 def test_gpus_requested_on_a_local_ray_without_gpus_fail():
     cfg = compose_config(["inference=gpu"])
     with pytest.raises(ConfigError, match="^inference.num_gpus=1 but the Ray cluster has no GPUs$"):
-        plan_resources(cfg.inference, {"CPU": 8.0}, local=True)
+        plan_resources(cfg.inference, [{"CPU": 8.0}], local=True)
 
 
 def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(caplog):
     cfg = compose_config(["inference=gpu"])
-    resources = plan_resources(cfg.inference, {"CPU": 8.0}, local=False)
+    resources = plan_resources(cfg.inference, [{"CPU": 8.0}], local=False)
     assert resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
     assert caplog.messages == ["inference.num_gpus=1 but the Ray cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes"]

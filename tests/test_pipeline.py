@@ -10,9 +10,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from app.pipeline import ConfigError, run
-from app.results import MANIFEST_NAME, RESULT_SCHEMA
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from app.pipeline import ConfigError, TooManyErrors, run
+from app.results import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
+from tests.conftest import FAST_MODEL, compose_config, write_images, write_mixed_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     rows = {row["path"]: row for row in table.to_pylist()}
     assert rows[str(tmp_path / "in" / "broken.png")]["error_kind"] == "not_an_image"
     assert all(row["error"] is None and (row["width"], row["height"]) == (96, 72) for p, row in rows.items() if p.endswith(".jpg"))
-    assert (summary.inputs, summary.ok, summary.errors) == (8, 7, 1)
+    assert (summary.inputs, summary.processed, summary.ok, summary.errors) == (8, 8, 7, 1)
     assert summary.errors_by_kind == {"not_an_image": 1}
     assert summary.detections == sum(table.column("num_detections").to_pylist())
 
@@ -53,24 +53,108 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     assert manifest["model"] == {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none", "random_init_fallback": None}
     assert manifest["config"]["data"]["path"] == str(tmp_path / "in")
     assert set(manifest["versions"]) == {"app", "ray", "torch", "torchvision"}
-    assert manifest["resources"] == {"num_gpus": 0.0, "num_actors": 1, "num_cpus_per_actor": 1.0}
+    assert (manifest["complete"], manifest["max_error_fraction_exceeded"], manifest["processed_by_last_run"]) == (True, False, 8)
     # Readers see one dataset: data files at the top, nothing staged left behind.
     entries = sorted(os.listdir(tmp_path / "out"))
-    assert entries[0] == MANIFEST_NAME and all(e.startswith("part-") and e.endswith(".parquet") for e in entries[1:])
+    assert entries[:2] == [MANIFEST_NAME, SETTINGS_NAME]
+    assert len(entries) == 3 and entries[2].startswith("part-") and entries[2].endswith("-000000.parquet")
     assert pq.ParquetDataset(str(tmp_path / "out")).read().num_rows == 8
 
 
-def test_refuses_to_mix_with_existing_results(local_ray, tmp_path):
+def test_refuses_an_output_path_holding_other_files(local_ray, tmp_path):
     write_images(tmp_path / "in", 1)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.parquet").write_bytes(b"x")
     cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
-    with pytest.raises(ConfigError, match="is not empty; choose another output.path or pass output.overwrite=true"):
+    with pytest.raises(ConfigError) as caught:
         run(cfg)
+    assert str(caught.value) == (
+        f"output.path {tmp_path / 'out'} holds files that are not ray-detect results; "
+        "choose another output.path or pass output.overwrite=true to replace its contents"
+    )
     summary = run(compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.overwrite=true"]))
-    assert summary.inputs == 1
+    assert (summary.inputs, summary.processed) == (1, 1)
     assert not (tmp_path / "out" / "old.parquet").exists()
     assert read_results(tmp_path / "out").num_rows == 1
+
+
+def snapshot(folder):
+    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(folder.iterdir())}
+
+
+def test_every_bad_and_odd_file_gives_one_row_twice_in_a_row(local_ray, tmp_path):
+    expected = write_mixed_inputs(tmp_path / "in")
+    overrides = [
+        *FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
+        "data.max_file_bytes=200000", "data.max_image_pixels=4000000", "output.rows_per_file=5",
+    ]
+    first = run(compose_config(overrides))
+    table = read_results(tmp_path / "out")
+    outcome = {row["path"].rsplit("/", 1)[1]: row["error_kind"] for row in table.to_pylist()}
+    assert outcome == expected
+    assert table.num_rows == len(expected) == 20
+    assert (first.inputs, first.processed, first.ok, first.errors) == (20, 20, 13, 7)
+    assert first.errors_by_kind == {"corrupt_image": 2, "empty_file": 1, "not_an_image": 2, "too_large": 1, "too_many_pixels": 1}
+    sizes = {row["path"].rsplit("/", 1)[1]: (row["width"], row["height"]) for row in table.to_pylist()}
+    assert sizes["rotated.jpg"] == (20, 40) and sizes["strip.jpg"] == (4000, 50) and sizes["dot.png"] == (1, 1)
+    assert len([name for name in os.listdir(tmp_path / "out") if name.startswith("part-")]) == 4  # 5 rows per file
+
+    before = snapshot(tmp_path / "out")
+    second = run(compose_config(overrides))
+    assert (second.inputs, second.processed, second.ok, second.errors) == (20, 0, 13, 7)
+    assert snapshot(tmp_path / "out") == before  # no model work, nothing changed
+
+
+def test_resume_processes_only_images_without_a_committed_row(local_ray, tmp_path):
+    write_images(tmp_path / "in", 9)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=3"]
+    run(compose_config(overrides))
+    parts = sorted(p for p in (tmp_path / "out").iterdir() if p.name.startswith("part-"))
+    assert len(parts) == 3
+    # The state a crash leaves: some files committed, one not, a half-written file in staging, no manifest.
+    lost = set(pq.read_table(parts[1]).column("path").to_pylist())
+    parts[1].unlink()
+    (tmp_path / "out" / MANIFEST_NAME).unlink()
+    (tmp_path / "out" / "_staging" / "dead-run").mkdir(parents=True)
+    (tmp_path / "out" / "_staging" / "dead-run" / "part-dead-run-000000.parquet").write_bytes(b"PAR1half")
+
+    summary = run(compose_config(overrides))
+    assert (summary.inputs, summary.processed) == (9, 3)
+    table = read_results(tmp_path / "out")
+    paths = table.column("path").to_pylist()
+    assert sorted(paths) == sorted(str(tmp_path / "in" / f"img_{i:03d}.jpg") for i in range(9))
+    new_parts = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("part-"))
+    assert len(new_parts) == 3 and parts[0].name in new_parts and parts[2].name in new_parts
+    resumed = next(p for p in new_parts if p not in {parts[0].name, parts[2].name})
+    assert set(pq.read_table(tmp_path / "out" / resumed).column("path").to_pylist()) == lost
+    assert not (tmp_path / "out" / "_staging").exists()
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["counts"]["inputs"] == 9
+
+
+def test_resume_with_other_settings_is_refused(local_ray, tmp_path):
+    write_images(tmp_path / "in", 1)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    run(compose_config(overrides))
+    with pytest.raises(ConfigError) as caught:
+        run(compose_config([*overrides, "model.score_threshold=0.9"]))
+    assert str(caught.value) == (
+        f"output.path {tmp_path / 'out'} holds results made with model.score_threshold=0.5, not 0.9; "
+        "choose another output.path or pass output.overwrite=true to replace them"
+    )
+
+
+def test_too_many_errors_fail_after_everything_is_written(local_ray, tmp_path):
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "in" / "bad1.jpg").write_bytes(b"")
+    (tmp_path / "in" / "bad2.jpg").write_bytes(b"nope")
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "data.max_error_fraction=0.25"]
+    with pytest.raises(TooManyErrors) as caught:
+        run(compose_config(overrides))
+    assert str(caught.value) == "2 of 4 images failed, over data.max_error_fraction=0.25"
+    assert read_results(tmp_path / "out").num_rows == 4
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["max_error_fraction_exceeded"] is True
+    assert manifest["counts"]["errors_by_kind"] == {"empty_file": 1, "not_an_image": 1}
 
 
 @pytest.mark.parametrize(
@@ -100,10 +184,14 @@ def test_command_line_on_a_new_folder(tmp_path):
     write_images(tmp_path / "photos", 3)
     result = run_cli(*FAST_MODEL, f"data.path={tmp_path / 'photos'}", "output.path=out", "ray.num_cpus=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"ray-detect: 3 images (3 ok, 0 errors: none)" in result.stdout
+    assert "ray-detect: 3 images (3 ok, 0 errors: none), " in result.stdout
+    assert "; 3 processed by this run in " in result.stdout
     assert f"ray-detect: results in {tmp_path / 'out'} (manifest: {tmp_path / 'out'}/_manifest.json)" in result.stdout
     assert read_results(tmp_path / "out").num_rows == 3
     assert sorted(os.listdir(tmp_path)) == ["out", "photos"]  # Hydra wrote nothing of its own
+    again = run_cli(*FAST_MODEL, f"data.path={tmp_path / 'photos'}", "output.path=out", "ray.num_cpus=2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "; 0 processed by this run in " in again.stdout
 
 
 def test_command_line_config_error_is_one_line(tmp_path):

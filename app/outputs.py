@@ -1,0 +1,148 @@
+"""Reading a finished results directory back, for the report, export and evaluate commands.
+
+A results directory counts as finished when its manifest exists: the pipeline writes `_manifest.json`
+last, after every Parquet file is in place.
+"""
+
+import argparse
+import functools
+import io
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from PIL import Image, ImageOps
+
+from app import storage
+from app.decode import to_rgb
+from app.results import MANIFEST_NAME, RESULT_SCHEMA, read_json
+
+# Placeholders in torchvision's COCO label list: the background class and the ids COCO left unused.
+NOT_A_CATEGORY = ("__background__", "N/A")
+
+
+class ResultsError(Exception):
+    """A results directory (or another input) that cannot be used; the message is one line."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that reports every mistake as one line, `ray-detect <cmd>: error: ...`, and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@dataclass
+class Results:
+    """A results directory: where it is, its manifest and its rows (sorted by path)."""
+
+    location: storage.Location
+    manifest: dict
+    table: pa.Table
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri(self.location.path)
+
+    def rows(self) -> list[dict]:
+        return self.table.to_pylist()
+
+
+def open_results(uri: str) -> Results:
+    """Load the manifest and every row of a finished results directory, or raise ResultsError."""
+    try:
+        location = storage.resolve(uri)
+        info = location.filesystem.get_file_info(location.path)
+    except (storage.StorageError, OSError) as error:
+        raise ResultsError(f"cannot open results directory {uri}: {error}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ResultsError(f"results directory {uri} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise ResultsError(f"{uri} is not a results directory (it is a file)")
+    manifest_path = location.join(MANIFEST_NAME)
+    if location.filesystem.get_file_info(manifest_path).type != pafs.FileType.File:
+        raise ResultsError(
+            f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run"
+        )
+    try:
+        manifest = read_json(location.filesystem, manifest_path)
+        # Names starting with "_" (the manifest, a leftover _staging/) are skipped, as other readers do.
+        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", schema=RESULT_SCHEMA)
+        table = dataset.to_table().sort_by("path")
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise ResultsError(f"cannot read results in {uri}: {error}") from None
+    return Results(location, manifest, table)
+
+
+def uses_torchvision_labels(manifest: dict) -> bool:
+    """Whether the run's labels are torchvision's COCO label set (pretrained or random-init weights with
+    no classes of their own), rather than a fine-tuned checkpoint's."""
+    from app.model import PRETRAINED, RANDOM_INIT  # torch: imported only once needed, so errors come fast
+
+    model_config = manifest.get("config", {}).get("model", {})
+    weights = str(manifest.get("model", {}).get("weights", model_config.get("weights", "")))
+    own_classes = model_config.get("class_names") or model_config.get("num_classes")
+    return weights in (PRETRAINED, RANDOM_INIT) and not own_classes
+
+
+def categories(results: Results) -> dict[int, str]:
+    """The run's categories, label id → name.
+
+    With torchvision's label set: every COCO category of the model's metadata, under its COCO id.
+    With a checkpoint (or configured class names): the distinct (label, label_name) pairs in the rows,
+    since the manifest does not record the checkpoint's class list.
+    """
+    if uses_torchvision_labels(results.manifest):
+        from app.model import coco_categories
+
+        names = coco_categories(results.manifest["model"]["name"])
+        return {label: name for label, name in enumerate(names) if name not in NOT_A_CATEGORY}
+    found = {}
+    for labels, names in zip(results.table.column("labels").to_pylist(), results.table.column("label_names").to_pylist()):
+        found.update(zip(labels, names))
+    return dict(sorted(found.items()))
+
+
+def file_stem(path: str) -> str:
+    """An image's name without folder and extension: how rows are matched with ground truth."""
+    return posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
+
+
+def common_folder(paths: list[str]) -> str:
+    """The longest folder prefix ("s3://bucket/a/") shared by all paths, with its trailing slash."""
+    if not paths:
+        return ""
+    split = [path.split("/")[:-1] for path in paths]
+    common = split[0]
+    for parts in split[1:]:
+        size = 0
+        while size < min(len(common), len(parts)) and common[size] == parts[size]:
+            size += 1
+        common = common[:size]
+    return "/".join(common) + "/" if common else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _folder(uri: str) -> storage.Location:
+    return storage.resolve(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a local file or a file behind a URI (one filesystem per folder, reused)."""
+    folder, slash, name = uri.rpartition("/")
+    location = _folder(folder or (slash or "."))
+    with location.filesystem.open_input_stream(location.join(name)) as stream:
+        return stream.read()
+
+
+def write_bytes(location: storage.Location, path: str, data: bytes) -> None:
+    with location.filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def read_image(uri: str) -> Image.Image:
+    """An input image as the pipeline saw it: EXIF orientation applied, 8-bit RGB."""
+    image = Image.open(io.BytesIO(read_bytes(uri)))
+    return to_rgb(ImageOps.exif_transpose(image))

@@ -1,0 +1,279 @@
+"""`python -m app.submit [options] [overrides...]`: run the app as a RayJob on a KubeRay cluster.
+
+The RayJob is built from k8s/rayjob.yaml (the file `kubectl create -f` uses), so there is one manifest:
+this command only sets the namespace, the Hydra overrides of the entrypoint and, when asked, a fixed name,
+the target cluster or the submitter image. The overrides are composed against the app's config first, so
+a misspelt key fails here, not on the cluster.
+
+Exit codes: 0 created (with --wait: the job succeeded); 1 the job failed or was stopped; 2 bad arguments
+or overrides; 3 a Kubernetes API or configuration error; 4 --timeout passed while waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import yaml
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "k8s" / "rayjob.yaml"
+DEFAULT_NAMESPACE = "ray-detect"
+APP_COMMAND = ["python", "-m", "app"]
+CLUSTER_LABEL = "ray.io/cluster"
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+# jobDeploymentStatus values after which KubeRay does nothing more for the job.
+TERMINAL_DEPLOYMENT_STATUSES = ("Complete", "Failed", "ValidationFailed")
+
+PREFIX = "ray-detect submit"
+
+
+class SubmitError(Exception):
+    """A failure reported as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the RayJob
+# ---------------------------------------------------------------------------------------------------
+
+
+def shell_quote(word: str) -> str:
+    """Single-quote a word for the shell that runs the entrypoint, as the chart does ('\\'' inside)."""
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, Any]:
+    """The RayJob of k8s/rayjob.yaml (or another file holding one RayJob)."""
+    try:
+        manifest = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise SubmitError(
+            f"cannot read the RayJob manifest {path}: {error.strerror} (run from a checkout of the repository, "
+            f"or pass --manifest)",
+            EXIT_USAGE,
+        ) from error
+    if not isinstance(manifest, dict) or manifest.get("kind") != "RayJob":
+        raise SubmitError(f"{path} does not hold a RayJob", EXIT_USAGE)
+    return manifest
+
+
+def manifest_overrides(manifest: dict[str, Any]) -> list[str]:
+    """The Hydra overrides of the manifest's entrypoint (`python -m app <overrides>`)."""
+    words = shlex.split(manifest["spec"]["entrypoint"])
+    if words[: len(APP_COMMAND)] != APP_COMMAND:
+        raise SubmitError(f"the manifest's entrypoint does not start with {' '.join(APP_COMMAND)}", EXIT_USAGE)
+    return words[len(APP_COMMAND):]
+
+
+def build_rayjob(
+    manifest: dict[str, Any],
+    overrides: list[str],
+    namespace: str = DEFAULT_NAMESPACE,
+    name: Optional[str] = None,
+    cluster: Optional[str] = None,
+    image: Optional[str] = None,
+) -> dict[str, Any]:
+    """The RayJob to create: the manifest with the namespace set and, where given, the overrides (which
+    replace the manifest's), a fixed name instead of generateName, the cluster and the submitter image."""
+    job = copy.deepcopy(manifest)
+    given = job["metadata"]
+    naming = {"name": name} if name else {k: given[k] for k in ("name", "generateName") if k in given}
+    rest = {k: v for k, v in given.items() if k not in ("name", "generateName", "namespace")}
+    job["metadata"] = {**naming, "namespace": namespace, **rest}
+    spec = job["spec"]
+    if overrides:
+        spec["entrypoint"] = " ".join(APP_COMMAND + [shell_quote(o) for o in overrides])
+    if cluster:
+        spec["clusterSelector"] = {CLUSTER_LABEL: cluster}
+    if image:
+        for container in spec["submitterPodTemplate"]["spec"]["containers"]:
+            container["image"] = image
+    return job
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the app's config with the overrides, as `python -m app` will; SubmitError if that fails."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module="app.conf", version_base=None):
+            compose(config_name="config", overrides=list(overrides))
+    except Exception as error:  # Hydra and OmegaConf raise many types; each names the bad override or key
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SubmitError(f"config error: {first_line}", EXIT_USAGE) from error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Talking to Kubernetes
+# ---------------------------------------------------------------------------------------------------
+
+
+def connect(kubeconfig: Optional[str], context: Optional[str]):
+    """A CustomObjectsApi from the kubeconfig ($KUBECONFIG or ~/.kube/config unless given), else the
+    in-cluster service account."""
+    from kubernetes import client, config
+
+    try:
+        api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
+    except (config.ConfigException, OSError) as kubeconfig_error:
+        if kubeconfig or context:
+            raise SubmitError(f"cannot load the kubeconfig: {kubeconfig_error}", EXIT_API) from kubeconfig_error
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise SubmitError(
+                f"no Kubernetes configuration: {kubeconfig_error} (set KUBECONFIG or pass --kubeconfig)", EXIT_API
+            ) from kubeconfig_error
+        api_client = client.ApiClient()
+    return client.CustomObjectsApi(api_client)
+
+
+def _status_body(error) -> dict[str, Any]:
+    try:
+        body = json.loads(error.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def api_error_message(error, namespace: str, name: Optional[str]) -> str:
+    """One line saying what an ApiException means for creating or reading a RayJob."""
+    body = _status_body(error)
+    message = body.get("message") or error.reason or "no message"
+    where = f"{namespace}/{name}" if name else namespace
+    if error.status == 401:
+        return "the Kubernetes API rejected the credentials (401 Unauthorized): log in again or check the kubeconfig"
+    if error.status == 403:
+        return f"not allowed (403 Forbidden): {message}"
+    if error.status == 409:
+        return f"rayjob {where} already exists (409 AlreadyExists): choose another --name, or leave it out"
+    if error.status == 404:
+        if (body.get("details") or {}).get("kind") == "namespaces":
+            return f"namespace {namespace} does not exist (404 NotFound): create it or pass --namespace"
+        if name and (body.get("details") or {}).get("kind") == PLURAL:
+            return f"rayjob {where} does not exist (404 NotFound)"
+        return (
+            f"the cluster has no {PLURAL}.{GROUP}/{VERSION} resource (404 NotFound): install the KubeRay operator "
+            f"and its CRDs first"
+        )
+    return f"the Kubernetes API answered {error.status} {error.reason}: {message}"
+
+
+def _call(api, namespace: str, name: Optional[str], method: str, *args):
+    """Call a CustomObjectsApi method; API and connection errors become SubmitError."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return getattr(api, method)(GROUP, VERSION, namespace, PLURAL, *args)
+    except ApiException as error:
+        raise SubmitError(api_error_message(error, namespace, name), EXIT_API) from error
+    except (HTTPError, OSError) as error:
+        host = api.api_client.configuration.host
+        reason = getattr(error, "reason", None) or error
+        raise SubmitError(f"cannot reach the Kubernetes API at {host}: {reason}", EXIT_API) from error
+
+
+def create(api, job: dict[str, Any]) -> dict[str, Any]:
+    """Create the RayJob; return the object the API server stored (with its generated name)."""
+    metadata = job["metadata"]
+    return _call(api, metadata["namespace"], metadata.get("name"), "create_namespaced_custom_object", job)
+
+
+def wait(
+    api, namespace: str, name: str, timeout: float, poll_interval: float, out: TextIO
+) -> int:
+    """Poll the RayJob's status, printing each change, until KubeRay is done with it; the exit code."""
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    seen = None
+    while True:
+        status = _call(api, namespace, name, "get_namespaced_custom_object", name).get("status") or {}
+        deployment, job_status = status.get("jobDeploymentStatus") or "", status.get("jobStatus") or ""
+        if (deployment, job_status) != seen and deployment:
+            seen = (deployment, job_status)
+            print(f"{PREFIX}: {namespace}/{name}: {deployment}" + (f" (job {job_status})" if job_status else ""),
+                  file=out, flush=True)
+        if deployment in TERMINAL_DEPLOYMENT_STATUSES:
+            if deployment == "Complete" and job_status == "SUCCEEDED":
+                print(f"{PREFIX}: rayjob {namespace}/{name} succeeded", file=out, flush=True)
+                return EXIT_OK
+            why = status.get("reason") or (f"job {job_status}" if job_status else deployment)
+            detail = f": {status['message']}" if status.get("message") else ""
+            raise SubmitError(f"rayjob {namespace}/{name} failed: {why}{detail}", EXIT_JOB_FAILED)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise SubmitError(
+                f"gave up waiting after {timeout:g} s; rayjob {namespace}/{name} is still "
+                f"{deployment or 'pending'} and goes on (kubectl -n {namespace} get rayjob {name} -w)",
+                EXIT_TIMEOUT,
+            )
+        time.sleep(poll_interval)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.submit",
+        description="Run ray-detect as a RayJob on the chart's RayCluster, built from k8s/rayjob.yaml.",
+        epilog="Example: python -m app.submit --wait data.path=s3://my-bucket/images output.path=s3://my-bucket/out/run-2",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `python -m app` (default: the manifest's)")
+    parser.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE, help="namespace (default: %(default)s)")
+    parser.add_argument("--name", help="a fixed RayJob name instead of a generated ray-detect-run-xxxxx")
+    parser.add_argument("--cluster", help="RayCluster to run on (default: the manifest's, detect-ray-detect)")
+    parser.add_argument("--image", help="submitter image (default: the manifest's)")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="RayJob manifest (default: k8s/rayjob.yaml)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--dry-run", action="store_true", help="print the RayJob as YAML and create nothing")
+    parser.add_argument("--wait", action="store_true", help="follow the RayJob until it succeeds or fails")
+    parser.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0: never)")
+    parser.add_argument("--poll-interval", type=float, default=5.0, help="with --wait: seconds between status reads")
+    parser.add_argument("--skip-config-check", action="store_true", help="do not compose the overrides locally first")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    manifest = load_manifest(args.manifest)
+    if not args.skip_config_check:
+        check_overrides(args.overrides or manifest_overrides(manifest))
+    job = build_rayjob(manifest, args.overrides, args.namespace, args.name, args.cluster, args.image)
+    if args.dry_run:
+        out.write(yaml.safe_dump(job, sort_keys=False))
+        return EXIT_OK
+    api = connect(args.kubeconfig, args.context)
+    created = create(api, job)
+    name = created["metadata"]["name"]
+    print(f"{PREFIX}: created rayjob {args.namespace}/{name}", file=out, flush=True)
+    if not args.wait:
+        print(f"{PREFIX}: follow it with: kubectl -n {args.namespace} get rayjob {name} -w", file=out, flush=True)
+        return EXIT_OK
+    return wait(api, args.namespace, name, args.timeout, args.poll_interval, out)
+
+
+def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Entry point; returns the exit code (see the module docstring)."""
+    args = parse_args(argv)
+    try:
+        return run(args, out)
+    except SubmitError as error:
+        print(f"{PREFIX}: {error}", file=err, flush=True)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
