@@ -120,13 +120,18 @@ def load_ground_truth(uri: str) -> list[GroundTruthImage]:
         raise outputs.ResultsError(f"ground truth {uri} is neither COCO JSON nor Pascal VOC XML: {error!r}") from None
 
 
+def count_images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 def note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def evaluate(results_uri: str, ground_truth_uri: str) -> dict:
+def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
     """Match, map and score; returns the numbers (see --json), with notes on stderr."""
-    results = outputs.open_results(results_uri)
+    if isinstance(results, str):
+        results = outputs.open_results(results)
     truth = load_ground_truth(ground_truth_uri)
     categories = outputs.categories(results)
     by_name = {name.lower(): label for label, name in categories.items()}
@@ -138,16 +143,16 @@ def evaluate(results_uri: str, ground_truth_uri: str) -> dict:
     matched = [image for image in truth if image.stem in rows]
     if not matched:
         raise outputs.ResultsError(
-            f"no image of {results_uri} matches one in {ground_truth_uri} by file name (stem)"
+            f"no image of {results.uri} matches one in {ground_truth_uri} by file name (stem)"
         )
     if len(matched) < len(truth):
-        note(f"{len(truth) - len(matched)} ground-truth images have no row in the results; left out")
+        note(f"{count_images(len(truth) - len(matched))} of the ground truth not in the results; left out")
     unmatched_rows = sum(1 for stem in rows if stem not in truth_stems)
     if unmatched_rows:
-        note(f"{unmatched_rows} result images have no ground truth; left out")
+        note(f"{count_images(unmatched_rows)} of the results not in the ground truth; left out")
     unread = sum(1 for image in matched if rows[image.stem]["error_kind"] is not None)
     if unread:
-        note(f"{unread} images could not be read; their objects count as missed")
+        note(f"{count_images(unread)} could not be read; their objects count as missed")
 
     gt_images, gt_annotations, detections, unmapped = [], [], [], Counter()
     for image_id, image in enumerate(matched, start=1):
@@ -249,15 +254,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (local or URI)")
     args = parser.parse_args(argv)
     try:
-        metrics = evaluate(args.results, args.ground_truth)
-        if args.json:
-            out = storage.resolve(args.json)
-            outputs.write_bytes(out, out.path, json.dumps(metrics, indent=2).encode() + b"\n")
+        results = outputs.open_results(args.results)
+        json_out = outputs.output_location(results, args.json, "--json") if args.json else None
+        metrics = evaluate(results, args.ground_truth)
+        if json_out:
+            outputs.write_bytes(json_out, json_out.path, json.dumps(metrics, indent=2).encode() + b"\n")
     except outputs.ResultsError as error:
         parser.error(str(error))
     except (storage.StorageError, OSError) as error:
         parser.error(f"cannot write --json {args.json}: {error}")
-    print(f"{PROG}: {metrics['images']} images")
+    print(f"{PROG}: {count_images(metrics['images'])}")
     print(format_table(metrics))
 
 

@@ -50,7 +50,6 @@ def to_coco(results: outputs.Results, rows: list[dict]) -> dict:
             "description": f"ray-detect detections from {results.uri}",
             "model": results.manifest.get("model", {}).get("name"),
             "weights": results.manifest.get("model", {}).get("weights"),
-            "run_id": results.manifest.get("run_id"),
         },
         "images": images,
         "annotations": annotations,
@@ -106,8 +105,8 @@ def export(results_uri: str, format: str, out_uri: str) -> tuple[int, int, int]:
     results = outputs.open_results(results_uri)
     all_rows = results.rows()
     rows = [row for row in all_rows if row["error_kind"] is None]
+    out = outputs.output_location(results, out_uri)
     try:
-        out = storage.resolve(out_uri)
         if format == "coco":
             parent = out.path.rpartition("/")[0]
             if parent:

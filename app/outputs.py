@@ -11,13 +11,12 @@ import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
 from app import storage
 from app.decode import to_rgb
-from app.results import MANIFEST_NAME, RESULT_SCHEMA, read_json
+from app.results import MANIFEST_NAME, RESULT_SCHEMA, read_committed, read_json
 
 # Placeholders in torchvision's COCO label list: the background class and the ids COCO left unused.
 NOT_A_CATEGORY = ("__background__", "N/A")
@@ -68,12 +67,24 @@ def open_results(uri: str) -> Results:
         )
     try:
         manifest = read_json(location.filesystem, manifest_path)
-        # Names starting with "_" (the manifest, a leftover _staging/) are skipped, as other readers do.
-        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", schema=RESULT_SCHEMA)
-        table = dataset.to_table().sort_by("path")
+        # Only the committed part-*.parquet files: not _staging/, _settings.json or anything else there.
+        table = read_committed(location, RESULT_SCHEMA.names).sort_by("path")
     except (OSError, ValueError, pa.ArrowException) as error:
         raise ResultsError(f"cannot read results in {uri}: {error}") from None
     return Results(location, manifest, table)
+
+
+def output_location(results: Results, uri: str, option: str = "--out") -> storage.Location:
+    """Where a command writes, refused inside the results directory: readers of the dataset would take
+    the files there for data."""
+    try:
+        location = storage.resolve(uri)
+    except storage.StorageError as error:
+        raise ResultsError(f"cannot write to {option} {uri}: {error}") from None
+    inside = location.path == results.location.path or location.path.startswith(results.location.path.rstrip("/") + "/")
+    if inside and type(location.filesystem) is type(results.location.filesystem):
+        raise ResultsError(f"{option} {uri} is inside the results directory {results.uri}; choose another place")
+    return location
 
 
 def uses_torchvision_labels(manifest: dict) -> bool:

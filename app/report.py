@@ -7,6 +7,7 @@ the whole results directory; the options choose which images get a preview and w
 Results, images and DIR may each be local or behind a URI (`s3://...`).
 """
 
+import functools
 import html
 import io
 import random
@@ -17,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
-from PIL import Image
+from PIL import Image, ImageFont
 
 from app import outputs, storage
 
@@ -31,8 +32,24 @@ PALETTE = [
 ]
 
 
+# TrueType fonts tried for box labels, by file name (Pillow searches the system's font folders); without
+# one, torchvision falls back to Pillow's small built-in font.
+LABEL_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf", "Helvetica.ttc")
+
+
 def label_color(label: int) -> tuple[int, int, int]:
     return PALETTE[label % len(PALETTE)]
+
+
+@functools.lru_cache(maxsize=1)
+def label_font() -> Optional[str]:
+    for name in LABEL_FONTS:
+        try:
+            ImageFont.truetype(name, 12)
+        except OSError:
+            continue
+        return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,7 @@ def draw_preview(row: dict, selection: Selection, max_side: int) -> tuple[bytes,
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR)
     kept = selection.kept(row)
+    font = label_font()
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     if kept:
         boxes = torch.tensor([row["boxes"][i] for i in kept], dtype=torch.float32) * scale
@@ -137,6 +155,8 @@ def draw_preview(row: dict, selection: Selection, max_side: int) -> tuple[bytes,
             labels=[f"{row['label_names'][i]} {row['scores'][i]:.2f}" for i in kept],
             colors=[label_color(row["labels"][i]) for i in kept],
             width=3,
+            font=font,
+            font_size=max(14, max(image.size) // 30) if font else None,
             label_colors="white",
             fill_labels=True,
         )
@@ -203,7 +223,7 @@ def render_html(results: outputs.Results, stats: Stats, previews: list[Preview],
         f"<style>{CSS}</style></head><body>",
         f"<h1>ray-detect report</h1>",
         f'<p class="meta">{e(results.uri)} · model {e(str(model.get("name", "?")))} '
-        f'(weights {e(str(model.get("weights", "?")))}) · run {e(str(results.manifest.get("run_id", "?")))}</p>',
+        f'(weights {e(str(model.get("weights", "?")))})</p>',
         '<div class="columns"><section><h2>Counts</h2><dl class="counts">',
         f'<dt>images</dt><dd id="images">{stats.images}</dd>',
         f'<dt>read</dt><dd id="ok">{stats.ok}</dd>',
@@ -251,10 +271,10 @@ def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: 
     """Write DIR/index.html and DIR/previews/; returns the index's URI and the number of previews."""
     results = outputs.open_results(results_uri)
     rows = results.rows()
+    out = outputs.output_location(results, out_uri)
     try:
-        out = storage.resolve(out_uri)
         out.filesystem.create_dir(out.path, recursive=True)
-    except (storage.StorageError, OSError) as error:
+    except OSError as error:
         raise outputs.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
     previews = write_previews(selection.choose(rows), selection, out, max_side)
     page = render_html(results, compute_stats(rows), previews, selection)
@@ -264,7 +284,7 @@ def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: 
 
 
 def parse_args(argv=None):
-    parser = outputs.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`"))
+    parser = outputs.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--out", required=True, metavar="DIR", help="where index.html and previews/ go")
     parser.add_argument("--label", action="append", default=[], metavar="NAME",

@@ -1,0 +1,244 @@
+"""The HTML report: boxes really drawn on previews, exact counts in index.html, filters, URIs, and
+one-line errors. Results directories are written here directly (Parquet + manifest), without Ray."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from app import report
+from app.results import MANIFEST_NAME, RESULT_SCHEMA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+GRAY = (128, 128, 128)
+
+
+def ok_row(path, detections=(), width=200, height=150):
+    """A results row; detections are (label id, name, score, [x1, y1, x2, y2])."""
+    return {
+        "path": str(path), "width": width, "height": height,
+        "boxes": [list(box) for *_, box in detections],
+        "scores": [score for _, _, score, _ in detections],
+        "labels": [label for label, *_ in detections],
+        "label_names": [name for _, name, *_ in detections],
+        "num_detections": len(detections), "error_kind": None, "error": None,
+    }
+
+
+def error_row(path, kind, message):
+    return {
+        "path": str(path), "width": None, "height": None, "boxes": [], "scores": [], "labels": [],
+        "label_names": [], "num_detections": 0, "error_kind": kind, "error": message,
+    }
+
+
+def write_results(folder, rows, weights="none", class_names=None, filesystem=None):
+    """A results directory as `python -m app` leaves it: Parquet data files and the manifest."""
+    filesystem = filesystem or pafs.LocalFileSystem()
+    folder = str(folder)
+    filesystem.create_dir(folder, recursive=True)
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    half = len(rows) // 2  # two data files, as a run with several blocks writes
+    for index, part in enumerate([table.slice(0, half), table.slice(half)]):
+        pq.write_table(part, f"{folder}/part-test-{index}.parquet", filesystem=filesystem)
+    manifest = {
+        "complete": True,
+        "config": {"model": {"name": MODEL, "weights": weights, "class_names": class_names, "num_classes": None}},
+        "model": {"name": MODEL, "weights": weights, "random_init_fallback": None},
+        "counts": {"inputs": len(rows)},
+    }
+    with filesystem.open_output_stream(f"{folder}/{MANIFEST_NAME}") as stream:
+        stream.write(json.dumps(manifest).encode())
+    # What else a run leaves there, which readers must skip: its settings and a crashed run's staging.
+    with filesystem.open_output_stream(f"{folder}/_settings.json") as stream:
+        stream.write(b"{}")
+    filesystem.create_dir(f"{folder}/_staging/old", recursive=True)
+    pq.write_table(table.slice(0, 1), f"{folder}/_staging/old/part-old-000000.parquet", filesystem=filesystem)
+    return folder
+
+
+def gray_image(path, width=200, height=150):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), GRAY).save(path, quality=95)
+    return path
+
+
+def close(pixel, color, tolerance=30):
+    return all(abs(int(a) - int(b)) <= tolerance for a, b in zip(pixel, color))
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    """3 readable images (cat ×3, dog ×2, person ×1) and 2 that could not be read."""
+    images = [gray_image(tmp_path / "images" / f"{name}.jpg") for name in ("a", "b", "c")]
+    rows = [
+        ok_row(images[0], [(17, "cat", 0.95, [40, 30, 160, 120]), (18, "dog", 0.42, [10, 10, 30, 30])]),
+        ok_row(images[1], [(17, "cat", 0.91, [0, 0, 50, 50]), (17, "cat", 0.55, [60, 60, 90, 90]), (1, "person", 0.72, [5, 5, 100, 140])]),
+        ok_row(images[2], [(18, "dog", 0.99, [20, 20, 180, 130])]),
+        error_row(tmp_path / "images" / "broken.png", "not_an_image", "not a recognised image format"),
+        error_row(tmp_path / "images" / "huge.tif", "too_large", "file is 99 bytes, over data.max_file_bytes=10"),
+    ]
+    return write_results(tmp_path / "results", rows)
+
+
+def previews_in(page):
+    return re.findall(r'<img src="(previews/[^"]+)"', page)
+
+
+def test_preview_has_the_box_drawn_at_its_place(results_dir, tmp_path):
+    report.main([results_dir, "--out", str(tmp_path / "report")])
+    preview = np.asarray(Image.open(tmp_path / "report" / "previews" / "0001_a.jpg"))
+    assert preview.shape == (150, 200, 3)
+    cat_color = report.label_color(17)
+    # The cat box [40, 30, 160, 120] is drawn 3 px wide inside its corners: left and right edges, bottom.
+    assert close(preview[100, 41], cat_color) and close(preview[100, 158], cat_color)
+    assert close(preview[118, 100], cat_color)
+    # Inside the box and outside every box the image is untouched.
+    assert close(preview[90, 100], GRAY, 6) and close(preview[140, 190], GRAY, 6)
+    # The dog box [10, 10, 30, 30] (score 0.42) is drawn too, in its own colour.
+    assert close(preview[25, 11], report.label_color(18))
+
+
+def test_min_score_leaves_weaker_boxes_undrawn(results_dir, tmp_path):
+    report.main([results_dir, "--out", str(tmp_path / "report"), "--min-score", "0.5"])
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert previews_in(page) == ["previews/0001_a.jpg", "previews/0002_b.jpg", "previews/0003_c.jpg"]
+    preview = np.asarray(Image.open(tmp_path / "report" / "previews" / "0001_a.jpg"))
+    assert close(preview[100, 41], report.label_color(17))
+    assert close(preview[25, 11], GRAY, 6)  # the 0.42 dog box is not drawn
+    assert "a.jpg · 1 box</figcaption>" in page and "b.jpg · 3 boxes</figcaption>" in page
+
+
+def test_index_holds_the_exact_counts(results_dir, tmp_path, capsys):
+    report.main([results_dir, "--out", str(tmp_path / "report")])
+    assert capsys.readouterr().out == f"ray-detect report: 3 previews; open {tmp_path / 'report' / 'index.html'}\n"
+    page = (tmp_path / "report" / "index.html").read_text()
+    for key, value in {"images": 5, "ok": 3, "errors": 2, "detections": 6}.items():
+        assert f'<dd id="{key}">{value}</dd>' in page
+    by_label = re.findall(r'<tr><td>([a-z]+)</td><td class="n">(\d+)</td>', page)
+    assert by_label == [("cat", "3"), ("dog", "2"), ("person", "1")]
+    histogram = re.findall(r'<tr><td>(\d\.\d)–\d\.\d</td><td class="n">(\d+)</td>', page)
+    assert histogram == [("0.0", "0"), ("0.1", "0"), ("0.2", "0"), ("0.3", "0"), ("0.4", "1"),
+                         ("0.5", "1"), ("0.6", "0"), ("0.7", "1"), ("0.8", "0"), ("0.9", "3")]
+    errors = re.findall(r"<tr><td>([^<]+)</td><td>([a-z_]+)</td><td>([^<]*)</td></tr>", page)
+    assert errors == [
+        (str(tmp_path / "images" / "broken.png"), "not_an_image", "not a recognised image format"),
+        (str(tmp_path / "images" / "huge.tif"), "too_large", "file is 99 bytes, over data.max_file_bytes=10"),
+    ]
+    assert "<h2>Previews (3)</h2>" in page and len(previews_in(page)) == 3
+    assert sorted(os.listdir(tmp_path / "report" / "previews")) == ["0001_a.jpg", "0002_b.jpg", "0003_c.jpg"]
+
+
+def test_filters_choose_the_previews(results_dir, tmp_path):
+    report.main([results_dir, "--out", str(tmp_path / "dogs"), "--label", "dog"])
+    page = (tmp_path / "dogs" / "index.html").read_text()
+    assert previews_in(page) == ["previews/0001_a.jpg", "previews/0002_c.jpg"]
+    assert '<dd id="detections">6</dd>' in page  # counts still cover the whole directory
+    report.main([results_dir, "--out", str(tmp_path / "two"), "--sample", "2", "--seed", "3"])
+    assert len(previews_in((tmp_path / "two" / "index.html").read_text())) == 2
+    report.main([results_dir, "--out", str(tmp_path / "errors"), "--errors-only"])
+    page = (tmp_path / "errors" / "index.html").read_text()
+    assert previews_in(page) == [] and "<h2>Previews (2)</h2>" in page
+    assert page.count('<div class="problem">') == 2
+    assert '<div class="problem">too_large: file is 99 bytes, over data.max_file_bytes=10</div>' in page
+
+
+def test_results_images_and_report_behind_uris(tmp_path):
+    memory = fsspec.filesystem("memory")
+    with memory.open("/report-test/images/x.jpg", "wb") as stream:
+        stream.write(gray_image(tmp_path / "x.jpg").read_bytes())
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(memory))
+    rows = [ok_row("memory:///report-test/images/x.jpg", [(17, "cat", 0.8, [40, 30, 160, 120])])]
+    write_results("/report-test/results", rows, filesystem=filesystem)
+    report.main(["memory:///report-test/results", "--out", "memory:///report-test/report"])
+    page = memory.cat_file("/report-test/report/index.html").decode()
+    assert '<dd id="detections">1</dd>' in page and previews_in(page) == ["previews/0001_x.jpg"]
+    with memory.open("/report-test/report/previews/0001_x.jpg", "rb") as stream:
+        assert close(np.asarray(Image.open(stream))[100, 41], report.label_color(17))
+
+
+def run_command(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", ["app.report", "app.export", "app.evaluate"])
+def test_missing_results_directory_is_one_line(module, tmp_path):
+    extra = {"app.report": ["--out", "r"], "app.export": ["--format", "coco", "--out", "x.json"],
+             "app.evaluate": ["--ground-truth", str(tmp_path)]}[module]
+    result = run_command(module, str(tmp_path / "nope"), *extra)
+    command = module.split(".")[1]
+    assert result.returncode == 2
+    assert result.stderr == f"ray-detect {command}: error: results directory {tmp_path / 'nope'} does not exist\n"
+    assert result.stdout == ""
+
+
+def test_directory_without_manifest_is_one_line(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "part-0.parquet").write_bytes(b"x")
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(tmp_path / "half"), "--out", str(tmp_path / "r")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        f"ray-detect report: error: {tmp_path / 'half'} has no _manifest.json: "
+        "not the output of a finished `python -m app` run\n"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-score", "2"], "--min-score 2 must be between 0 and 1"),
+        (["--errors-only", "--label", "cat"], "--errors-only cannot be combined with --label or --min-score"),
+        (["--sample", "x"], "argument --sample: invalid int value: 'x'"),
+    ],
+)
+def test_bad_options_are_one_line(results_dir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        report.main([results_dir, "--out", str(tmp_path / "r"), *args])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"ray-detect report: error: {message}\n"
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """An S3 bucket on a local moto server, reached through the standard AWS settings."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="report-results")
+    yield client
+    server.stop()
+
+
+def test_results_images_and_report_on_s3(s3_bucket, tmp_path):
+    from app.storage import resolve
+
+    s3_bucket.put_object(Bucket="report-results", Key="photos/x.jpg", Body=gray_image(tmp_path / "x.jpg").read_bytes())
+    rows = [ok_row("s3://report-results/photos/x.jpg", [(17, "cat", 0.8, [40, 30, 160, 120])]),
+            error_row("s3://report-results/photos/y.png", "empty_file", "file is empty")]
+    write_results("report-results/run-1", rows, filesystem=resolve("s3://report-results").filesystem)
+    report.main(["s3://report-results/run-1", "--out", "s3://report-results/report"])
+    page = s3_bucket.get_object(Bucket="report-results", Key="report/index.html")["Body"].read().decode()
+    assert '<dd id="ok">1</dd>' in page and '<dd id="errors">1</dd>' in page
+    assert previews_in(page) == ["previews/0001_x.jpg"]
+    preview = s3_bucket.get_object(Bucket="report-results", Key="report/previews/0001_x.jpg")["Body"].read()
+    assert close(np.asarray(Image.open(io.BytesIO(preview)))[100, 41], report.label_color(17))
