@@ -158,18 +158,22 @@ def list_inputs(cfg: AppConfig) -> tuple[storage.Location, pa.Table]:
     return source, table
 
 
-def result_settings(cfg: AppConfig) -> dict:
-    """The settings the result rows depend on: a run resumes an output.path only if they are equal."""
+def result_settings(cfg: AppConfig, spec: ModelSpec) -> dict:
+    """The settings the result rows depend on: a run resumes an output.path only if they are equal.
+    The weights are the ones actually used, so a demo that fell back to random ones is not resumed
+    with real ones."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["weights"] = spec.weights
     return {
-        "data.path": cfg.data.path,
+        "data.path": storage.absolute(cfg.data.path),
         "data.max_file_bytes": cfg.data.max_file_bytes,
         "data.max_image_pixels": cfg.data.max_image_pixels,
         "inference.resize_on_cpu": cfg.inference.resize_on_cpu,
-        **{f"model.{key}": value for key, value in OmegaConf.to_container(cfg.model, resolve=True).items()},
+        **{f"model.{key}": value for key, value in model.items()},
     }
 
 
-def open_output(cfg: AppConfig) -> storage.Location:
+def open_output(cfg: AppConfig, spec: ModelSpec) -> storage.Location:
     """Prepare output.path for this run: a new dataset, or the resumption of one made with the same
     settings. Files a crashed run left in staging are discarded; committed rows are kept."""
     try:
@@ -179,7 +183,7 @@ def open_output(cfg: AppConfig) -> storage.Location:
         raise ConfigError(f"output.path {cfg.output.path} cannot be used: {error}") from None
     if info.type == pafs.FileType.File:
         raise ConfigError(f"output.path {cfg.output.path} is a file, not a directory")
-    settings = result_settings(cfg)
+    settings = result_settings(cfg, spec)
     if info.type == pafs.FileType.Directory:
         if cfg.output.overwrite:
             output.filesystem.delete_dir_contents(output.path)
@@ -244,7 +248,7 @@ def run(cfg: AppConfig) -> Summary:
     check_config(cfg)
     source, files = list_inputs(cfg)
     spec = model_spec(cfg)
-    output = open_output(cfg)
+    output = open_output(cfg, spec)
     done = read_committed(output, ["path"]).column("path")
     todo = files.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(source.uri_prefix, files["path"], ""), done)))
     if todo.num_rows == 0 and read_json(output.filesystem, output.join(MANIFEST_NAME)) is not None:

@@ -33,10 +33,15 @@ class Location:
         return "/".join([self.path.rstrip("/"), *parts])
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute; URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def resolve(uri: str) -> Location:
     """Return the filesystem and path for a local path or URI."""
     if "://" not in uri:
-        return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)))
+        return Location(pafs.LocalFileSystem(), absolute(uri))
     protocol = uri.split("://", 1)[0]
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)

@@ -10,7 +10,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from app.pipeline import ConfigError, TooManyErrors, run
+from app.model import ModelSpec
+from app.pipeline import ConfigError, TooManyErrors, result_settings, run
 from app.results import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
 from tests.conftest import FAST_MODEL, compose_config, write_images, write_mixed_inputs
 
@@ -205,3 +206,16 @@ def test_command_line_typo_names_the_key(tmp_path):
     assert result.returncode == 1
     assert "Could not override 'inference.batch_sise'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["data.path=photos", "model=fasterrcnn_mobilenet_v3_large_320_fpn"])
+    fallback = ModelSpec(name=cfg.model.name, weights="none", score_threshold=0.5, min_size=320, max_size=640, fallback_reason="offline")
+    settings = result_settings(cfg, fallback)
+    assert settings["data.path"] == str(tmp_path / "photos")
+    assert (settings["model.weights"], settings["model.name"], settings["model.min_size"]) == ("none", cfg.model.name, 320)
+    assert sorted(settings) == [
+        "data.max_file_bytes", "data.max_image_pixels", "data.path", "inference.resize_on_cpu", "model.class_names",
+        "model.max_size", "model.min_size", "model.name", "model.num_classes", "model.score_threshold", "model.weights",
+    ]
