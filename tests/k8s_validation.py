@@ -9,8 +9,16 @@ enforced as well: ``x-kubernetes-int-or-string``, ``nullable``, list types ``map
 (``x-kubernetes-validations``) cannot be evaluated here, so a field that carries one is rejected outright
 unless its rules only compare with ``oldSelf`` (which applies to updates alone).
 
-Also a command line: ``python tests/k8s_validation.py [-f values.yaml ...]`` renders the chart and
-prints every error, exiting 1 if there is one.
+Pod templates are also checked against the Pod Security Standards "restricted" profile
+(``restricted_violations``), and every kustomization under ``k8s/`` can be rendered with
+``kubectl kustomize --enable-helm`` (``kustomize_build``).
+
+Also a command line, exiting 1 on any error:
+
+- ``python tests/k8s_validation.py [-f values.yaml ...]`` renders the chart with helm v3 and v4 and prints
+  every strict-validation error;
+- ``python tests/k8s_validation.py k8s`` (what ``scripts/validate-k8s.sh`` runs) renders every kustomization
+  under ``k8s/``, reads ``k8s/rayjob.yaml`` and the Argo CD Applications, and prints every error.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = REPO_ROOT / "charts" / "ray-detect"
+K8S_DIR = REPO_ROOT / "k8s"
 TOOLS_DIR = Path(os.environ.get("K8S_TOOLS_DIR", REPO_ROOT / ".tools"))  # as scripts/get-k8s-tools.sh
 TOOLS_SCRIPT = REPO_ROOT / "scripts" / "get-k8s-tools.sh"
 KUBERAY_CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
@@ -117,6 +126,19 @@ def find_checkov() -> Path | None:
     return None
 
 
+def find_kubectl(install: bool = True) -> Path:
+    """kubectl from PATH, else .tools/kubectl (running scripts/get-k8s-tools.sh once if it is missing)."""
+    on_path = shutil.which("kubectl")
+    if on_path:
+        return Path(on_path)
+    local = TOOLS_DIR / "kubectl"
+    if not os.access(local, os.X_OK) and install:
+        subprocess.run(["bash", str(TOOLS_SCRIPT)], check=True, stdout=subprocess.DEVNULL)
+    if not os.access(local, os.X_OK):
+        raise FileNotFoundError(f"kubectl not found on PATH nor at {local}: run scripts/get-k8s-tools.sh")
+    return local
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------------
@@ -149,6 +171,33 @@ def render(
     for item in set_values:
         args += ["--set", item]
     return [doc for doc in yaml.safe_load_all(run_helm(helm, *args)) if doc]
+
+
+class KustomizeError(RuntimeError):
+    """kubectl kustomize exited non-zero; the message is its stderr."""
+
+
+def kustomization_dirs(root: Path = K8S_DIR) -> list[Path]:
+    """Every folder under root holding a kustomization.yaml, sorted."""
+    return sorted(path.parent for path in root.rglob("kustomization.yaml"))
+
+
+def kustomize_build(directory: Path, kubectl: Path | None = None, helm3: Path | None = None) -> list[dict[str, Any]]:
+    """`kubectl kustomize --enable-helm` a folder and return its objects.
+
+    Helm v3 is required: kustomize asks `helm version -c`, which Helm v4 removed. The chart lives outside
+    the kustomization root, hence `--load-restrictor LoadRestrictionsNone` (Argo CD: kustomize.buildOptions).
+    """
+    kubectl = kubectl or find_kubectl()
+    helm3 = helm3 or find_helm_binaries()[3]
+    proc = subprocess.run(
+        [str(kubectl), "kustomize", str(directory), "--enable-helm", "--helm-command", str(helm3),
+         "--load-restrictor", "LoadRestrictionsNone"],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise KustomizeError(proc.stderr.strip())
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,12 +353,180 @@ def as_pod(where: str, template: dict[str, Any], namespace: str) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------------
+# Pod Security Standards, "restricted" (which includes "baseline"), as the admission controller checks them
+# ---------------------------------------------------------------------------------------------------
+
+RESTRICTED_VOLUME_TYPES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+)
+SAFE_SYSCTLS = frozenset(
+    {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+     "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+     "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+     "net.ipv4.tcp_keepalive_probes"}
+)
+
+
+def container_violations(name: str, container_context: dict[str, Any], pod_context: dict[str, Any]) -> list[str]:
+    """Restricted-profile violations of one container's securityContext, given the pod's."""
+    sc, found = container_context or {}, []
+
+    def inherited(key: str) -> Any:
+        return sc.get(key, pod_context.get(key))
+
+    if sc.get("privileged") is True:
+        found.append(f"{name}: privileged")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        found.append(f"{name}: allowPrivilegeEscalation must be false")
+    capabilities = sc.get("capabilities") or {}
+    if "ALL" not in (capabilities.get("drop") or []):
+        found.append(f"{name}: capabilities must drop ALL")
+    added = sorted(set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"})
+    if added:
+        found.append(f"{name}: capabilities added: {', '.join(added)}")
+    if inherited("runAsNonRoot") is not True:
+        found.append(f"{name}: runAsNonRoot must be true")
+    if inherited("runAsUser") == 0:
+        found.append(f"{name}: runAsUser is 0")
+    seccomp = (inherited("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        found.append(f"{name}: seccompProfile.type must be RuntimeDefault or Localhost, not {seccomp}")
+    if sc.get("procMount", "Default") != "Default":
+        found.append(f"{name}: procMount {sc['procMount']}")
+    selinux = sc.get("seLinuxOptions") or {}
+    if selinux.get("user") or selinux.get("role"):
+        found.append(f"{name}: seLinuxOptions user/role set")
+    if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        found.append(f"{name}: appArmorProfile Unconfined")
+    if (sc.get("windowsOptions") or {}).get("hostProcess"):
+        found.append(f"{name}: windowsOptions.hostProcess")
+    return found
+
+
+def restricted_violations(template: dict[str, Any]) -> list[str]:
+    """Every way a PodTemplateSpec breaks the restricted Pod Security Standard (empty: it complies)."""
+    spec, found = template.get("spec", {}), []
+    pod_context = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            found.append(f"pod: {key}")
+    for volume in spec.get("volumes") or []:
+        kinds = sorted(set(volume) - {"name"})
+        if not set(kinds) <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"pod: volume {volume.get('name')} is of type {', '.join(kinds)}")
+    unsafe = sorted(s.get("name") for s in pod_context.get("sysctls") or [] if s.get("name") not in SAFE_SYSCTLS)
+    if unsafe:
+        found.append(f"pod: unsafe sysctls {', '.join(unsafe)}")
+    if (pod_context.get("seLinuxOptions") or {}).get("user") or (pod_context.get("seLinuxOptions") or {}).get("role"):
+        found.append("pod: seLinuxOptions user/role set")
+    if (pod_context.get("seccompProfile") or {}).get("type") == "Unconfined":
+        found.append("pod: seccompProfile Unconfined")
+    for field in ("initContainers", "containers", "ephemeralContainers"):
+        for container in spec.get(field) or []:
+            name = f"{field}[{container.get('name')}]"
+            found += container_violations(name, container.get("securityContext"), pod_context)
+            for port in container.get("ports") or []:
+                if port.get("hostPort"):
+                    found.append(f"{name}: hostPort {port['hostPort']}")
+    return found
+
+
+def autoscaler_violations(obj: dict[str, Any]) -> list[str]:
+    """Restricted-profile violations of the autoscaler sidecar KubeRay adds to the head of a cluster
+    with in-tree autoscaling (its securityContext comes from autoscalerOptions)."""
+    spec = obj.get("spec", {})
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    if not cluster.get("enableInTreeAutoscaling"):
+        return []
+    pod_context = cluster["headGroupSpec"]["template"]["spec"].get("securityContext") or {}
+    options = cluster.get("autoscalerOptions") or {}
+    return container_violations("autoscaler sidecar", options.get("securityContext"), pod_context)
+
+
+def object_errors(obj: dict[str, Any], schemas: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Strict CRD errors of a KubeRay object and restricted-profile violations of its pod templates, as
+    'Kind/name: ...' lines; other objects have none."""
+    if not str(obj.get("apiVersion", "")).startswith("ray.io/"):
+        return []
+    meta = obj.get("metadata", {})
+    name = f"{obj.get('kind')}/{meta.get('name') or meta.get('generateName')}"
+    errors = [f"{name}: {error}" for error in strict_errors(obj, schemas)]
+    if not errors:  # pod templates of an object that does not even validate may not be where they belong
+        named = {**obj, "metadata": {**meta, "name": meta.get("name") or meta.get("generateName")}}
+        for where, template in pod_templates(named):
+            errors += [f"{where}: {v}" for v in restricted_violations(template)]
+        errors += [f"{name}: {v}" for v in autoscaler_violations(obj)]
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
 
+ARGOCD_REQUIRED_SYNC_OPTIONS = ("CreateNamespace=true",)
+
+
+def application_errors(app: dict[str, Any], kustomizations: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What is wrong with an Argo CD Application deploying one of our kustomizations (empty: nothing).
+
+    kustomizations maps each folder, relative to the repository ("k8s/overlays/dev"), to its objects.
+    """
+    name, spec = f"Application/{app['metadata']['name']}", app.get("spec", {})
+    errors = []
+    path = spec.get("source", {}).get("path")
+    if path not in kustomizations:
+        return [f"{name}: source.path {path!r} is not one of {sorted(kustomizations)}"]
+    namespaces = {o["metadata"].get("namespace") for o in kustomizations[path]}
+    if namespaces != {spec.get("destination", {}).get("namespace")}:
+        errors.append(f"{name}: destination.namespace differs from the overlay's namespaces {sorted(namespaces)}")
+    sync = spec.get("syncPolicy", {})
+    if sync.get("automated", {}) != {"prune": True, "selfHeal": True}:
+        errors.append(f"{name}: syncPolicy.automated must be {{prune: true, selfHeal: true}}")
+    missing = [o for o in ARGOCD_REQUIRED_SYNC_OPTIONS if o not in sync.get("syncOptions", [])]
+    if missing:
+        errors.append(f"{name}: syncOptions lack {', '.join(missing)}")
+    return errors
+
+
+def validate_k8s(root: Path = K8S_DIR) -> tuple[list[str], list[str]]:
+    """Render and check everything under k8s/: (one summary line per file or folder, every error)."""
+    schemas = load_crd_schemas()
+    kubectl, helm3 = find_kubectl(), find_helm_binaries()[3]
+    report: list[str] = []
+    errors: list[str] = []
+    rendered: dict[str, list[dict[str, Any]]] = {}
+    for folder in kustomization_dirs(root):
+        where = folder.relative_to(REPO_ROOT).as_posix()
+        try:
+            objects = kustomize_build(folder, kubectl, helm3)
+        except KustomizeError as failure:
+            errors.append(f"{where}: kubectl kustomize failed: {failure}")
+            continue
+        rendered[where] = objects
+        report.append(f"{where}: {', '.join(o['kind'] for o in objects)}")
+        errors += [f"{where}: {e}" for obj in objects for e in object_errors(obj, schemas)]
+    for manifest in sorted(root.glob("*.yaml")):
+        where = manifest.relative_to(REPO_ROOT).as_posix()
+        objects = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
+        report.append(f"{where}: {', '.join(o['kind'] for o in objects)}")
+        errors += [f"{where}: {e}" for obj in objects for e in object_errors(obj, schemas)]
+    for manifest in sorted((root / "argocd").glob("*.yaml")):
+        where = manifest.relative_to(REPO_ROOT).as_posix()
+        app = yaml.safe_load(manifest.read_text())
+        report.append(f"{where}: Application -> {app.get('spec', {}).get('source', {}).get('path')}")
+        errors += [f"{where}: {e}" for e in application_errors(app, rendered)]
+    return report, errors
+
+
 def main(argv: list[str]) -> int:
-    """Render the chart (with any -f/--values files) with every helm found; print each strict error."""
+    """Render the chart (with any -f/--values files) with every helm found, or everything under k8s/
+    (argument `k8s`); print each error."""
+    if argv[:1] == ["k8s"]:
+        report, errors = validate_k8s()
+        print("\n".join(report + errors))
+        print("k8s: valid" if not errors else f"k8s: {len(errors)} error(s)")
+        return 1 if errors else 0
     values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-f", "--values")]
     schemas = load_crd_schemas()
     failures = 0
