@@ -13,13 +13,12 @@ import time
 import pyarrow.dataset as pads
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from app.pipeline import run
 from app.results import MANIFEST_NAME, read_committed
 from app.storage import resolve
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
 
 
 def committed_parts(folder):
@@ -62,16 +61,8 @@ def test_driver_killed_mid_run_then_rerun(tmp_path):
 
 @pytest.fixture
 def three_node_cluster():
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(num_cpus=1, include_dashboard=True, object_store_memory=200 * 1024**2),
-    )
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    with connected_cluster(1, dict(num_cpus=2), dict(num_cpus=2)) as (cluster, workers):
+        yield cluster, workers
 
 
 def test_worker_node_lost_while_detecting(three_node_cluster, tmp_path):

@@ -3,26 +3,16 @@ node and a worker node that advertises one GPU. Detector actors must land on the
 tasks on the CPU node. No GPU exists here, so the actor computes on CPU there."""
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
 from app.pipeline import run
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
 
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2),
-    )
-    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=200 * 1024**2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster, gpu_node
-    ray.shutdown()
-    cluster.shutdown()
+    with connected_cluster(2, dict(num_cpus=1, num_gpus=1)) as (cluster, (gpu_node,)):
+        yield cluster, gpu_node
 
 
 def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
