@@ -6,6 +6,7 @@ fails at composition, naming the key, before Ray starts.
 """
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -46,16 +47,28 @@ class ModelConfig:
     class_names: Optional[list[str]] = None
 
 
+class Precision(str, Enum):
+    """Arithmetic of the model on a GPU: full float32, or float16/bfloat16 autocast."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
 @dataclass
 class InferenceConfig:
     # Images per model call.
     batch_size: int = 4
     # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
     num_gpus: str = "auto"
-    # Detector actor-pool size: "auto" = one actor per GPU in the cluster, or 1 on CPU.
+    # Detector actor-pool size: "auto" = one actor per GPU in the cluster; on CPU, as many as fit.
     num_actors: str = "auto"
-    # CPUs each detector actor reserves (= torch threads): "auto" = 1 with a GPU, else all CPUs but one.
+    # CPUs each detector actor reserves (= torch threads): "auto" = 1 with a GPU; on CPU, half of the
+    # largest node's CPUs, at most 4 (a 2-core node runs two 1-thread actors), or with num_actors set,
+    # the cluster's CPUs shared among them.
     num_cpus_per_actor: str = "auto"
+    # fp16 or bf16: run the model under autocast (on GPUs with tensor cores); fp32 = plain float32.
+    precision: Precision = Precision.fp32
     # Resize to the model's input size in the CPU stage, so only uint8 pixels at model size cross stages.
     resize_on_cpu: bool = True
 

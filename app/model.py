@@ -22,6 +22,8 @@ MODEL_NAMES = (
 )
 PRETRAINED = "DEFAULT"
 RANDOM_INIT = "none"
+# Random initial weights are drawn from this seed, so that every actor of a run holds the same model.
+RANDOM_INIT_SEED = 0
 
 
 class WeightsError(Exception):
@@ -119,7 +121,9 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
     if num_classes is None and state_dict is not None:
         num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
     num_classes = num_classes or len(coco_categories(spec.name))
-    model = get_model(spec.name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = get_model(spec.name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     if class_names is None:

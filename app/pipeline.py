@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,8 +28,14 @@ from app.results import MANIFEST_NAME, SETTINGS_NAME, STAGING_DIR, ResultWriter,
 log = logging.getLogger("app")
 
 AUTO = "auto"
-# Files per decode task: small enough to spread work over many CPUs, large enough to amortise a task.
-FILES_PER_DECODE_TASK = 16
+# Files decoded per call of the decode function: its memory is declared for this many images.
+FILES_PER_DECODE_BATCH = 16
+# Input blocks per detector actor, at least, so that every actor gets work (a block goes to one actor).
+BLOCKS_PER_ACTOR = 4
+# Input blocks, at most: building the dataset costs about 5 ms a block on a 2-core machine.
+MAX_INPUT_BLOCKS = 500
+# torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
+MAX_CPU_THREADS_PER_ACTOR = 4
 # A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
 DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 
@@ -54,6 +61,8 @@ class Resources:
     num_gpus: float
     num_actors: int
     num_cpus_per_actor: float
+    decode_cpus: float = 1.0  # CPUs each decode task reserves
+    decode_tasks: Optional[int] = None  # decode tasks running at once, at most (None: as CPUs allow)
 
 
 @dataclass
@@ -86,6 +95,13 @@ def parse_number(key: str, value: str, minimum: float) -> float:
 def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True) -> Resources:
     """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes.
 
+    On CPU a node runs at least two actors, each with up to MAX_CPU_THREADS_PER_ACTOR CPUs and as many
+    torch threads, and the actors take every CPU: torch's threads speed up a forward pass less than
+    linearly, while separate actors add up almost linearly (on 2 cores, two 1-thread actors do 1.1x
+    the images of one 2-thread actor). Decoding an image costs a few percent of a forward pass, so
+    decode tasks reserve no CPU then and run one per actor at a time.
+    With a GPU, an actor takes one CPU and decode tasks one CPU each, on the CPUs the actors leave.
+
     A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
     cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
     """
@@ -106,19 +122,32 @@ def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], lo
         num_cpus = parse_number("inference.num_cpus_per_actor", inference.num_cpus_per_actor, 0)
     elif num_gpus:
         num_cpus = 1.0  # one CPU feeds a GPU
+    elif fixed_actors:
+        # A given number of actors shares the cluster's CPUs.
+        num_cpus = max(1.0, min(largest_node_cpus, cluster_cpus // fixed_actors))
     else:
-        # On CPU an actor takes a node's cores but one, which is left for decoding; actors share a node
-        # when more are asked for than that allows.
-        num_cpus = max(1.0, largest_node_cpus - 1)
-        if fixed_actors:
-            num_cpus = max(1.0, min(num_cpus, (cluster_cpus - 1) // fixed_actors))
+        num_cpus = float(max(1, min(MAX_CPU_THREADS_PER_ACTOR, int(largest_node_cpus) // 2)))
     if fixed_actors:
         num_actors = fixed_actors
     elif num_gpus:
         num_actors = max(1, int(cluster_gpus // num_gpus))
     else:
-        num_actors = max(1, int(cluster_cpus // (num_cpus + 1)))
+        num_actors = max(1, sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes))
+    if num_actors * num_cpus > cluster_cpus - 1:
+        # The actors take every CPU: decode tasks reserve none and run one per actor at a time, which
+        # keeps the actors fed without a crowd of decode workers starting up beside them.
+        return Resources(num_gpus, num_actors, num_cpus, decode_cpus=0.0, decode_tasks=num_actors)
     return Resources(num_gpus=num_gpus, num_actors=num_actors, num_cpus_per_actor=num_cpus)
+
+
+def files_per_block(num_files: int, num_actors: int, batch_size: int) -> int:
+    """Files per input block; a block is decoded by one task and its images go to one detector actor.
+
+    A small input is cut into BLOCKS_PER_ACTOR blocks per actor (none smaller than a model batch), so
+    that every actor gets work; a large one into blocks of FILES_PER_DECODE_BATCH files, or into
+    MAX_INPUT_BLOCKS larger ones, whose decode tasks stream their images out batch by batch."""
+    balanced = max(batch_size, math.ceil(num_files / (BLOCKS_PER_ACTOR * num_actors)))
+    return max(1, min(FILES_PER_DECODE_BATCH, balanced), math.ceil(num_files / MAX_INPUT_BLOCKS))
 
 
 def decoded_image_bytes(cfg: AppConfig) -> int:
@@ -169,6 +198,7 @@ def result_settings(cfg: AppConfig, spec: ModelSpec) -> dict:
         "data.max_file_bytes": cfg.data.max_file_bytes,
         "data.max_image_pixels": cfg.data.max_image_pixels,
         "inference.resize_on_cpu": cfg.inference.resize_on_cpu,
+        "inference.precision": cfg.inference.precision.value,
         **{f"model.{key}": value for key, value in model.items()},
     }
 
@@ -272,24 +302,28 @@ def run(cfg: AppConfig) -> Summary:
             min_size=cfg.model.min_size if resize else None,
             max_size=cfg.model.max_size if resize else None,
         )
-        blocks = [todo.slice(i, FILES_PER_DECODE_TASK) for i in range(0, todo.num_rows, FILES_PER_DECODE_TASK)]
-
-        images = ray.data.from_arrow(blocks)
+        block_rows = files_per_block(todo.num_rows, resources.num_actors, cfg.inference.batch_size)
+        images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
         decoded = images.map_batches(
             decode_images,
             batch_format="pyarrow",
-            batch_size=None,
+            batch_size=min(block_rows, FILES_PER_DECODE_BATCH),
             fn_kwargs=dict(filesystem=source.filesystem, uri_prefix=source.uri_prefix, options=decode_options),
-            num_cpus=1,
+            num_cpus=resources.decode_cpus,
+            compute=ray.data.TaskPoolStrategy(size=resources.decode_tasks),
             # The task's memory, declared so Ray can plan it. As the detector declares none, this also
             # keeps Ray from fusing decoding into the actors, where it would run serially with the model.
-            memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_TASK * decoded_image_bytes(cfg),
+            memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg),
         )
         detected = decoded.map_batches(
             Detector,
             batch_format="pyarrow",
             batch_size=cfg.inference.batch_size,
-            fn_constructor_kwargs=dict(spec=spec, num_threads=int(max(1, resources.num_cpus_per_actor))),
+            fn_constructor_kwargs=dict(
+                spec=spec,
+                num_threads=int(max(1, resources.num_cpus_per_actor)),
+                precision=cfg.inference.precision.value,
+            ),
             compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus_per_actor,

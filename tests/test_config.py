@@ -1,6 +1,7 @@
 """Every config option and experiment composes; mistakes fail at composition or in check_config,
 naming the key, before Ray starts."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from app.config import SAMPLES_DIR
-from app.pipeline import ConfigError, Resources, check_config, plan_resources
+from app.pipeline import MAX_INPUT_BLOCKS, ConfigError, Resources, check_config, files_per_block, plan_resources
 from tests.conftest import compose_config
 
 CONF = Path(__file__).parent.parent / "app" / "conf"
@@ -112,13 +113,24 @@ def test_bad_values_fail_in_one_line(override, message):
 @pytest.mark.parametrize(
     "overrides,cluster,expected",
     [
-        ({}, {"CPU": 2.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=1.0)),
-        ({}, {"CPU": 16.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=15.0)),
+        # On CPU a node runs two or more actors with half its CPUs each, at most 4, which take every CPU;
+        # decode tasks reserve none then and run one per actor at a time.
+        ({}, {"CPU": 1.0}, Resources(0.0, 1, 1.0, decode_cpus=0.0, decode_tasks=1)),
+        ({}, {"CPU": 2.0}, Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
+        ({}, {"CPU": 6.0}, Resources(0.0, 2, 3.0, decode_cpus=0.0, decode_tasks=2)),
+        ({}, {"CPU": 16.0}, Resources(0.0, 4, 4.0, decode_cpus=0.0, decode_tasks=4)),
         ({}, {"CPU": 32.0, "GPU": 4.0}, Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)),
         ({"num_gpus": "0.5"}, {"CPU": 32.0, "GPU": 2.0}, Resources(num_gpus=0.5, num_actors=4, num_cpus_per_actor=1.0)),
-        ({"num_gpus": "0"}, {"CPU": 9.0, "GPU": 2.0}, Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=8.0)),
+        # A CPU left over on a 9-CPU node: decode tasks reserve it.
+        ({"num_gpus": "0"}, {"CPU": 9.0, "GPU": 2.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
+        # A given number of actors shares the CPUs.
+        ({"num_actors": "1"}, {"CPU": 2.0}, Resources(0.0, 1, 2.0, decode_cpus=0.0, decode_tasks=1)),
         ({"num_actors": "2"}, {"CPU": 9.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
+        ({"num_actors": "2"}, {"CPU": 2.0}, Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
         ({"num_cpus_per_actor": "3"}, {"CPU": 32.0, "GPU": 1.0}, Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=3.0)),
+        ({"num_cpus_per_actor": "4", "num_gpus": "0"}, {"CPU": 10.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
+        # A GPU node with one CPU and no other node: the actor takes it, decode tasks must not wait for it.
+        ({}, {"CPU": 1.0, "GPU": 1.0}, Resources(1.0, 1, 1.0, decode_cpus=0.0, decode_tasks=1)),
     ],
 )
 def test_plan_resources_resolves_auto_on_one_node(overrides, cluster, expected):
@@ -129,9 +141,24 @@ def test_plan_resources_resolves_auto_on_one_node(overrides, cluster, expected):
 def test_plan_resources_fits_cpu_actors_on_nodes():
     cfg = compose_config()
     nodes = [{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 2.0}]
-    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=0.0, num_actors=3, num_cpus_per_actor=1.0)
+    assert plan_resources(cfg.inference, nodes) == Resources(0.0, 6, 1.0, decode_cpus=0.0, decode_tasks=6)
+    # A head without CPUs for work (KubeRay's rayStartParams num-cpus: 0) and unequal workers: actors sized
+    # by the largest node, as many as fit on each.
+    nodes = [{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}, {"CPU": 6.0}]
+    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=0.0, num_actors=5, num_cpus_per_actor=4.0)
     nodes = [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}]
     assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)
+    # The placement test's cluster: decode tasks keep a CPU each, which only the CPU node has left.
+    nodes = [{"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
+
+
+def test_precision_is_checked_at_composition():
+    assert compose_config().inference.precision.value == "fp32"
+    assert compose_config(["inference.precision=bf16"]).inference.precision.value == "bf16"
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(["inference.precision=fp8"])
+    assert "inference.precision" in str(caught.value.__cause__)
 
 
 def test_gpus_requested_on_a_local_ray_without_gpus_fail():
@@ -140,8 +167,25 @@ def test_gpus_requested_on_a_local_ray_without_gpus_fail():
         plan_resources(cfg.inference, [{"CPU": 8.0}], local=True)
 
 
-def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(caplog):
+def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(monkeypatch):
+    warnings = []
+    monkeypatch.setattr("app.pipeline.log.warning", lambda message, *args: warnings.append(message % args))
     cfg = compose_config(["inference=gpu"])
     resources = plan_resources(cfg.inference, [{"CPU": 8.0}], local=False)
     assert resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
-    assert caplog.messages == ["inference.num_gpus=1 but the Ray cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes"]
+    assert warnings == ["inference.num_gpus=1 but the Ray cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes"]
+
+
+@pytest.mark.parametrize(
+    "files,actors,batch_size,expected",
+    [
+        (9, 2, 4, 4),  # few images: blocks of a batch, so that both actors get some
+        (40, 1, 4, 10),  # four blocks per actor
+        (1000, 2, 4, 16),  # many: blocks of FILES_PER_DECODE_BATCH
+        (100_000, 8, 4, 200),  # very many: MAX_INPUT_BLOCKS blocks, decoded 16 at a time
+        (3, 4, 1, 1),
+    ],
+)
+def test_files_per_block(files, actors, batch_size, expected):
+    assert files_per_block(files, actors, batch_size) == expected
+    assert math.ceil(files / expected) <= MAX_INPUT_BLOCKS

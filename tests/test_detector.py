@@ -1,12 +1,14 @@
 """The detector UDF called directly on small batches, with a random-init model (no weights here)."""
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from app.decode import DECODED_SCHEMA
-from app.detector import Detector, choose_device, scale_boxes
+from app.detector import Detector, SplittingRunner, choose_device, scale_boxes, to_device
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.results import RESULT_SCHEMA
 
@@ -114,3 +116,142 @@ def test_default_weights_offline_fail_with_a_paragraph(monkeypatch, tmp_path):
     assert "(OSError: offline)" in message and "model.weights=none" in message and "\n" not in message
     fallback = resolve_weights(ModelSpec(**{**SPEC.__dict__, "weights": "DEFAULT"}), allow_random_fallback=True)
     assert fallback.weights == "none" and fallback.fallback_reason == message
+
+
+# The GPU path's logic, run on the CPU. No GPU exists on the machines these tests run on, so CUDA's
+# out-of-memory error is raised by stand-in models, and the pinned, non-blocking copy is run with
+# pin=False (the CUDA-only test below runs the real thing where a GPU exists).
+
+
+def test_to_device_packs_uint8_and_converts_on_the_device():
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)]
+    images[1].setflags(write=False)  # decoded pixels arrive as read-only views of Arrow buffers
+    tensors = to_device(images, torch.device("cpu"), pin=False)
+    assert [tuple(t.shape) for t in tensors] == [(3, 5, 7), (3, 2, 3)]
+    for tensor, image in zip(tensors, images):
+        assert tensor.dtype == torch.float32
+        np.testing.assert_allclose(tensor.permute(1, 2, 0).numpy(), image / 255.0, rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_on_cuda_matches_the_cpu():
+    images = [np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    on_gpu = to_device(images, torch.device("cuda"), pin=True)
+    on_cpu = to_device(images, torch.device("cpu"), pin=False)
+    assert all(g.device.type == "cuda" and torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
+
+
+class FakeOutOfMemoryModel:
+    """Stand-in for a model on a GPU: raises CUDA's out-of-memory error for more than `fits` inputs
+    (`fail_single` times for a single input), else returns each input doubled."""
+
+    def __init__(self, fits: int, fail_single: int = 0):
+        self.fits, self.fail_single = fits, fail_single
+        self.calls: list[int] = []
+
+    def __call__(self, inputs):
+        self.calls.append(len(inputs))
+        if len(inputs) > self.fits or (len(inputs) == 1 and self.fail_single > 0):
+            self.fail_single -= len(inputs) == 1
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(inputs)} GiB")
+        return [x * 2 for x in inputs]
+
+
+class Messages(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_out_of_memory_splits_the_batch_and_caps_later_batches():
+    model, released, log = FakeOutOfMemoryModel(fits=2), [], Messages()
+    runner = SplittingRunner(model, release_memory=lambda: released.append(1))
+    logging.getLogger("app").addHandler(log)
+    try:
+        assert runner(list(range(7))) == [0, 2, 4, 6, 8, 10, 12]  # every input once, in order
+    finally:
+        logging.getLogger("app").removeHandler(log)
+    # 7 fails → 3 fails → 1 ok, 2 ok; 4 fails → 2 ok, 2 ok
+    assert model.calls == [7, 3, 1, 2, 4, 2, 2]
+    assert (runner.splits, runner.limit, len(released)) == (3, 1, 3)
+    assert log.messages[0] == (
+        "out of device memory on a batch of 7 images; splitting it in halves: CUDA out of memory. Tried to allocate 7 GiB"
+    )
+    # Later batches go in chunks of the cap at once, without new errors.
+    model.calls.clear()
+    assert runner([1, 2, 3]) == [2, 4, 6]
+    assert model.calls == [1, 1, 1]
+
+
+def test_a_single_image_out_of_memory_is_retried_once_then_raised():
+    runner = SplittingRunner(FakeOutOfMemoryModel(fits=4, fail_single=1))
+    assert runner([5]) == [10]  # a passing shortage
+    model = FakeOutOfMemoryModel(fits=4, fail_single=2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        SplittingRunner(model)([5])
+    assert model.calls == [1, 1]
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def broken(inputs):
+        calls.append(len(inputs))
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        SplittingRunner(broken)([1, 2, 3, 4])
+    assert calls == [4]
+
+
+class FakeDetectionModel(torch.nn.Module):
+    """Stand-in detection model: one box per image covering it, score 0.75, label 17 ("cat"). It runs
+    out of memory on more than `fits` images, and records the autocast state it ran under."""
+
+    def __init__(self, fits: int):
+        super().__init__()
+        self.fits = fits
+        self.calls: list[int] = []
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, images):
+        self.calls.append(len(images))
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        if len(images) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else torch.float32
+        return [
+            {
+                "boxes": torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]], dtype=dtype),
+                "scores": torch.tensor([0.75], dtype=dtype),
+                "labels": torch.tensor([17]),
+            }
+            for image in images
+        ]
+
+
+@pytest.mark.parametrize("precision,autocast", [("fp32", False), ("bf16", True)])
+def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(monkeypatch, precision, autocast):
+    fake = FakeDetectionModel(fits=1)
+    categories = build_model(SPEC)[1]
+    monkeypatch.setattr("app.detector.build_model", lambda spec: (fake, categories))
+    detector = Detector(SPEC, num_threads=1, precision=precision)
+    images = [np.zeros((10, 20, 3), np.uint8), np.zeros((30, 40, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+    rows = detector(decoded_batch(images, errors=["empty_file"])).to_pylist()
+    assert fake.calls == [3, 1, 2, 1, 1]  # 3 fails → 1, then 2 fails → 1, 1
+    assert {state for state in fake.autocast} == {(autocast, torch.bfloat16 if autocast else torch.get_autocast_dtype("cpu"))}
+    assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "img2.jpg", "bad3.jpg"]
+    # Boxes cover each original image (twice the decoded size), in float32 even from bf16 outputs.
+    assert [row["boxes"] for row in rows] == [[[0.0, 0.0, 40.0, 20.0]], [[0.0, 0.0, 80.0, 60.0]], [[0.0, 0.0, 16.0, 16.0]], []]
+    assert [row["scores"] for row in rows] == [[0.75], [0.75], [0.75], []]
+    assert [row["label_names"] for row in rows] == [["cat"], ["cat"], ["cat"], []]
+    assert rows[3]["error_kind"] == "empty_file"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="^precision 'fp8' is not one of fp32, fp16, bf16$"):
+        Detector(SPEC, num_threads=1, precision="fp8")
