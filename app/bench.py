@@ -32,12 +32,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import psutil
 import ray
 import torch
 from PIL import Image
-
-# psutil is not a dependency of its own: Ray ships it (ray/thirdparty_files) and puts it on sys.path.
-import psutil  # noqa: E402  isort: skip
 
 from app.model import ModelSpec, build_model
 

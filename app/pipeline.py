@@ -324,7 +324,12 @@ def run(cfg: AppConfig) -> Summary:
                 num_threads=int(max(1, resources.num_cpus_per_actor)),
                 precision=cfg.inference.precision.value,
             ),
-            compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
+            # A CPU actor takes seconds per batch: it is handed its next block only when free, so that no
+            # block waits in one actor's queue while another actor idles. A GPU actor gets its next block
+            # while it computes, to have it at hand.
+            compute=ray.data.ActorPoolStrategy(
+                size=resources.num_actors, max_tasks_in_flight_per_actor=2 if resources.num_gpus else 1
+            ),
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus_per_actor,
         )
