@@ -37,6 +37,8 @@ import ray
 import torch
 from PIL import Image
 
+from app import pipeline
+from app.config import compose_config
 from app.model import ModelSpec, build_model
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
@@ -154,13 +156,6 @@ class Timing:
     detections: int
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
-
-    with initialize_config_module(config_module="app.conf", version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def model_overrides(model: str, args) -> list[str]:
     overrides = [f"model={model}", "model.weights=none", f"model.score_threshold={args.score_threshold}"]
     if args.batch_size:
@@ -168,16 +163,11 @@ def model_overrides(model: str, args) -> list[str]:
     return overrides
 
 
-def spec_of(cfg) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(name=m.name, weights="none", score_threshold=m.score_threshold, min_size=m.min_size, max_size=m.max_size)
-
-
 def run_bare(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
     """Decode and forward in one loop in this process, torch threads = every core."""
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.monotonic()
-    model, _ = build_model(spec_of(cfg))
+    model, _ = build_model(pipeline.model_spec(cfg))
     paths = sorted(folder.iterdir())
     batch_size, detections, first = cfg.inference.batch_size, 0, None
     with torch.inference_mode():
@@ -196,8 +186,6 @@ def run_bare(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
 def run_app(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
     """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings.
     ResultWriter is wrapped only to note when the first rows reach the driver."""
-    from app import pipeline
-
     started = time.monotonic()
     first: list[float] = []
 
@@ -249,7 +237,7 @@ def run_tutorial(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
         tensors = images.map(lambda row: {"image": preprocess(row["image"]).numpy()})
         detected = tensors.map_batches(
             TutorialModel,
-            fn_constructor_kwargs=dict(spec=spec_of(cfg)),
+            fn_constructor_kwargs=dict(spec=pipeline.model_spec(cfg)),
             compute=ray.data.ActorPoolStrategy(size=1),
             batch_size=cfg.inference.batch_size,
         )
@@ -294,7 +282,7 @@ def marginal(small: Timing, large: Timing) -> dict:
 def warm_up(cfg) -> None:
     """One forward pass in this process first, so the bare loop's first run does not pay for torch's
     one-time initialisation that its second run would not (Ray's workers are fresh processes each time)."""
-    model, _ = build_model(spec_of(cfg))
+    model, _ = build_model(pipeline.model_spec(cfg))
     with torch.inference_mode():
         model([torch.rand(3, 64, 64)])
 
@@ -304,14 +292,14 @@ def throughput(args, base: Path) -> dict:
     for model in args.models:
         counts = tuple(args.counts) if args.counts else DEFAULT_COUNTS.get(model, (8, 24))
         cfg_overrides = model_overrides(model, args)
-        warm_up(compose(cfg_overrides))
+        warm_up(compose_config(cfg_overrides))
         folders = {count: input_folder(base, f"{model}-{count}", count, args) for count in counts}
         timings = {mode: [] for mode in args.modes}
         # Interleaved, so that a slow spell of the machine does not land on one mode only.
         for count in counts:
             for mode in args.modes:
                 out = Path(tempfile.mkdtemp(dir=base, prefix=f"out-{mode}-"))
-                timings[mode].append(timed(mode, folders[count], compose(cfg_overrides), out, count))
+                timings[mode].append(timed(mode, folders[count], compose_config(cfg_overrides), out, count))
                 shutil.rmtree(out, ignore_errors=True)
                 time.sleep(args.pause)  # the previous run's processes exit before the next starts
         summary = {mode: marginal(*runs) for mode, runs in timings.items()}
@@ -323,7 +311,7 @@ def throughput(args, base: Path) -> dict:
         }
         results[model] = {
             "counts": list(counts),
-            "batch_size": compose(cfg_overrides).inference.batch_size,
+            "batch_size": compose_config(cfg_overrides).inference.batch_size,
             "modes": summary,
             "ratios": ratios,
             "runs": [asdict(t) for runs in timings.values() for t in runs],
@@ -338,7 +326,7 @@ def memory(args, base: Path) -> dict:
     for count in args.memory_counts:
         folder = input_folder(base, f"memory-{count}", count, args)
         out = Path(tempfile.mkdtemp(dir=base, prefix="out-memory-"))
-        runs.append(timed("app", folder, compose(cfg_overrides), out, count))
+        runs.append(timed("app", folder, compose_config(cfg_overrides), out, count))
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     small, large = runs[0], runs[-1]
@@ -353,8 +341,6 @@ def listing(args, base: Path) -> dict:
     """Time app.pipeline.run() from its start to the moment the plan is built and execution would
     begin (it is stopped there), over `--listing-files` tiny files. Ray is started beforehand, since
     its start-up is reported by the throughput runs."""
-    from app import pipeline
-
     folder = base / "listing"
     for start in range(0, args.listing_files, 1000):
         sub = folder / f"d{start // 1000:04d}"
@@ -373,7 +359,7 @@ def listing(args, base: Path) -> dict:
         ray.init(log_to_driver=False, include_dashboard=False)
     original = pipeline.ResultWriter
     pipeline.ResultWriter = StopWriter
-    cfg = compose([*model_overrides(args.memory_model, args), f"data.path={folder}", f"output.path={base / 'listing-out'}"])
+    cfg = compose_config([*model_overrides(args.memory_model, args), f"data.path={folder}", f"output.path={base / 'listing-out'}"])
     try:
         started = time.monotonic()
         try:

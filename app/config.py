@@ -104,6 +104,14 @@ class AppConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+def compose_config(overrides=()):
+    """The app's config with Hydra overrides applied, as `python -m app` composes it (outside a Hydra run)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="app.conf", version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def register_configs() -> None:
     """Register the schema and the resolver that points at the bundled sample images."""
     ConfigStore.instance().store(name="base_config", node=AppConfig)

@@ -104,11 +104,10 @@ def build_rayjob(
 
 def check_overrides(overrides: list[str]) -> None:
     """Compose the app's config with the overrides, as `python -m app` will; SubmitError if that fails."""
-    from hydra import compose, initialize_config_module
+    from app.config import compose_config
 
     try:
-        with initialize_config_module(config_module="app.conf", version_base=None):
-            compose(config_name="config", overrides=list(overrides))
+        compose_config(overrides)
     except Exception as error:  # Hydra and OmegaConf raise many types; each names the bad override or key
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SubmitError(f"config error: {first_line}", EXIT_USAGE) from error

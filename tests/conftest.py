@@ -7,19 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from PIL import Image
+
+from app.config import compose_config  # noqa: F401  (the tests import it from here)
 
 # Keep Ray quiet and light in tests: no dashboard, no usage stats, small object store.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
 FAST_MODEL = ["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none"]
-
-
-def compose_config(overrides=()):
-    with initialize_config_module(config_module="app.conf", version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def jpeg_bytes(width=64, height=48, color=(200, 40, 40), **save_args) -> bytes:

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from app import bench
+from app.config import compose_config
 
 
 def test_marginal_rate_cancels_the_fixed_cost():
@@ -54,7 +55,7 @@ def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path)
     monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
     folder = tmp_path / "in"
     bench.write_jpegs(folder, 3, 64, 48)
-    cfg = bench.compose(["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0"])
+    cfg = compose_config(["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0"])
     detections, first = bench.run_tutorial(folder, cfg, tmp_path / "out")
     assert detections == bench.run_bare(folder, cfg, tmp_path / "out")[0] > 0
     assert first > 0

@@ -87,6 +87,15 @@ def test_label_names_are_coco_for_random_init():
     assert categories[1] == "person" and categories[17] == "cat" and categories[18] == "dog"
 
 
+def test_random_init_is_the_same_in_every_actor_and_leaves_the_global_seed_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = build_model(SPEC)[0].state_dict(), build_model(SPEC)[0].state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
 def test_checkpoint_with_its_own_classes(tmp_path):
     model, _ = build_model(SPEC.__class__(**{**SPEC.__dict__, "num_classes": 3}))
     path = tmp_path / "ckpt.pt"

@@ -107,6 +107,17 @@ def crd_schemas() -> dict:
     return kv.load_crd_schemas()
 
 
+def write_kubeconfig(path, server: str):
+    """A kubeconfig whose one context points at `server` with a bearer token."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+        "clusters": [{"name": "stand-in", "cluster": {"server": server}}],
+        "users": [{"name": "tester", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "tester"}}],
+    }))
+    return path
+
+
 @pytest.fixture()
 def stand_in(tmp_path):
     """(script, kubeconfig path): a stand-in API server on loopback and a kubeconfig that points at it."""
@@ -115,14 +126,7 @@ def stand_in(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-        "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "tester", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "tester"}}],
-    }))
-    yield script, kubeconfig
+    yield script, write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{server.server_port}")
     server.shutdown()
     server.server_close()
 
@@ -338,13 +342,7 @@ def test_unreachable_api_server_is_one_line(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "u", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-    }))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), *OVERRIDES)
     assert (code, out) == (3, "")
     assert err.startswith(f"ray-detect submit: cannot reach the Kubernetes API at http://127.0.0.1:{port}: ")
