@@ -4,6 +4,7 @@ Every input row comes out as exactly one row: pixels on success, an error kind a
 """
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,9 +56,15 @@ class ImageError(Exception):
 
 def model_input_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
     """The (width, height) FasterRCNN's transform scales an image to: shorter side to min_size,
-    unless the longer side would then exceed max_size."""
+    unless the longer side would then exceed max_size. The same arithmetic as torchvision's (sizes
+    rounded down), so that the model finds images already at its size and does not resize them again."""
     scale = min(min_size / min(width, height), max_size / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+# EXIF orientations that turn the stored image a quarter turn: its width becomes the height.
+QUARTER_TURNS = {5, 6, 7, 8}
+EXIF_ORIENTATION = 0x0112
 
 
 def read_file(filesystem: pafs.FileSystem, path: str, size: int, options: DecodeOptions) -> bytes:
@@ -101,14 +108,21 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
             f"{image.width}x{image.height} is {pixels} pixels, over data.max_image_pixels={options.max_image_pixels}",
         )
     try:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
+            width, height = height, width
+        size = None
+        if options.min_size is not None and options.max_size is not None:
+            size = model_input_size(width, height, options.min_size, options.max_size)
+            # A JPEG much larger than the model's size is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling),
+            # never below that size: a 12 MP photo costs a quarter of its full decode or less.
+            stored = size if (width, height) == image.size else size[::-1]
+            image.draft(None, stored)
         image = to_rgb(ImageOps.exif_transpose(image))
+        if size is not None and size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(CORRUPT_IMAGE, f"cannot decode: {error}") from error
-    width, height = image.size
-    if options.min_size is not None and options.max_size is not None:
-        size = model_input_size(width, height, options.min_size, options.max_size)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
     return image, width, height
 
 

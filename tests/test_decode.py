@@ -7,10 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
+import torch
 from PIL import Image
 
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode, decode_images, model_input_size
-from tests.conftest import jpeg_bytes
+from tests.conftest import encoded, jpeg_bytes
 
 NO_RESIZE = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8)
 
@@ -80,21 +81,66 @@ def test_other_formats_decode(fmt):
 @pytest.mark.parametrize(
     "size,expected",
     [
-        ((500, 375), (1067, 800)),  # shorter side to 800
-        ((375, 500), (800, 1067)),
-        ((4000, 50), (1333, 17)),  # longer side capped at 1333
+        ((500, 375), (1066, 800)),  # shorter side to 800, rounded down as torchvision does
+        ((375, 500), (800, 1066)),
+        ((4000, 50), (1333, 16)),  # longer side capped at 1333
         ((1, 1), (800, 800)),
-        ((800, 600), (1067, 800)),
+        ((800, 600), (1066, 800)),
     ],
 )
 def test_model_input_size(size, expected):
     assert model_input_size(*size, min_size=800, max_size=1333) == expected
 
 
+def test_model_input_size_is_the_size_torchvision_resizes_to():
+    """The model's own transform must find decoded images already at its size, or it would resize them again."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    rng = np.random.default_rng(7)
+    sizes = [(500, 375), (375, 500), (500, 333), (480, 360), (500, 281), (4032, 3024), (3024, 4032), (1333, 800)]
+    sizes += [tuple(int(v) for v in rng.integers(40, 5000, 2)) for _ in range(200)]
+    for width, height in sizes:
+        for min_size, max_size in ((800, 1333), (320, 640)):
+            resized, _ = _resize_image_and_masks(torch.zeros(1, height, width), min_size, max_size)
+            assert model_input_size(width, height, min_size, max_size) == (resized.shape[2], resized.shape[1])
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale():
+    """A 4000x3000 JPEG for a 320-px model: Pillow decodes it at 1/8 scale (500x375), then it is resized."""
+    options = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8, min_size=320, max_size=640)
+    data = jpeg_bytes(4000, 3000, color=(10, 200, 30))
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    drafted = []  # (size asked for, size decoded at), recorded around Pillow's own draft
+    original_draft = JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        result = original_draft(self, mode, size)
+        drafted.append((size, self.size))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(JpegImageFile, "draft", recording_draft)
+        image, width, height = decode(data, options)
+    assert drafted == [((426, 320), (500, 375))]
+    assert (image.size, width, height) == ((426, 320), 4000, 3000)
+    assert np.abs(np.asarray(image, dtype=int) - (10, 200, 30)).max() <= 3
+
+
+def test_quarter_turned_jpeg_is_drafted_by_its_stored_size():
+    """Stored 4000x2000 with EXIF orientation 6 (a quarter turn): the image is 2000x4000."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    options = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8, min_size=320, max_size=640)
+    image, width, height = decode(encoded(Image.new("RGB", (4000, 2000), (0, 0, 255)), "JPEG", exif=exif.tobytes()), options)
+    assert (width, height) == (2000, 4000)
+    assert image.size == (320, 640)
+
+
 def test_resize_keeps_the_original_size():
     options = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8, min_size=320, max_size=640)
     image, width, height = decode(jpeg_bytes(500, 375), options)
-    assert image.size == (427, 320)
+    assert image.size == (426, 320)
     assert (width, height) == (500, 375)
 
 
