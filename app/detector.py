@@ -1,25 +1,42 @@
 """The detector stage: a Ray Data class UDF that runs the model once per actor over batches of decoded
 images and returns result rows (app.results.RESULT_SCHEMA), boxes in original pixels.
 
-On a GPU, a batch's uint8 pixels travel to the device in one pinned, non-blocking copy and become
-floats there; the model may run under fp16/bf16 autocast; and a CUDA out-of-memory error splits the
-batch in halves and retries them instead of failing the actor.
+How it keeps the device busy:
+- The images of a call are grouped into model batches by shape (`shape_batches`): the model pads every
+  image of a batch to the batch's largest one, so a landscape and a portrait photo together cost about
+  1.4x the pixels of each alone.
+- A staging thread copies the next model batch's uint8 pixels to the device (on a GPU: packed into one
+  pinned buffer, one non-blocking copy on a copy stream) while the device runs the current batch.
+- The model takes uint8 pixels at its input size: they become floats on the device, and torchvision's
+  transform does not resize them a second time (`PixelModel`).
+- Result columns are built whole from flat arrays, not row by row.
+A CUDA out-of-memory error splits the batch in halves and retries them instead of failing the actor.
 """
 
 import logging
-from typing import Callable, Optional, Sequence
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from app.decode import model_input_size
 from app.model import ModelSpec, build_model
 from app.results import RESULT_SCHEMA
 
 log = logging.getLogger("app")
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A model batch may pad its images to at most this much more than the pixels they need on their own.
+MAX_BATCH_PADDING = 0.2
+# torchvision's detection transform pads a batch's height and width up to multiples of this.
+SIZE_DIVISIBLE = 32
 
 
 def choose_device() -> torch.device:
@@ -29,32 +46,120 @@ def choose_device() -> torch.device:
     return torch.device("cpu")
 
 
-def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
-    """Map [x1, y1, x2, y2] boxes from an image of from_size (width, height) onto one of to_size."""
-    scale_x = to_size[0] / from_size[0]
-    scale_y = to_size[1] / from_size[1]
-    return (boxes * np.array([scale_x, scale_y, scale_x, scale_y], dtype=np.float32)).astype(np.float32)
+def padded(length: int) -> int:
+    return math.ceil(length / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
 
 
-def to_device(images: Sequence[np.ndarray], device: torch.device, pin: bool) -> list[torch.Tensor]:
-    """HWC uint8 images as CHW float tensors in [0, 1] on device.
+def shape_batches(sizes: Sequence[tuple[int, int]], batch_size: int, max_padding: float = MAX_BATCH_PADDING) -> list[list[int]]:
+    """Indices of `sizes` ((width, height) at model size) grouped into model batches of at most batch_size.
 
-    The uint8 pixels (a quarter of the float32 bytes) are packed into one host buffer, pinned when
-    `pin`, and copied to the device in one non-blocking transfer; the conversion to float runs there."""
+    Images are taken in order of aspect ratio, and a batch is closed before an image that would make its
+    padded pixels (its largest width x its largest height x its images) exceed (1 + max_padding) times
+    the pixels its images need alone (each rounded up to multiples of 32 as the model does anyway)."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] / sizes[i][1], sizes[i][0] * sizes[i][1]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = height = own = 0
+    for i in order:
+        w, h = padded(sizes[i][0]), padded(sizes[i][1])
+        grown = max(width, w) * max(height, h) * (len(current) + 1)
+        if current and (len(current) == batch_size or grown > (1 + max_padding) * (own + w * h)):
+            batches.append(current)
+            current, width, height, own = [], 0, 0, 0
+        current.append(i)
+        width, height, own = max(width, w), max(height, h), own + w * h
+    if current:
+        batches.append(current)
+    return batches
+
+
+class PresizedTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform, except that an image already at the model's input size is
+    not interpolated again (an identity resize still costs milliseconds per image on a CPU)."""
+
+    @classmethod
+    def like(cls, transform: GeneralizedRCNNTransform) -> "PresizedTransform":
+        presized = cls(transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                       size_divisible=transform.size_divisible, fixed_size=transform.fixed_size)
+        return presized.train(transform.training)
+
+    def resize(self, image, target=None):
+        height, width = image.shape[-2:]
+        at_model_size = (width, height) == model_input_size(width, height, self.min_size[-1], self.max_size)
+        if at_model_size and target is None and not self.training and self.fixed_size is None:
+            return image, target
+        return super().resize(image, target)
+
+
+class PixelModel(torch.nn.Module):
+    """A torchvision detection model that takes CHW uint8 images on its device: pixels in, boxes out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        model.transform = PresizedTransform.like(model.transform)
+        self.model = model
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        # A multiplication by the reciprocal: CUDA computes a division by a scalar that way, so every
+        # device turns the same pixels into the same floats.
+        return self.model([image.float().mul_(1 / 255) for image in images])
+
+
+class Staged(NamedTuple):
+    """A model batch's images on the device, and the event its copy completes (CUDA only)."""
+
+    tensors: list[torch.Tensor]
+    copied: Optional[torch.cuda.Event] = None
+
+    def ready(self) -> list[torch.Tensor]:
+        """The tensors, safe to use on the current stream."""
+        if self.copied is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self.copied)
+            for tensor in self.tensors:
+                tensor.record_stream(stream)  # their memory is not reused before this stream is done
+        return self.tensors
+
+
+def to_device(images: Sequence[np.ndarray], device: torch.device, copy_stream: Optional[torch.cuda.Stream] = None) -> Staged:
+    """HWC uint8 images as CHW uint8 tensors on device.
+
+    On CUDA the images are packed into one pinned host buffer and copied in one non-blocking transfer
+    on copy_stream. On the CPU the tensors are views of the images: nothing is copied."""
+    if device.type != "cuda":
+        with warnings.catch_warnings():
+            # Decoded pixels are read-only views of Arrow buffers; the model only reads them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return Staged([torch.from_numpy(image).permute(2, 0, 1) for image in images])
     sizes = [image.size for image in images]
-    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-    offset = 0
-    staging = host.numpy()  # the same memory, written through numpy: the images may be read-only views
+    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+    staging, offset = host.numpy(), 0
     for image, size in zip(images, sizes):
         staging[offset : offset + size] = image.reshape(-1)
         offset += size
-    flat = host.to(device, non_blocking=pin)
+    copy_stream = copy_stream or torch.cuda.current_stream(device)
+    with torch.cuda.stream(copy_stream):
+        flat = host.to(device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(copy_stream)
     tensors, offset = [], 0
     for image, size in zip(images, sizes):
-        pixels = flat[offset : offset + size].view(image.shape)
-        tensors.append(pixels.permute(2, 0, 1).float().div_(255.0))
+        tensors.append(flat[offset : offset + size].view(image.shape).permute(2, 0, 1))
         offset += size
-    return tensors
+    return Staged(tensors, copied)
+
+
+def to_host(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
+    """Each image's boxes, scores (float32, also from half-precision outputs) and labels on the host, in
+    three copies for the whole batch."""
+    counts = [len(output["labels"]) for output in outputs]
+    flat = {
+        key: torch.cat([output[key] for output in outputs]).to("cpu", torch.float32 if key != "labels" else torch.int64).numpy()
+        for key in ("boxes", "scores", "labels")
+    }
+    splits = np.cumsum(counts)[:-1]
+    per_key = {key: np.split(values, splits) for key, values in flat.items()}
+    return [{key: per_key[key][i] for key in per_key} for i in range(len(outputs))]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -105,65 +210,101 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def pixel_views(batch: pa.Table, rows: Sequence[int]) -> list[np.ndarray]:
+    """The decoded pixels of the given rows as HWC uint8 arrays: read-only views, nothing copied."""
+    pixels, widths, heights = batch.column("pixels"), batch.column("pixel_width"), batch.column("pixel_height")
+    return [
+        np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(heights[i].as_py(), widths[i].as_py(), 3)
+        for i in rows
+    ]
+
+
+def result_rows(batch: pa.Table, rows: np.ndarray, found: list[dict[str, np.ndarray]], label_names: pa.Array) -> pa.Table:
+    """RESULT_SCHEMA rows for a decoded batch: the detections `found` in the images of `rows` (the
+    rest are error rows), their boxes scaled from model pixels to original pixels."""
+    counts = np.zeros(batch.num_rows, np.int32)
+    counts[rows] = [len(detections["labels"]) for detections in found]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    boxes = np.concatenate([d["boxes"] for d in found]) if found else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([d["scores"] for d in found]) if found else np.zeros(0, np.float32)
+    labels = np.concatenate([d["labels"] for d in found]) if found else np.zeros(0, np.int64)
+    # Model pixels to original pixels: each detection scaled by its image's original / model size.
+    size = {key: batch.column(key).to_numpy(zero_copy_only=False)[rows].astype(np.float64)
+            for key in ("width", "height", "pixel_width", "pixel_height")}
+    scale_x = (size["width"] / size["pixel_width"]).astype(np.float32)
+    scale_y = (size["height"] / size["pixel_height"]).astype(np.float32)
+    scale = np.repeat(np.stack([scale_x, scale_y, scale_x, scale_y], axis=1), counts[rows], axis=0)
+    boxes = (boxes * scale).astype(np.float32)
+    coordinates = pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * len(boxes) + 1, 4, dtype=np.int32)), pa.array(boxes.reshape(-1)))
+    columns = {
+        "path": batch.column("path"),
+        "width": batch.column("width"),
+        "height": batch.column("height"),
+        "boxes": pa.ListArray.from_arrays(offsets, coordinates),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        "label_names": pa.ListArray.from_arrays(offsets, label_names.take(pa.array(labels))),
+        "num_detections": pa.array(counts),
+        "error_kind": batch.column("error_kind"),
+        "error": batch.column("error"),
+    }
+    return pa.table(columns, schema=RESULT_SCHEMA)
+
+
 class Detector:
     """Built once per actor: loads the model, then detects objects in each batch it is called with.
 
     num_threads is the number of CPUs Ray reserved for the actor; torch uses that many threads.
-    precision "fp16" or "bf16" runs the model under autocast on the device (GPUs with tensor cores)."""
+    precision "fp16" or "bf16" runs the model under autocast on the device (GPUs with tensor cores).
+    batch_size is the most images per model call; a call of the actor holds several model batches,
+    which are grouped by shape."""
 
-    def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32"):
+    def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4):
         torch.set_num_threads(max(1, num_threads))
-        self.device = choose_device()
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
+        self.device = choose_device()
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        model, self.categories = build_model(spec)
+        self.spec, self.batch_size = spec, batch_size
+        model, self.categories = self.load_model(spec)
         self.model = model.to(self.device)
+        self.label_names = pa.array(self.categories, pa.string())
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
 
-    def forward(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        tensors = to_device(images, self.device, pin=self.device.type == "cuda")
+    def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
+        """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
+        benchmark's device stand-in replaces this."""
+        model, categories = build_model(spec)
+        return PixelModel(model), categories
+
+    def stage(self, images: list[np.ndarray]) -> Staged:
+        return to_device(images, self.device, self.copy_stream)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            outputs = self.model(tensors)
-        # Scores and boxes may come out in half precision under autocast: results are float32.
-        return [
-            {key: (value.float() if value.is_floating_point() else value).cpu().numpy() for key, value in output.items()}
-            for output in outputs
-        ]
+            outputs = self.model(images)
+        return to_host(outputs)
 
     @torch.inference_mode()
     def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Run the model on HWC uint8 images; returns boxes, scores and labels per image, on the CPU."""
+        """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image.
+        The next model batch is staged on the device while the current one runs."""
         if not images:
             return []
-        return self.runner(images)
+        sizes = [model_input_size(image.shape[1], image.shape[0], self.spec.min_size, self.spec.max_size) for image in images]
+        batches = shape_batches(sizes, self.batch_size)
+        found: list[dict[str, np.ndarray]] = [{}] * len(images)
+        staged = self.stager.submit(self.stage, [images[i] for i in batches[0]])
+        for number, indices in enumerate(batches):
+            tensors = staged.result().ready()
+            if number + 1 < len(batches):
+                staged = self.stager.submit(self.stage, [images[i] for i in batches[number + 1]])
+            for i, detections in zip(indices, self.runner(tensors)):
+                found[i] = detections
+        return found
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.drop_columns(["pixels"]).to_pydict()
-        pixels = batch.column("pixels")
-        ok = [i for i, kind in enumerate(rows["error_kind"]) if kind is None]
-        images = [
-            np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(rows["pixel_height"][i], rows["pixel_width"][i], 3)
-            for i in ok
-        ]
-        detections = dict(zip(ok, self.predict(images)))
-        result = {name: [] for name in RESULT_SCHEMA.names}
-        for i, path in enumerate(rows["path"]):
-            found = detections.get(i)
-            if found is None:
-                boxes, scores, labels = np.zeros((0, 4), np.float32), [], []
-            else:
-                model_size = (rows["pixel_width"][i], rows["pixel_height"][i])
-                boxes = scale_boxes(found["boxes"], model_size, (rows["width"][i], rows["height"][i]))
-                scores, labels = found["scores"].tolist(), found["labels"].tolist()
-            result["path"].append(path)
-            result["width"].append(rows["width"][i])
-            result["height"].append(rows["height"][i])
-            result["boxes"].append(boxes.tolist())
-            result["scores"].append(scores)
-            result["labels"].append(labels)
-            result["label_names"].append([self.categories[label] for label in labels])
-            result["num_detections"].append(len(labels))
-            result["error_kind"].append(rows["error_kind"][i])
-            result["error"].append(rows["error"][i])
-        return pa.table(result, schema=RESULT_SCHEMA)
+        rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
+        return result_rows(batch, rows, self.predict(pixel_views(batch, rows)), self.label_names)

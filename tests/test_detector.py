@@ -1,6 +1,7 @@
 """The detector UDF called directly on small batches, with a random-init model (no weights here)."""
 
 import logging
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +9,15 @@ import pytest
 import torch
 
 from app.decode import DECODED_SCHEMA
-from app.detector import Detector, SplittingRunner, choose_device, scale_boxes, to_device
+from app.detector import (
+    Detector,
+    PixelModel,
+    SplittingRunner,
+    choose_device,
+    result_rows,
+    shape_batches,
+    to_device,
+)
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.results import RESULT_SCHEMA
 
@@ -21,12 +30,63 @@ SPEC = ModelSpec(
 )
 
 
-def test_scale_boxes_maps_model_pixels_to_original_pixels():
-    # A 500x375 image resized to 1067x800 for the model: a box at model pixels maps back exactly.
-    boxes = np.array([[106.7, 80.0, 1067.0, 800.0], [0.0, 0.0, 10.67, 8.0]], dtype=np.float32)
-    mapped = scale_boxes(boxes, (1067, 800), (500, 375))
-    np.testing.assert_allclose(mapped, [[50.0, 37.5, 500.0, 375.0], [0.0, 0.0, 5.0, 3.75]], rtol=1e-6)
-    assert mapped.dtype == np.float32
+def test_result_rows_scale_boxes_to_original_pixels_and_keep_every_row():
+    """Hand-made detections for two images (500x375 shown to the model at 1066x800; 40x30 at 80x60)
+    and one error row between them."""
+    batch = pa.Table.from_pylist([
+        dict(path="a.jpg", width=500, height=375, pixels=b"", pixel_width=1066, pixel_height=800, error_kind=None, error=None),
+        dict(path="bad.jpg", width=None, height=None, pixels=None, pixel_width=None, pixel_height=None,
+             error_kind="corrupt_image", error="cannot decode"),
+        dict(path="b.jpg", width=40, height=30, pixels=b"", pixel_width=80, pixel_height=60, error_kind=None, error=None),
+    ], schema=DECODED_SCHEMA)
+    found = [
+        {"boxes": np.array([[106.6, 80.0, 1066.0, 800.0], [0.0, 0.0, 10.66, 8.0]], np.float32),
+         "scores": np.array([0.9, 0.25], np.float32), "labels": np.array([17, 1])},
+        {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64)},
+    ]
+    table = result_rows(batch, np.array([0, 2]), found, pa.array(["bg", "person"] + ["x"] * 15 + ["cat"]))
+    assert table.schema == RESULT_SCHEMA
+    rows = table.to_pylist()
+    np.testing.assert_allclose(rows[0]["boxes"], [[50.0, 37.5, 500.0, 375.0], [0.0, 0.0, 5.0, 3.75]], rtol=1e-6)
+    assert [row["scores"] for row in rows] == [[pytest.approx(0.9), pytest.approx(0.25)], [], []]
+    assert [row["labels"] for row in rows] == [[17, 1], [], []]
+    assert [row["label_names"] for row in rows] == [["cat", "person"], [], []]
+    assert [row["num_detections"] for row in rows] == [2, 0, 0]
+    assert [(row["path"], row["width"], row["error_kind"]) for row in rows] == [
+        ("a.jpg", 500, None), ("bad.jpg", None, "corrupt_image"), ("b.jpg", 40, None)]
+    assert [row["boxes"] for row in rows[1:]] == [[], []]
+
+
+# Model sizes of Pascal-VOC-like photos: 500x375 and 480x360 (1066x800), 375x500 (800x1066),
+# 500x333 (1201x800), 500x281 (1333x749).
+LANDSCAPE, PORTRAIT, WIDE, WIDEST = (1066, 800), (800, 1066), (1201, 800), (1333, 749)
+
+
+def test_shape_batches_keep_orientations_apart():
+    sizes = [LANDSCAPE, PORTRAIT, LANDSCAPE, PORTRAIT, LANDSCAPE, LANDSCAPE, PORTRAIT, LANDSCAPE]
+    assert shape_batches(sizes, 4) == [[1, 3, 6], [0, 2, 4, 5], [7]]
+
+
+def test_shape_batches_mix_close_shapes_within_the_padding_bound():
+    # 1088x800 and 1216x800 padded together: 1216*800*2 / (1088*800 + 1216*800) = 1.06, under 1.2.
+    assert shape_batches([WIDE, LANDSCAPE], 8) == [[1, 0]]
+    # 1088x800 images with a 1344x768 one pad to 1344x800: 1.18x their pixels with 3 of them, 1.198x
+    # with 5, 1.203x with 6, so the 1344x768 image goes alone.
+    assert shape_batches([LANDSCAPE] * 5 + [WIDEST], 8) == [[0, 1, 2, 3, 4, 5]]
+    assert shape_batches([LANDSCAPE] * 6 + [WIDEST], 8) == [[0, 1, 2, 3, 4, 5], [6]]
+
+
+def test_shape_batches_never_pad_more_than_the_bound():
+    rng = np.random.default_rng(5)
+    sizes = [tuple(int(v) for v in rng.integers(100, 1400, 2)) for _ in range(300)]
+    batches = shape_batches(sizes, 8)
+    assert sorted(i for batch in batches for i in batch) == list(range(300))
+    for batch in batches:
+        assert len(batch) <= 8
+        width = max(-(-sizes[i][0] // 32) * 32 for i in batch)
+        height = max(-(-sizes[i][1] // 32) * 32 for i in batch)
+        own = sum(-(-sizes[i][0] // 32) * 32 * -(-sizes[i][1] // 32) * 32 for i in batch)
+        assert width * height * len(batch) <= 1.2 * own
 
 
 def decoded_batch(images, errors=()):
@@ -44,7 +104,16 @@ def decoded_batch(images, errors=()):
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)
-    return Detector(SPEC, num_threads=2)
+    return Detector(SPEC, num_threads=2, batch_size=2)
+
+
+def reference_detections(images, spec=SPEC):
+    """The torchvision model called as a user would call it on float images (no app code in between),
+    one image at a time: in a batch, the padding to the largest image changes a model's detections."""
+    model, _ = build_model(spec)
+    with torch.inference_mode():
+        outputs = [model([torch.from_numpy(image).permute(2, 0, 1).float().mul(1 / 255)])[0] for image in images]
+    return [{key: value.numpy() for key, value in output.items()} for output in outputs]
 
 
 def test_detector_on_a_batch(detector):
@@ -55,12 +124,12 @@ def test_detector_on_a_batch(detector):
     rows = out.to_pylist()
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "bad2.jpg"]
     assert [(row["width"], row["height"]) for row in rows] == [(640, 480), (400, 640), (None, None)]
-    # Predictions computed straight from the model, scaled by 2 (the original is twice the model input).
-    expected = detector.predict(images)
-    for row, want in zip(rows, expected):
+    # The model called directly, boxes scaled by 2 (the original is twice the model input).
+    for row, want in zip(rows, reference_detections(images)):
         assert row["num_detections"] == len(want["labels"]) == len(row["boxes"]) == len(row["scores"])
         assert row["num_detections"] > 0  # threshold 0 keeps random-init detections
         np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * 2, rtol=1e-5)
+        np.testing.assert_allclose(row["scores"], want["scores"], rtol=1e-6)
         assert row["labels"] == want["labels"].tolist()
         assert row["label_names"] == [detector.categories[label] for label in row["labels"]]
         assert row["error"] is None
@@ -68,6 +137,34 @@ def test_detector_on_a_batch(detector):
     bad = rows[2]
     assert (bad["boxes"], bad["scores"], bad["labels"], bad["num_detections"]) == ([], [], [], 0)
     assert (bad["error_kind"], bad["error"]) == ("corrupt_image", "corrupt_image happened")
+
+
+def test_images_at_model_size_are_not_resized_again():
+    """426x320 is the 320-px model's own size for a 4:3 image; 100x100 is not and is resized by the model."""
+    model = PixelModel(build_model(SPEC)[0])
+    resized = []
+    original = type(model.model.transform).__mro__[1].resize
+
+    def recording(self, image, target=None):
+        resized.append(tuple(image.shape[-2:]))
+        return original(self, image, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.model.transform).__mro__[1], "resize", recording)
+        with torch.inference_mode():
+            model([torch.zeros(3, 320, 426, dtype=torch.uint8), torch.zeros(3, 100, 100, dtype=torch.uint8)])
+    assert resized == [(100, 100)]
+
+
+def test_every_image_of_a_mixed_call_gets_its_own_detections(detector):
+    """Portraits and landscapes go to the model in separate batches; each row still gets its image's result."""
+    rng = np.random.default_rng(1)
+    shapes = [(240, 320), (320, 240), (240, 320), (320, 240), (240, 320)]
+    images = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    rows = detector(decoded_batch(images)).to_pylist()
+    for row, want in zip(rows, reference_detections(images)):
+        np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * 2, rtol=1e-4, atol=1e-3)
+        assert row["labels"] == want["labels"].tolist()
 
 
 def test_batch_of_only_errors_skips_the_model(detector):
@@ -132,23 +229,40 @@ def test_default_weights_offline_fail_with_a_paragraph(monkeypatch, tmp_path):
 # pin=False (the CUDA-only test below runs the real thing where a GPU exists).
 
 
-def test_to_device_packs_uint8_and_converts_on_the_device():
+def test_to_device_on_the_cpu_views_the_pixels_as_chw():
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)]
     images[1].setflags(write=False)  # decoded pixels arrive as read-only views of Arrow buffers
-    tensors = to_device(images, torch.device("cpu"), pin=False)
+    staged = to_device(images, torch.device("cpu"))
+    tensors = staged.ready()
     assert [tuple(t.shape) for t in tensors] == [(3, 5, 7), (3, 2, 3)]
     for tensor, image in zip(tensors, images):
-        assert tensor.dtype == torch.float32
-        np.testing.assert_allclose(tensor.permute(1, 2, 0).numpy(), image / 255.0, rtol=1e-6)
+        assert tensor.dtype == torch.uint8
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), image)
+        assert tensor.data_ptr() == image.ctypes.data  # a view: nothing was copied
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_on_cuda_matches_the_cpu():
+    """Pixels packed into a pinned buffer, copied on a side stream, then used on the default stream."""
     images = [np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
-    on_gpu = to_device(images, torch.device("cuda"), pin=True)
-    on_cpu = to_device(images, torch.device("cpu"), pin=False)
+    on_gpu = to_device(images, torch.device("cuda"), torch.cuda.Stream()).ready()
+    on_cpu = to_device(images, torch.device("cpu")).ready()
     assert all(g.device.type == "cuda" and torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pixels_become_the_same_floats_on_cuda_and_cpu():
+    """CUDA divides by a scalar as a multiplication by its reciprocal, which differs from a true
+    division in the last bit for 126 of the 256 byte values; PixelModel multiplies on every device."""
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    seen = []
+    model = PixelModel(build_model(SPEC)[0])
+    model.model = lambda images: seen.append([image.cpu() for image in images]) or []
+    model([pixels])
+    model.cuda()([pixels.cuda()])
+    assert torch.equal(seen[0][0], seen[1][0])
+    assert torch.equal(seen[0][0], pixels.float().mul(1 / 255))
 
 
 class FakeOutOfMemoryModel:
@@ -243,22 +357,67 @@ class FakeDetectionModel(torch.nn.Module):
         ]
 
 
+class FakeModelDetector(Detector):
+    """A Detector whose model is a FakeDetectionModel (load_model is the seam the benchmark uses too)."""
+
+    fake: FakeDetectionModel
+
+    def load_model(self, spec):
+        return self.fake, build_model(spec)[1]
+
+
 @pytest.mark.parametrize("precision,autocast", [("fp32", False), ("bf16", True)])
-def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(monkeypatch, precision, autocast):
-    fake = FakeDetectionModel(fits=1)
-    categories = build_model(SPEC)[1]
-    monkeypatch.setattr("app.detector.build_model", lambda spec: (fake, categories))
-    detector = Detector(SPEC, num_threads=1, precision=precision)
-    images = [np.zeros((10, 20, 3), np.uint8), np.zeros((30, 40, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(precision, autocast):
+    FakeModelDetector.fake = fake = FakeDetectionModel(fits=1)
+    detector = FakeModelDetector(SPEC, num_threads=1, precision=precision)
+    # One shape family (4:3, 426x320 at model size), so one model batch, smallest image first.
+    images = [np.zeros((30, 40, 3), np.uint8), np.zeros((60, 80, 3), np.uint8), np.zeros((15, 20, 3), np.uint8)]
     rows = detector(decoded_batch(images, errors=["empty_file"])).to_pylist()
     assert fake.calls == [3, 1, 2, 1, 1]  # 3 fails → 1, then 2 fails → 1, 1
     assert {state for state in fake.autocast} == {(autocast, torch.bfloat16 if autocast else torch.get_autocast_dtype("cpu"))}
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "img2.jpg", "bad3.jpg"]
     # Boxes cover each original image (twice the decoded size), in float32 even from bf16 outputs.
-    assert [row["boxes"] for row in rows] == [[[0.0, 0.0, 40.0, 20.0]], [[0.0, 0.0, 80.0, 60.0]], [[0.0, 0.0, 16.0, 16.0]], []]
+    assert [row["boxes"] for row in rows] == [[[0.0, 0.0, 80.0, 60.0]], [[0.0, 0.0, 160.0, 120.0]], [[0.0, 0.0, 40.0, 30.0]], []]
     assert [row["scores"] for row in rows] == [[0.75], [0.75], [0.75], []]
     assert [row["label_names"] for row in rows] == [["cat"], ["cat"], ["cat"], []]
     assert rows[3]["error_kind"] == "empty_file"
+
+
+class HandshakeModel(torch.nn.Module):
+    """Stand-in model that cannot finish batch n until the staging of batch n + 1 has begun."""
+
+    def __init__(self, staging_started: list[threading.Event]):
+        super().__init__()
+        self.staging_started = staging_started
+        self.batches = 0
+
+    def forward(self, images):
+        number, self.batches = self.batches, self.batches + 1
+        if number + 1 < len(self.staging_started):
+            assert self.staging_started[number + 1].wait(timeout=10), f"batch {number + 1} was not staged during batch {number}"
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)} for _ in images]
+
+
+class HandshakeDetector(Detector):
+    """A Detector with a HandshakeModel: without the overlap, the first batch waits out its timeout and fails."""
+
+    def load_model(self, spec):
+        self.staging_started = [threading.Event() for _ in range(3)]
+        self.staged = 0
+        return HandshakeModel(self.staging_started), build_model(spec)[1]
+
+    def stage(self, images):
+        self.staging_started[self.staged].set()
+        self.staged += 1
+        return super().stage(images)
+
+
+def test_the_next_batch_is_staged_while_the_model_runs():
+    detector = HandshakeDetector(SPEC, num_threads=1, batch_size=2)
+    images = [np.zeros((30, 40, 3), np.uint8)] * 6  # three model batches of two
+    rows = detector(decoded_batch(images)).to_pylist()
+    assert (detector.model.batches, detector.staged) == (3, 3)
+    assert [row["num_detections"] for row in rows] == [0] * 6
 
 
 def test_unknown_precision_is_refused():
