@@ -57,8 +57,8 @@ class Precision(str, Enum):
 
 @dataclass
 class InferenceConfig:
-    # Images per model call.
-    batch_size: int = 4
+    # Images per model call; null = the model's default on the device the actors run on (see the README).
+    batch_size: Optional[int] = None
     # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
     num_gpus: str = "auto"
     # Detector actor-pool size: "auto" = one actor per GPU in the cluster; on CPU, as many as fit.

@@ -36,6 +36,17 @@ BLOCKS_PER_ACTOR = 4
 MAX_INPUT_BLOCKS = 500
 # torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
 MAX_CPU_THREADS_PER_ACTOR = 4
+# Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
+# heavy models gain nothing from batching; on a GPU batches keep it busy (measured: see the README).
+DEFAULT_BATCH_SIZES = {
+    "fasterrcnn_resnet50_fpn_v2": {"cpu": 1, "gpu": 8},
+    "fasterrcnn_resnet50_fpn": {"cpu": 1, "gpu": 8},
+    "fasterrcnn_mobilenet_v3_large_fpn": {"cpu": 2, "gpu": 16},
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"cpu": 4, "gpu": 32},
+}
+# Model batches per call of a detector actor, at most: the images of a call are grouped by shape
+# into model batches, and the more there are to choose from, the less a batch pads.
+MODEL_BATCHES_PER_CALL = 4
 # A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
 DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 
@@ -133,6 +144,10 @@ def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], lo
         num_actors = max(1, int(cluster_gpus // num_gpus))
     else:
         num_actors = max(1, sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes))
+    if num_gpus and num_actors * num_cpus <= cluster_cpus - 1:
+        # Decode tasks stop short of the CPUs the actors need, so that no actor waits for a CPU
+        # while decode tasks fill the node, and the device starts with the first decoded images.
+        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(cluster_cpus - num_actors * num_cpus))
     if num_actors * num_cpus > cluster_cpus - 1:
         # The actors take every CPU: decode tasks reserve none and run one per actor at a time, which
         # keeps the actors fed without a crowd of decode workers starting up beside them.
@@ -150,6 +165,19 @@ def files_per_block(num_files: int, num_actors: int, batch_size: int) -> int:
     return max(1, min(FILES_PER_DECODE_BATCH, balanced), math.ceil(num_files / MAX_INPUT_BLOCKS))
 
 
+def batch_size(cfg: AppConfig, resources: Resources) -> int:
+    """inference.batch_size, or the model's default on the device the actors run on."""
+    if cfg.inference.batch_size is not None:
+        return cfg.inference.batch_size
+    return DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if resources.num_gpus else "cpu"]
+
+
+def rows_per_call(block_rows: int, batch_size: int) -> int:
+    """Images per call of a detector actor: up to MODEL_BATCHES_PER_CALL model batches to group by shape,
+    but no more than a block, so that a small input still reaches every actor."""
+    return max(batch_size, min(MODEL_BATCHES_PER_CALL * batch_size, block_rows))
+
+
 def decoded_image_bytes(cfg: AppConfig) -> int:
     """Upper bound of one decoded image's pixels at model size; a 12 MP photo when not resizing."""
     if cfg.inference.resize_on_cpu:
@@ -161,7 +189,7 @@ def check_config(cfg: AppConfig) -> None:
     """Value checks the schema's types cannot express."""
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
-    if cfg.inference.batch_size < 1:
+    if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
     if cfg.output.rows_per_file < 1:
         raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
@@ -268,8 +296,9 @@ def connect_ray(cfg: AppConfig) -> bool:
     return True
 
 
-def run(cfg: AppConfig) -> Summary:
+def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
     """Run the batch job described by cfg, or resume it on an output.path that holds part of its results.
+    `detector` is the actor class of the detector stage (the benchmark passes one with a stand-in model).
 
     Raises ConfigError before any work when cfg is wrong, and TooManyErrors after everything is written
     when more than data.max_error_fraction of the images failed.
@@ -294,7 +323,6 @@ def run(cfg: AppConfig) -> Summary:
             log.warning("!" * 80)
             log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
             log.warning("!" * 80)
-        log.info("detector stage: %s", resources)
         resize = cfg.inference.resize_on_cpu
         decode_options = DecodeOptions(
             max_file_bytes=cfg.data.max_file_bytes,
@@ -302,7 +330,9 @@ def run(cfg: AppConfig) -> Summary:
             min_size=cfg.model.min_size if resize else None,
             max_size=cfg.model.max_size if resize else None,
         )
-        block_rows = files_per_block(todo.num_rows, resources.num_actors, cfg.inference.batch_size)
+        model_batch = batch_size(cfg, resources)
+        log.info("detector stage: %s, batch size %d", resources, model_batch)
+        block_rows = files_per_block(todo.num_rows, resources.num_actors, model_batch)
         images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
         decoded = images.map_batches(
             decode_images,
@@ -316,13 +346,14 @@ def run(cfg: AppConfig) -> Summary:
             memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg),
         )
         detected = decoded.map_batches(
-            Detector,
+            detector,
             batch_format="pyarrow",
-            batch_size=cfg.inference.batch_size,
+            batch_size=rows_per_call(block_rows, model_batch),
             fn_constructor_kwargs=dict(
                 spec=spec,
                 num_threads=int(max(1, resources.num_cpus_per_actor)),
                 precision=cfg.inference.precision.value,
+                batch_size=model_batch,
             ),
             # A CPU actor takes seconds per batch: it is handed its next block only when free, so that no
             # block waits in one actor's queue while another actor idles. A GPU actor gets its next block

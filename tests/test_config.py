@@ -9,7 +9,16 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from app.config import SAMPLES_DIR
-from app.pipeline import MAX_INPUT_BLOCKS, ConfigError, Resources, check_config, files_per_block, plan_resources
+from app.pipeline import (
+    MAX_INPUT_BLOCKS,
+    ConfigError,
+    Resources,
+    batch_size,
+    check_config,
+    files_per_block,
+    plan_resources,
+    rows_per_call,
+)
 from tests.conftest import compose_config
 
 CONF = Path(__file__).parent.parent / "app" / "conf"
@@ -48,7 +57,7 @@ def test_voc_animals_experiment_is_the_tutorial_setup():
     assert cfg.data.path == "s3://anonymous@air-example-data/AnimalDetection/JPEGImages"
     assert cfg.inference.num_actors == "4"
     assert cfg.inference.num_gpus == "1"
-    assert cfg.inference.batch_size == 4
+    assert cfg.inference.batch_size is None
     assert cfg.model.score_threshold == 0.9
 
 
@@ -119,15 +128,15 @@ def test_bad_values_fail_in_one_line(override, message):
         ({}, {"CPU": 2.0}, Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
         ({}, {"CPU": 6.0}, Resources(0.0, 2, 3.0, decode_cpus=0.0, decode_tasks=2)),
         ({}, {"CPU": 16.0}, Resources(0.0, 4, 4.0, decode_cpus=0.0, decode_tasks=4)),
-        ({}, {"CPU": 32.0, "GPU": 4.0}, Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)),
-        ({"num_gpus": "0.5"}, {"CPU": 32.0, "GPU": 2.0}, Resources(num_gpus=0.5, num_actors=4, num_cpus_per_actor=1.0)),
+        ({}, {"CPU": 32.0, "GPU": 4.0}, Resources(1.0, 4, 1.0, decode_tasks=28)),
+        ({"num_gpus": "0.5"}, {"CPU": 32.0, "GPU": 2.0}, Resources(0.5, 4, 1.0, decode_tasks=28)),
         # A CPU left over on a 9-CPU node: decode tasks reserve it.
         ({"num_gpus": "0"}, {"CPU": 9.0, "GPU": 2.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
         # A given number of actors shares the CPUs.
         ({"num_actors": "1"}, {"CPU": 2.0}, Resources(0.0, 1, 2.0, decode_cpus=0.0, decode_tasks=1)),
         ({"num_actors": "2"}, {"CPU": 9.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
         ({"num_actors": "2"}, {"CPU": 2.0}, Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
-        ({"num_cpus_per_actor": "3"}, {"CPU": 32.0, "GPU": 1.0}, Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=3.0)),
+        ({"num_cpus_per_actor": "3"}, {"CPU": 32.0, "GPU": 1.0}, Resources(1.0, 1, 3.0, decode_tasks=29)),
         ({"num_cpus_per_actor": "4", "num_gpus": "0"}, {"CPU": 10.0}, Resources(num_gpus=0.0, num_actors=2, num_cpus_per_actor=4.0)),
         # A GPU node with one CPU and no other node: the actor takes it, decode tasks must not wait for it.
         ({}, {"CPU": 1.0, "GPU": 1.0}, Resources(1.0, 1, 1.0, decode_cpus=0.0, decode_tasks=1)),
@@ -146,11 +155,12 @@ def test_plan_resources_fits_cpu_actors_on_nodes():
     # by the largest node, as many as fit on each.
     nodes = [{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}, {"CPU": 6.0}]
     assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=0.0, num_actors=5, num_cpus_per_actor=4.0)
+    # GPU actors take a CPU each; decode tasks may take the CPUs they leave, and no more.
     nodes = [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}]
-    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0)
+    assert plan_resources(cfg.inference, nodes) == Resources(1.0, 4, 1.0, decode_tasks=32)
     # The placement test's cluster: decode tasks keep a CPU each, which only the CPU node has left.
     nodes = [{"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}]
-    assert plan_resources(cfg.inference, nodes) == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
+    assert plan_resources(cfg.inference, nodes) == Resources(1.0, 1, 1.0, decode_tasks=2)
 
 
 def test_precision_is_checked_at_composition():
@@ -172,7 +182,7 @@ def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(monkeypat
     monkeypatch.setattr("app.pipeline.log.warning", lambda message, *args: warnings.append(message % args))
     cfg = compose_config(["inference=gpu"])
     resources = plan_resources(cfg.inference, [{"CPU": 8.0}], local=False)
-    assert resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0)
+    assert resources == Resources(1.0, 1, 1.0, decode_tasks=7)
     assert warnings == ["inference.num_gpus=1 but the Ray cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes"]
 
 
@@ -189,3 +199,31 @@ def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(monkeypat
 def test_files_per_block(files, actors, batch_size, expected):
     assert files_per_block(files, actors, batch_size) == expected
     assert math.ceil(files / expected) <= MAX_INPUT_BLOCKS
+
+
+@pytest.mark.parametrize(
+    "overrides,num_gpus,expected",
+    [
+        ([], 0.0, 1),  # the heavy default model gains nothing from batches on a CPU
+        ([], 1.0, 8),
+        (["model=fasterrcnn_mobilenet_v3_large_320_fpn"], 0.0, 4),
+        (["model=fasterrcnn_mobilenet_v3_large_320_fpn"], 0.5, 32),
+        (["model=fasterrcnn_mobilenet_v3_large_fpn"], 1.0, 16),
+        (["inference.batch_size=3"], 1.0, 3),  # a given batch size wins
+    ],
+)
+def test_batch_size_defaults_per_model_and_device(overrides, num_gpus, expected):
+    assert batch_size(compose_config(overrides), Resources(num_gpus, 1, 1.0)) == expected
+
+
+@pytest.mark.parametrize(
+    "block_rows,batch,expected",
+    [
+        (16, 1, 4),  # four model batches to group by shape
+        (16, 8, 16),  # two: a block holds no more
+        (2, 4, 4),  # never less than one model batch
+        (200, 32, 128),
+    ],
+)
+def test_rows_per_call(block_rows, batch, expected):
+    assert rows_per_call(block_rows, batch) == expected
