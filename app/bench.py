@@ -1,13 +1,25 @@
-"""Throughput and memory benchmark: `python -m app.bench [throughput] [memory] [listing] [all] [options]`.
+"""Throughput and memory benchmark: `python -m app.bench [SUITE ...] [options]`.
 
-throughput  For each model, on the same generated JPEGs and the same model settings, three ways:
-              bare      decode + forward in a plain loop in this process, torch on every core;
-              app       app.pipeline.run() end to end with its default CPU settings on a local Ray;
-              tutorial  Ray's tutorial pattern: read_images -> map(ToTensor + weights.transforms())
-                        -> map_batches(model class) on an actor pool, as written but for the GPU.
+throughput  For each model, on the same generated JPEGs (a Pascal-VOC-like mix of sizes and orientations)
+            and the same model settings, in these modes:
+              model       the model alone: images decoded and resized beforehand, pinned, batches in file
+                          order (not grouped by shape); copy in, forward, outputs out (GPU default);
+              bare@N      decode + forward in a plain loop in this process at batch size N, torch on every
+                          core; the best N stands for "bare" (CPU default, at batch sizes 1, 2 and 4);
+              dataloader  a PyTorch DataLoader whose worker processes decode, the model in this process
+                          (GPU default);
+              tutorial    Ray's tutorial pattern: read_images -> map(ToTensor + weights.transforms())
+                          -> map_batches(model class) on one actor (one GPU where there is one);
+              app         app.pipeline.run() end to end with its defaults on a local Ray.
             Each runs at two input counts; the marginal rate (extra images / extra seconds) cancels
             the fixed start-up cost (Ray, actors, model build), which is reported on its own along
-            with the time to the first result row.
+            with the time to the first result. --precisions fp32 fp16 repeats it all under autocast.
+standin     The app with a device stand-in in place of the model (it holds --stand-in-ms per image with
+            the GIL released, as a CUDA call does, and returns 5 boxes per image), on one actor planned
+            like a GPU actor, against the stand-in's own rate; and the detector's host time per image
+            with a zero-time stand-in. Measures the overlap of decoding, host work and device time on a
+            machine without a GPU.
+decode      Images/s one core decodes to the 800-px model size: VOC-sized JPEGs and 12 MP photos.
 memory      Peak memory of the app at two input counts (500 and 5,000 images by default).
 listing     Listing and planning many small files: app.pipeline.run() up to the start of execution.
 
@@ -19,6 +31,7 @@ Results go to a JSON file (benchmarks/results.json by default).
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,22 +42,31 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from app import pipeline
 from app.config import compose_config
-from app.model import ModelSpec, build_model
+from app.decode import DECODED_SCHEMA, DecodeOptions, decode, decode_images, model_input_size
+from app.detector import AUTOCAST_DTYPES, Detector
+from app.model import ModelSpec, build_model, coco_categories
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 # Input counts per model for the throughput runs (the smaller, the larger): the heavy model is ~100x slower.
 DEFAULT_COUNTS = {"fasterrcnn_mobilenet_v3_large_320_fpn": (40, 200), "fasterrcnn_resnet50_fpn_v2": (8, 16)}
-MODES = ("bare", "app", "tutorial")
+# Modes, in the order they run: on a CPU the bare loop stands for "what people write"; on a GPU also
+# the model alone and a DataLoader loop.
+CPU_MODES = ("bare", "tutorial", "app")
+GPU_MODES = ("model", "dataloader", "tutorial", "app")
+MODES = ("model", "bare", "dataloader", "tutorial", "app")
 SAMPLE_INTERVAL_S = 0.5
 
 log = logging.getLogger("app.bench")
@@ -53,13 +75,19 @@ log = logging.getLogger("app.bench")
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0) -> list[Path]:
-    """`count` distinct photo-like JPEGs (smooth colour fields, shapes, sensor noise) of width x height."""
+# Pascal VOC's common sizes, 3 landscape : 1 portrait as in VOC: the throughput runs cycle through them.
+VOC_LIKE_SIZES = ((500, 375), (500, 333), (375, 500), (480, 360), (500, 281), (500, 375), (333, 500), (500, 400))
+
+
+def write_jpegs(folder: Path, count: int, sizes, seed: int = 0) -> list[Path]:
+    """`count` distinct photo-like JPEGs (smooth colour fields, shapes, sensor noise), the i-th of
+    sizes[i % len(sizes)] (width, height)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     paths = []
     for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
         image = np.empty((height, width, 3), np.float32)
         for channel in range(3):
             (fx, fy), phase = rng.uniform(0.5, 4, 2) / np.array([width, height]), rng.uniform(0, 2 * np.pi)
@@ -89,7 +117,7 @@ def input_folder(base: Path, name: str, count: int, args) -> Path:
     pool = base / "_generated"
     have = sorted(pool.glob("*.jpg")) if pool.exists() else []
     if len(have) < count:
-        write_jpegs(pool, count, args.width, args.height, seed=args.seed)
+        write_jpegs(pool, count, args.sizes, seed=args.seed)
         have = sorted(pool.glob("*.jpg"))
     folder.mkdir(parents=True)
     for path in have[:count]:
@@ -144,6 +172,8 @@ class PeakMemory:
 
 # ---------------------------------------------------------------------------------------------- modes
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 @dataclass
 class Timing:
@@ -156,75 +186,156 @@ class Timing:
     detections: int
 
 
-def model_overrides(model: str, args) -> list[str]:
-    overrides = [f"model={model}", "model.weights=none", f"model.score_threshold={args.score_threshold}"]
+class Run(NamedTuple):
+    """What a mode reports: detections, seconds to its first result, and, for the modes that prepare
+    their inputs before the clock starts, the seconds timed (else the whole call is)."""
+
+    detections: int
+    first_result_s: Optional[float]
+    timed_s: Optional[float] = None
+
+
+def model_overrides(model: str, args, precision: str = "fp32") -> list[str]:
+    overrides = [f"model={model}", "model.weights=none", f"model.score_threshold={args.score_threshold}",
+                 f"model.max_detections={args.max_detections}", f"inference.precision={precision}"]
     if args.batch_size:
         overrides.append(f"inference.batch_size={args.batch_size}")
     return overrides
 
 
-def run_bare(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
-    """Decode and forward in one loop in this process, torch threads = every core."""
+def model_batch_size(cfg) -> int:
+    """The batch size the app would use on this machine's device."""
+    if cfg.inference.batch_size is not None:
+        return cfg.inference.batch_size
+    return pipeline.DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if DEVICE.type == "cuda" else "cpu"]
+
+
+def autocast(cfg):
+    dtype = AUTOCAST_DTYPES[cfg.inference.precision.value]
+    return torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None)
+
+
+def load_model(cfg) -> torch.nn.Module:
     torch.set_num_threads(os.cpu_count() or 1)
-    started = time.monotonic()
-    model, _ = build_model(pipeline.model_spec(cfg))
-    paths = sorted(folder.iterdir())
-    batch_size, detections, first = cfg.inference.batch_size, 0, None
-    with torch.inference_mode():
-        for start in range(0, len(paths), batch_size):
-            tensors = []
-            for path in paths[start : start + batch_size]:
-                with Image.open(path) as image:
-                    pixels = np.array(image.convert("RGB"))
-                tensors.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0))
-            outputs = model(tensors)
+    return build_model(pipeline.model_spec(cfg))[0].to(DEVICE)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def run_model(folder: Path, cfg, out: Path, batch_size: int) -> Run:
+    """The model alone: images decoded and resized to the model's size beforehand, in pinned memory;
+    batches in file order (not grouped by shape), copied to the device, outputs copied back."""
+    model = load_model(cfg)
+    options = DecodeOptions(10**9, 10**9, cfg.model.min_size, cfg.model.max_size)
+    images = [torch.from_numpy(np.array(decode(path.read_bytes(), options)[0])).permute(2, 0, 1) for path in sorted(folder.iterdir())]
+    if DEVICE.type == "cuda":
+        images = [image.contiguous().pin_memory() for image in images]
+    started, detections, first = time.monotonic(), 0, None
+    with torch.inference_mode(), autocast(cfg):
+        for start in range(0, len(images), batch_size):
+            inputs = [image.to(DEVICE, non_blocking=True).float().mul_(1 / 255) for image in images[start : start + batch_size]]
+            outputs = [{key: value.cpu() for key, value in output.items()} for output in model(inputs)]
             detections += sum(len(output["labels"]) for output in outputs)
             first = first if first is not None else time.monotonic() - started
-    return detections, first
+    return Run(detections, first, time.monotonic() - started)
 
 
-def run_app(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
+def run_bare(folder: Path, cfg, out: Path, batch_size: int) -> Run:
+    """Decode and forward in one loop in this process, torch threads = every core."""
+    started = time.monotonic()
+    model = load_model(cfg)
+    paths = sorted(folder.iterdir())
+    detections, first = 0, None
+    with torch.inference_mode(), autocast(cfg):
+        for start in range(0, len(paths), batch_size):
+            tensors = [torch.from_numpy(read_rgb(path)).to(DEVICE).permute(2, 0, 1).float().div_(255.0) for path in paths[start : start + batch_size]]
+            outputs = model(tensors)
+            detections += sum(len(output["labels"].cpu()) for output in outputs)
+            first = first if first is not None else time.monotonic() - started
+    return Run(detections, first)
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """What people write without Ray: a Dataset whose worker processes decode the files to tensors."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(read_rgb(self.paths[index]).copy()).permute(2, 0, 1)
+
+
+def run_dataloader(folder: Path, cfg, out: Path, batch_size: int) -> Run:
+    """A PyTorch DataLoader with a worker process per spare core, pinned batches, the model on the device."""
+    started = time.monotonic()
+    model = load_model(cfg)
+    loader = torch.utils.data.DataLoader(
+        DecodedImages(sorted(folder.iterdir())), batch_size=batch_size, num_workers=max(1, (os.cpu_count() or 2) - 1),
+        collate_fn=list, pin_memory=DEVICE.type == "cuda",
+    )
+    detections, first = 0, None
+    with torch.inference_mode(), autocast(cfg):
+        for batch in loader:
+            outputs = model([image.to(DEVICE, non_blocking=True).float().div_(255.0) for image in batch])
+            detections += sum(len(output["labels"].cpu()) for output in outputs)
+            first = first if first is not None else time.monotonic() - started
+    return Run(detections, first)
+
+
+def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detector] = Detector) -> Run:
     """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings.
-    ResultWriter is wrapped only to note when the first rows reach the driver."""
+    The time to the first result is when the first committed file appears in the output."""
     started = time.monotonic()
     first: list[float] = []
+    stop = threading.Event()
 
-    class TimedWriter(pipeline.ResultWriter):
-        def add(self, rows):
-            if not first:
+    def watch() -> None:
+        while not first:
+            if any(out.glob("part-*.parquet")):
                 first.append(time.monotonic() - started)
-            super().add(rows)
+            elif stop.wait(0.02):
+                return
 
-    original = pipeline.ResultWriter
-    pipeline.ResultWriter = TimedWriter
+    OmegaConf.update(cfg, "data.path", str(folder))
+    OmegaConf.update(cfg, "output.path", str(out))
+    OmegaConf.update(cfg, "output.commit_interval_s", 0.0)  # a file per arriving batch, to see the first
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        from omegaconf import OmegaConf
-
-        OmegaConf.update(cfg, "data.path", str(folder))
-        OmegaConf.update(cfg, "output.path", str(out))
-        summary = pipeline.run(cfg)
+        summary = pipeline.run(cfg, detector=detector)
     finally:
-        pipeline.ResultWriter = original
+        stop.set()
+        watcher.join()
         ray.shutdown()
-    return summary.detections, first[0] if first else None
+    if not first:  # the run ended between two looks
+        first.append(time.monotonic() - started)
+    return Run(summary.detections, first[0])
 
 
 class TutorialModel:
     """The tutorial's model class: built once per actor, called on batches of float CHW arrays."""
 
     def __init__(self, spec: ModelSpec):
-        self.model, _ = build_model(spec)
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        self.model = build_model(spec)[0].to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = [torch.from_numpy(image) for image in batch["image"]]
+        inputs = [torch.from_numpy(image).to(self.device) for image in batch["image"]]
         with torch.inference_mode():
             outputs = self.model(inputs)
         return {"num_detections": np.array([len(output["labels"]) for output in outputs])}
 
 
-def run_tutorial(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
+def run_tutorial(folder: Path, cfg, out: Path, batch_size: int) -> Run:
     """read_images -> map(ToTensor + weights.transforms()) -> map_batches(model class, actor pool of 1),
-    with Ray's defaults for everything else (one CPU per actor, so torch runs one thread)."""
+    with Ray's defaults for everything else (one CPU per actor, so torch runs one thread; one GPU
+    where there is one)."""
     from torchvision import transforms
     from torchvision.models import get_model_weights
 
@@ -239,7 +350,8 @@ def run_tutorial(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
             TutorialModel,
             fn_constructor_kwargs=dict(spec=pipeline.model_spec(cfg)),
             compute=ray.data.ActorPoolStrategy(size=1),
-            batch_size=cfg.inference.batch_size,
+            batch_size=batch_size,
+            num_gpus=1 if DEVICE.type == "cuda" else 0,
         )
         detections, first = 0, None
         for batch in detected.iter_batches(batch_size=None):
@@ -247,21 +359,24 @@ def run_tutorial(folder: Path, cfg, out: Path) -> tuple[int, Optional[float]]:
             first = first if first is not None else time.monotonic() - started
     finally:
         ray.shutdown()
-    return detections, first
+    return Run(detections, first)
 
 
-RUNNERS: dict[str, Callable] = {"bare": run_bare, "app": run_app, "tutorial": run_tutorial}
+RUNNERS: dict[str, Callable[..., Run]] = {
+    "model": run_model, "bare": run_bare, "dataloader": run_dataloader, "tutorial": run_tutorial, "app": run_app,
+}
 
 
-def timed(mode: str, folder: Path, cfg, out: Path, images: int) -> Timing:
+def timed(mode: str, run: Callable[[], Run], images: int) -> Timing:
     with PeakMemory() as memory:
         started = time.monotonic()
-        detections, first = RUNNERS[mode](folder, cfg, out)
-        seconds = time.monotonic() - started
+        result = run()
+        seconds = result.timed_s if result.timed_s is not None else time.monotonic() - started
+    first = result.first_result_s
     timing = Timing(mode, images, round(seconds, 3), round(first, 3) if first is not None else None,
-                    round(memory.peak_bytes / 2**20, 1), round(memory.peak_driver_bytes / 2**20, 1), detections)
-    log.info("%-8s %5d images in %8.2f s (first result after %s s), peak RSS %.0f MB, %d detections",
-             mode, images, seconds, timing.first_result_s, timing.peak_rss_mb, detections)
+                    round(memory.peak_bytes / 2**20, 1), round(memory.peak_driver_bytes / 2**20, 1), result.detections)
+    log.info("%-10s %5d images in %8.2f s (first result after %s s), peak RSS %.0f MB, %d detections",
+             mode, images, seconds, timing.first_result_s, timing.peak_rss_mb, result.detections)
     return timing
 
 
@@ -280,43 +395,181 @@ def marginal(small: Timing, large: Timing) -> dict:
 
 
 def warm_up(cfg) -> None:
-    """One forward pass in this process first, so the bare loop's first run does not pay for torch's
-    one-time initialisation that its second run would not (Ray's workers are fresh processes each time)."""
-    model, _ = build_model(pipeline.model_spec(cfg))
+    """One forward pass in this process first, so the in-process modes do not pay for torch's
+    one-time initialisation (Ray's workers are fresh processes each time)."""
+    model = load_model(cfg)
     with torch.inference_mode():
-        model([torch.rand(3, 64, 64)])
+        model([torch.rand(3, 64, 64, device=DEVICE)])
+
+
+def mode_names(args, batch_size: int) -> list[str]:
+    """The modes to run; the bare loop once per batch size in --bare-batch-sizes (as bare@N)."""
+    names = []
+    for mode in args.modes:
+        if mode == "bare":
+            names.extend(f"bare@{size}" for size in (args.bare_batch_sizes or [batch_size]))
+        else:
+            names.append(mode)
+    return names
+
+
+def ratios(rates: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
+    """The app's rate over every other mode's; the bare loop's best batch size stands for "bare"."""
+    bare = {mode: rate for mode, rate in rates.items() if mode.startswith("bare@") and rate}
+    others = {mode: rate for mode, rate in rates.items() if mode != "app" and not mode.startswith("bare@")}
+    if bare:
+        others["bare"] = max(bare.values())
+    app = rates.get("app")
+    return {f"app_over_{mode}": round(app / rate, 3) if app and rate else None for mode, rate in others.items()}
 
 
 def throughput(args, base: Path) -> dict:
     results = {}
     for model in args.models:
         counts = tuple(args.counts) if args.counts else DEFAULT_COUNTS.get(model, (8, 24))
-        cfg_overrides = model_overrides(model, args)
-        warm_up(compose_config(cfg_overrides))
         folders = {count: input_folder(base, f"{model}-{count}", count, args) for count in counts}
-        timings = {mode: [] for mode in args.modes}
-        # Interleaved, so that a slow spell of the machine does not land on one mode only.
-        for count in counts:
-            for mode in args.modes:
-                out = Path(tempfile.mkdtemp(dir=base, prefix=f"out-{mode}-"))
-                timings[mode].append(timed(mode, folders[count], compose_config(cfg_overrides), out, count))
-                shutil.rmtree(out, ignore_errors=True)
-                time.sleep(args.pause)  # the previous run's processes exit before the next starts
-        summary = {mode: marginal(*runs) for mode, runs in timings.items()}
-        rates = {mode: result["marginal_images_per_s"] for mode, result in summary.items()}
-        ratios = {
-            f"app_over_{other}": round(rates["app"] / rates[other], 3) if rates["app"] and rates[other] else None
-            for other in ("bare", "tutorial")
-            if "app" in rates and other in rates
-        }
-        results[model] = {
-            "counts": list(counts),
-            "batch_size": compose_config(cfg_overrides).inference.batch_size,
-            "modes": summary,
-            "ratios": ratios,
-            "runs": [asdict(t) for runs in timings.values() for t in runs],
-        }
+        for precision in args.precisions:
+            cfg_overrides = model_overrides(model, args, precision)
+            batch_size = model_batch_size(compose_config(cfg_overrides))
+            warm_up(compose_config(cfg_overrides))
+            modes = mode_names(args, batch_size)
+            timings = {mode: [] for mode in modes}
+            # Interleaved, so that a slow spell of the machine does not land on one mode only.
+            for count in counts:
+                for mode in modes:
+                    name, _, size = mode.partition("@")
+                    out = Path(tempfile.mkdtemp(dir=base, prefix=f"out-{name}-"))
+                    run = functools.partial(RUNNERS[name], folders[count], compose_config(cfg_overrides), out, int(size or batch_size))
+                    timings[mode].append(timed(mode, run, count))
+                    shutil.rmtree(out, ignore_errors=True)
+                    time.sleep(args.pause)  # the previous run's processes exit before the next starts
+            summary = {mode: marginal(*runs) for mode, runs in timings.items()}
+            results[model if precision == "fp32" else f"{model} {precision}"] = {
+                "counts": list(counts),
+                "batch_size": batch_size,
+                "precision": precision,
+                "device": str(DEVICE),
+                "modes": summary,
+                "ratios": ratios({mode: result["marginal_images_per_s"] for mode, result in summary.items()}),
+                "runs": [asdict(t) for runs in timings.values() for t in runs],
+            }
     return results
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+DECODE_CASES = {"500x375": [(500, 375)], "12 MP": [(4000, 3000)]}
+
+
+def decode_rate(args, base: Path) -> dict:
+    """Images/s one core decodes for the 800-px models (read, decode, resize: the app's decode stage),
+    on VOC-sized JPEGs and on 12 MP photos; and the same images decoded whole before the resize."""
+    cfg = compose_config(model_overrides("fasterrcnn_resnet50_fpn_v2", args))
+    options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size, cfg.model.max_size)
+    filesystem = pa.fs.LocalFileSystem()
+    results = {}
+    for name, sizes in DECODE_CASES.items():
+        count = 40 if sizes[0][0] < 1000 else 8
+        paths = write_jpegs(base / f"decode-{name.replace(' ', '')}", count, sizes, seed=args.seed)
+        table = pa.table({"path": [str(p) for p in paths], "size": [p.stat().st_size for p in paths]})
+        decode_images(table, filesystem=filesystem, uri_prefix="", options=options)  # warm the page cache
+        started = time.perf_counter()
+        decode_images(table, filesystem=filesystem, uri_prefix="", options=options)
+        rates = {"reduced": round(count / (time.perf_counter() - started), 1)}
+        started = time.perf_counter()
+        for path in paths:  # the same, decoded whole before the resize
+            with Image.open(path) as image:
+                size = model_input_size(*image.size, cfg.model.min_size, cfg.model.max_size)
+                image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        rates["full"] = round(count / (time.perf_counter() - started), 1)
+        results[name] = rates
+        log.info("decode %s: %s images/s per core", name, rates)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- stand-in
+
+STAND_IN_DETECTIONS = 5
+
+
+class StandInModel(torch.nn.Module):
+    """Stands in for a model on an accelerator: holds each batch for `seconds_per_image` per image with
+    the GIL released (as a CUDA call does while the device works) and returns STAND_IN_DETECTIONS
+    boxes per image, spread over it."""
+
+    def __init__(self, seconds_per_image: float):
+        super().__init__()
+        self.seconds_per_image = seconds_per_image
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if self.seconds_per_image:
+            time.sleep(self.seconds_per_image * len(images))
+        steps = torch.arange(STAND_IN_DETECTIONS, dtype=torch.float32) / STAND_IN_DETECTIONS
+        outputs = []
+        for image in images:
+            height, width = image.shape[-2:]
+            corners = torch.stack([steps * width, steps * height, (steps + 0.2) * width, (steps + 0.2) * height], dim=1)
+            outputs.append({"boxes": corners, "scores": 1 - steps / 2, "labels": torch.arange(1, STAND_IN_DETECTIONS + 1)})
+        return outputs
+
+
+def stand_in_detector(seconds_per_image: float) -> type[Detector]:
+    """The app's Detector with the stand-in in place of the model."""
+
+    class StandInDetector(Detector):
+        def load_model(self, spec: ModelSpec):
+            return StandInModel(seconds_per_image), coco_categories(spec.name)
+
+    return StandInDetector
+
+
+def detector_host_time(batches: int, images_per_batch: int, size=(1066, 800)) -> dict:
+    """The detector's own time per image with a zero-time stand-in: everything it does around the
+    model (pixel views, grouping, staging, results to rows) on decoded 800-px images."""
+    spec = ModelSpec("fasterrcnn_resnet50_fpn_v2", "none", 0.5, 800, 1333)
+    detector = stand_in_detector(0.0)(spec, num_threads=1, batch_size=8)
+    width, height = size
+    pixels = np.random.default_rng(0).integers(0, 256, width * height * 3, dtype=np.uint8).tobytes()
+    batch = pa.Table.from_pylist(
+        [dict(path=f"s3://bucket/images/{i:08d}.jpg", width=500, height=375, pixels=pixels, pixel_width=width,
+              pixel_height=height, error_kind=None, error=None) for i in range(images_per_batch)],
+        schema=DECODED_SCHEMA,
+    )
+    detector(batch)  # warm
+    started = time.perf_counter()
+    for _ in range(batches):
+        rows = detector(batch)
+    seconds = time.perf_counter() - started
+    assert rows.num_rows == images_per_batch and pc.sum(rows["num_detections"]).as_py() == images_per_batch * STAND_IN_DETECTIONS
+    return {"image_size": list(size), "detections_per_image": STAND_IN_DETECTIONS,
+            "ms_per_image": round(1000 * seconds / (batches * images_per_batch), 4)}
+
+
+def stand_in(args, base: Path) -> dict:
+    """The app with the stand-in at --stand-in-ms per image, one actor planned like a GPU actor (one
+    CPU, batch 8, the other CPUs decode), against the stand-in's own rate; and the detector's host time."""
+    model = "fasterrcnn_resnet50_fpn_v2"
+    counts = tuple(args.counts) if args.counts else (200, 1000)
+    overrides = [*model_overrides(model, args), "inference.num_actors=1", "inference.num_cpus_per_actor=1", "inference.batch_size=8"]
+    detector = stand_in_detector(args.stand_in_ms / 1000)
+    runs = []
+    for count in counts:
+        folder = input_folder(base, f"stand-in-{count}", count, args)
+        out = Path(tempfile.mkdtemp(dir=base, prefix="out-stand-in-"))
+        run = functools.partial(run_app, folder, compose_config(overrides), out, 8, detector)
+        runs.append(timed("app", run, count))
+        shutil.rmtree(out, ignore_errors=True)
+        time.sleep(args.pause)
+    result = marginal(*runs)
+    stand_in_rate = 1000 / args.stand_in_ms
+    return {
+        "ms_per_image": args.stand_in_ms,
+        "counts": list(counts),
+        "app": result,
+        "ratio": round(result["marginal_images_per_s"] / stand_in_rate, 3) if result["marginal_images_per_s"] else None,
+        "runs": [asdict(run) for run in runs],
+        "host_time": detector_host_time(batches=20, images_per_batch=32),
+    }
 
 
 def memory(args, base: Path) -> dict:
@@ -326,7 +579,8 @@ def memory(args, base: Path) -> dict:
     for count in args.memory_counts:
         folder = input_folder(base, f"memory-{count}", count, args)
         out = Path(tempfile.mkdtemp(dir=base, prefix="out-memory-"))
-        runs.append(timed("app", folder, compose_config(cfg_overrides), out, count))
+        run = functools.partial(run_app, folder, compose_config(cfg_overrides), out, 0)
+        runs.append(timed("app", run, count))
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     small, large = runs[0], runs[-1]
@@ -411,14 +665,26 @@ def report(results: dict) -> str:
     lines.append(f"machine: {info['cpus']} CPUs ({info['cpu_model']}), {info['memory_gb']} GB, "
                  f"load average at start {info['load_average_at_start'][0]}")
     for model, result in results.get("throughput", {}).items():
-        lines.append(f"{model}, batch {result['batch_size']}, runs of {' and '.join(map(str, result['counts']))} images:")
-        lines.append(f"  {'mode':<9} {'marginal img/s':>14} {'start-up s':>10} {'first result s':>14} {'peak RSS MB':>11} {'det/img':>7}")
+        lines.append(f"{model} on {result['device']}, batch {result['batch_size']}, runs of "
+                     f"{' and '.join(map(str, result['counts']))} images:")
+        lines.append(f"  {'mode':<10} {'marginal img/s':>14} {'start-up s':>10} {'first result s':>14} {'peak RSS MB':>11} {'det/img':>7}")
         for mode, m in result["modes"].items():
-            lines.append(f"  {mode:<9} {number(m['marginal_images_per_s'], 14, 3)} {number(m['startup_s'], 10, 1)} "
+            lines.append(f"  {mode:<10} {number(m['marginal_images_per_s'], 14, 3)} {number(m['startup_s'], 10, 1)} "
                          f"{number(m['first_result_s'], 14, 1)} {number(m['peak_rss_mb'], 11, 0)} "
                          f"{number(m['detections_per_image'], 7, 1)}")
         ratios = ", ".join(f"{name.replace('_over_', '/')} = {number(value, 0, 2)}" for name, value in result["ratios"].items())
         lines.append(f"  marginal ratios: {ratios}")
+    if "standin" in results:
+        standin, app = results["standin"], results["standin"]["app"]
+        lines.append(f"device stand-in at {standin['ms_per_image']} ms/image ({1000 / standin['ms_per_image']:.1f} images/s), "
+                     f"app with one actor, runs of {' and '.join(map(str, standin['counts']))} images: "
+                     f"{number(app['marginal_images_per_s'], 0, 2)} images/s marginal, ratio {number(standin['ratio'], 0, 3)}")
+        host = standin["host_time"]
+        lines.append(f"detector host time, zero-time stand-in, {host['image_size'][0]}x{host['image_size'][1]} images with "
+                     f"{host['detections_per_image']} detections: {host['ms_per_image']:.3f} ms/image")
+    for name, rates in results.get("decode", {}).items():
+        lines.append(f"decode {name} JPEGs to 800 px, one core: {rates['reduced']:.1f} images/s "
+                     f"({rates['full']:.1f} decoding them at full size)")
     if "memory" in results:
         mem = results["memory"]
         runs = ", ".join(f"{r['images']} images: {r['peak_rss_mb']:.0f} MB in {r['seconds']:.0f} s" for r in mem["runs"])
@@ -429,19 +695,39 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+SUITES = ("throughput", "standin", "decode", "memory", "listing")
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
+    return width, height
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suites", nargs="*", metavar="SUITE", help="throughput (default), memory, listing or all")
+    parser.add_argument("suites", nargs="*", metavar="SUITE",
+                        help="throughput (default), standin, memory, listing or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(AUTOCAST_DTYPES),
+                        help="inference.precision values to run every mode at (fp16/bf16: autocast)")
+    parser.add_argument("--bare-batch-sizes", nargs="+", type=int,
+                        help="batch sizes of the bare loop; the best stands for it (default on a CPU: 1 2 4)")
     parser.add_argument("--counts", nargs=2, type=int, help="the two input counts (default: per model)")
-    parser.add_argument("--width", type=int, default=500, help="width of generated images")
-    parser.add_argument("--height", type=int, default=375, help="height of generated images")
+    parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(VOC_LIKE_SIZES), metavar="WxH",
+                        help="sizes of generated images, in turn (default: a Pascal-VOC-like mix, 3 landscape : 1 portrait)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", help="a folder of JPEG/PNG images to use instead of generated ones")
-    parser.add_argument("--batch-size", type=int, help="inference.batch_size (default: the app's)")
+    parser.add_argument("--batch-size", type=int, help="inference.batch_size (default: the app's for the model and device)")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="model.score_threshold, the same in every mode (default: the app's 0.5)")
+    parser.add_argument("--max-detections", type=int, default=5,
+                        help="model.max_detections, the same in every mode: random weights detect 100 per image or none")
+    parser.add_argument("--stand-in-ms", type=float, default=10.0, help="the device stand-in's milliseconds per image")
     parser.add_argument("--memory-model", default="fasterrcnn_mobilenet_v3_large_320_fpn")
     parser.add_argument("--memory-counts", nargs=2, type=int, default=[500, 5000])
     parser.add_argument("--listing-files", type=int, default=100_000)
@@ -450,9 +736,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON result file")
     args = parser.parse_args(argv)
     args.suites = args.suites or ["throughput"]
-    unknown = set(args.suites) - {"throughput", "memory", "listing", "all"}
+    unknown = set(args.suites) - {*SUITES, "all"}
     if unknown:
-        parser.error(f"unknown suite {', '.join(sorted(unknown))}: choose throughput, memory, listing or all")
+        parser.error(f"unknown suite {', '.join(sorted(unknown))}: choose {', '.join(SUITES)} or all")
+    if args.modes is None:
+        args.modes = list(GPU_MODES if DEVICE.type == "cuda" else CPU_MODES)
+    if args.bare_batch_sizes is None and DEVICE.type == "cpu":
+        args.bare_batch_sizes = [1, 2, 4]
     if args.counts and args.counts[0] >= args.counts[1]:
         parser.error("--counts: the second count must be larger")
     return args
@@ -468,9 +758,13 @@ def main(argv=None) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "command": "python -m app.bench " + " ".join(argv or [])}
     try:
-        suites = {"throughput", "memory", "listing"} if "all" in args.suites else set(args.suites)
+        suites = set(SUITES) if "all" in args.suites else set(args.suites)
         if "throughput" in suites:
             results["throughput"] = throughput(args, base)
+        if "standin" in suites:
+            results["standin"] = stand_in(args, base)
+        if "decode" in suites:
+            results["decode"] = decode_rate(args, base)
         if "memory" in suites:
             results["memory"] = memory(args, base)
         if "listing" in suites:

@@ -39,6 +39,8 @@ class ModelConfig:
     weights: str = "DEFAULT"
     # Detections scoring below this are dropped.
     score_threshold: float = 0.5
+    # Detections kept per image, at most: the highest-scoring ones.
+    max_detections: int = 100
     # Model input size: the shorter side is scaled to min_size unless the longer would exceed max_size.
     min_size: int = 800
     max_size: int = 1333

@@ -39,6 +39,7 @@ class ModelSpec:
     score_threshold: float
     min_size: int
     max_size: int
+    max_detections: int = 100
     num_classes: Optional[int] = None
     class_names: Optional[tuple[str, ...]] = None
     # Why the weights differ from what was asked for (the demo's random-init fallback), else None.
@@ -108,7 +109,8 @@ def load_checkpoint(uri: str) -> dict:
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
     """The model in eval mode, on CPU, and its label names (index = label id)."""
-    options = dict(box_score_thresh=spec.score_threshold, min_size=spec.min_size, max_size=spec.max_size)
+    options = dict(box_score_thresh=spec.score_threshold, box_detections_per_img=spec.max_detections,
+                   min_size=spec.min_size, max_size=spec.max_size)
     if spec.weights == PRETRAINED:
         model = get_model(spec.name, weights=PRETRAINED, **options)
         return model.eval(), coco_categories(spec.name)

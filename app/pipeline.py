@@ -195,6 +195,8 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
     if not 0 <= cfg.data.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
+    if cfg.model.max_detections < 1:
+        raise ConfigError(f"model.max_detections={cfg.model.max_detections} must be at least 1")
     if not 0 <= cfg.model.score_threshold <= 1:
         raise ConfigError(f"model.score_threshold={cfg.model.score_threshold} must be between 0 and 1")
     for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
@@ -270,6 +272,7 @@ def model_spec(cfg: AppConfig) -> ModelSpec:
         name=cfg.model.name,
         weights=str(cfg.model.weights),
         score_threshold=cfg.model.score_threshold,
+        max_detections=cfg.model.max_detections,
         min_size=cfg.model.min_size,
         max_size=cfg.model.max_size,
         num_classes=cfg.model.num_classes,

@@ -2,8 +2,10 @@
 run by hand: `python -m app.bench`). One local Ray serves every mode here, to keep the test short."""
 
 import json
+import time
 
 import pytest
+import torch
 
 from app import bench
 from app.config import compose_config
@@ -19,45 +21,86 @@ def test_marginal_rate_cancels_the_fixed_cost():
     }
 
 
-def test_generated_images_are_distinct_jpegs(tmp_path):
-    paths = bench.write_jpegs(tmp_path, 3, 50, 40)
+def test_generated_images_are_distinct_jpegs_of_the_sizes_in_turn(tmp_path):
+    paths = bench.write_jpegs(tmp_path, 3, [(50, 40), (30, 60)])
     assert [p.name for p in paths] == ["img_000000.jpg", "img_000001.jpg", "img_000002.jpg"]
     assert len({p.read_bytes() for p in paths}) == 3
     from PIL import Image
 
-    assert {Image.open(p).size for p in paths} == {(50, 40)}
+    assert [Image.open(p).size for p in paths] == [(50, 40), (30, 60), (50, 40)]
+
+
+def test_default_sizes_mix_orientations_like_pascal_voc():
+    landscape = [size for size in bench.VOC_LIKE_SIZES if size[0] > size[1]]
+    assert (len(landscape), len(bench.VOC_LIKE_SIZES)) == (6, 8)
+
+
+def test_ratios_take_the_best_bare_batch_size():
+    rates = {"bare@1": 2.0, "bare@2": 2.5, "bare@4": 1.5, "tutorial": 1.0, "app": 2.25}
+    assert bench.ratios(rates) == {"app_over_tutorial": 2.25, "app_over_bare": 0.9}
 
 
 def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
     monkeypatch.setattr(bench.ray, "shutdown", lambda: None)  # keep the shared test Ray for every run
     out = tmp_path / "results.json"
     results = bench.main([
-        "throughput", "--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--modes", "bare", "app", "--counts", "1", "2",
-        "--width", "64", "--height", "48", "--score-threshold", "0", "--pause", "0", "--out", str(out),
+        "throughput", "--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--modes", "model", "bare", "dataloader", "app",
+        "--bare-batch-sizes", "1", "2", "--counts", "1", "2", "--sizes", "64x48", "48x64", "--score-threshold", "0",
+        "--pause", "0", "--out", str(out),
     ])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     result = results["throughput"]["fasterrcnn_mobilenet_v3_large_320_fpn"]
-    assert result["counts"] == [1, 2] and result["batch_size"] == 4
-    assert [(run["mode"], run["images"]) for run in result["runs"]] == [("bare", 1), ("bare", 2), ("app", 1), ("app", 2)]
-    # The same model on the same images: the same detections (threshold 0 keeps random-init ones).
-    assert len({run["detections"] for run in result["runs"] if run["images"] == 2}) == 1
-    assert result["runs"][1]["detections"] > 0
-    assert list(result["ratios"]) == ["app_over_bare"]
+    assert (result["counts"], result["batch_size"], result["device"]) == ([1, 2], 4, "cpu")
+    modes = ["model", "bare@1", "bare@2", "dataloader", "app"]
+    assert [(run["mode"], run["images"]) for run in result["runs"]] == [(mode, n) for mode in modes for n in (1, 2)]
+    # The same model on the same images: --max-detections (5) each; threshold 0 keeps random-init ones.
+    assert {run["detections"] for run in result["runs"]} == {5, 10}
+    assert list(result["ratios"]) == ["app_over_model", "app_over_dataloader", "app_over_bare"]
     assert all(run["peak_rss_mb"] > 0 and run["first_result_s"] > 0 for run in result["runs"])
-    assert "marginal ratios: app/bare = " in results["report"]
+    assert "marginal ratios: app/model = " in results["report"]
 
     listed = bench.main(["listing", "--listing-files", "40", "--out", ""])
     assert listed["listing"]["files"] == 40
     assert listed["report"].splitlines()[-1].startswith("listing and planning 40 files: ")
 
 
+def test_stand_in_suite(local_ray, monkeypatch, tmp_path):
+    """The app with the device stand-in at 20 ms per image: one actor, batch 8; then the host time."""
+    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
+    results = bench.main(["standin", "--counts", "8", "24", "--stand-in-ms", "20", "--pause", "0", "--out", ""])
+    standin = results["standin"]
+    assert [(run["images"], run["detections"]) for run in standin["runs"]] == [(8, 40), (24, 120)]
+    assert standin["ratio"] == round(standin["app"]["marginal_images_per_s"] / 50, 3)
+    assert standin["ratio"] > 0  # (at these counts start-up noise swamps the rate; the real run uses 200 and 1000)
+    assert standin["host_time"]["image_size"] == [1066, 800] and standin["host_time"]["ms_per_image"] > 0
+    assert results["report"].splitlines()[1].startswith("device stand-in at 20.0 ms/image (50.0 images/s), app with one actor")
+
+
+def test_decode_suite(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "DECODE_CASES", {"small": [(200, 150)], "large": [(1600, 1200)]})
+    results = bench.main(["decode", "--workdir", str(tmp_path), "--out", ""])
+    assert list(results["decode"]) == ["small", "large"]
+    assert all(rates["reduced"] > 0 and rates["full"] > 0 for rates in results["decode"].values())
+    assert results["report"].splitlines()[1].startswith("decode small JPEGs to 800 px, one core: ")
+
+
+def test_stand_in_model_holds_the_time_and_returns_boxes_inside_each_image():
+    model = bench.StandInModel(0.05)
+    started = time.monotonic()
+    outputs = model([torch.zeros(3, 100, 200, dtype=torch.uint8), torch.zeros(3, 50, 40, dtype=torch.uint8)])
+    assert time.monotonic() - started >= 0.1
+    assert [len(output["labels"]) for output in outputs] == [5, 5]
+    assert outputs[0]["boxes"][-1].tolist() == [160.0, 80.0, 200.0, 100.0]
+    assert outputs[1]["boxes"][0].tolist() == [0.0, 0.0, 8.0, 10.0]
+
+
 def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path):
     monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
     folder = tmp_path / "in"
-    bench.write_jpegs(folder, 3, 64, 48)
+    bench.write_jpegs(folder, 3, [(64, 48)])
     cfg = compose_config(["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0"])
-    detections, first = bench.run_tutorial(folder, cfg, tmp_path / "out")
-    assert detections == bench.run_bare(folder, cfg, tmp_path / "out")[0] > 0
+    detections, first, _ = bench.run_tutorial(folder, cfg, tmp_path / "out", 4)
+    assert detections == bench.run_bare(folder, cfg, tmp_path / "out", 4).detections > 0
     assert first > 0
 
 
@@ -65,22 +108,31 @@ def test_report_of_every_suite():
     mode = {"marginal_images_per_s": 2.0, "startup_s": None, "first_result_s": 3.0, "peak_rss_mb": 900.0, "detections_per_image": 0.0}
     results = {
         "machine": {"cpus": 2, "cpu_model": "CPU", "memory_gb": 24.0, "load_average_at_start": [0.1, 0.2, 0.3]},
-        "throughput": {"m": {"batch_size": 4, "counts": [1, 2], "modes": {"app": mode}, "ratios": {"app_over_bare": None}}},
+        "throughput": {"m": {"batch_size": 4, "device": "cpu", "counts": [1, 2], "modes": {"app": mode}, "ratios": {"app_over_bare": None}}},
         "memory": {"model": "m", "runs": [{"images": 5, "peak_rss_mb": 100.0, "seconds": 9.0}], "peak_ratio": 1.0},
         "listing": {"files": 7, "seconds": 0.5},
     }
     assert bench.report(results).splitlines() == [
         "machine: 2 CPUs (CPU), 24.0 GB, load average at start 0.1",
-        "m, batch 4, runs of 1 and 2 images:",
-        "  mode      marginal img/s start-up s first result s peak RSS MB det/img",
-        "  app                2.000        n/a            3.0         900     0.0",
+        "m on cpu, batch 4, runs of 1 and 2 images:",
+        "  mode       marginal img/s start-up s first result s peak RSS MB det/img",
+        "  app                 2.000        n/a            3.0         900     0.0",
         "  marginal ratios: app/bare = n/a",
         "memory (m, app): peak RSS 5 images: 100 MB in 9 s; ratio 1.00",
         "listing and planning 7 files: 0.5 s",
     ]
 
 
-@pytest.mark.parametrize("argv", [["--counts", "5", "5"], ["nonsense"]])
-def test_bad_arguments_stop(argv):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--counts", "5", "5"], "--counts: the second count must be larger"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, memory, listing or all"),
+        (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
+    ],
+)
+def test_bad_arguments_stop(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")

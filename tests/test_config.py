@@ -107,6 +107,7 @@ def test_unknown_model_option_fails():
         ("model.name=maskrcnn", "model.name='maskrcnn' is not one of fasterrcnn_resnet50_fpn_v2, "),
         ("inference.num_gpus=some", "inference.num_gpus='some' must be 'auto' or a number"),
         ("inference.num_actors=0", "inference.num_actors='0' must be at least 1"),
+        ("model.max_detections=0", "model.max_detections=0 must be at least 1"),
         ("model.score_threshold=1.5", "model.score_threshold=1.5 must be between 0 and 1"),
         ("data.max_error_fraction=2", "data.max_error_fraction=2.0 must be between 0 and 1"),
         ("output.rows_per_file=0", "output.rows_per_file=0 must be at least 1"),

@@ -217,5 +217,5 @@ def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, mo
     assert (settings["model.weights"], settings["model.name"], settings["model.min_size"]) == ("none", cfg.model.name, 320)
     assert sorted(settings) == [
         "data.max_file_bytes", "data.max_image_pixels", "data.path", "inference.precision", "inference.resize_on_cpu", "model.class_names",
-        "model.max_size", "model.min_size", "model.name", "model.num_classes", "model.score_threshold", "model.weights",
+        "model.max_detections", "model.max_size", "model.min_size", "model.name", "model.num_classes", "model.score_threshold", "model.weights",
     ]
