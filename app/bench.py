@@ -304,7 +304,7 @@ def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detect
 
     OmegaConf.update(cfg, "data.path", str(folder))
     OmegaConf.update(cfg, "output.path", str(out))
-    OmegaConf.update(cfg, "output.commit_interval_s", 0.0)  # a file per arriving batch, to see the first
+    OmegaConf.update(cfg, "output.commit_interval_s", 1.0)  # a file a second: the first result is seen to within 1 s
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:

@@ -211,12 +211,18 @@ def release_cuda_memory() -> None:
 
 
 def pixel_views(batch: pa.Table, rows: Sequence[int]) -> list[np.ndarray]:
-    """The decoded pixels of the given rows as HWC uint8 arrays: read-only views, nothing copied."""
-    pixels, widths, heights = batch.column("pixels"), batch.column("pixel_width"), batch.column("pixel_height")
-    return [
-        np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(heights[i].as_py(), widths[i].as_py(), 3)
-        for i in rows
-    ]
+    """The decoded pixels of the given rows as HWC uint8 arrays: read-only views of the Arrow buffers,
+    nothing copied."""
+    starts, data = [], []
+    for chunk in batch.column("pixels").chunks:
+        _, offsets, values = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        values = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
+        starts.extend(zip(offsets[:-1], offsets[1:]))
+        data.extend([values] * len(chunk))
+    widths = batch.column("pixel_width").to_numpy(zero_copy_only=False)
+    heights = batch.column("pixel_height").to_numpy(zero_copy_only=False)
+    return [data[i][starts[i][0] : starts[i][1]].reshape(int(heights[i]), int(widths[i]), 3) for i in rows]
 
 
 def result_rows(batch: pa.Table, rows: np.ndarray, found: list[dict[str, np.ndarray]], label_names: pa.Array) -> pa.Table:

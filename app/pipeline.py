@@ -359,10 +359,12 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
                 batch_size=model_batch,
             ),
             # A CPU actor takes seconds per batch: it is handed its next block only when free, so that no
-            # block waits in one actor's queue while another actor idles. A GPU actor gets its next block
-            # while it computes, to have it at hand.
+            # block waits in one actor's queue while another actor idles. A GPU actor (or a lone actor,
+            # whose queue nothing else could take from) gets its next block while it computes, to have it
+            # at hand.
             compute=ray.data.ActorPoolStrategy(
-                size=resources.num_actors, max_tasks_in_flight_per_actor=2 if resources.num_gpus else 1
+                size=resources.num_actors,
+                max_tasks_in_flight_per_actor=2 if resources.num_gpus or resources.num_actors == 1 else 1,
             ),
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus_per_actor,
