@@ -222,7 +222,7 @@ def load_model(cfg) -> torch.nn.Module:
 
 def read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
 
 
 def run_model(folder: Path, cfg, out: Path, batch_size: int) -> Run:
