@@ -115,7 +115,7 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
         if options.min_size is not None and options.max_size is not None:
             size = model_input_size(width, height, options.min_size, options.max_size)
             # A JPEG much larger than the model's size is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling),
-            # never below that size: a 12 MP photo costs a quarter of its full decode or less.
+            # never below that size: a 12 MP photo decodes a quarter of its pixels or fewer.
             stored = size if (width, height) == image.size else size[::-1]
             image.draft(None, stored)
         image = to_rgb(ImageOps.exif_transpose(image))

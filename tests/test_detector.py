@@ -225,8 +225,9 @@ def test_default_weights_offline_fail_with_a_paragraph(monkeypatch, tmp_path):
 
 
 # The GPU path's logic, run on the CPU. No GPU exists on the machines these tests run on, so CUDA's
-# out-of-memory error is raised by stand-in models, and the pinned, non-blocking copy is run with
-# pin=False (the CUDA-only test below runs the real thing where a GPU exists).
+# out-of-memory error is raised by stand-in models, and the staging overlap is shown with a stand-in
+# model; the pinned copy on a copy stream runs only in the CUDA-only tests below, where a GPU exists
+# (scripts/gpu-check.sh).
 
 
 def test_to_device_on_the_cpu_views_the_pixels_as_chw():
