@@ -19,6 +19,9 @@ def print_summary(summary: Summary) -> None:
         f"{summary.wall_seconds:.1f} s ({summary.images_per_second:.2f} images/s)\n"
         f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
     )
+    if summary.detector_actors:
+        print(f"ray-detect: detector actors used: {summary.detector_actors}, on {summary.detector_nodes} node(s), "
+              f"holding {summary.detector_gpus:g} GPU(s)")
     for warning in summary.warnings:
         log.warning(warning)
 

@@ -65,6 +65,9 @@ class InferenceConfig:
     num_gpus: str = "auto"
     # Detector actor-pool size: "auto" = one actor per GPU in the cluster; on CPU, as many as fit.
     num_actors: str = "auto"
+    # Detector actors, at most, when num_actors is "auto": leaves part of a shared cluster to others.
+    # null = as many as the cluster has, or may grow to (RAY_DETECT_MAX_GPUS / RAY_DETECT_MAX_CPUS).
+    max_actors: Optional[int] = None
     # CPUs each detector actor reserves (= torch threads): "auto" = 1 with a GPU; on CPU, half of the
     # largest node's CPUs, at most 4 (a 2-core node runs two 1-thread actors), or with num_actors set,
     # the cluster's CPUs shared among them.

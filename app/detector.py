@@ -37,6 +37,17 @@ AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_BATCH_PADDING = 0.2
 # torchvision's detection transform pads a batch's height and width up to multiples of this.
 SIZE_DIVISIBLE = 32
+# A column of the detector's output beside the result rows: "<node id>/<actor id>/<device>" of the actor
+# that made them. The driver counts the actors a run used, then drops it before committing the rows.
+WORKER_COLUMN = "_worker"
+
+
+def worker_name(device: torch.device) -> str:
+    """This actor's node, its id and its device, as WORKER_COLUMN holds them."""
+    if not ray.is_initialized():
+        return f"local/{id(device)}/{device.type}"
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()}/{context.get_actor_id()}/{device.type}"
 
 
 def choose_device() -> torch.device:
@@ -278,6 +289,7 @@ class Detector:
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
+        self.worker = worker_name(self.device)
 
     def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
@@ -313,4 +325,5 @@ class Detector:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
-        return result_rows(batch, rows, self.predict(pixel_views(batch, rows)), self.label_names)
+        table = result_rows(batch, rows, self.predict(pixel_views(batch, rows)), self.label_names)
+        return table.append_column(WORKER_COLUMN, pa.array([self.worker] * table.num_rows, pa.string()))

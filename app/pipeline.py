@@ -21,7 +21,7 @@ import app
 from app import storage
 from app.config import SAMPLES_DIR, AppConfig, InferenceConfig
 from app.decode import DecodeOptions, decode_images
-from app.detector import Detector
+from app.detector import WORKER_COLUMN, Detector
 from app.model import MODEL_NAMES, ModelSpec, WeightsError, resolve_weights
 from app.results import MANIFEST_NAME, SETTINGS_NAME, STAGING_DIR, ResultWriter, read_committed, read_json, write_json
 
@@ -47,6 +47,9 @@ DEFAULT_BATCH_SIZES = {
 # Model batches per call of a detector actor, at most: the images of a call are grouped by shape
 # into model batches, and the more there are to choose from, the less a batch pads.
 MODEL_BATCHES_PER_CALL = 4
+# Set by the chart on the head: the GPUs and CPUs the cluster's worker groups may grow to.
+MAX_GPUS_VARIABLE = "RAY_DETECT_MAX_GPUS"
+MAX_CPUS_VARIABLE = "RAY_DETECT_MAX_CPUS"
 # A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
 DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 
@@ -91,6 +94,10 @@ class Summary:
     images_per_second: float = 0.0
     weights: str = ""
     warnings: list[str] = field(default_factory=list)
+    # The detector actors this run used, the nodes they ran on, and the GPUs they held.
+    detector_actors: int = 0
+    detector_nodes: int = 0
+    detector_gpus: float = 0.0
 
 
 def parse_number(key: str, value: str, minimum: float) -> float:
@@ -103,8 +110,34 @@ def parse_number(key: str, value: str, minimum: float) -> float:
     return number
 
 
-def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True) -> Resources:
-    """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes.
+@dataclass(frozen=True)
+class ClusterLimits:
+    """What an autoscaling cluster may grow to, as its deployment says (open-source Ray does not tell a
+    job its autoscaler's limits): the chart sets RAY_DETECT_MAX_GPUS and RAY_DETECT_MAX_CPUS on the head,
+    where a RayJob's entrypoint runs. None: not said."""
+
+    max_gpus: Optional[float] = None
+    max_cpus: Optional[float] = None
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "ClusterLimits":
+        values = {}
+        for field_name, variable in (("max_gpus", MAX_GPUS_VARIABLE), ("max_cpus", MAX_CPUS_VARIABLE)):
+            text = environ.get(variable, "").strip()
+            try:
+                values[field_name] = float(text) if text else None
+            except ValueError:
+                values[field_name] = math.nan
+            if values[field_name] is not None and not values[field_name] >= 0:
+                raise ConfigError(f"{variable}={text!r} (set by the deployment) must be a number, at least 0")
+        return cls(**values)
+
+
+def plan_resources(
+    inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True, limits: ClusterLimits = ClusterLimits()
+) -> Resources:
+    """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes,
+    and, on an attached cluster, against what its autoscaler may add (`limits`).
 
     On CPU a node runs at least two actors, each with up to MAX_CPU_THREADS_PER_ACTOR CPUs and as many
     torch threads, and the actors take every CPU: torch's threads speed up a forward pass less than
@@ -112,6 +145,8 @@ def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], lo
     the images of one 2-thread actor). Decoding an image costs a few percent of a forward pass, so
     decode tasks reserve no CPU then and run one per actor at a time.
     With a GPU, an actor takes one CPU and decode tasks one CPU each, on the CPUs the actors leave.
+    A cluster that may grow to N GPUs gets N GPU actors from the start, even with no GPU up yet: the
+    actors still waiting for a GPU make the autoscaler add GPU nodes.
 
     A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
     cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
@@ -119,8 +154,12 @@ def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], lo
     cluster_gpus = sum(node.get("GPU", 0.0) for node in nodes)
     cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
     largest_node_cpus = max((node.get("CPU", 0.0) for node in nodes), default=1.0)
+    reachable_gpus, reachable_cpus = cluster_gpus, cluster_cpus
+    if not local:
+        reachable_gpus = max(cluster_gpus, limits.max_gpus or 0.0)
+        reachable_cpus = max(cluster_cpus, limits.max_cpus or 0.0)
     if inference.num_gpus == AUTO:
-        num_gpus = 1.0 if cluster_gpus > 0 else 0.0
+        num_gpus = 1.0 if reachable_gpus > 0 else 0.0
     else:
         num_gpus = parse_number("inference.num_gpus", inference.num_gpus, 0)
         if num_gpus > 0 and cluster_gpus == 0:
@@ -141,14 +180,17 @@ def plan_resources(inference: InferenceConfig, nodes: list[dict[str, float]], lo
     if fixed_actors:
         num_actors = fixed_actors
     elif num_gpus:
-        num_actors = max(1, int(cluster_gpus // num_gpus))
+        num_actors = max(1, int(reachable_gpus // num_gpus))
     else:
-        num_actors = max(1, sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes))
-    if num_gpus and num_actors * num_cpus <= cluster_cpus - 1:
+        fitting = sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes)
+        num_actors = max(1, fitting, int((reachable_cpus - cluster_cpus) // num_cpus) + fitting)
+    if not fixed_actors and inference.max_actors is not None:
+        num_actors = min(num_actors, inference.max_actors)
+    if num_gpus and num_actors * num_cpus <= reachable_cpus - 1:
         # Decode tasks stop short of the CPUs the actors need, so that no actor waits for a CPU
         # while decode tasks fill the node, and the device starts with the first decoded images.
-        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(cluster_cpus - num_actors * num_cpus))
-    if num_actors * num_cpus > cluster_cpus - 1:
+        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(reachable_cpus - num_actors * num_cpus))
+    if num_actors * num_cpus > reachable_cpus - 1:
         # The actors take every CPU: decode tasks reserve none and run one per actor at a time, which
         # keeps the actors fed without a crowd of decode workers starting up beside them.
         return Resources(num_gpus, num_actors, num_cpus, decode_cpus=0.0, decode_tasks=num_actors)
@@ -189,6 +231,8 @@ def check_config(cfg: AppConfig) -> None:
     """Value checks the schema's types cannot express."""
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.inference.max_actors is not None and cfg.inference.max_actors < 1:
+        raise ConfigError(f"inference.max_actors={cfg.inference.max_actors} must be at least 1")
     if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
     if cfg.output.rows_per_file < 1:
@@ -290,11 +334,13 @@ def connect_ray(cfg: AppConfig) -> bool:
     """Attach to the cluster in ray.address or RAY_ADDRESS (as in a RayJob), else start Ray locally.
 
     Returns whether Ray runs locally (in this process's machine, without an autoscaler)."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        if not ray.is_initialized():
+            # The actors' and tasks' logs reach the driver's output: in a RayJob, the one log a user reads.
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        return False
     if ray.is_initialized():
         return len(ray.nodes()) == 1
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=False)
-        return False
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
     return True
 
@@ -318,10 +364,13 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
         return check_errors(cfg, summarize(output, files.num_rows, 0, started, spec))
     log.info("%d of %d images to process from %s", todo.num_rows, files.num_rows, cfg.data.path)
 
+    workers: set[str] = set()  # the detector actors that made rows, by WORKER_COLUMN
+    gpus_per_actor = 0.0
     if todo.num_rows:
         local = connect_ray(cfg)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        resources = plan_resources(cfg.inference, nodes, local)
+        resources = plan_resources(cfg.inference, nodes, local, ClusterLimits.from_environment())
+        gpus_per_actor = resources.num_gpus
         if spec.fallback_reason:
             log.warning("!" * 80)
             log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
@@ -373,10 +422,14 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
         # are committed exactly once even when Ray retries tasks or restarts actors on other nodes.
         writer = ResultWriter(output, uuid.uuid4().hex[:12], cfg.output.rows_per_file, cfg.output.commit_interval_s)
         for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(rows)
+            workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+            writer.add(rows.drop_columns([WORKER_COLUMN]))
         writer.close()
 
     summary = summarize(output, files.num_rows, todo.num_rows, started, spec)
+    summary.detector_actors = len(workers)
+    summary.detector_nodes = len({worker.split("/")[0] for worker in workers})
+    summary.detector_gpus = len(workers) * gpus_per_actor
     write_json(output.filesystem, output.join(MANIFEST_NAME), manifest(cfg, spec, summary))
     return check_errors(cfg, summary)
 
@@ -431,6 +484,11 @@ def manifest(cfg: AppConfig, spec: ModelSpec, summary: Summary) -> dict:
         },
         "max_error_fraction_exceeded": summary.errors > cfg.data.max_error_fraction * summary.inputs,
         "processed_by_last_run": summary.processed,
+        "detector_by_last_run": {
+            "actors": summary.detector_actors,
+            "nodes": summary.detector_nodes,
+            "gpus": summary.detector_gpus,
+        },
         "wall_seconds": summary.wall_seconds,
         "images_per_second": summary.images_per_second,
     }

@@ -291,8 +291,9 @@ def test_dedicated_mode_gives_the_job_its_own_cluster_that_shuts_down(helm):
     groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
     assert {n: (g["replicas"], g["minReplicas"], g["maxReplicas"]) for n, g in groups.items()} == {
         "cpu-workers": (2, 1, 8),
-        "gpu-workers": (4, 0, 8),
+        "gpu-workers": (0, 0, 8),  # production's GPU group starts from zero; the autoscaler adds pods
     }
+    assert job["rayClusterSpec"]["enableInTreeAutoscaling"] is True
 
 
 def test_head_gets_no_work_and_no_gpu_and_gpu_group_requests_gpus(helm):
@@ -346,12 +347,127 @@ def test_s3_credentials_come_only_from_the_referenced_secret(helm):
         {"name": "AWS_REGION", "value": "eu-west-1"},
         {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
     ]
+    maxima = [{"name": "RAY_DETECT_MAX_GPUS", "value": "4"}, {"name": "RAY_DETECT_MAX_CPUS", "value": "32"}]
     for where, template in all_pod_templates(objects):
         env = template["spec"]["containers"][0]["env"]
         if where.endswith("submitter"):
             assert env == [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+        elif where.endswith(" head"):
+            assert env == expected + maxima, where
         else:
             assert env == expected, where
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cluster maxima on the head (RAY_DETECT_MAX_GPUS, RAY_DETECT_MAX_CPUS)
+# ---------------------------------------------------------------------------------------------------
+
+MAXIMA = ("RAY_DETECT_MAX_GPUS", "RAY_DETECT_MAX_CPUS")
+
+
+def render_with(helm: Path, tmp_path: Path, values: dict, files: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Render with values written to a file (not --set, so "2" stays a string and None removes a default)."""
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    return kv.render(helm, [*files, extra])
+
+
+def head_maxima(objects: list[dict]) -> tuple[str, dict[str, str]]:
+    """The kind holding the render's only head template, and the RAY_DETECT_MAX_* entries of its container."""
+    heads = [(where, t) for where, t in all_pod_templates(objects) if where.endswith(" head")]
+    assert len(heads) == 1, [where for where, _ in heads]
+    where, template = heads[0]
+    env = template["spec"]["containers"][0]["env"]
+    return where.split("/", 1)[0], {e["name"]: e["value"] for e in env if e["name"] in MAXIMA}
+
+
+def maxima(gpus: str, cpus: str | None) -> dict[str, str]:
+    return {"RAY_DETECT_MAX_GPUS": gpus} | ({"RAY_DETECT_MAX_CPUS": cpus} if cpus is not None else {})
+
+
+NO_CPU_LIMIT = {"resources": {"limits": {"cpu": None}}}
+
+
+@pytest.mark.parametrize(
+    "files, values, kind, expected",
+    [
+        # cpu 4 pods x 4 CPUs, gpu 4 pods x (1 GPU, 4 CPUs); the head does no work.
+        pytest.param((), {}, "RayCluster", maxima("4", "32"), id="default"),
+        # Without the autoscaler the groups stay at replicas: 1 x cpu, 1 x gpu.
+        pytest.param((), {"autoscaling": {"enabled": False}}, "RayCluster", maxima("1", "8"), id="autoscaling-off"),
+        pytest.param((), {"workerGroups": {"gpu": {"enabled": False}}}, "RayCluster", maxima("0", "16"),
+                     id="gpu-group-disabled"),
+        pytest.param((), {"workerGroups": {"cpu": {"enabled": False}, "gpu": {"enabled": False}}}, "RayCluster",
+                     maxima("0", "0"), id="no-worker-groups"),
+        pytest.param((), {"workerGroups": {"gpu": {"gpusPerWorker": 2, "maxReplicas": 3}}}, "RayCluster",
+                     maxima("6", "28"), id="two-gpus-per-worker"),
+        # The RayJob's own cluster (dedicated) carries them on its head too.
+        pytest.param((), {"job": {"cluster": "dedicated"}}, "RayJob", maxima("4", "32"), id="dedicated"),
+        pytest.param((), {"job": {"cluster": "dedicated"}, "autoscaling": {"enabled": False}}, "RayJob",
+                     maxima("1", "8"), id="dedicated-autoscaling-off"),
+        # Production: GPU group from zero up to 8 pods of 1 GPU and 8 CPUs, CPU group up to 8 pods of 8 CPUs.
+        pytest.param((PROD_VALUES,), {}, "RayJob", maxima("8", "128"), id="gpu-prod"),
+        pytest.param((PROD_VALUES,), {"autoscaling": {"enabled": False}}, "RayJob", maxima("0", "16"),
+                     id="gpu-prod-autoscaling-off"),
+        # CPUs are counted as KubeRay and Ray's autoscaler count them: rounded up, limit before request,
+        # the num-cpus (and num-gpus) ray start parameter before either.
+        pytest.param((), {"workerGroups": {"cpu": {"resources": {"limits": {"cpu": "2500m"},
+                                                                 "requests": {"cpu": "2500m"}}}}},
+                     "RayCluster", maxima("4", "28"), id="millicores-round-up"),
+        pytest.param((), {"workerGroups": {"cpu": {"resources": {"limits": {"cpu": 0.5}, "requests": {"cpu": 0.5}}}}},
+                     "RayCluster", maxima("4", "20"), id="decimal-rounds-up"),
+        pytest.param((), {"workerGroups": {"cpu": {"resources": {"limits": {"cpu": None},
+                                                                 "requests": {"cpu": "1500m"}}}}},
+                     "RayCluster", maxima("4", "24"), id="request-without-limit"),
+        pytest.param((), {"workerGroups": {"cpu": {"rayStartParams": {"num-cpus": "2"}}}}, "RayCluster",
+                     maxima("4", "24"), id="num-cpus-param"),
+        pytest.param((), {"workerGroups": {"gpu": {"rayStartParams": {"num-gpus": "0"}}}}, "RayCluster",
+                     maxima("0", "32"), id="num-gpus-param"),
+        # A schedulable head offers Ray its CPU limit (2) as well.
+        pytest.param((), {"head": {"schedulable": True}}, "RayCluster", maxima("4", "34"), id="schedulable-head"),
+        # No num-cpus, CPU limit or request: Ray counts the node's CPUs, unknown here, so no CPU figure.
+        pytest.param((), {"workerGroups": {"cpu": {"resources": {"limits": {"cpu": None}, "requests": {"cpu": None}}}}},
+                     "RayCluster", maxima("4", None), id="cpus-unknown"),
+    ],
+)
+def test_head_tells_the_app_the_cluster_maxima(helm, tmp_path, files, values, kind, expected):
+    assert head_maxima(render_with(helm, tmp_path, values, files)) == (kind, expected)
+
+
+def test_cluster_maxima_come_before_the_users_head_env_and_a_users_entry_wins(helm, tmp_path, crd_schemas):
+    user_env = [{"name": "RAY_DETECT_MAX_GPUS", "value": "2"}, {"name": "OTHER", "value": "x"}]
+    for job_cluster in ("shared", "dedicated"):
+        objects = render_with(helm, tmp_path, {"head": {"env": user_env}, "job": {"cluster": job_cluster}})
+        (where, head), = [(w, t) for w, t in all_pod_templates(objects) if w.endswith(" head")]
+        assert head["spec"]["containers"][0]["env"] == [
+            {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+            {"name": "RAY_DETECT_MAX_CPUS", "value": "32"},
+            {"name": "RAY_DETECT_MAX_GPUS", "value": "2"},
+            {"name": "OTHER", "value": "x"},
+        ], where
+        for obj in objects:
+            if obj["apiVersion"].startswith("ray.io/"):
+                kv.validate_strict(obj, crd_schemas)  # one entry per name: env is a list-map
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"workerGroups": {"cpu": {"rayStartParams": {"num-cpus": "2.5"}}}},
+         'workerGroups.cpu.rayStartParams.num-cpus must be a whole number, not "2.5"'),
+        ({"workerGroups": {"gpu": {"rayStartParams": {"num-gpus": "one"}}}},
+         'workerGroups.gpu.rayStartParams.num-gpus must be a whole number, not "one"'),
+        ({"workerGroups": {"cpu": {"resources": {"limits": {"cpu": "1k"}}}}},
+         'workerGroups.cpu.resources.limits.cpu: cannot count the CPUs in "1k"'),
+        ({"workerGroups": {"gpu": {"resources": {"limits": {"cpu": None}, "requests": {"cpu": "1M"}}}}},
+         'workerGroups.gpu.resources.requests.cpu: cannot count the CPUs in "1M"'),
+    ],
+    ids=["num-cpus-decimal", "num-gpus-word", "cpu-kilo", "cpu-mega-request"],
+)
+def test_uncountable_cpus_or_gpus_fail_naming_the_key(helm, tmp_path, values, message):
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    assert message in helm_error(helm, "--values", str(extra))
 
 
 def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):

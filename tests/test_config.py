@@ -11,6 +11,7 @@ from omegaconf.errors import ValidationError
 from app.config import SAMPLES_DIR
 from app.pipeline import (
     MAX_INPUT_BLOCKS,
+    ClusterLimits,
     ConfigError,
     Resources,
     batch_size,
@@ -108,6 +109,7 @@ def test_unknown_model_option_fails():
         ("inference.num_gpus=some", "inference.num_gpus='some' must be 'auto' or a number"),
         ("inference.num_actors=0", "inference.num_actors='0' must be at least 1"),
         ("model.max_detections=0", "model.max_detections=0 must be at least 1"),
+        ("inference.max_actors=0", "inference.max_actors=0 must be at least 1"),
         ("model.score_threshold=1.5", "model.score_threshold=1.5 must be between 0 and 1"),
         ("data.max_error_fraction=2", "data.max_error_fraction=2.0 must be between 0 and 1"),
         ("output.rows_per_file=0", "output.rows_per_file=0 must be at least 1"),
@@ -228,3 +230,39 @@ def test_batch_size_defaults_per_model_and_device(overrides, num_gpus, expected)
 )
 def test_rows_per_call(block_rows, batch, expected):
     assert rows_per_call(block_rows, batch) == expected
+
+
+def test_cluster_limits_come_from_the_deployment():
+    assert ClusterLimits.from_environment({}) == ClusterLimits(None, None)
+    assert ClusterLimits.from_environment({"RAY_DETECT_MAX_GPUS": "8", "RAY_DETECT_MAX_CPUS": " 130 "}) == ClusterLimits(8.0, 130.0)
+    for text in ("eight", "-1", "nan"):
+        with pytest.raises(ConfigError, match=f"^RAY_DETECT_MAX_GPUS='{text}' \\(set by the deployment\\) must be a number, at least 0$"):
+            ClusterLimits.from_environment({"RAY_DETECT_MAX_GPUS": text})
+
+
+@pytest.mark.parametrize(
+    "overrides,limits,expected",
+    [
+        # No GPU up yet, but the cluster may grow to 4: one GPU actor per GPU it may have, from the start.
+        ([], ClusterLimits(max_gpus=4, max_cpus=66), Resources(1.0, 4, 1.0, decode_tasks=62)),
+        (["inference=gpu"], ClusterLimits(max_gpus=2), Resources(1.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
+        # Without the hint: auto stays on the CPUs that are up; inference=gpu gets one GPU actor.
+        ([], ClusterLimits(), Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
+        (["inference=gpu"], ClusterLimits(), Resources(1.0, 1, 1.0, decode_tasks=1)),
+        # A maximum caps what the cluster may grow to; a fixed pool size wins over both.
+        (["inference.max_actors=3"], ClusterLimits(max_gpus=8, max_cpus=100), Resources(1.0, 3, 1.0, decode_tasks=97)),
+        (["inference.max_actors=3", "inference.num_actors=5"], ClusterLimits(max_gpus=8), Resources(1.0, 5, 1.0, decode_cpus=0.0, decode_tasks=5)),
+        (["inference.num_actors=3"], ClusterLimits(max_gpus=8, max_cpus=100), Resources(1.0, 3, 1.0, decode_tasks=97)),
+        # A CPU run sizes its actors by the CPUs the cluster may grow to.
+        (["inference=cpu"], ClusterLimits(max_gpus=8, max_cpus=10), Resources(0.0, 10, 1.0, decode_cpus=0.0, decode_tasks=10)),
+    ],
+)
+def test_plan_on_an_autoscaling_cluster_counts_what_it_may_grow_to(overrides, limits, expected):
+    nodes = [{"CPU": 2.0}]  # the head, nothing else up yet
+    assert plan_resources(compose_config(overrides).inference, nodes, local=False, limits=limits) == expected
+
+
+def test_a_local_ray_ignores_the_hint():
+    cfg = compose_config()
+    assert plan_resources(cfg.inference, [{"CPU": 2.0}], local=True, limits=ClusterLimits(max_gpus=4)) == Resources(
+        0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)

@@ -120,8 +120,10 @@ def test_detector_on_a_batch(detector):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), rng.integers(0, 255, (320, 200, 3), dtype=np.uint8)]
     out = detector(decoded_batch(images, errors=["corrupt_image"]))
-    assert out.schema == RESULT_SCHEMA
-    rows = out.to_pylist()
+    # The result rows, and beside them the actor that made them (outside Ray: "local/<id>/<device>").
+    assert out.drop_columns(["_worker"]).schema == RESULT_SCHEMA
+    assert set(out.column("_worker").to_pylist()) == {detector.worker} and detector.worker.endswith("/cpu")
+    rows = out.drop_columns(["_worker"]).to_pylist()
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "bad2.jpg"]
     assert [(row["width"], row["height"]) for row in rows] == [(640, 480), (400, 640), (None, None)]
     # The model called directly, boxes scaled by 2 (the original is twice the model input).

@@ -58,6 +58,12 @@ def groups(cluster: dict) -> dict[str, dict]:
     return {g["groupName"]: g for g in cluster["spec"].get("workerGroupSpecs", [])}
 
 
+def head_maxima(cluster: dict) -> dict[str, str]:
+    """The RAY_DETECT_MAX_* variables the chart sets on the head (where a RayJob's driver runs)."""
+    env = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if e["name"].startswith("RAY_DETECT_MAX_")}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kustomizations
 # ---------------------------------------------------------------------------------------------------
@@ -148,6 +154,8 @@ def test_dev_is_cpu_only_and_small(rendered):
     assert cpu["template"]["spec"]["containers"][0]["resources"] == {"requests": small, "limits": small}
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
     assert head == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    # No GPU group; at most 2 CPU workers of 2 CPUs.
+    assert head_maxima(cluster) == {"RAY_DETECT_MAX_GPUS": "0", "RAY_DETECT_MAX_CPUS": "4"}
     for obj in rendered["overlays/dev"]:
         assert obj["metadata"]["labels"]["ray-detect/environment"] == "dev"
 
@@ -156,7 +164,13 @@ def test_prod_runs_gpu_workers_on_gpu_nodes_with_s3_keys_from_a_secret(rendered)
     cluster = only(rendered["overlays/prod"], "RayCluster")
     by_name = groups(cluster)
     gpu = by_name["gpu-workers"]
-    assert (gpu["minReplicas"], gpu["maxReplicas"], by_name["cpu-workers"]["maxReplicas"]) == (0, 8, 8)
+    # The GPU group starts from zero; the autoscaler grows it to 8 for a run and removes idle pods.
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"], by_name["cpu-workers"]["maxReplicas"]) == (
+        0, 0, 8, 8
+    )
+    # 8 GPU pods x 1 GPU; 8 CPU pods x 4 CPUs + 8 GPU pods x 4 CPUs.
+    assert head_maxima(cluster) == {"RAY_DETECT_MAX_GPUS": "8", "RAY_DETECT_MAX_CPUS": "64"}
     spec = gpu["template"]["spec"]
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     resources = spec["containers"][0]["resources"]

@@ -21,6 +21,7 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
     summary = run(cfg)
     assert (summary.inputs, summary.ok) == (40, 40)
+    assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (1, 1, 1.0)
 
     gpu_node_id = gpu_node.node_id
     cpu_node_id = cluster.head_node.node_id

@@ -247,6 +247,12 @@ spec:
       {{- end }}
       env:
         {{- include "ray-detect.rayEnv" $ctx | nindent 8 }}
+        {{- if .head }}
+        {{- /* The job's driver runs on the head: tell it how far the cluster can grow. */}}
+        {{- with include "ray-detect.clusterMaximaEnv" $ctx }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- end }}
         {{- with $group.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -278,6 +284,158 @@ Call with (dict "name" "workerGroups.gpu" "group" .Values.workerGroups.gpu).
 {{- $g := .group }}
 {{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
 {{- fail (printf "%s: replicas (%d) must be between minReplicas (%d) and maxReplicas (%d)" .name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cluster maxima
+Open-source Ray tells a job what the cluster has now, not what the autoscaler may add later, and a GPU group
+that starts at zero pods shows no GPU at all. So the chart works out the most GPUs and CPUs the worker groups
+can reach and hands them to the head (where a RayJob's driver runs) as RAY_DETECT_MAX_GPUS and
+RAY_DETECT_MAX_CPUS. Counts follow what KubeRay gives `ray start` and what Ray's autoscaler assumes.
+*/}}
+
+{{/*
+The most pods a worker group can have: maxReplicas when the autoscaler may add pods, else replicas.
+Call with (dict "ctx" $ "group" .Values.workerGroups.gpu).
+*/}}
+{{- define "ray-detect.maxPods" -}}
+{{- if .ctx.Values.autoscaling.enabled }}
+{{- int .group.maxReplicas }}
+{{- else }}
+{{- int .group.replicas }}
+{{- end }}
+{{- end }}
+
+{{/*
+The GPUs one pod of a group offers Ray: the num-gpus ray start parameter when set, else gpusPerWorker (the
+chart writes it into the nvidia.com/gpu limit, which KubeRay turns into num-gpus), else 0.
+Call with (dict "name" "workerGroups.gpu" "group" .Values.workerGroups.gpu).
+*/}}
+{{- define "ray-detect.gpusPerPod" -}}
+{{- $params := .group.rayStartParams | default dict }}
+{{- if hasKey $params "num-gpus" }}
+{{- include "ray-detect.countParam" (dict "name" .name "params" $params "param" "num-gpus") }}
+{{- else }}
+{{- int (.group.gpusPerWorker | default 0) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The CPUs one pod of a group offers Ray: the num-cpus ray start parameter when set, else the container's CPU
+limit, else its CPU request, rounded up to whole CPUs (KubeRay and Ray's autoscaler both round up: 500m
+is 1 CPU). Empty when none is set: Ray then counts the node's CPUs, which the chart cannot know.
+Call with (dict "name" "workerGroups.cpu" "group" .Values.workerGroups.cpu).
+*/}}
+{{- define "ray-detect.cpusPerPod" -}}
+{{- $params := .group.rayStartParams | default dict }}
+{{- $resources := .group.resources | default dict }}
+{{- $limit := dig "limits" "cpu" "" $resources }}
+{{- $request := dig "requests" "cpu" "" $resources }}
+{{- if hasKey $params "num-cpus" }}
+{{- include "ray-detect.countParam" (dict "name" .name "params" $params "param" "num-cpus") }}
+{{- else if $limit }}
+{{- include "ray-detect.wholeCpus" (dict "key" (printf "%s.resources.limits.cpu" .name) "quantity" $limit) }}
+{{- else if $request }}
+{{- include "ray-detect.wholeCpus" (dict "key" (printf "%s.resources.requests.cpu" .name) "quantity" $request) }}
+{{- end }}
+{{- end }}
+
+{{/*
+A count in a group's rayStartParams (num-cpus, num-gpus) as an integer. Ray's autoscaler reads it with
+int(), so anything else would break the cluster anyway: fail here, naming the key.
+Call with (dict "name" "workerGroups.cpu" "params" <its rayStartParams> "param" "num-cpus").
+*/}}
+{{- define "ray-detect.countParam" -}}
+{{- $text := get .params .param | toString }}
+{{- if not (regexMatch "^[0-9]+$" $text) }}
+{{- fail (printf "%s.rayStartParams.%s must be a whole number, not %q" .name .param $text) }}
+{{- end }}
+{{- atoi $text }}
+{{- end }}
+
+{{/*
+A Kubernetes CPU quantity ("4", 4, "2.5", "500m") rounded up to whole CPUs. Other suffixes ("1k", "2Ki")
+are rejected rather than guessed. Call with (dict "key" "workerGroups.cpu.resources.limits.cpu" "quantity" "500m").
+*/}}
+{{- define "ray-detect.wholeCpus" -}}
+{{- $text := toString .quantity }}
+{{- if not (regexMatch "^([0-9]+|[0-9]*[.][0-9]+)m?$" $text) }}
+{{- fail (printf "%s: cannot count the CPUs in %q; write CPUs (2, 0.5) or millicores (500m)" .key $text) }}
+{{- end }}
+{{- $cpus := float64 (trimSuffix "m" $text) }}
+{{- if hasSuffix "m" $text }}
+{{- $cpus = divf $cpus 1000 }}
+{{- end }}
+{{- ceil $cpus | int }}
+{{- end }}
+
+{{/*
+The most GPUs the enabled worker groups can offer Ray together: the sum of max pods x GPUs per pod.
+*/}}
+{{- define "ray-detect.maxGpus" -}}
+{{- $total := 0 }}
+{{- range $name, $group := .Values.workerGroups }}
+{{- if $group.enabled }}
+{{- $pods := include "ray-detect.maxPods" (dict "ctx" $ "group" $group) | atoi }}
+{{- $gpus := include "ray-detect.gpusPerPod" (dict "name" (printf "workerGroups.%s" $name) "group" $group) | atoi }}
+{{- $total = add $total (mul $pods $gpus) }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The most CPUs the cluster can offer Ray: the enabled worker groups' max pods x CPUs per pod, plus the head's
+CPUs when work may run there (head.schedulable). Empty when a counted group's CPUs are unknown (no num-cpus,
+no CPU limit or request): a wrong figure would be worse than none.
+*/}}
+{{- define "ray-detect.maxCpus" -}}
+{{- $total := 0 }}
+{{- $known := true }}
+{{- range $name, $group := .Values.workerGroups }}
+{{- if $group.enabled }}
+{{- $cpus := include "ray-detect.cpusPerPod" (dict "name" (printf "workerGroups.%s" $name) "group" $group) }}
+{{- if eq $cpus "" }}
+{{- $known = false }}
+{{- else }}
+{{- $pods := include "ray-detect.maxPods" (dict "ctx" $ "group" $group) | atoi }}
+{{- $total = add $total (mul $pods (atoi $cpus)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.head.schedulable }}
+{{- $cpus := include "ray-detect.cpusPerPod" (dict "name" "head" "group" .Values.head) }}
+{{- if eq $cpus "" }}
+{{- $known = false }}
+{{- else }}
+{{- $total = add $total (atoi $cpus) }}
+{{- end }}
+{{- end }}
+{{- if $known }}
+{{- $total }}
+{{- end }}
+{{- end }}
+
+{{/*
+The head's RAY_DETECT_MAX_GPUS and RAY_DETECT_MAX_CPUS, as strings. An entry of the same name in head.env
+wins: the chart leaves its own out (two entries of one name would be invalid), so a user can pin a figure.
+*/}}
+{{- define "ray-detect.clusterMaximaEnv" -}}
+{{- $userNames := list }}
+{{- range .Values.head.env }}
+{{- $userNames = append $userNames .name }}
+{{- end }}
+{{- $env := list }}
+{{- if not (has "RAY_DETECT_MAX_GPUS" $userNames) }}
+{{- $env = append $env (dict "name" "RAY_DETECT_MAX_GPUS" "value" (include "ray-detect.maxGpus" .)) }}
+{{- end }}
+{{- $maxCpus := include "ray-detect.maxCpus" . }}
+{{- if and $maxCpus (not (has "RAY_DETECT_MAX_CPUS" $userNames)) }}
+{{- $env = append $env (dict "name" "RAY_DETECT_MAX_CPUS" "value" $maxCpus) }}
+{{- end }}
+{{- with $env }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
 

@@ -1,0 +1,135 @@
+"""An autoscaling Ray cluster on one machine (ray.cluster_utils.AutoscalingCluster, autoscaler v2, Ray's
+fake node provider): a head with 2 CPUs and no GPU, and a worker type advertising one GPU, 0 to 2 of
+them, none up at the start. No GPU exists here: the fake GPU nodes' actors compute on the CPU.
+
+AutoscalingCluster starts and stops with `ray stop --force`, which ends every Ray process on the
+machine, so this module starts its cluster only once the modules before it have shut theirs down
+(their fixtures are module-scoped) and leaves none behind."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import AutoscalingCluster
+from ray.util.state import list_actors, list_nodes
+
+from app.pipeline import run
+from tests.conftest import FAST_MODEL, compose_config, write_images
+
+IDLE_TIMEOUT_S = 15
+
+
+def write_fake_provider_defaults() -> None:
+    """Ray's wheel lacks the fake provider's defaults file, which AutoscalingCluster reads before it
+    applies its own settings; write one with the keys a cluster config must have."""
+    path = Path(ray.__file__).parent / "autoscaler/_private/fake_multi_node/example.yaml"
+    if path.exists():
+        return
+    defaults = {
+        "cluster_name": "fake_multinode",
+        "max_workers": 4,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 1,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "docker": {},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    path.write_text(yaml.safe_dump(defaults))
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(monkeypatch_module):
+    write_fake_provider_defaults()
+    # `ray start` and `ray stop` run as commands: the ones installed beside this Python.
+    monkeypatch_module.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    cluster = AutoscalingCluster(
+        head_resources={"CPU": 2},
+        worker_node_types={"gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}},
+        autoscaler_v2=True,
+        idle_timeout_minutes=IDLE_TIMEOUT_S / 60,
+    )
+    cluster.start()
+    ray.init(address="auto", log_to_driver=False)  # this test's own connection, for the state API
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def alive_gpu_nodes() -> list[str]:
+    return [node.node_id for node in list_nodes(limit=100) if node.state == "ALIVE" and node.resources_total.get("GPU")]
+
+
+def detector_actor_nodes(earlier_actors: set[str]) -> list[str]:
+    """The nodes of the detector actors that did not exist before the run (Ray's state API)."""
+    actors = list_actors(limit=1000, detail=True)
+    return sorted(a.node_id for a in actors if "Detector" in a.class_name and a.actor_id not in earlier_actors)
+
+
+def test_a_run_grows_onto_every_gpu_the_cluster_may_add_and_gives_them_back(autoscaling_cluster, tmp_path, monkeypatch):
+    # Enough work, in small calls (batch 2, 8 images a call), to outlast the second GPU node's start.
+    write_images(tmp_path / "in", 200)
+    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
+    overrides = [*FAST_MODEL, "ray.address=auto", "inference.batch_size=2", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    assert alive_gpu_nodes() == []
+    summary = run(compose_config(overrides))
+    assert (summary.inputs, summary.ok, summary.errors) == (200, 200, 0)
+    assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (2, 2, 2.0)
+    # Both actors made rows (the summary counts the actors and nodes its rows came from), on two GPU nodes.
+    gpu_nodes = {node.node_id for node in list_nodes(limit=100) if node.resources_total.get("GPU")}
+    actor_nodes = detector_actor_nodes(set())
+    assert len(set(actor_nodes)) == 2 and set(actor_nodes) <= gpu_nodes
+    # Nothing holds the GPU nodes once the run is over: the autoscaler removes them when idle.
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 60
+    while alive_gpu_nodes() and time.monotonic() < deadline:
+        time.sleep(2)
+    assert alive_gpu_nodes() == []
+
+
+def test_without_the_hint_auto_stays_on_the_cpus_that_are_up(autoscaling_cluster, tmp_path, monkeypatch):
+    """What the README says: with no RAY_DETECT_MAX_GPUS and no GPU up, inference.num_gpus=auto runs the
+    detector on the CPUs that are up (the head's), and no GPU node is started."""
+    write_images(tmp_path / "in", 12)
+    monkeypatch.delenv("RAY_DETECT_MAX_GPUS", raising=False)
+    earlier = {a.actor_id for a in list_actors(limit=1000)}
+    cfg = compose_config([*FAST_MODEL, "ray.address=auto", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    summary = run(cfg)
+    assert (summary.ok, summary.detector_gpus) == (12, 0.0)
+    head = next(node.node_id for node in list_nodes(limit=100) if node.is_head_node)
+    assert set(detector_actor_nodes(earlier)) == {head}
+    assert alive_gpu_nodes() == []
+
+
+def test_a_fixed_pool_size_is_kept(autoscaling_cluster, tmp_path, monkeypatch):
+    write_images(tmp_path / "in", 12)
+    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
+    earlier = {a.actor_id for a in list_actors(limit=1000)}
+    overrides = [*FAST_MODEL, "ray.address=auto", "inference.num_actors=1", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    assert run(compose_config(overrides)).ok == 12
+    actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
+    assert len(actors) == 1
