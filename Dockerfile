@@ -1,5 +1,6 @@
-# The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 12.8, the app, and torchvision's pretrained
-# FasterRCNN weights, so pods start and detect without network access.
+# The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 12.8 (GPU nodes need NVIDIA driver R570 or newer),
+# torch built for CUDA 12.8, the app, and torchvision's pretrained FasterRCNN weights, so pods start and
+# detect without network access.
 #
 #   docker build -t ghcr.io/ray-detect/ray-detect:0.1.0 .
 #   docker build --build-arg BAKE_WEIGHTS=false -t ray-detect:no-weights .
@@ -26,11 +27,17 @@ ENV TORCH_HOME=/home/ray/.cache/torch \
     RAY_USAGE_STATS_ENABLED=0
 
 # 1. The pinned dependencies, read from pyproject.toml alone, so this layer is rebuilt only when they
-#    change. Ray is already in the base image at the same version.
+#    change. Ray is already in the base image at the same version. torch and torchvision come first, as
+#    the CUDA 12.8 builds from PyTorch's index: PyPI's are built for CUDA 13, which needs a newer NVIDIA
+#    driver (R580) than the base image's CUDA 12.8 (R570). One CUDA stack; the check after the install
+#    fails the build if torch's CUDA is not the base image's.
 COPY --chown=1000:100 pyproject.toml ray-detect/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('ray-detect/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
+    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu128 -r /tmp/torch.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && python -c "import sys, torch; sys.exit(0 if torch.version.cuda == '12.8' else f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, not the base image CUDA 12.8')" \
+    && rm /tmp/requirements.txt /tmp/torch.txt
 
 # 2. torchvision's pretrained COCO weights for every model the app offers, into TORCH_HOME/hub/checkpoints
 #    where torchvision looks first (about 480 MB). Before the source, so a code change does not download

@@ -6,7 +6,7 @@ import sys
 import hydra
 
 import app.conf  # noqa: F401  (registers the typed config schema)
-from app.pipeline import ConfigError, Summary, TooManyErrors, run
+from app.pipeline import ConfigError, DeviceUnavailable, Summary, TooManyErrors, run
 
 log = logging.getLogger("app")
 
@@ -20,8 +20,9 @@ def print_summary(summary: Summary) -> None:
         f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
     )
     if summary.detector_actors:
+        devices = ", ".join(f"{device} x{count}" for device, count in summary.detector_devices.items())
         print(f"ray-detect: detector actors used: {summary.detector_actors}, on {summary.detector_nodes} node(s), "
-              f"holding {summary.detector_gpus:g} GPU(s)")
+              f"holding {summary.detector_gpus:g} GPU(s); devices: {devices}")
     for warning in summary.warnings:
         log.warning(warning)
 
@@ -33,6 +34,9 @@ def main(cfg) -> None:
     except ConfigError as error:
         print(f"ray-detect: config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except DeviceUnavailable as error:
+        print(f"ray-detect: GPU unusable: {error}", file=sys.stderr)
+        sys.exit(4)
     except TooManyErrors as error:
         print_summary(error.summary)
         print(f"ray-detect: failed: {error}", file=sys.stderr)

@@ -74,6 +74,9 @@ class InferenceConfig:
     num_cpus_per_actor: str = "auto"
     # fp16 or bf16: run the model under autocast (on GPUs with tensor cores); fp32 = plain float32.
     precision: Precision = Precision.fp32
+    # A detector actor given a GPU that torch cannot use (e.g. a driver too old for torch's CUDA) stops the
+    # run; true runs it on the CPU instead, with a warning (for nodes that advertise a GPU resource only).
+    cpu_fallback: bool = False
     # Resize to the model's input size in the CPU stage, so only uint8 pixels at model size cross stages.
     resize_on_cpu: bool = True
 

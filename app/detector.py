@@ -42,18 +42,73 @@ SIZE_DIVISIBLE = 32
 WORKER_COLUMN = "_worker"
 
 
+# Begins the message of a DeviceError, so that the driver finds it inside Ray's wrapping of the actor's error.
+DEVICE_ERROR_MARKER = "ray-detect device error:"
+NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+class DeviceError(Exception):
+    """A detector actor holds a GPU that torch cannot use."""
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the summary and the manifest name it: cuda:<GPU model>, or cpu."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def worker_name(device: torch.device) -> str:
     """This actor's node, its id and its device, as WORKER_COLUMN holds them."""
     if not ray.is_initialized():
-        return f"local/{id(device)}/{device.type}"
+        return f"local/{id(device)}/{device_name(device)}"
     context = ray.get_runtime_context()
-    return f"{context.get_node_id()}/{context.get_actor_id()}/{device.type}"
+    return f"{context.get_node_id()}/{context.get_actor_id()}/{device_name(device)}"
 
 
-def choose_device() -> torch.device:
-    """CUDA when Ray gave this actor a GPU and torch can see one, else CPU."""
-    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+def nvidia_driver_version() -> Optional[str]:
+    """The NVIDIA kernel driver's version on this node, when one is loaded."""
+    try:
+        with open(NVIDIA_DRIVER_VERSION_FILE) as file:
+            words = file.readline().split()
+    except OSError:
+        return None
+    return next((word for word in words if word[:1].isdigit() and "." in word), None)
+
+
+def cuda_failure() -> str:
+    """Why torch cannot use CUDA here, in torch's words (its first line)."""
+    try:
+        torch.cuda.init()
+    except Exception as error:  # torch raises RuntimeError or AssertionError, depending on the cause
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return "torch.cuda.is_available() is False"
+
+
+def unusable_gpu_message(gpu_ids: list) -> str:
+    node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
+    driver = nvidia_driver_version()
+    return (
+        f"{DEVICE_ERROR_MARKER} the detector actor on node {node} holds GPU(s) {', '.join(map(str, gpu_ids))} "
+        f"but torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use them: {cuda_failure()}; "
+        f"NVIDIA driver {driver or 'not found'}. Run an image whose torch build the node's driver supports "
+        f"(this project's image needs driver R570 or newer), or set inference.cpu_fallback=true to run the "
+        f"detector on the CPU deliberately"
+    )
+
+
+def choose_device(cpu_fallback: bool = False) -> torch.device:
+    """CUDA when Ray gave this actor a GPU; the CPU when it gave none. An actor given a GPU that torch
+    cannot use raises DeviceError, unless cpu_fallback allows the CPU (with a warning)."""
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not gpu_ids:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
         return torch.device("cuda")
+    message = unusable_gpu_message(gpu_ids)
+    if not cpu_fallback:
+        raise DeviceError(message)
+    log.warning("%s; running on the CPU (inference.cpu_fallback=true)", message.removeprefix(DEVICE_ERROR_MARKER).strip())
     return torch.device("cpu")
 
 
@@ -274,13 +329,15 @@ class Detector:
     num_threads is the number of CPUs Ray reserved for the actor; torch uses that many threads.
     precision "fp16" or "bf16" runs the model under autocast on the device (GPUs with tensor cores).
     batch_size is the most images per model call; a call of the actor holds several model batches,
-    which are grouped by shape."""
+    which are grouped by shape. An actor that holds a GPU torch cannot use raises DeviceError before any
+    image, unless cpu_fallback lets it run on the CPU."""
 
-    def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4):
+    def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
+                 cpu_fallback: bool = False):
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
-        self.device = choose_device()
+        self.device = choose_device(cpu_fallback)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.batch_size = spec, batch_size
         model, self.categories = self.load_model(spec)

@@ -21,7 +21,7 @@ import app
 from app import storage
 from app.config import SAMPLES_DIR, AppConfig, InferenceConfig
 from app.decode import DecodeOptions, decode_images
-from app.detector import WORKER_COLUMN, Detector
+from app.detector import DEVICE_ERROR_MARKER, WORKER_COLUMN, Detector
 from app.model import MODEL_NAMES, ModelSpec, WeightsError, resolve_weights
 from app.results import MANIFEST_NAME, SETTINGS_NAME, STAGING_DIR, ResultWriter, read_committed, read_json, write_json
 
@@ -56,6 +56,19 @@ DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 
 class ConfigError(Exception):
     """A configuration mistake, found before any work starts; the message is one line."""
+
+
+class DeviceUnavailable(Exception):
+    """A detector actor holds a GPU that torch cannot use (and inference.cpu_fallback is off); the
+    message is one line, from the actor."""
+
+
+def device_error_in(error: BaseException) -> Optional[str]:
+    """The detector's DeviceError message inside an error Ray raised on the driver, if there is one."""
+    for line in str(error).splitlines():
+        if DEVICE_ERROR_MARKER in line:
+            return line[line.index(DEVICE_ERROR_MARKER) + len(DEVICE_ERROR_MARKER):].strip()
+    return None
 
 
 class TooManyErrors(Exception):
@@ -94,10 +107,12 @@ class Summary:
     images_per_second: float = 0.0
     weights: str = ""
     warnings: list[str] = field(default_factory=list)
-    # The detector actors this run used, the nodes they ran on, and the GPUs they held.
+    # The detector actors this run used, the nodes they ran on, the GPUs they held, and their devices
+    # (cuda:<GPU model> or cpu: actors).
     detector_actors: int = 0
     detector_nodes: int = 0
     detector_gpus: float = 0.0
+    detector_devices: dict[str, int] = field(default_factory=dict)
 
 
 def parse_number(key: str, value: str, minimum: float) -> float:
@@ -406,6 +421,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
                 num_threads=int(max(1, resources.num_cpus_per_actor)),
                 precision=cfg.inference.precision.value,
                 batch_size=model_batch,
+                cpu_fallback=cfg.inference.cpu_fallback,
             ),
             # A CPU actor takes seconds per batch: it is handed its next block only when free, so that no
             # block waits in one actor's queue while another actor idles. A GPU actor (or a lone actor,
@@ -421,15 +437,27 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
         # The driver is the only writer: it commits result files one by one as rows stream in, so rows
         # are committed exactly once even when Ray retries tasks or restarts actors on other nodes.
         writer = ResultWriter(output, uuid.uuid4().hex[:12], cfg.output.rows_per_file, cfg.output.commit_interval_s)
-        for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
-            workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
-            writer.add(rows.drop_columns([WORKER_COLUMN]))
+        try:
+            for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
+                workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+                writer.add(rows.drop_columns([WORKER_COLUMN]))
+        except Exception as error:
+            reason = device_error_in(error)
+            if reason is None:
+                raise
+            raise DeviceUnavailable(reason) from None
         writer.close()
 
     summary = summarize(output, files.num_rows, todo.num_rows, started, spec)
     summary.detector_actors = len(workers)
-    summary.detector_nodes = len({worker.split("/")[0] for worker in workers})
+    summary.detector_nodes = len({worker.split("/", 2)[0] for worker in workers})
     summary.detector_gpus = len(workers) * gpus_per_actor
+    summary.detector_devices = dict(sorted(Counter(worker.split("/", 2)[2] for worker in workers).items()))
+    on_cpu = summary.detector_devices.get("cpu", 0)
+    if gpus_per_actor and on_cpu:
+        summary.warnings.append(
+            f"GPUs were requested, but {on_cpu} of {len(workers)} detector actors ran on the CPU (inference.cpu_fallback=true)"
+        )
     write_json(output.filesystem, output.join(MANIFEST_NAME), manifest(cfg, spec, summary))
     return check_errors(cfg, summary)
 
@@ -472,6 +500,7 @@ def manifest(cfg: AppConfig, spec: ModelSpec, summary: Summary) -> dict:
             "app": app.__version__,
             "ray": ray.__version__,
             "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
             "torchvision": torchvision.__version__,
         },
         "model": {"name": spec.name, "weights": spec.weights, "random_init_fallback": spec.fallback_reason},
@@ -483,11 +512,13 @@ def manifest(cfg: AppConfig, spec: ModelSpec, summary: Summary) -> dict:
             "errors_by_kind": summary.errors_by_kind,
         },
         "max_error_fraction_exceeded": summary.errors > cfg.data.max_error_fraction * summary.inputs,
+        "warnings": summary.warnings,
         "processed_by_last_run": summary.processed,
         "detector_by_last_run": {
             "actors": summary.detector_actors,
             "nodes": summary.detector_nodes,
             "gpus": summary.detector_gpus,
+            "devices": summary.detector_devices,
         },
         "wall_seconds": summary.wall_seconds,
         "images_per_second": summary.images_per_second,

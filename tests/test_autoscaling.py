@@ -1,6 +1,7 @@
 """An autoscaling Ray cluster on one machine (ray.cluster_utils.AutoscalingCluster, autoscaler v2, Ray's
 fake node provider): a head with 2 CPUs and no GPU, and a worker type advertising one GPU, 0 to 2 of
-them, none up at the start. No GPU exists here: the fake GPU nodes' actors compute on the CPU.
+them, none up at the start. No GPU exists here: the fake GPU nodes' actors compute on the CPU
+(inference.cpu_fallback=true).
 
 AutoscalingCluster starts and stops with `ray stop --force`, which ends every Ray process on the
 machine, so this module starts its cluster only once the modules before it have shut theirs down
@@ -95,7 +96,7 @@ def test_a_run_grows_onto_every_gpu_the_cluster_may_add_and_gives_them_back(auto
     # Enough work, in small calls (batch 2, 8 images a call), to outlast the second GPU node's start.
     write_images(tmp_path / "in", 200)
     monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
-    overrides = [*FAST_MODEL, "ray.address=auto", "inference.batch_size=2", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    overrides = [*FAST_MODEL, "ray.address=auto", "inference.cpu_fallback=true", "inference.batch_size=2", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
     assert alive_gpu_nodes() == []
     summary = run(compose_config(overrides))
     assert (summary.inputs, summary.ok, summary.errors) == (200, 200, 0)
@@ -129,7 +130,7 @@ def test_a_fixed_pool_size_is_kept(autoscaling_cluster, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 12)
     monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
     earlier = {a.actor_id for a in list_actors(limit=1000)}
-    overrides = [*FAST_MODEL, "ray.address=auto", "inference.num_actors=1", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    overrides = [*FAST_MODEL, "ray.address=auto", "inference.cpu_fallback=true", "inference.num_actors=1", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
     assert run(compose_config(overrides)).ok == 12
     actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
     assert len(actors) == 1

@@ -14,6 +14,7 @@ from app.detector import (
     PixelModel,
     SplittingRunner,
     choose_device,
+    nvidia_driver_version,
     result_rows,
     shape_batches,
     to_device,
@@ -177,7 +178,17 @@ def test_batch_of_only_errors_skips_the_model(detector):
 
 def test_cpu_without_ray_gpu():
     assert choose_device() == torch.device("cpu")
-    assert torch.get_num_threads() >= 1
+    assert choose_device(cpu_fallback=True) == torch.device("cpu")
+
+
+def test_nvidia_driver_version_is_read_from_the_kernel_module(monkeypatch, tmp_path):
+    version_file = tmp_path / "version"
+    version_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                            "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    monkeypatch.setattr("app.detector.NVIDIA_DRIVER_VERSION_FILE", str(version_file))
+    assert nvidia_driver_version() == "535.104.05"
+    monkeypatch.setattr("app.detector.NVIDIA_DRIVER_VERSION_FILE", str(tmp_path / "absent"))
+    assert nvidia_driver_version() is None
 
 
 def test_label_names_are_coco_for_random_init():
@@ -259,13 +270,25 @@ def test_pixels_become_the_same_floats_on_cuda_and_cpu():
     """CUDA divides by a scalar as a multiplication by its reciprocal, which differs from a true
     division in the last bit for 126 of the 256 byte values; PixelModel multiplies on every device."""
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
-    seen = []
     model = PixelModel(build_model(SPEC)[0])
-    model.model = lambda images: seen.append([image.cpu() for image in images]) or []
+    model.model = recorder = InputRecorder()
     model([pixels])
     model.cuda()([pixels.cuda()])
-    assert torch.equal(seen[0][0], seen[1][0])
-    assert torch.equal(seen[0][0], pixels.float().mul(1 / 255))
+    on_cpu, on_cuda = recorder.seen
+    assert on_cuda.device.type == "cuda" and torch.equal(on_cpu, on_cuda.cpu())
+    assert torch.equal(on_cpu, pixels.float().mul(1 / 255))
+
+
+class InputRecorder(torch.nn.Module):
+    """Stands in for the torchvision model inside PixelModel: keeps the first image it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, images):
+        self.seen.append(images[0])
+        return []
 
 
 class FakeOutOfMemoryModel:

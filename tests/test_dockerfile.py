@@ -105,6 +105,30 @@ def test_base_image_matches_pyproject_ray_and_python():
     assert BASE_IMAGE == "rayproject/ray:2.60.0-py311-cu128"
 
 
+def test_torch_is_built_for_the_base_images_cuda():
+    """One CUDA stack: the base image's CUDA tag (cu128), the PyTorch index torch and torchvision come
+    from, and the build's check of torch.version.cuda all name the same CUDA; and the pins are pyproject's."""
+    base = next(args for keyword, args in instructions() if keyword == "FROM")
+    cuda_tag = base.rsplit("-", 1)[1]
+    assert re.fullmatch(r"cu\d{3}", cuda_tag), base
+    cuda_version = f"{cuda_tag[2:-1]}.{cuda_tag[-1]}"
+    run = next(args for keyword, args in instructions() if keyword == "RUN" and "requirements.txt" in args)
+    assert re.findall(r"--index-url (\S+)", run) == [f"https://download.pytorch.org/whl/{cuda_tag}"]
+    assert f"torch.version.cuda == '{cuda_version}'" in run
+    assert "grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt" in run
+    assert run.index("-r /tmp/torch.txt") < run.index("-r /tmp/requirements.txt")  # PyPI's torch never lands
+    pins = [dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith(("torch==", "torchvision=="))]
+    assert len(pins) == 2
+
+
+def test_the_driver_floor_is_documented_for_the_image_and_the_gpu_group():
+    floor = "R570"  # CUDA 12.8's driver
+    assert f"NVIDIA driver {floor} or newer" in DOCKERFILE.read_text()
+    assert f"NVIDIA driver {floor} or newer" in (ROOT / "README.md").read_text()
+    assert f"NVIDIA driver {floor} or newer" in (kv.CHART_DIR / "values.yaml").read_text()
+    assert f"driver {floor} or newer" in (ROOT / "app" / "detector.py").read_text()
+
+
 def test_runs_as_rays_user_without_an_entrypoint():
     steps = instructions()
     keywords = [keyword for keyword, _ in steps]

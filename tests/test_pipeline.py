@@ -53,7 +53,7 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     }
     assert manifest["model"] == {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none", "random_init_fallback": None}
     assert manifest["config"]["data"]["path"] == str(tmp_path / "in")
-    assert set(manifest["versions"]) == {"app", "ray", "torch", "torchvision"}
+    assert set(manifest["versions"]) == {"app", "ray", "torch", "torch_cuda", "torchvision"}
     assert (manifest["complete"], manifest["max_error_fraction_exceeded"], manifest["processed_by_last_run"]) == (True, False, 8)
     # Readers see one dataset: data files at the top, nothing staged left behind.
     entries = sorted(os.listdir(tmp_path / "out"))
@@ -188,7 +188,7 @@ def test_command_line_on_a_new_folder(tmp_path):
     assert "ray-detect: 3 images (3 ok, 0 errors: none), " in result.stdout
     assert "; 3 processed by this run in " in result.stdout
     # Three images make one block, which one of the two CPU actors detects.
-    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 0 GPU(s)\n" in result.stdout
+    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 0 GPU(s); devices: cpu x1\n" in result.stdout
     assert f"ray-detect: results in {tmp_path / 'out'} (manifest: {tmp_path / 'out'}/_manifest.json)" in result.stdout
     assert read_results(tmp_path / "out").num_rows == 3
     assert sorted(os.listdir(tmp_path)) == ["out", "photos"]  # Hydra wrote nothing of its own

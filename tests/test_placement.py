@@ -2,7 +2,14 @@
 node and a worker node that advertises one GPU. Detector actors must land on the GPU node and decode
 tasks on the CPU node. No GPU exists here, so the actor computes on CPU there."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
+import torch
 from ray.util.state import list_actors, list_tasks
 
 from app.pipeline import run
@@ -16,12 +23,19 @@ def gpu_cluster():
 
 
 def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
+    """The worker's GPU is a resource only: inference.cpu_fallback=true lets its actor run on the CPU,
+    and the summary and the manifest say so."""
     cluster, gpu_node = gpu_cluster
     write_images(tmp_path / "in", 40)
-    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    cfg = compose_config([*FAST_MODEL, "inference.cpu_fallback=true", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
     summary = run(cfg)
     assert (summary.inputs, summary.ok) == (40, 40)
     assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (1, 1, 1.0)
+    assert summary.detector_devices == {"cpu": 1}
+    assert summary.warnings == ["GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)"]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["detector_by_last_run"] == {"actors": 1, "nodes": 1, "gpus": 1.0, "devices": {"cpu": 1}}
+    assert manifest["warnings"] == summary.warnings and manifest["versions"]["torch_cuda"] == torch.version.cuda
 
     gpu_node_id = gpu_node.node_id
     cpu_node_id = cluster.head_node.node_id
@@ -50,3 +64,24 @@ def test_cpu_actors_fill_both_nodes_and_all_get_work(gpu_cluster, tmp_path):
     assert sorted(nodes.count(node) for node in set(nodes)) == [1, 2]
     busy = {t.actor_id for t in list_tasks(limit=10000) if t.actor_id in {a.actor_id for a in actors} and "submit" in t.name}
     assert busy == {a.actor_id for a in actors}
+
+
+def test_a_gpu_actor_that_cannot_use_its_gpu_stops_the_run(gpu_cluster, tmp_path):
+    """Without inference.cpu_fallback, the actor on the GPU node (a GPU resource with no CUDA behind it)
+    stops the run before any row is committed: exit code 4 and one line saying why and what to do."""
+    cluster, _ = gpu_cluster
+    write_images(tmp_path / "in", 6)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    args = [*FAST_MODEL, f"ray.address={cluster.address}", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    result = subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    pattern = (
+        r"ray-detect: GPU unusable: the detector actor on node [0-9.]+ holds GPU\(s\) 0 but torch "
+        + re.escape(f"{torch.__version__} (built for CUDA {torch.version.cuda}) cannot use them: ")
+        + r"[^;]+; NVIDIA driver not found\. Run an image whose torch build the node's driver supports "
+        r"\(this project's image needs driver R570 or newer\), or set inference\.cpu_fallback=true to run the "
+        r"detector on the CPU deliberately"
+    )
+    assert re.fullmatch(pattern, last), last
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
