@@ -137,16 +137,19 @@ class ClusterLimits:
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "ClusterLimits":
-        values = {}
-        for field_name, variable in (("max_gpus", MAX_GPUS_VARIABLE), ("max_cpus", MAX_CPUS_VARIABLE)):
+        def read(variable: str) -> Optional[float]:
             text = environ.get(variable, "").strip()
+            if not text:
+                return None
             try:
-                values[field_name] = float(text) if text else None
+                number = float(text)
             except ValueError:
-                values[field_name] = math.nan
-            if values[field_name] is not None and not values[field_name] >= 0:
+                number = math.nan
+            if not number >= 0:  # NaN included
                 raise ConfigError(f"{variable}={text!r} (set by the deployment) must be a number, at least 0")
-        return cls(**values)
+            return number
+
+        return cls(max_gpus=read(MAX_GPUS_VARIABLE), max_cpus=read(MAX_CPUS_VARIABLE))
 
 
 def plan_resources(

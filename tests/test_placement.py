@@ -85,3 +85,19 @@ def test_a_gpu_actor_that_cannot_use_its_gpu_stops_the_run(gpu_cluster, tmp_path
     )
     assert re.fullmatch(pattern, last), last
     assert not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+def test_with_the_fallback_the_command_line_completes_and_shows_the_actors_warning(gpu_cluster, tmp_path):
+    """On a cluster the actors' logs reach the driver's output (what `kubectl logs` shows of a RayJob):
+    here the fallback warning the actor on the GPU node logs."""
+    cluster, _ = gpu_cluster
+    write_images(tmp_path / "in", 6)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    args = [*FAST_MODEL, f"ray.address={cluster.address}", "inference.cpu_fallback=true",
+            f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    result = subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("; running on the CPU (inference.cpu_fallback=true)") == 1
+    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 1 GPU(s); devices: cpu x1\n" in result.stdout
+    assert "GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)" in result.stdout
