@@ -55,8 +55,15 @@ from PIL import Image
 
 from app import pipeline
 from app.config import compose_config
-from app.decode import DECODED_SCHEMA, DecodeOptions, decode, decode_images, model_input_size
+from app.decode import (
+    DECODED_SCHEMA,
+    DecodeOptions,
+    decode,
+    decode_images,
+    model_input_size,
+)
 from app.detector import AUTOCAST_DTYPES, Detector
+from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
@@ -475,7 +482,7 @@ def decode_rate(args, base: Path) -> dict:
     for name, sizes in DECODE_CASES.items():
         count = 40 if sizes[0][0] < 1000 else 8
         paths = write_jpegs(base / f"decode-{name.replace(' ', '')}", count, sizes, seed=args.seed)
-        table = pa.table({"path": [str(p) for p in paths], "size": [p.stat().st_size for p in paths]})
+        table = input_rows([str(p) for p in paths], [p.stat().st_size for p in paths])
         decode_images(table, filesystem=filesystem, uri_prefix="", options=options)  # warm the page cache
         started = time.perf_counter()
         decode_images(table, filesystem=filesystem, uri_prefix="", options=options)

@@ -21,6 +21,9 @@ IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
 class DataConfig:
     # Local directory (searched recursively), glob, single file, or URI (s3://, gs://, any fsspec protocol).
     path: str = MISSING
+    # A list of the images instead of listing data.path: a Parquet or CSV file or folder with a `path`
+    # column, or an S3 Inventory report's manifest.json (see the README). data.path is then not read.
+    manifest: Optional[str] = None
     # File extensions treated as images, matched case-insensitively; other files are ignored.
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     # Files larger than this are not read; they become error rows (kind "too_large").

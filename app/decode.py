@@ -20,6 +20,7 @@ UNREADABLE = "unreadable"
 NOT_AN_IMAGE = "not_an_image"
 TOO_MANY_PIXELS = "too_many_pixels"
 CORRUPT_IMAGE = "corrupt_image"
+NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or folder named like an image: never opened
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -67,14 +68,23 @@ QUARTER_TURNS = {5, 6, 7, 8}
 EXIF_ORIENTATION = 0x0112
 
 
-def read_file(filesystem: pafs.FileSystem, path: str, size: int, options: DecodeOptions) -> bytes:
-    if size > options.max_file_bytes:
+def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], options: DecodeOptions,
+              raw_path: Optional[bytes] = None) -> bytes:
+    """The file's bytes. `size` comes from the listing (None from a manifest without sizes); a local
+    name that is not valid UTF-8 is opened by its bytes, `raw_path`."""
+    if size is not None and size > options.max_file_bytes:
         raise ImageError(TOO_LARGE, f"file is {size} bytes, over data.max_file_bytes={options.max_file_bytes}")
     try:
-        with filesystem.open_input_stream(path) as stream:
-            data = stream.read()
+        if raw_path is not None:
+            with open(raw_path, "rb") as file:
+                data = file.read(options.max_file_bytes + 1)
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                data = stream.read(options.max_file_bytes + 1)
     except OSError as error:
         raise ImageError(UNREADABLE, str(error)) from error
+    if len(data) > options.max_file_bytes:
+        raise ImageError(TOO_LARGE, f"file is over data.max_file_bytes={options.max_file_bytes} bytes")
     if not data:
         raise ImageError(EMPTY_FILE, "file is empty")
     return data
@@ -129,13 +139,17 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
 def decode_images(
     batch: pa.Table, *, filesystem: pafs.FileSystem, uri_prefix: str, options: DecodeOptions
 ) -> pa.Table:
-    """Ray Data UDF: rows of (path, size) in, rows of DECODED_SCHEMA out, one for one."""
+    """Ray Data UDF: input rows (app.listing.INPUT_SCHEMA) in, rows of DECODED_SCHEMA out, one for one.
+    An input that the listing already found unusable passes through as its error row, unopened."""
     rows = {name: [] for name in DECODED_SCHEMA.names}
-    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+    columns = [batch.column(name).to_pylist() for name in ("path", "size", "error_kind", "error", "raw_path")]
+    for path, size, kind, message, raw_path in zip(*columns):
         row = dict.fromkeys(DECODED_SCHEMA.names)
         row["path"] = uri_prefix + path
         try:
-            image, row["width"], row["height"] = decode(read_file(filesystem, path, size, options), options)
+            if kind is not None:
+                raise ImageError(kind, message)
+            image, row["width"], row["height"] = decode(read_file(filesystem, path, size, options, raw_path), options)
             row["pixels"] = image.tobytes()
             row["pixel_width"], row["pixel_height"] = image.size
         except ImageError as error:

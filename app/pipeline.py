@@ -18,7 +18,7 @@ import torchvision
 from omegaconf import OmegaConf
 
 import app
-from app import storage
+from app import inventory, listing, resume, storage
 from app.config import SAMPLES_DIR, AppConfig, InferenceConfig
 from app.decode import DecodeOptions, decode_images
 from app.detector import DEVICE_ERROR_MARKER, WORKER_COLUMN, Detector
@@ -34,6 +34,10 @@ FILES_PER_DECODE_BATCH = 16
 BLOCKS_PER_ACTOR = 4
 # Input blocks, at most: building the dataset costs about 5 ms a block on a 2-core machine.
 MAX_INPUT_BLOCKS = 500
+# Files per input block when Ray tasks list the inputs (their number is not known in advance).
+STREAMED_BLOCK_FILES = 64
+# Ray tasks listing the parts of a large tree, at most.
+MAX_LISTING_TASKS = 256
 # torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
 MAX_CPU_THREADS_PER_ACTOR = 4
 # Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
@@ -268,16 +272,49 @@ def check_config(cfg: AppConfig) -> None:
             parse_number(f"inference.{key}", value, 1 if key == "num_actors" else 0)
 
 
-def list_inputs(cfg: AppConfig) -> tuple[storage.Location, pa.Table]:
+@dataclass
+class Inputs:
+    """The run's inputs: where the images are (`source`), and either their rows, listed by the driver
+    before any work (small inputs), or how Ray tasks produce them as the run goes (large trees and
+    manifests)."""
+
+    source: storage.Location
+    table: Optional[pa.Table] = None
+    listed: Optional[listing.Listing] = None
+    manifest: Optional[inventory.Manifest] = None
+
+    def stream(self, cfg: AppConfig) -> ray.data.Dataset:
+        """The input rows as a Ray Dataset, produced by tasks (needs Ray)."""
+        if self.manifest is not None:
+            suffixes = tuple("." + extension.lower().lstrip(".") for extension in cfg.data.extensions)
+            return self.manifest.dataset().map_batches(
+                inventory.manifest_rows, batch_format="pyarrow", fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
+        parts = self.listed.parts
+        listed = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), MAX_LISTING_TASKS))
+        listed = listed.map_batches(listing.list_part, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(tree=self.listed.tree))
+        if self.listed.found.num_rows:
+            listed = ray.data.from_arrow(self.listed.found).union(listed)
+        return listed
+
+
+def plan_inputs(cfg: AppConfig) -> Inputs:
+    """Read data.manifest's head, or list data.path as far as the driver lists (app.listing)."""
     try:
-        source, files = storage.list_images(cfg.data.path, list(cfg.data.extensions))
-    except storage.StorageError as error:
+        if cfg.data.manifest:
+            manifest = inventory.open_manifest(cfg.data.manifest)
+            return Inputs(manifest.images, manifest=manifest)
+        listed = listing.list_inputs(cfg.data.path, list(cfg.data.extensions))
+    except (storage.StorageError, OSError) as error:
         raise ConfigError(str(error)) from None
-    if not files:
-        extensions = ", ".join(cfg.data.extensions)
-        raise ConfigError(f"data.path {cfg.data.path} holds no image files (extensions: {extensions})")
-    table = pa.table({"path": [info.path for info in files], "size": [info.size for info in files]})
-    return source, table
+    if listed.complete and not listed.found.num_rows:
+        raise no_images(cfg)
+    return Inputs(listed.tree.location, table=listed.found if listed.complete else None, listed=listed)
+
+
+def no_images(cfg: AppConfig) -> ConfigError:
+    extensions = ", ".join(cfg.data.extensions)
+    where = f"data.manifest {cfg.data.manifest} lists" if cfg.data.manifest else f"data.path {cfg.data.path} holds"
+    return ConfigError(f"{where} no image files (extensions: {extensions})")
 
 
 def result_settings(cfg: AppConfig, spec: ModelSpec) -> dict:
@@ -286,7 +323,9 @@ def result_settings(cfg: AppConfig, spec: ModelSpec) -> dict:
     with real ones."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["weights"] = spec.weights
+    inputs = {"data.manifest": storage.absolute(cfg.data.manifest)} if cfg.data.manifest else {}
     return {
+        **inputs,
         "data.path": storage.absolute(cfg.data.path),
         "data.max_file_bytes": cfg.data.max_file_bytes,
         "data.max_image_pixels": cfg.data.max_image_pixels,
@@ -342,7 +381,7 @@ def model_spec(cfg: AppConfig) -> ModelSpec:
         class_names=tuple(cfg.model.class_names) if cfg.model.class_names else None,
     )
     # Only the embedded demo (the bundled samples) may run without the weights it asked for.
-    is_demo = storage.resolve(cfg.data.path).path == str(SAMPLES_DIR)
+    is_demo = not cfg.data.manifest and storage.resolve(cfg.data.path).path == str(SAMPLES_DIR)
     try:
         return resolve_weights(spec, allow_random_fallback=is_demo)
     except (WeightsError, storage.StorageError) as error:
@@ -373,27 +412,29 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
     """
     started = time.monotonic()
     check_config(cfg)
-    source, files = list_inputs(cfg)
+    inputs = plan_inputs(cfg)
     spec = model_spec(cfg)
     output = open_output(cfg, spec)
-    done = read_committed(output, ["path"]).column("path")
-    todo = files.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(source.uri_prefix, files["path"], ""), done)))
-    if todo.num_rows == 0 and read_json(output.filesystem, output.join(MANIFEST_NAME)) is not None:
-        log.info("every input already has its row in %s: nothing to do", cfg.output.path)
-        return check_errors(cfg, summarize(output, files.num_rows, 0, started, spec))
-    log.info("%d of %d images to process from %s", todo.num_rows, files.num_rows, cfg.data.path)
+    todo = inputs.table
+    if todo is not None:  # small inputs: their rows without a committed row, on the driver
+        done = read_committed(output, ["path"]).column("path")
+        todo = todo.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(inputs.source.uri_prefix, todo["path"], ""), done)))
+        if todo.num_rows == 0 and read_json(output.filesystem, output.join(MANIFEST_NAME)) is not None:
+            log.info("every input already has its row in %s: nothing to do", cfg.output.path)
+            return check_errors(cfg, summarize(output, inputs.table.num_rows, 0, started, spec))
+        log.info("%d of %d images to process from %s", todo.num_rows, inputs.table.num_rows, cfg.data.path)
+    else:
+        log.info("listing %s in Ray tasks as the run goes", cfg.data.manifest or cfg.data.path)
 
     workers: set[str] = set()  # the detector actors that made rows, by WORKER_COLUMN
     gpus_per_actor = 0.0
-    if todo.num_rows:
+    processed = 0
+    tally = None
+    if todo is None or todo.num_rows:
         local = connect_ray(cfg)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         resources = plan_resources(cfg.inference, nodes, local, ClusterLimits.from_environment())
         gpus_per_actor = resources.num_gpus
-        if spec.fallback_reason:
-            log.warning("!" * 80)
-            log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
-            log.warning("!" * 80)
         resize = cfg.inference.resize_on_cpu
         decode_options = DecodeOptions(
             max_file_bytes=cfg.data.max_file_bytes,
@@ -403,13 +444,23 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
         )
         model_batch = batch_size(cfg, resources)
         log.info("detector stage: %s, batch size %d", resources, model_batch)
-        block_rows = files_per_block(todo.num_rows, resources.num_actors, model_batch)
-        images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
+        if todo is not None:
+            block_rows = files_per_block(todo.num_rows, resources.num_actors, model_batch)
+            images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
+        else:
+            # Inputs streamed by tasks, those with a committed row dropped by tasks too (app.resume).
+            _, index = resume.scan_output(output, in_ray=True)
+            tally = resume.InputTally.remote()
+            block_rows = STREAMED_BLOCK_FILES
+            images = inputs.stream(cfg).map_batches(
+                resume.drop_done, batch_format="pyarrow",
+                fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
+            ).repartition(target_num_rows_per_block=block_rows)
         decoded = images.map_batches(
             decode_images,
             batch_format="pyarrow",
             batch_size=min(block_rows, FILES_PER_DECODE_BATCH),
-            fn_kwargs=dict(filesystem=source.filesystem, uri_prefix=source.uri_prefix, options=decode_options),
+            fn_kwargs=dict(filesystem=inputs.source.filesystem, uri_prefix=inputs.source.uri_prefix, options=decode_options),
             num_cpus=resources.decode_cpus,
             compute=ray.data.TaskPoolStrategy(size=resources.decode_tasks),
             # The task's memory, declared so Ray can plan it. As the detector declares none, this also
@@ -445,6 +496,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
             for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
                 workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
                 writer.add(rows.drop_columns([WORKER_COLUMN]))
+                processed += rows.num_rows
         except Exception as error:
             reason = device_error_in(error)
             if reason is None:
@@ -452,7 +504,10 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
             raise DeviceUnavailable(reason) from None
         writer.close()
 
-    summary = summarize(output, files.num_rows, todo.num_rows, started, spec)
+    total = inputs.table.num_rows if inputs.table is not None else ray.get(tally.total.remote())
+    if not total:
+        raise no_images(cfg)
+    summary = summarize(output, total, processed, started, spec)
     summary.detector_actors = len(workers)
     summary.detector_nodes = len({worker.split("/", 2)[0] for worker in workers})
     summary.detector_gpus = len(workers) * gpus_per_actor
@@ -468,20 +523,19 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
 
 def summarize(output: storage.Location, inputs: int, processed: int, started: float, spec: ModelSpec) -> Summary:
     """Count the committed rows, checking each input has exactly one."""
-    table = read_committed(output, ["path", "error_kind", "num_detections"])
-    unique = pc.count_distinct(table["path"]).as_py()
-    if table.num_rows != unique or unique < inputs:
-        raise RuntimeError(f"{output.uri(output.path)} holds {table.num_rows} rows for {unique} paths and {inputs} inputs")
-    kinds = Counter(kind for kind in table["error_kind"].to_pylist() if kind is not None)
+    scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
+    if scan.rows != scan.unique_paths or scan.unique_paths < inputs:
+        raise RuntimeError(f"{output.uri(output.path)} holds {scan.rows} rows for {scan.unique_paths} paths and {inputs} inputs")
+    kinds = scan.errors_by_kind
     errors = sum(kinds.values())
     wall = time.monotonic() - started
     return Summary(
         output_path=output.uri(output.path),
-        inputs=table.num_rows,
+        inputs=scan.rows,
         processed=processed,
-        ok=table.num_rows - errors,
+        ok=scan.rows - errors,
         errors=errors,
-        detections=int(pc.sum(table["num_detections"]).as_py() or 0),
+        detections=scan.detections,
         errors_by_kind=dict(sorted(kinds.items())),
         wall_seconds=round(wall, 3),
         images_per_second=round(processed / wall, 3) if wall > 0 else 0.0,

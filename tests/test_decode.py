@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from app.decode import DECODED_SCHEMA, DecodeOptions, decode, decode_images, model_input_size
+from app.decode import (
+    DECODED_SCHEMA,
+    DecodeOptions,
+    decode,
+    decode_images,
+    model_input_size,
+)
+from app.listing import input_rows
 from tests.conftest import encoded, jpeg_bytes
 
 NO_RESIZE = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8)
@@ -148,7 +155,7 @@ def batch_of(files: dict, tmp_path) -> pa.Table:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     paths = [str(tmp_path / name) for name in files]
-    return pa.table({"path": paths, "size": [len(files[name]) for name in files]})
+    return input_rows(paths, [len(files[name]) for name in files])
 
 
 def test_each_bad_file_becomes_one_error_row(tmp_path):
@@ -189,7 +196,7 @@ def test_each_bad_file_becomes_one_error_row(tmp_path):
 
 
 def test_unreadable_file_is_an_error_row(tmp_path):
-    batch = pa.table({"path": [str(tmp_path / "gone.jpg")], "size": [10]})
+    batch = input_rows([str(tmp_path / "gone.jpg")], [10])
     out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=NO_RESIZE)
     row = out.to_pylist()[0]
     assert row["error_kind"] == "unreadable"
