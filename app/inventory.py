@@ -41,13 +41,15 @@ class Manifest:
     csv_columns: Optional[list[str]] = None  # names of a header-less CSV's columns
     url_encoded_keys: bool = False  # S3 Inventory CSV
 
-    def dataset(self) -> ray.data.Dataset:
+    def dataset(self, tasks: int) -> ray.data.Dataset:
+        """The manifest's rows, read by up to `tasks` Ray tasks at a time. Reading takes no CPU of
+        Ray's accounting, like decoding, so that it runs beside detector actors that hold every CPU."""
         paths, filesystem = self.files, self.location.filesystem
         if self.format == "parquet":
-            return ray.data.read_parquet(paths, filesystem=filesystem)
+            return ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=0, concurrency=tasks)
         read = pacsv.ReadOptions(column_names=self.csv_columns) if self.csv_columns else pacsv.ReadOptions()
         convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in ("path", "key", "Key", "bucket", "Bucket")})
-        return ray.data.read_csv(paths, filesystem=filesystem, read_options=read, convert_options=convert)
+        return ray.data.read_csv(paths, filesystem=filesystem, read_options=read, convert_options=convert, num_cpus=0, concurrency=tasks)
 
 
 def open_manifest(uri: str) -> Manifest:

@@ -36,8 +36,8 @@ BLOCKS_PER_ACTOR = 4
 MAX_INPUT_BLOCKS = 500
 # Files per input block when Ray tasks list the inputs (their number is not known in advance).
 STREAMED_BLOCK_FILES = 64
-# Ray tasks listing the parts of a large tree, at most.
-MAX_LISTING_TASKS = 256
+# Blocks the parts of a large tree are cut into, at most (a block is listed by one task).
+MAX_LISTING_BLOCKS = 256
 # torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
 MAX_CPU_THREADS_PER_ACTOR = 4
 # Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
@@ -157,7 +157,8 @@ class ClusterLimits:
 
 
 def plan_resources(
-    inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True, limits: ClusterLimits = ClusterLimits()
+    inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True, limits: ClusterLimits = ClusterLimits(),
+    input_cpus: float = 0.0,
 ) -> Resources:
     """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes,
     and, on an attached cluster, against what its autoscaler may add (`limits`).
@@ -173,6 +174,7 @@ def plan_resources(
 
     A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
     cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
+    `input_cpus` are left to the input stage: CPU actors that would take them are one fewer.
     """
     cluster_gpus = sum(node.get("GPU", 0.0) for node in nodes)
     cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
@@ -207,6 +209,8 @@ def plan_resources(
     else:
         fitting = sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes)
         num_actors = max(1, fitting, int((reachable_cpus - cluster_cpus) // num_cpus) + fitting)
+        if num_actors * num_cpus > reachable_cpus - input_cpus:
+            num_actors = max(1, num_actors - math.ceil(input_cpus / num_cpus))
     if not fixed_actors and inference.max_actors is not None:
         num_actors = min(num_actors, inference.max_actors)
     if num_gpus and num_actors * num_cpus <= reachable_cpus - 1:
@@ -283,15 +287,19 @@ class Inputs:
     listed: Optional[listing.Listing] = None
     manifest: Optional[inventory.Manifest] = None
 
-    def stream(self, cfg: AppConfig) -> ray.data.Dataset:
-        """The input rows as a Ray Dataset, produced by tasks (needs Ray)."""
+    def stream(self, cfg: AppConfig, tasks: int) -> ray.data.Dataset:
+        """The input rows as a Ray Dataset, produced by up to `tasks` tasks at a time (needs Ray). Like
+        decoding, listing takes no CPU of Ray's accounting, so that it runs beside detector actors that
+        hold every CPU."""
         if self.manifest is not None:
             suffixes = tuple("." + extension.lower().lstrip(".") for extension in cfg.data.extensions)
-            return self.manifest.dataset().map_batches(
-                inventory.manifest_rows, batch_format="pyarrow", fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
+            return self.manifest.dataset(tasks).map_batches(
+                inventory.manifest_rows, batch_format="pyarrow", num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
         parts = self.listed.parts
-        listed = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), MAX_LISTING_TASKS))
-        listed = listed.map_batches(listing.list_part, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(tree=self.listed.tree))
+        listed = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), MAX_LISTING_BLOCKS))
+        listed = listed.map_batches(listing.list_part, batch_format="pyarrow", batch_size=1, num_cpus=0,
+                                    compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(tree=self.listed.tree))
         if self.listed.found.num_rows:
             listed = ray.data.from_arrow(self.listed.found).union(listed)
         return listed
@@ -433,7 +441,9 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
     if todo is None or todo.num_rows:
         local = connect_ray(cfg)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        resources = plan_resources(cfg.inference, nodes, local, ClusterLimits.from_environment())
+        # Streamed inputs are cut into blocks by a Ray Data task that takes a CPU (app.resume).
+        input_cpus = 0.0 if todo is not None else 1.0
+        resources = plan_resources(cfg.inference, nodes, local, ClusterLimits.from_environment(), input_cpus)
         gpus_per_actor = resources.num_gpus
         resize = cfg.inference.resize_on_cpu
         decode_options = DecodeOptions(
@@ -448,12 +458,14 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
             block_rows = files_per_block(todo.num_rows, resources.num_actors, model_batch)
             images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
         else:
-            # Inputs streamed by tasks, those with a committed row dropped by tasks too (app.resume).
+            # Inputs streamed by tasks, those with a committed row dropped by tasks too (app.resume), then
+            # cut into blocks of STREAMED_BLOCK_FILES by Ray Data's streaming repartition, which takes a
+            # CPU: plan_resources left one.
             _, index = resume.scan_output(output, in_ray=True)
             tally = resume.InputTally.remote()
             block_rows = STREAMED_BLOCK_FILES
-            images = inputs.stream(cfg).map_batches(
-                resume.drop_done, batch_format="pyarrow",
+            images = inputs.stream(cfg, resources.decode_tasks).map_batches(
+                resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=resources.decode_tasks),
                 fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
             ).repartition(target_num_rows_per_block=block_rows)
         decoded = images.map_batches(

@@ -83,6 +83,7 @@ def scan_output(output: Location, in_ray: bool):
     if not in_ray:
         return merge_scans(*(scan_files(output, chunk) for chunk in chunks))
     scan, index = _merge_task.remote(*[_scan_task.remote(output, chunk) for chunk in chunks])
+    ray.wait([index], fetch_local=False)  # built before the pipeline's tasks and actors take the CPUs
     return ray.get(scan), index
 
 

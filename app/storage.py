@@ -5,14 +5,10 @@ standard AWS credential chain and ``AWS_ENDPOINT_URL``), ``gs://``, ``hdfs://`` 
 protocol that fsspec knows is wrapped for pyarrow.
 """
 
-import fnmatch
 import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-
-GLOB_CHARS = "*?["
-
 
 class StorageError(Exception):
     """A path that cannot be listed, read or written."""
@@ -61,42 +57,3 @@ def _fsspec_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     except (ImportError, ValueError) as error:
         raise StorageError(f"no filesystem for {uri}: {error}") from error
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def list_images(uri: str, extensions: list[str]) -> tuple[Location, list[pafs.FileInfo]]:
-    """List the image files under a directory (recursively), matching a glob, or naming one file.
-
-    Returns the location and its image files (path and size), sorted by path. Raises StorageError when
-    the path does not exist or cannot be listed.
-    """
-    pattern = None
-    if any(char in uri for char in GLOB_CHARS):
-        cut = min(uri.index(char) for char in GLOB_CHARS if char in uri)
-        base_uri, slash, _ = uri[:cut].rpartition("/")
-        location = resolve((base_uri or "/") if slash else ".")
-        pattern = location.join(uri[len(base_uri + slash) :])
-    else:
-        location = resolve(uri)
-    try:
-        info = location.filesystem.get_file_info(location.path)
-    except OSError as error:
-        raise StorageError(f"data.path {uri} cannot be read: {error}") from error
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"data.path {uri} does not exist")
-    if info.type == pafs.FileType.File:
-        candidates = [info]
-    else:
-        selector = pafs.FileSelector(location.path, recursive=True)
-        try:
-            candidates = location.filesystem.get_file_info(selector)
-        except OSError as error:
-            raise StorageError(f"data.path {uri} cannot be listed: {error}") from error
-    suffixes = tuple("." + extension.lower().lstrip(".") for extension in extensions)
-    images = [
-        entry
-        for entry in candidates
-        if entry.type == pafs.FileType.File
-        and entry.path.lower().endswith(suffixes)
-        and (pattern is None or fnmatch.fnmatchcase(entry.path, pattern))
-    ]
-    return location, sorted(images, key=lambda entry: entry.path)

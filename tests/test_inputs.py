@@ -1,0 +1,112 @@
+"""Where a run's inputs come from, through the whole pipeline on a local Ray instance: odd trees, a tree
+listed in parts by Ray tasks (with resume after a crash), and manifests in each local format."""
+
+import gzip
+import os
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from app import listing
+from app.pipeline import ConfigError, run
+from app.results import MANIFEST_NAME
+from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes, write_images
+from tests.test_listing import odd_tree
+
+
+def rows_of(path):
+    return {row["path"]: row for row in pads.dataset(str(path), format="parquet").to_table().to_pylist()}
+
+
+def test_an_odd_tree_gives_one_row_per_entry_and_a_rerun_adds_nothing(local_ray, tmp_path):
+    odd_tree(tmp_path / "in")
+    (tmp_path / "in" / os.fsdecode(b"bad\xffutf8.jpg")).write_bytes(jpeg_bytes(30, 20))
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    summary = run(compose_config(overrides))
+    rows = {path[len(str(tmp_path / "in")) + 1 :]: row for path, row in rows_of(tmp_path / "out").items()}
+    assert {name: row["error_kind"] for name, row in rows.items()} == {
+        "100%.jpg": "not_an_image",
+        "bad%FFutf8.jpg": None,  # opened by its bytes, decoded
+        "dangling.jpg": "unreadable",
+        "dir.jpg": "not_a_file",
+        "dir.jpg/in_dir.jpg": "not_an_image",
+        "good.jpg": "not_an_image",
+        "loop.jpg": "unreadable",
+        "pipe.jpg": "not_a_file",
+        "sub/inner.png": "not_an_image",
+    }
+    assert (rows["bad%FFutf8.jpg"]["width"], rows["bad%FFutf8.jpg"]["height"]) == (30, 20)
+    assert (summary.inputs, summary.processed, summary.ok) == (9, 9, 1)
+    assert summary.errors_by_kind == {"not_a_file": 2, "not_an_image": 4, "unreadable": 2}
+    again = run(compose_config(overrides))
+    assert (again.inputs, again.processed, again.errors) == (9, 0, 8)
+
+
+def test_a_tree_listed_in_parts_resumes_after_a_crash_exactly_once(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "DRIVER_LISTING_ENTRIES", 2)  # the driver lists 2 entries, tasks the rest
+    expected = set()
+    for folder in "abc":
+        expected |= {str(path) for path in write_images(tmp_path / "in" / folder, 3)}
+    (tmp_path / "in" / "a" / "notes.txt").write_text("not an input")
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=3"]
+    first = run(compose_config(overrides))
+    assert set(rows_of(tmp_path / "out")) == expected
+    assert (first.inputs, first.processed, first.ok) == (9, 9, 9)
+    assert listing.list_inputs(str(tmp_path / "in"), ["jpg"]).parts  # it was listed in parts
+
+    parts = sorted(p for p in (tmp_path / "out").iterdir() if p.name.startswith("part-"))
+    lost = set(pq.read_table(parts[1]).column("path").to_pylist())
+    parts[1].unlink()  # the state a crash leaves: a file's rows not committed, no manifest
+    (tmp_path / "out" / MANIFEST_NAME).unlink()
+    write_images(tmp_path / "in" / "d", 1)  # and an image added since
+    second = run(compose_config(overrides))
+    assert (second.inputs, second.processed) == (10, len(lost) + 1)
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == sorted(expected | {str(tmp_path / "in" / "d" / "img_000.jpg")})
+
+
+def manifest_inputs(tmp_path):
+    """Three images, a path that does not exist and a text file, as a manifest lists them."""
+    images = [str(path) for path in write_images(tmp_path / "images", 3)]
+    (tmp_path / "images" / "notes.txt").write_text("-")
+    return images + [str(tmp_path / "images" / "gone.jpg"), str(tmp_path / "images" / "notes.txt")]
+
+
+def write_parquet(tmp_path, paths):
+    target = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": paths, "size": [os.path.getsize(p) if os.path.exists(p) else 0 for p in paths]}), target)
+    return target
+
+
+def write_csv_with_header(tmp_path, paths):
+    target = tmp_path / "list.csv"
+    pacsv.write_csv(pa.table({"path": paths}), target)
+    return target
+
+
+def write_gzipped_csv_without_header(tmp_path, paths):
+    target = tmp_path / "list.csv.gz"
+    target.write_bytes(gzip.compress("".join(f"{p},{os.path.getsize(p) if os.path.exists(p) else 0}\n" for p in paths).encode()))
+    return target
+
+
+@pytest.mark.parametrize("write", [write_parquet, write_csv_with_header, write_gzipped_csv_without_header])
+def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path, write):
+    paths = manifest_inputs(tmp_path)
+    manifest = write(tmp_path, paths)
+    overrides = [*FAST_MODEL, f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"]
+    summary = run(compose_config(overrides))
+    rows = rows_of(tmp_path / "out")
+    assert {path: row["error_kind"] for path, row in rows.items()} == {**dict.fromkeys(paths[:3]), paths[3]: "unreadable"}
+    assert (summary.inputs, summary.processed, summary.ok) == (4, 4, 3)
+    again = run(compose_config(overrides))
+    assert (again.inputs, again.processed) == (4, 0)
+
+
+def test_a_manifest_without_a_path_column_is_refused_before_work(tmp_path):
+    pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "list.parquet")
+    with pytest.raises(ConfigError, match=r"^data.manifest \S+list.parquet has no `path` column \(columns: file\)$"):
+        run(compose_config([*FAST_MODEL, f"data.manifest={tmp_path / 'list.parquet'}", f"output.path={tmp_path / 'out'}"]))
