@@ -6,6 +6,7 @@ import sys
 import hydra
 
 import app.conf  # noqa: F401  (registers the typed config schema)
+from app.lease import LeaseLost, OutputInUse
 from app.pipeline import ConfigError, DeviceUnavailable, Summary, TooManyErrors, run
 
 log = logging.getLogger("app")
@@ -34,6 +35,9 @@ def main(cfg) -> None:
     except ConfigError as error:
         print(f"ray-detect: config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (OutputInUse, LeaseLost) as error:
+        print(f"ray-detect: output in use: {error}", file=sys.stderr)
+        sys.exit(5)
     except DeviceUnavailable as error:
         print(f"ray-detect: GPU unusable: {error}", file=sys.stderr)
         sys.exit(4)

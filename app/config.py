@@ -94,6 +94,10 @@ class OutputConfig:
     # a crashed run loses only rows not yet committed.
     rows_per_file: int = 10_000
     commit_interval_s: float = 60.0
+    # One run at a time: a run holds a lease on output.path and renews it every lease_heartbeat_s seconds;
+    # a lease not renewed for lease_timeout_s belongs to a run that died, and the next run takes it over.
+    lease_timeout_s: float = 180.0
+    lease_heartbeat_s: float = 30.0
 
 
 @dataclass

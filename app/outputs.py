@@ -90,7 +90,10 @@ def output_location(results: Results, uri: str, option: str = "--out") -> storag
 def uses_torchvision_labels(manifest: dict) -> bool:
     """Whether the run's labels are torchvision's COCO label set (pretrained or random-init weights with
     no classes of their own), rather than a fine-tuned checkpoint's."""
-    from app.model import PRETRAINED, RANDOM_INIT  # torch: imported only once needed, so errors come fast
+    from app.model import (  # torch: imported only once needed, so errors come fast
+        PRETRAINED,
+        RANDOM_INIT,
+    )
 
     model_config = manifest.get("config", {}).get("model", {})
     weights = str(manifest.get("model", {}).get("weights", model_config.get("weights", "")))

@@ -22,8 +22,17 @@ from app import inventory, listing, resume, storage
 from app.config import SAMPLES_DIR, AppConfig, InferenceConfig
 from app.decode import DecodeOptions, decode_images
 from app.detector import DEVICE_ERROR_MARKER, WORKER_COLUMN, Detector
+from app.lease import LEASE_NAME, OutputLease
 from app.model import MODEL_NAMES, ModelSpec, WeightsError, resolve_weights
-from app.results import MANIFEST_NAME, SETTINGS_NAME, STAGING_DIR, ResultWriter, read_committed, read_json, write_json
+from app.results import (
+    MANIFEST_NAME,
+    SETTINGS_NAME,
+    STAGING_DIR,
+    ResultWriter,
+    read_committed,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger("app")
 
@@ -270,6 +279,11 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"model.max_detections={cfg.model.max_detections} must be at least 1")
     if not 0 <= cfg.model.score_threshold <= 1:
         raise ConfigError(f"model.score_threshold={cfg.model.score_threshold} must be between 0 and 1")
+    if not 0 < 2 * cfg.output.lease_heartbeat_s <= cfg.output.lease_timeout_s:
+        raise ConfigError(
+            f"output.lease_heartbeat_s={cfg.output.lease_heartbeat_s} must be above 0 and at most half of "
+            f"output.lease_timeout_s={cfg.output.lease_timeout_s}"
+        )
     for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
         value = getattr(cfg.inference, key)
         if value != AUTO:
@@ -343,9 +357,7 @@ def result_settings(cfg: AppConfig, spec: ModelSpec) -> dict:
     }
 
 
-def open_output(cfg: AppConfig, spec: ModelSpec) -> storage.Location:
-    """Prepare output.path for this run: a new dataset, or the resumption of one made with the same
-    settings. Files a crashed run left in staging are discarded; committed rows are kept."""
+def output_location(cfg: AppConfig) -> storage.Location:
     try:
         output = storage.resolve(cfg.output.path)
         info = output.filesystem.get_file_info(output.path)
@@ -353,28 +365,36 @@ def open_output(cfg: AppConfig, spec: ModelSpec) -> storage.Location:
         raise ConfigError(f"output.path {cfg.output.path} cannot be used: {error}") from None
     if info.type == pafs.FileType.File:
         raise ConfigError(f"output.path {cfg.output.path} is a file, not a directory")
-    settings = result_settings(cfg, spec)
-    if info.type == pafs.FileType.Directory:
-        if cfg.output.overwrite:
-            output.filesystem.delete_dir_contents(output.path)
-        previous = read_json(output.filesystem, output.join(SETTINGS_NAME))
-        if previous is None and output.filesystem.get_file_info(pafs.FileSelector(output.path)):
-            raise ConfigError(
-                f"output.path {cfg.output.path} holds files that are not ray-detect results; "
-                f"choose another output.path or pass output.overwrite=true to replace its contents"
-            )
-        if previous is not None and previous != settings:
-            key = next(key for key in sorted(set(settings) | set(previous)) if settings.get(key) != previous.get(key))
-            raise ConfigError(
-                f"output.path {cfg.output.path} holds results made with {key}={previous.get(key)!r}, not "
-                f"{settings.get(key)!r}; choose another output.path or pass output.overwrite=true to replace them"
-            )
-        output.filesystem.delete_dir_contents(output.join(STAGING_DIR), missing_dir_ok=True)
-        if previous is not None:
-            return output
-    output.filesystem.create_dir(output.path, recursive=True)
-    write_json(output.filesystem, output.join(SETTINGS_NAME), settings)
     return output
+
+
+def open_output(cfg: AppConfig, spec: ModelSpec, output: storage.Location) -> None:
+    """Prepare output.path, whose lease this run holds: a new dataset, or the resumption of one made with
+    the same settings. Files a crashed run left in staging are discarded; committed rows are kept."""
+    settings = result_settings(cfg, spec)
+    entries = [entry for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path)) if entry.base_name != LEASE_NAME]
+    if cfg.output.overwrite:
+        for entry in entries:
+            if entry.type == pafs.FileType.Directory:
+                output.filesystem.delete_dir(entry.path)
+            else:
+                output.filesystem.delete_file(entry.path)
+        entries = []
+    previous = read_json(output.filesystem, output.join(SETTINGS_NAME))
+    if previous is None and entries:
+        raise ConfigError(
+            f"output.path {cfg.output.path} holds files that are not ray-detect results; "
+            f"choose another output.path or pass output.overwrite=true to replace its contents"
+        )
+    if previous is not None and previous != settings:
+        key = next(key for key in sorted(set(settings) | set(previous)) if settings.get(key) != previous.get(key))
+        raise ConfigError(
+            f"output.path {cfg.output.path} holds results made with {key}={previous.get(key)!r}, not "
+            f"{settings.get(key)!r}; choose another output.path or pass output.overwrite=true to replace them"
+        )
+    output.filesystem.delete_dir_contents(output.join(STAGING_DIR), missing_dir_ok=True)
+    if previous is None:
+        write_json(output.filesystem, output.join(SETTINGS_NAME), settings)
 
 
 def model_spec(cfg: AppConfig) -> ModelSpec:
@@ -422,7 +442,19 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
     check_config(cfg)
     inputs = plan_inputs(cfg)
     spec = model_spec(cfg)
-    output = open_output(cfg, spec)
+    output = output_location(cfg)
+    run_id = uuid.uuid4().hex[:12]
+    lease = OutputLease(output, run_id, cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s)
+    lease.acquire()
+    try:
+        open_output(cfg, spec, output)
+        return run_holding_the_lease(cfg, detector, started, inputs, spec, output, lease)
+    finally:
+        lease.release()
+
+
+def run_holding_the_lease(cfg: AppConfig, detector: type[Detector], started: float, inputs: Inputs, spec: ModelSpec,
+                          output: storage.Location, lease: OutputLease) -> Summary:
     todo = inputs.table
     if todo is not None:  # small inputs: their rows without a committed row, on the driver
         done = read_committed(output, ["path"]).column("path")
@@ -503,10 +535,11 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
         )
         # The driver is the only writer: it commits result files one by one as rows stream in, so rows
         # are committed exactly once even when Ray retries tasks or restarts actors on other nodes.
-        writer = ResultWriter(output, uuid.uuid4().hex[:12], cfg.output.rows_per_file, cfg.output.commit_interval_s)
+        writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
         try:
             for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
                 workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+                lease.check()
                 writer.add(rows.drop_columns([WORKER_COLUMN]))
                 processed += rows.num_rows
         except Exception as error:

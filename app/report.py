@@ -221,7 +221,7 @@ def render_html(results: outputs.Results, stats: Stats, previews: list[Preview],
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>ray-detect report: {e(results.uri)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>ray-detect report</h1>",
+        "<h1>ray-detect report</h1>",
         f'<p class="meta">{e(results.uri)} · model {e(str(model.get("name", "?")))} '
         f'(weights {e(str(model.get("weights", "?")))})</p>',
         '<div class="columns"><section><h2>Counts</h2><dl class="counts">',

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+
 class StorageError(Exception):
     """A path that cannot be listed, read or written."""
 

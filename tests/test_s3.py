@@ -1,11 +1,14 @@
 """Reading from and writing to S3: a real S3 HTTP endpoint on loopback (moto's server mode), with
 credentials from the environment only, as the AWS SDK chain reads them."""
 
+import gzip
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import boto3
 import pyarrow.dataset as pads
@@ -13,7 +16,10 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 
+from app import listing
+from app.lease import create_exclusive
 from app.pipeline import run
+from app.storage import resolve
 from app.results import MANIFEST_NAME
 from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes
 
@@ -96,3 +102,47 @@ def test_anonymous_bucket_uri_reads_public_objects(s3_endpoint):
     assert "ACCESS_DENIED" in rows[f"s3://{BUCKET}/public/private.jpg"]["error"]
     body = s3_endpoint.get_object(Bucket=BUCKET, Key=f"out/anon/{MANIFEST_NAME}")["Body"].read()
     assert b'"unreadable": 1' in body
+
+
+def test_an_s3_inventory_report_gives_one_row_per_listed_image(s3_endpoint):
+    """The layout AWS writes: <prefix>/<source bucket>/<config>/<date>/manifest.json naming gzipped,
+    header-less CSV files under <config>/data/, with URL-encoded keys."""
+    keys = ["inv/a b.jpg", "inv/sub/c+d.png", "inv/notes.txt", "inv/gone.jpg"]
+    for key in keys[:3]:
+        s3_endpoint.put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes(40, 30))
+    lines = "".join(f'"{BUCKET}","{urllib.parse.quote_plus(key, safe="/")}","{len(jpeg_bytes(40, 30))}"\n' for key in keys)
+    s3_endpoint.put_object(Bucket=BUCKET, Key="reports/detect-test/daily/data/0001.csv.gz", Body=gzip.compress(lines.encode()))
+    report = {
+        "sourceBucket": BUCKET, "destinationBucket": f"arn:aws:s3:::{BUCKET}", "fileFormat": "CSV",
+        "fileSchema": "Bucket, Key, Size", "files": [{"key": "reports/detect-test/daily/data/0001.csv.gz", "size": 1}],
+    }
+    s3_endpoint.put_object(Bucket=BUCKET, Key="reports/detect-test/daily/2026-11-27T01-00Z/manifest.json", Body=json.dumps(report))
+    overrides = [*FAST_MODEL, f"data.manifest=s3://{BUCKET}/reports/detect-test/daily/2026-11-27T01-00Z/manifest.json",
+                 f"output.path=s3://{BUCKET}/out/inventory"]
+    summary = run(compose_config(overrides))
+    filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/inventory")
+    rows = {row["path"]: row for row in pads.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pylist()}
+    assert {path: row["error_kind"] for path, row in rows.items()} == {
+        f"s3://{BUCKET}/inv/a b.jpg": None, f"s3://{BUCKET}/inv/sub/c+d.png": None, f"s3://{BUCKET}/inv/gone.jpg": "unreadable"}
+    assert (summary.inputs, summary.ok) == (3, 2)
+    assert run(compose_config(overrides)).processed == 0
+
+
+def test_a_prefix_listed_in_parts_finds_every_key_once(s3_endpoint, monkeypatch):
+    monkeypatch.setattr(listing, "DRIVER_LISTING_ENTRIES", 2)
+    expected = {f"parts/{folder}/img_{i}.jpg" for folder in "abc" for i in range(3)}
+    for key in expected:
+        s3_endpoint.put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes())
+    summary = run(compose_config([*FAST_MODEL, f"data.path=s3://{BUCKET}/parts", f"output.path=s3://{BUCKET}/out/parts"]))
+    filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/parts")
+    paths = pads.dataset(path, filesystem=filesystem, format="parquet").to_table().column("path").to_pylist()
+    assert sorted(paths) == sorted(f"s3://{BUCKET}/{key}" for key in expected)
+    assert (summary.inputs, summary.processed, summary.ok) == (9, 9, 9)
+
+
+def test_the_lease_is_created_with_a_conditional_write(s3_endpoint):
+    output = resolve(f"s3://{BUCKET}/out/leased")
+    assert create_exclusive(output, f"{BUCKET}/out/leased/_lease.json", {"owner": "a"})
+    assert not create_exclusive(output, f"{BUCKET}/out/leased/_lease.json", {"owner": "b"})
+    body = s3_endpoint.get_object(Bucket=BUCKET, Key="out/leased/_lease.json")["Body"].read()
+    assert json.loads(body) == {"owner": "a"}

@@ -1,0 +1,138 @@
+"""One run at a time on an output.path: a lease file with an owner and a heartbeat.
+
+A run creates `_lease.json` in output.path before it touches anything there, with a write that fails
+when the file exists: an exclusive create on local disks, `If-None-Match: *` on S3 (through boto3, which
+reads the same credentials and AWS_ENDPOINT_URL as pyarrow). Other stores have no such write: there the
+lease is checked, written and read back, which two runs starting within a second of each other can both
+pass. While the run goes on, a thread rewrites the heartbeat every heartbeat_s seconds; a lease whose
+heartbeat is older than timeout_s belongs to a run that died, and the next run takes it over (at once
+when the holder ran on the same machine and its process is gone). A run that
+finds its lease taken over stops before committing another file. Heartbeats are wall-clock times of the
+machines involved, which must agree to well within timeout_s (NTP does).
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+from app.results import read_json
+from app.storage import Location
+
+log = logging.getLogger("app")
+
+LEASE_NAME = "_lease.json"
+
+
+class OutputInUse(Exception):
+    """output.path holds the live lease of another run; the message is one line."""
+
+
+class LeaseLost(Exception):
+    """Another run took this run's lease over (its heartbeats stopped for longer than the timeout)."""
+
+
+class OutputLease:
+    def __init__(self, output: Location, owner: str, timeout_s: float, heartbeat_s: float):
+        self.output, self.owner = output, owner
+        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self.path = output.join(LEASE_NAME)
+        self.lost: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def document(self) -> dict:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+    def acquire(self) -> None:
+        """Take the lease, or raise OutputInUse naming the live run that holds it."""
+        self.output.filesystem.create_dir(self.output.path, recursive=True)
+        if not create_exclusive(self.output, self.path, self.document()):
+            holder = read_json(self.output.filesystem, self.path) or {}
+            age = time.time() - float(holder.get("heartbeat", 0))
+            description = f"run {holder.get('owner')} on {holder.get('host')} (pid {holder.get('pid')})"
+            if age < self.timeout_s and not died_here(holder):
+                raise OutputInUse(
+                    f"output.path {self.output.uri(self.output.path)} is in use by {description}, whose last heartbeat "
+                    f"was {age:.0f} s ago; a lease is stale after output.lease_timeout_s={self.timeout_s:g}"
+                )
+            log.warning("taking over output.path from %s, silent for %.0f s", description, age)
+            self.output.filesystem.delete_file(self.path)
+            if not create_exclusive(self.output, self.path, self.document()):
+                raise OutputInUse(f"output.path {self.output.uri(self.output.path)} was taken by another run just now")
+        self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            holder = read_json(self.output.filesystem, self.path) or {}
+            if holder.get("owner") != self.owner:
+                self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
+                return
+            write_document(self.output.filesystem, self.path, self.document())
+
+    def check(self) -> None:
+        """Raise LeaseLost when another run took the lease over."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder = read_json(self.output.filesystem, self.path) or {}
+        if holder.get("owner") == self.owner:
+            self.output.filesystem.delete_file(self.path)
+
+
+def died_here(holder: dict) -> bool:
+    """Whether the lease's holder ran on this machine and its process is gone (a driver killed here)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def write_document(filesystem: pafs.FileSystem, path: str, document: dict) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(document).encode() + b"\n")
+
+
+def create_exclusive(output: Location, path: str, document: dict) -> bool:
+    """Write document at path unless a file is there; return whether it was written."""
+    body = json.dumps(document).encode() + b"\n"
+    if isinstance(output.filesystem, pafs.LocalFileSystem):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(body)
+        return True
+    if isinstance(output.filesystem, pafs.S3FileSystem):
+        import boto3
+        import botocore.exceptions
+
+        bucket, _, key = path.partition("/")
+        try:
+            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    # No conditional write: check, write, and read back.
+    if output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    write_document(output.filesystem, path, document)
+    return (read_json(output.filesystem, path) or {}).get("owner") == document["owner"]

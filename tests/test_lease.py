@@ -1,0 +1,80 @@
+"""One run at a time on an output.path (app.lease): a live run's lease refuses a second run, a stale one is
+taken over, and a run whose lease was taken stops before committing more."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+
+from app.lease import LEASE_NAME, LeaseLost, OutputInUse, OutputLease, create_exclusive
+from app.pipeline import run
+from app.storage import resolve
+from tests.conftest import FAST_MODEL, compose_config, write_images
+
+
+def test_a_second_run_on_a_live_output_is_refused_and_the_first_completes(tmp_path):
+    paths = write_images(tmp_path / "in", 40)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "ray.num_cpus=2"]
+    first = subprocess.Popen([sys.executable, "-m", "app", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out" / LEASE_NAME).exists():
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.1)
+    holder = json.loads((tmp_path / "out" / LEASE_NAME).read_text())
+    with pytest.raises(OutputInUse, match=rf"^output.path {tmp_path / 'out'} is in use by run {holder['owner']} on "
+                                          rf"{holder['host']} \(pid {first.pid}\), whose last heartbeat was \d+ s ago; "
+                                          r"a lease is stale after output.lease_timeout_s=180$"):
+        run(compose_config(overrides))
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().column("path").to_pylist()
+    assert sorted(rows) == sorted(str(path) for path in paths)
+    assert not (tmp_path / "out" / LEASE_NAME).exists()  # released at the end
+
+
+def test_the_command_line_says_why_and_exits_5(tmp_path):
+    write_images(tmp_path / "in", 1)
+    (tmp_path / "out").mkdir()
+    lease = {"owner": "run-elsewhere", "host": "other-pod", "pid": 7, "heartbeat": time.time()}
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(lease))
+    result = subprocess.run([sys.executable, "-m", "app", *FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 5
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"ray-detect: output in use: output.path {tmp_path / 'out'} is in use by run run-elsewhere on other-pod (pid 7)")
+
+
+def test_a_stale_lease_is_taken_over(local_ray, tmp_path, caplog):
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    lease = {"owner": "dead-run", "host": "other-pod", "pid": 7, "heartbeat": time.time() - 3600}
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(lease))
+    summary = run(compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]))
+    assert (summary.inputs, summary.processed) == (2, 2)
+    assert "taking over output.path from run dead-run on other-pod (pid 7), silent for 3600 s" in caplog.text
+    assert not (tmp_path / "out" / LEASE_NAME).exists()
+
+
+def test_a_run_whose_lease_was_taken_over_stops(tmp_path):
+    output = resolve(str(tmp_path / "out"))
+    lease = OutputLease(output, "slow-run", timeout_s=1.0, heartbeat_s=0.05)
+    lease.acquire()
+    lease.check()  # still ours
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps({"owner": "new-run", "host": "other-pod", "pid": 9, "heartbeat": time.time()}))
+    time.sleep(0.3)
+    with pytest.raises(LeaseLost, match="^run new-run on other-pod took output.path over$"):
+        lease.check()
+    lease.release()
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["owner"] == "new-run"  # not ours to delete
+
+
+def test_the_local_create_is_exclusive(tmp_path):
+    output = resolve(str(tmp_path))
+    assert create_exclusive(output, str(tmp_path / LEASE_NAME), {"owner": "a"})
+    assert not create_exclusive(output, str(tmp_path / LEASE_NAME), {"owner": "b"})
+    assert json.loads((tmp_path / LEASE_NAME).read_text()) == {"owner": "a"}
+    assert isinstance(output.filesystem, pafs.LocalFileSystem)
