@@ -21,7 +21,8 @@ standin     The app with a device stand-in in place of the model (it holds --sta
             machine without a GPU.
 decode      Images/s one core decodes to the 800-px model size: VOC-sized JPEGs and 12 MP photos.
 memory      Peak memory of the app at two input counts (500 and 5,000 images by default).
-listing     Listing and planning many small files: app.pipeline.run() up to the start of execution.
+inputs      The input stage at scale: a tree of 1 million files, manifests of 1 and 10 million paths,
+            and a resume of 10 million committed rows; time to the first block and the driver's memory.
 
 Memory is the peak, sampled every 0.5 s, of the resident set size (RSS) summed over this process and
 every process it started (Ray's GCS, raylet, agents and workers). Pages shared between processes
@@ -30,13 +31,18 @@ Results go to a JSON file (benchmarks/results.json by default).
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,6 +54,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
 from omegaconf import OmegaConf
@@ -65,6 +72,7 @@ from app.decode import (
 from app.detector import AUTOCAST_DTYPES, Detector
 from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
+from app.results import RESULT_SCHEMA, SETTINGS_NAME, write_json
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 # Input counts per model and device for the throughput runs (the smaller, the larger): the heavy model is
@@ -602,42 +610,117 @@ def memory(args, base: Path) -> dict:
     }
 
 
-def listing(args, base: Path) -> dict:
-    """Time app.pipeline.run() from its start to the moment the plan is built and execution would
-    begin (it is stopped there), over `--listing-files` tiny files. Ray is started beforehand, since
-    its start-up is reported by the throughput runs."""
-    folder = base / "listing"
-    for start in range(0, args.listing_files, 1000):
-        sub = folder / f"d{start // 1000:04d}"
-        sub.mkdir(parents=True)
-        for i in range(start, min(start + 1000, args.listing_files)):
-            (sub / f"f{i:07d}.jpg").write_bytes(b"\xff\xd8\xff")
+def input_stage(args, base: Path) -> dict:
+    """The input stage alone, as the app runs it for inputs too large for the driver to list (a tree of
+    --tree-files files, manifests of --manifest-paths paths, and a resume where a manifest's every path
+    already has its row): time to the first block of inputs to decode, time to the last, and the
+    driver's peak RSS above its size once Ray is up. Each case runs in a fresh process. Paths in the
+    manifests name files that do not exist: nothing is decoded."""
+    cases = {}
+    tree = base / "tree"
+    for start in range(0, args.tree_files, 1000):
+        folder = tree / f"d{start // 1000:05d}"
+        folder.mkdir(parents=True)
+        for i in range(start, min(start + 1000, args.tree_files)):
+            (folder / f"f{i:08d}.jpg").touch()
+    cases[f"tree of {args.tree_files} files"] = in_fresh_process(measure_input_stage, [f"data.path={tree}", f"output.path={base / 'out-tree'}"])
+    shutil.rmtree(tree, ignore_errors=True)
+    for count in args.manifest_paths:
+        manifest = write_manifest(base / f"manifest-{count}", count)
+        cases[f"manifest of {count} paths"] = in_fresh_process(
+            measure_input_stage, [f"data.manifest={manifest}", f"output.path={base / f'out-{count}'}"])
+    count = max(args.manifest_paths)
+    cases[f"manifest of {count} paths"]["first_result_s"] = first_result(
+        [*model_overrides(args.memory_model, args), f"data.manifest={base / f'manifest-{count}'}", f"output.path={base / 'out-first'}"])
+    overrides = [f"data.manifest={base / f'manifest-{count}'}", f"output.path={base / 'out-resume'}"]
+    write_committed(base / "out-resume", base / f"manifest-{count}", compose_config([*model_overrides(args.memory_model, args), *overrides]))
+    cases[f"resume: {count} paths, every one committed"] = in_fresh_process(measure_input_stage, overrides)
+    return cases
 
-    class PlanBuilt(Exception):
-        pass
 
-    class StopWriter:
-        def __init__(self, *a, **k):
-            raise PlanBuilt
+MANIFEST_FILE_PATHS = 1_000_000
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False)
-    original = pipeline.ResultWriter
-    pipeline.ResultWriter = StopWriter
-    cfg = compose_config([*model_overrides(args.memory_model, args), f"data.path={folder}", f"output.path={base / 'listing-out'}"])
+
+def write_manifest(folder: Path, count: int) -> Path:
+    """A folder of Parquet files listing `count` paths of 1,000 files a folder, as an inventory would."""
+    folder.mkdir(parents=True)
+    for start in range(0, count, MANIFEST_FILE_PATHS):
+        numbers = range(start, min(start + MANIFEST_FILE_PATHS, count))
+        paths = [f"/data/images/{i // 1000:06d}/{i:09d}.jpg" for i in numbers]
+        pq.write_table(pa.table({"path": paths, "size": np.full(len(paths), 150_000)}), folder / f"part-{start:010d}.parquet")
+    return folder
+
+
+def write_committed(output: Path, manifest: Path, cfg) -> None:
+    """An output whose committed rows cover every path of the manifest (error rows, no detections)."""
+    output.mkdir(parents=True)
+    write_json(pa.fs.LocalFileSystem(), str(output / SETTINGS_NAME), pipeline.result_settings(cfg, pipeline.model_spec(cfg)))
+    for number, file in enumerate(sorted(manifest.glob("*.parquet"))):
+        paths = pq.read_table(file, columns=["path"]).column("path").combine_chunks()
+        n = len(paths)
+        empty = {name: pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], field.type.value_type))
+                 for name, field in zip(RESULT_SCHEMA.names, RESULT_SCHEMA) if pa.types.is_list(field.type)}
+        columns = {name: empty.get(name, pa.nulls(n, field.type)) for name, field in zip(RESULT_SCHEMA.names, RESULT_SCHEMA)}
+        columns.update(path=paths, num_detections=pa.array(np.zeros(n, np.int32)), error_kind=pa.array(["unreadable"] * n))
+        pq.write_table(pa.table(columns, schema=RESULT_SCHEMA), output / f"part-bench-{number:06d}.parquet")
+
+
+def measure_input_stage(overrides: list[str]) -> dict:
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    idle = psutil.Process().memory_info().rss
+    cfg = compose_config(overrides)
+    started = time.monotonic()
+    inputs = pipeline.plan_inputs(cfg)
+    assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
+    output = pipeline.output_location(cfg)
+    output.filesystem.create_dir(output.path, recursive=True)
+    todo, tally = pipeline.streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
+    first, rows = None, 0
+    for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
+        first = first or time.monotonic() - started
+        rows += batch.num_rows
+    seconds = time.monotonic() - started
+    inputs_seen = ray.get(tally.total.remote())
+    ray.shutdown()
+    return {
+        "inputs": inputs_seen, "todo": rows, "first_block_s": round(first or seconds, 2), "seconds": round(seconds, 2),
+        "driver_peak_above_idle_mb": round((peak_rss() - idle) / 1e6, 1), "driver_peak_mb": round(peak_rss() / 1e6, 1),
+    }
+
+
+def first_result(overrides: list[str]) -> float:
+    """Seconds from starting `python -m app` to its first committed file of result rows (committed at
+    once: output.commit_interval_s=0); the run is then stopped."""
+    output = Path(next(o for o in overrides if o.startswith("output.path=")).partition("=")[2])
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "app", *overrides, "output.commit_interval_s=0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        started = time.monotonic()
-        try:
-            pipeline.run(cfg)
-        except PlanBuilt:
-            pass
-        seconds = time.monotonic() - started
+        while not any(output.glob("part-*.parquet")):
+            if process.poll() is not None:
+                raise RuntimeError(f"python -m app stopped with exit code {process.returncode} before its first result")
+            time.sleep(0.2)
+        return round(time.monotonic() - started, 1)
     finally:
-        pipeline.ResultWriter = original
-        ray.shutdown()
-    shutil.rmtree(folder, ignore_errors=True)
-    log.info("listing and planning %d files: %.2f s", args.listing_files, seconds)
-    return {"files": args.listing_files, "seconds": round(seconds, 2)}
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def in_fresh_process(function, *arguments):
+    """function(*arguments) in a new Python process (spawned, not forked), for its own peak memory."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *arguments).result()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -700,13 +783,15 @@ def report(results: dict) -> str:
         mem = results["memory"]
         runs = ", ".join(f"{r['images']} images: {r['peak_rss_mb']:.0f} MB in {r['seconds']:.0f} s" for r in mem["runs"])
         lines.append(f"memory ({mem['model']}, app): peak RSS {runs}; ratio {mem['peak_ratio']:.2f}")
-    if "listing" in results:
-        lst = results["listing"]
-        lines.append(f"listing and planning {lst['files']} files: {lst['seconds']:.1f} s")
+    for name, case in results.get("inputs", {}).items():
+        first = f"; the app's first result after {case['first_result_s']:.1f} s" if "first_result_s" in case else ""
+        lines.append(f"input stage, {name}: first block after {case['first_block_s']:.1f} s, all {case['inputs']} in "
+                     f"{case['seconds']:.1f} s ({case['todo']} to do), driver peak RSS +{case['driver_peak_above_idle_mb']:.0f} MB "
+                     f"(peak {case['driver_peak_mb']:.0f} MB){first}")
     return "\n".join(lines)
 
 
-SUITES = ("throughput", "standin", "decode", "memory", "listing")
+SUITES = ("throughput", "standin", "decode", "memory", "inputs")
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -741,7 +826,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stand-in-ms", type=float, default=10.0, help="the device stand-in's milliseconds per image")
     parser.add_argument("--memory-model", default="fasterrcnn_mobilenet_v3_large_320_fpn")
     parser.add_argument("--memory-counts", nargs=2, type=int, default=[500, 5000])
-    parser.add_argument("--listing-files", type=int, default=100_000)
+    parser.add_argument("--tree-files", type=int, default=1_000_000, help="files of the inputs suite's tree")
+    parser.add_argument("--manifest-paths", nargs="+", type=int, default=[1_000_000, 10_000_000],
+                        help="paths of the inputs suite's manifests; the largest is also resumed")
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between runs")
     parser.add_argument("--workdir", help="where inputs and outputs go (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON result file")
@@ -778,8 +865,8 @@ def main(argv=None) -> dict:
             results["decode"] = decode_rate(args, base)
         if "memory" in suites:
             results["memory"] = memory(args, base)
-        if "listing" in suites:
-            results["listing"] = listing(args, base)
+        if "inputs" in suites:
+            results["inputs"] = input_stage(args, base)
     finally:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)

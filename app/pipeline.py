@@ -43,8 +43,12 @@ FILES_PER_DECODE_BATCH = 16
 BLOCKS_PER_ACTOR = 4
 # Input blocks, at most: building the dataset costs about 5 ms a block on a 2-core machine.
 MAX_INPUT_BLOCKS = 500
-# Files per input block when Ray tasks list the inputs (their number is not known in advance).
-STREAMED_BLOCK_FILES = 64
+# Files per input block when Ray tasks list the inputs (their number is not known in advance). The
+# driver keeps about 3 KB per block it has seen (Ray Data's bookkeeping): 64-file blocks made its memory
+# grow by 400 MB from 1 to 10 million inputs, 1,024-file blocks keep it flat.
+STREAMED_BLOCK_FILES = 1024
+# Tasks listing inputs or reading a manifest at once, when decode tasks are bounded by CPUs alone.
+INPUT_TASKS = 4
 # Blocks the parts of a large tree are cut into, at most (a block is listed by one task).
 MAX_LISTING_BLOCKS = 256
 # torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
@@ -333,6 +337,19 @@ def plan_inputs(cfg: AppConfig) -> Inputs:
     return Inputs(listed.tree.location, table=listed.found if listed.complete else None, listed=listed)
 
 
+def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
+    with a row dropped by tasks too (app.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
+    streaming repartition (which takes a CPU: plan_resources left one). Also the tally of all inputs."""
+    _, index = resume.scan_output(output, in_ray=True)
+    tally = resume.InputTally.remote()
+    todo = inputs.stream(cfg, tasks).map_batches(
+        resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
+        fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
+    )
+    return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally
+
+
 def no_images(cfg: AppConfig) -> ConfigError:
     extensions = ", ".join(cfg.data.extensions)
     where = f"data.manifest {cfg.data.manifest} lists" if cfg.data.manifest else f"data.path {cfg.data.path} holds"
@@ -473,10 +490,14 @@ def run_holding_the_lease(cfg: AppConfig, detector: type[Detector], started: flo
     if todo is None or todo.num_rows:
         local = connect_ray(cfg)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        # Streamed inputs are cut into blocks by a Ray Data task that takes a CPU (app.resume).
+        # Streamed inputs are cut into blocks by a Ray Data task that takes a CPU (streamed_todo).
         input_cpus = 0.0 if todo is not None else 1.0
         resources = plan_resources(cfg.inference, nodes, local, ClusterLimits.from_environment(), input_cpus)
         gpus_per_actor = resources.num_gpus
+        if spec.fallback_reason:
+            log.warning("!" * 80)
+            log.warning("DEMO RUNS WITH RANDOM WEIGHTS: its detections are meaningless. %s", spec.fallback_reason)
+            log.warning("!" * 80)
         resize = cfg.inference.resize_on_cpu
         decode_options = DecodeOptions(
             max_file_bytes=cfg.data.max_file_bytes,
@@ -490,16 +511,8 @@ def run_holding_the_lease(cfg: AppConfig, detector: type[Detector], started: flo
             block_rows = files_per_block(todo.num_rows, resources.num_actors, model_batch)
             images = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
         else:
-            # Inputs streamed by tasks, those with a committed row dropped by tasks too (app.resume), then
-            # cut into blocks of STREAMED_BLOCK_FILES by Ray Data's streaming repartition, which takes a
-            # CPU: plan_resources left one.
-            _, index = resume.scan_output(output, in_ray=True)
-            tally = resume.InputTally.remote()
             block_rows = STREAMED_BLOCK_FILES
-            images = inputs.stream(cfg, resources.decode_tasks).map_batches(
-                resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=resources.decode_tasks),
-                fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
-            ).repartition(target_num_rows_per_block=block_rows)
+            images, tally = streamed_todo(cfg, inputs, output, resources.decode_tasks or INPUT_TASKS)
         decoded = images.map_batches(
             decode_images,
             batch_format="pyarrow",

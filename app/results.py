@@ -8,6 +8,7 @@ Layout of output.path (the commit protocol):
   _staging/                 files being written; anything left there by a crashed run is discarded.
   _manifest.json            written last, when every input has its row: a directory without it is an
                             incomplete run.
+  _lease.json               the lease of the run writing here now, if any (app/lease.py).
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
 """
 

@@ -59,9 +59,6 @@ def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
     assert all(run["peak_rss_mb"] > 0 and run["first_result_s"] > 0 for run in result["runs"])
     assert "marginal ratios: app/model = " in results["report"]
 
-    listed = bench.main(["listing", "--listing-files", "40", "--out", ""])
-    assert listed["listing"]["files"] == 40
-    assert listed["report"].splitlines()[-1].startswith("listing and planning 40 files: ")
 
 
 def test_stand_in_suite(local_ray, monkeypatch, tmp_path):
@@ -113,7 +110,8 @@ def test_report_of_every_suite():
                     "host_time": {"image_size": [1066, 800], "detections_per_image": 5, "ms_per_image": 0.0451}},
         "decode": {"12 MP": {"reduced": 25.46, "full": 13.8}},
         "memory": {"model": "m", "runs": [{"images": 5, "peak_rss_mb": 100.0, "seconds": 9.0}], "peak_ratio": 1.0},
-        "listing": {"files": 7, "seconds": 0.5},
+        "inputs": {"manifest of 10 paths": {"inputs": 10, "todo": 4, "first_block_s": 1.25, "seconds": 2.0, "driver_peak_above_idle_mb": 30.4,
+                                            "driver_peak_mb": 930.0, "first_result_s": 9.0}},
     }
     assert bench.report(results).splitlines() == [
         "machine: 2 CPUs (CPU), 24.0 GB, load average at start 0.1",
@@ -126,7 +124,8 @@ def test_report_of_every_suite():
         "detector host time, zero-time stand-in, 1066x800 images with 5 detections: 0.045 ms/image",
         "decode 12 MP JPEGs to 800 px, one core: 25.5 images/s (13.8 decoding them at full size)",
         "memory (m, app): peak RSS 5 images: 100 MB in 9 s; ratio 1.00",
-        "listing and planning 7 files: 0.5 s",
+        "input stage, manifest of 10 paths: first block after 1.2 s, all 10 in 2.0 s (4 to do), driver peak RSS +30 MB "
+        "(peak 930 MB); the app's first result after 9.0 s",
     ]
 
 
@@ -134,7 +133,7 @@ def test_report_of_every_suite():
     "argv,message",
     [
         (["--counts", "5", "5"], "--counts: the second count must be larger"),
-        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, listing or all"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs or all"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
     ],
 )
@@ -143,3 +142,4 @@ def test_bad_arguments_stop(argv, message, capsys):
         bench.parse_args(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+

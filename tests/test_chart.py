@@ -8,9 +8,9 @@ PATH or .venv-checkov.
 from __future__ import annotations
 
 import copy
-import re
 import functools
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path

@@ -52,7 +52,7 @@ def test_driver_killed_mid_run_then_rerun(tmp_path):
 
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"ray-detect: 60 images (60 ok, 0 errors: none), " in rerun.stdout
+    assert "ray-detect: 60 images (60 ok, 0 errors: none), " in rerun.stdout
     assert f"; {60 - len(before)} processed by this run in " in rerun.stdout
     paths = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().column("path").to_pylist()
     assert sorted(paths) == expected_paths(tmp_path / "in", 60)

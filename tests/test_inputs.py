@@ -110,3 +110,18 @@ def test_a_manifest_without_a_path_column_is_refused_before_work(tmp_path):
     pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "list.parquet")
     with pytest.raises(ConfigError, match=r"^data.manifest \S+list.parquet has no `path` column \(columns: file\)$"):
         run(compose_config([*FAST_MODEL, f"data.manifest={tmp_path / 'list.parquet'}", f"output.path={tmp_path / 'out'}"]))
+
+
+def test_a_manifest_run_resumes_after_a_crash_exactly_once(local_ray, tmp_path):
+    paths = [str(path) for path in write_images(tmp_path / "images", 9)]
+    manifest = write_parquet(tmp_path, paths)
+    overrides = [*FAST_MODEL, f"data.manifest={manifest}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=3"]
+    run(compose_config(overrides))
+    parts = sorted(p for p in (tmp_path / "out").iterdir() if p.name.startswith("part-"))
+    lost = set(pq.read_table(parts[0]).column("path").to_pylist())
+    parts[0].unlink()  # the state a crash leaves: a file's rows not committed, no manifest
+    (tmp_path / "out" / MANIFEST_NAME).unlink()
+    summary = run(compose_config(overrides))
+    assert (summary.inputs, summary.processed) == (9, len(lost)) and len(lost) == 3
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == sorted(paths)

@@ -11,16 +11,18 @@ import time
 import urllib.parse
 
 import boto3
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import ray
 
 from app import listing
 from app.lease import create_exclusive
 from app.pipeline import run
-from app.storage import resolve
 from app.results import MANIFEST_NAME
+from app.storage import resolve
 from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes
 
 BUCKET = "detect-test"
@@ -146,3 +148,18 @@ def test_the_lease_is_created_with_a_conditional_write(s3_endpoint):
     assert not create_exclusive(output, f"{BUCKET}/out/leased/_lease.json", {"owner": "b"})
     body = s3_endpoint.get_object(Bucket=BUCKET, Key="out/leased/_lease.json")["Body"].read()
     assert json.loads(body) == {"owner": "a"}
+
+
+def test_a_parquet_manifest_on_s3_lists_s3_images(s3_endpoint):
+    for i in range(3):
+        s3_endpoint.put_object(Bucket=BUCKET, Key=f"listed/{i}.jpg", Body=jpeg_bytes(50 + i, 40))
+    paths = [f"s3://{BUCKET}/listed/{i}.jpg" for i in range(3)] + [f"s3://{BUCKET}/listed/missing.jpg", f"s3://{BUCKET}/listed/x.txt"]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"path": paths}), buffer)
+    s3_endpoint.put_object(Bucket=BUCKET, Key="lists/images.parquet", Body=buffer.getvalue().to_pybytes())
+    summary = run(compose_config([*FAST_MODEL, f"data.manifest=s3://{BUCKET}/lists/images.parquet", f"output.path=s3://{BUCKET}/out/listed"]))
+    filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/listed")
+    rows = {row["path"]: row for row in pads.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pylist()}
+    assert {p: (row["error_kind"], row["width"]) for p, row in rows.items()} == {
+        **{f"s3://{BUCKET}/listed/{i}.jpg": (None, 50 + i) for i in range(3)}, f"s3://{BUCKET}/listed/missing.jpg": ("unreadable", None)}
+    assert (summary.inputs, summary.ok) == (4, 3)
