@@ -226,11 +226,11 @@ def plan_resources(
             num_actors = max(1, num_actors - math.ceil(input_cpus / num_cpus))
     if not fixed_actors and inference.max_actors is not None:
         num_actors = min(num_actors, inference.max_actors)
-    if num_gpus and num_actors * num_cpus <= reachable_cpus - 1:
-        # Decode tasks stop short of the CPUs the actors need, so that no actor waits for a CPU
-        # while decode tasks fill the node, and the device starts with the first decoded images.
-        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(reachable_cpus - num_actors * num_cpus))
-    if num_actors * num_cpus > reachable_cpus - 1:
+    if num_gpus and num_actors * num_cpus <= reachable_cpus - 1 - input_cpus:
+        # Decode tasks stop short of the CPUs the actors (and the input stage) need, so that no actor
+        # waits for a CPU while decode tasks fill the node, and the device starts with the first images.
+        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(reachable_cpus - num_actors * num_cpus - input_cpus))
+    if num_actors * num_cpus > reachable_cpus - 1 - input_cpus:
         # The actors take every CPU: decode tasks reserve none and run one per actor at a time, which
         # keeps the actors fed without a crowd of decode workers starting up beside them.
         return Resources(num_gpus, num_actors, num_cpus, decode_cpus=0.0, decode_tasks=num_actors)

@@ -170,10 +170,12 @@ def test_plan_resources_leaves_the_input_stage_its_cpu():
     """Streamed inputs are cut into blocks by a task that takes a CPU: CPU actors leave one, GPU actors
     leave the CPUs they leave anyway."""
     cfg = compose_config()
-    assert plan_resources(cfg.inference, [{"CPU": 2.0}], input_cpus=1.0) == Resources(0.0, 1, 1.0)
+    # Decode tasks then still reserve no CPU, one per actor, so that they never wait for the input stage.
+    assert plan_resources(cfg.inference, [{"CPU": 2.0}], input_cpus=1.0) == Resources(0.0, 1, 1.0, decode_cpus=0.0, decode_tasks=1)
     assert plan_resources(cfg.inference, [{"CPU": 8.0}, {"CPU": 8.0}], input_cpus=1.0) == Resources(0.0, 3, 4.0)
     nodes = [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}]
-    assert plan_resources(cfg.inference, nodes, input_cpus=1.0) == plan_resources(cfg.inference, nodes)
+    assert plan_resources(cfg.inference, nodes) == Resources(1.0, 2, 1.0, decode_tasks=18)
+    assert plan_resources(cfg.inference, nodes, input_cpus=1.0) == Resources(1.0, 2, 1.0, decode_tasks=17)
 
 
 def test_precision_is_checked_at_composition():
