@@ -98,6 +98,9 @@ class OutputConfig:
     # a lease not renewed for lease_timeout_s belongs to a run that died, and the next run takes it over.
     lease_timeout_s: float = 180.0
     lease_heartbeat_s: float = 30.0
+    # How long a run waits for another run's lease to go stale before it gives up (a retried job whose
+    # driver died elsewhere); 0 gives up at once.
+    lease_wait_s: float = 0.0
 
 
 @dataclass

@@ -7,10 +7,12 @@ lease is checked, written and read back, which two runs starting within a second
 pass. While the run goes on, a thread rewrites the heartbeat every heartbeat_s seconds; a lease whose
 heartbeat is older than timeout_s belongs to a run that died, and the next run takes it over (at once
 when the holder ran on the same machine and its process is gone). A run that
-finds its lease taken over stops before committing another file. Heartbeats are wall-clock times of the
+finds its lease taken over stops before committing another file. A run may wait (wait_s) for a lease
+to go stale instead of giving up at once: what a job retried after its driver died elsewhere needs. Heartbeats are wall-clock times of the
 machines involved, which must agree to well within timeout_s (NTP does).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -38,9 +40,9 @@ class LeaseLost(Exception):
 
 
 class OutputLease:
-    def __init__(self, output: Location, owner: str, timeout_s: float, heartbeat_s: float):
+    def __init__(self, output: Location, owner: str, timeout_s: float, heartbeat_s: float, wait_s: float = 0.0):
         self.output, self.owner = output, owner
-        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self.timeout_s, self.heartbeat_s, self.wait_s = timeout_s, heartbeat_s, wait_s
         self.path = output.join(LEASE_NAME)
         self.lost: Optional[str] = None
         self._stop = threading.Event()
@@ -50,21 +52,29 @@ class OutputLease:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
 
     def acquire(self) -> None:
-        """Take the lease, or raise OutputInUse naming the live run that holds it."""
+        """Take the lease, or raise OutputInUse naming the live run that holds it, after waiting up to
+        wait_s seconds for that lease to go stale."""
         self.output.filesystem.create_dir(self.output.path, recursive=True)
-        if not create_exclusive(self.output, self.path, self.document()):
-            holder = read_json(self.output.filesystem, self.path) or {}
+        give_up = time.monotonic() + self.wait_s
+        while not create_exclusive(self.output, self.path, self.document()):
+            holder = read_json(self.output.filesystem, self.path)
+            if holder is None:
+                continue  # released meanwhile
             age = time.time() - float(holder.get("heartbeat", 0))
             description = f"run {holder.get('owner')} on {holder.get('host')} (pid {holder.get('pid')})"
-            if age < self.timeout_s and not died_here(holder):
+            if age >= self.timeout_s or died_here(holder):
+                log.warning("taking over output.path from %s, silent for %.0f s", description, age)
+                with contextlib.suppress(FileNotFoundError):
+                    self.output.filesystem.delete_file(self.path)
+                continue
+            stale_in = self.timeout_s - age
+            if time.monotonic() + stale_in > give_up:
                 raise OutputInUse(
                     f"output.path {self.output.uri(self.output.path)} is in use by {description}, whose last heartbeat "
                     f"was {age:.0f} s ago; a lease is stale after output.lease_timeout_s={self.timeout_s:g}"
                 )
-            log.warning("taking over output.path from %s, silent for %.0f s", description, age)
-            self.output.filesystem.delete_file(self.path)
-            if not create_exclusive(self.output, self.path, self.document()):
-                raise OutputInUse(f"output.path {self.output.uri(self.output.path)} was taken by another run just now")
+            log.info("output.path is held by %s, silent for %.0f s: waiting for its lease to go stale", description, age)
+            time.sleep(min(self.heartbeat_s, stale_in))
         self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
         self._thread.start()
 

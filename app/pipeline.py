@@ -461,7 +461,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector) -> Summary:
     spec = model_spec(cfg)
     output = output_location(cfg)
     run_id = uuid.uuid4().hex[:12]
-    lease = OutputLease(output, run_id, cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s)
+    lease = OutputLease(output, run_id, cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s, cfg.output.lease_wait_s)
     lease.acquire()
     try:
         open_output(cfg, spec, output)

@@ -78,3 +78,20 @@ def test_the_local_create_is_exclusive(tmp_path):
     assert not create_exclusive(output, str(tmp_path / LEASE_NAME), {"owner": "b"})
     assert json.loads((tmp_path / LEASE_NAME).read_text()) == {"owner": "a"}
     assert isinstance(output.filesystem, pafs.LocalFileSystem)
+
+
+def test_a_run_may_wait_for_a_dead_runs_lease_to_go_stale(tmp_path):
+    """A retried job whose driver died on another machine: its lease stops beating and goes stale."""
+    (tmp_path / "out").mkdir()
+    dead = {"owner": "dead-run", "host": "other-pod", "pid": 7, "heartbeat": time.time() - 0.5}
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(dead))
+    output = resolve(str(tmp_path / "out"))
+    with pytest.raises(OutputInUse, match="in use by run dead-run on other-pod"):
+        OutputLease(output, "impatient", timeout_s=1.5, heartbeat_s=0.1, wait_s=0.2).acquire()
+    started = time.monotonic()
+    lease = OutputLease(output, "retry", timeout_s=1.5, heartbeat_s=0.1, wait_s=5)
+    lease.acquire()
+    assert 0.5 < time.monotonic() - started < 3  # it waited for the heartbeat to be 1.5 s old, no longer
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["owner"] == "retry"
+    lease.release()
+    assert not (tmp_path / "out" / LEASE_NAME).exists()
