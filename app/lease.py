@@ -80,11 +80,14 @@ class OutputLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            holder = read_json(self.output.filesystem, self.path) or {}
-            if holder.get("owner") != self.owner:
-                self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
-                return
-            write_document(self.output.filesystem, self.path, self.document())
+            try:
+                holder = read_json(self.output.filesystem, self.path) or {}
+                if holder.get("owner") != self.owner:
+                    self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
+                    return
+                write_document(self.output.filesystem, self.path, self.document())
+            except (OSError, ValueError) as error:  # a store's hiccup: the next heartbeat tries again
+                log.warning("could not renew the lease on output.path: %s", error)
 
     def check(self) -> None:
         """Raise LeaseLost when another run took the lease over."""
