@@ -25,7 +25,7 @@ from app.listing import Rows
 from app.storage import Location, StorageError, resolve
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv")
+CSV_SUFFIXES = (".csv", ".csv.gz")
 INVENTORY_MANIFEST = "manifest.json"
 
 
