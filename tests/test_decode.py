@@ -207,3 +207,13 @@ def test_uri_prefix_makes_user_facing_paths(tmp_path):
     batch = batch_of({"a.jpg": jpeg_bytes()}, tmp_path)
     out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="s3://", options=NO_RESIZE)
     assert out.column("path").to_pylist() == ["s3://" + str(tmp_path / "a.jpg")]
+
+
+def test_a_file_of_unknown_size_is_read_no_further_than_the_limit(tmp_path):
+    """Rows from a manifest without sizes: the limit is checked on the bytes read, and no more are read."""
+    (tmp_path / "big.jpg").write_bytes(jpeg_bytes() + b"\0" * 5000)
+    (tmp_path / "small.jpg").write_bytes(jpeg_bytes())
+    batch = input_rows([str(tmp_path / "big.jpg"), str(tmp_path / "small.jpg")], [None, None])
+    options = DecodeOptions(max_file_bytes=4000, max_image_pixels=1_000_000)
+    rows = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=options).to_pylist()
+    assert [(row["error_kind"], row["error"]) for row in rows] == [("too_large", "file is over data.max_file_bytes=4000 bytes"), (None, None)]
