@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -711,10 +712,8 @@ def first_result(overrides: list[str]) -> float:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    """This process's peak resident set size in bytes (Linux reports it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def in_fresh_process(function, *arguments):

@@ -13,7 +13,6 @@ machines involved, which must agree to well within timeout_s (NTP does).
 """
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -23,7 +22,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from app.results import read_json
+from app.results import json_bytes, read_json, write_json
 from app.storage import Location
 
 log = logging.getLogger("app")
@@ -85,7 +84,7 @@ class OutputLease:
                 if holder.get("owner") != self.owner:
                     self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
                     return
-                write_document(self.output.filesystem, self.path, self.document())
+                write_json(self.output.filesystem, self.path, self.document())
             except (OSError, ValueError) as error:  # a store's hiccup: the next heartbeat tries again
                 log.warning("could not renew the lease on output.path: %s", error)
 
@@ -116,14 +115,9 @@ def died_here(holder: dict) -> bool:
     return False
 
 
-def write_document(filesystem: pafs.FileSystem, path: str, document: dict) -> None:
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(json.dumps(document).encode() + b"\n")
-
-
 def create_exclusive(output: Location, path: str, document: dict) -> bool:
     """Write document at path unless a file is there; return whether it was written."""
-    body = json.dumps(document).encode() + b"\n"
+    body = json_bytes(document)
     if isinstance(output.filesystem, pafs.LocalFileSystem):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -147,5 +141,5 @@ def create_exclusive(output: Location, path: str, document: dict) -> bool:
     # No conditional write: check, write, and read back.
     if output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
         return False
-    write_document(output.filesystem, path, document)
+    write_json(output.filesystem, path, document)
     return (read_json(output.filesystem, path) or {}).get("owner") == document["owner"]

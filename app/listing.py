@@ -13,6 +13,7 @@ listed are parts, each listed recursively by a Ray task that streams its rows in
 """
 
 import fnmatch
+import functools
 import os
 import stat
 from collections import deque
@@ -40,6 +41,11 @@ INPUT_SCHEMA = pa.schema(
         ("raw_path", pa.binary()),
     ]
 )
+
+
+def image_suffixes(extensions: list[str]) -> tuple[str, ...]:
+    """data.extensions as lower-case name endings: "JPG" and ".jpg" both give ".jpg"."""
+    return tuple("." + extension.lower().lstrip(".") for extension in extensions)
 
 
 def text_path(path: str) -> tuple[str, Optional[bytes]]:
@@ -82,6 +88,11 @@ class Tree:
     suffixes: tuple[str, ...]
     pattern: Optional[str] = None
 
+    @functools.cached_property
+    def real_root(self) -> str:
+        """data.path with its links resolved: links that lead inside it are not followed."""
+        return os.path.realpath(self.location.path)
+
     @property
     def local(self) -> bool:
         return isinstance(self.location.filesystem, pafs.LocalFileSystem)
@@ -113,7 +124,7 @@ class Tree:
         return folders
 
     def _scan_local(self, directory: str, rows: Rows, visited: set, limit: Optional[int]) -> Optional[list[str]]:
-        root = os.path.realpath(self.location.path)
+        root = self.real_root
         folders = []
         try:
             with os.scandir(directory) as scan:
@@ -187,7 +198,7 @@ def list_inputs(uri: str, extensions: list[str], budget: Optional[int] = None) -
     """List data.path: a folder (recursively), one file, or, when no such path exists, a glob.
     Raises StorageError when it does not exist or cannot be listed."""
     budget = DRIVER_LISTING_ENTRIES if budget is None else budget
-    suffixes = tuple("." + extension.lower().lstrip(".") for extension in extensions)
+    suffixes = image_suffixes(extensions)
     location, pattern = resolve(uri), None
     info = file_info(location, uri)
     if info.type == pafs.FileType.NotFound and any(char in uri for char in GLOB_CHARS):

@@ -301,16 +301,20 @@ class Inputs:
     manifests)."""
 
     source: storage.Location
-    table: Optional[pa.Table] = None
     listed: Optional[listing.Listing] = None
     manifest: Optional[inventory.Manifest] = None
+
+    @property
+    def table(self) -> Optional[pa.Table]:
+        """The input rows, when the driver listed them all."""
+        return self.listed.found if self.listed is not None and self.listed.complete else None
 
     def stream(self, cfg: AppConfig, tasks: int) -> ray.data.Dataset:
         """The input rows as a Ray Dataset, produced by up to `tasks` tasks at a time (needs Ray). Like
         decoding, listing takes no CPU of Ray's accounting, so that it runs beside detector actors that
         hold every CPU."""
         if self.manifest is not None:
-            suffixes = tuple("." + extension.lower().lstrip(".") for extension in cfg.data.extensions)
+            suffixes = listing.image_suffixes(cfg.data.extensions)
             return self.manifest.dataset(tasks).map_batches(
                 inventory.manifest_rows, batch_format="pyarrow", num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
@@ -334,7 +338,7 @@ def plan_inputs(cfg: AppConfig) -> Inputs:
         raise ConfigError(str(error)) from None
     if listed.complete and not listed.found.num_rows:
         raise no_images(cfg)
-    return Inputs(listed.tree.location, table=listed.found if listed.complete else None, listed=listed)
+    return Inputs(listed.tree.location, listed=listed)
 
 
 def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:

@@ -44,9 +44,13 @@ STAGING_DIR = "_staging"
 PART_PREFIX = "part-"
 
 
+def json_bytes(document: dict) -> bytes:
+    return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+
+
 def write_json(filesystem: pafs.FileSystem, path: str, document: dict) -> None:
     with filesystem.open_output_stream(path) as stream:
-        stream.write(json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
+        stream.write(json_bytes(document))
 
 
 def read_json(filesystem: pafs.FileSystem, path: str) -> Optional[dict]:

@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from app import listing
+from app import inventory, listing
 from app.pipeline import ConfigError, run
 from app.results import MANIFEST_NAME
 from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes, write_images
@@ -125,3 +125,23 @@ def test_a_manifest_run_resumes_after_a_crash_exactly_once(local_ray, tmp_path):
     assert (summary.inputs, summary.processed) == (9, len(lost)) and len(lost) == 3
     table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(table.column("path").to_pylist()) == sorted(paths)
+
+
+def test_manifest_rows_take_relative_paths_from_its_folder_and_refuse_other_filesystems(tmp_path):
+    """The manifest UDF called in-process on a CSV whose first path is local."""
+    (tmp_path / "lists").mkdir()
+    pacsv.write_csv(pa.table({"path": ["/abs/a.jpg", "rel/b.PNG", "s3://bucket/c.jpg", "notes.txt"], "size": [1, 2, 3, 4]}),
+                    tmp_path / "lists" / "images.csv")
+    manifest = inventory.open_manifest(str(tmp_path / "lists" / "images.csv"))
+    assert (manifest.format, manifest.csv_columns, manifest.images.uri_prefix) == ("csv", None, "")
+    batch = pacsv.read_csv(tmp_path / "lists" / "images.csv")
+    rows = inventory.manifest_rows(batch, manifest=manifest, suffixes=listing.image_suffixes(["jpg", "png"])).to_pylist()
+    assert [(row["path"], row["size"], row["error_kind"]) for row in rows] == [
+        ("/abs/a.jpg", 1, None), (f"{tmp_path}/lists/rel/b.PNG", 2, None), ("s3://bucket/c.jpg", None, "unreadable")]
+    assert rows[2]["error"] == "not on the filesystem of the manifest's first path (local)"
+
+
+def test_a_manifest_listing_no_images_is_a_config_error_after_reading_it(local_ray, tmp_path):
+    pq.write_table(pa.table({"path": [str(tmp_path / "a.txt"), str(tmp_path / "b.pdf")]}), tmp_path / "list.parquet")
+    with pytest.raises(ConfigError, match=rf"^data.manifest {tmp_path}/list.parquet lists no image files \(extensions: jpg, "):
+        run(compose_config([*FAST_MODEL, f"data.manifest={tmp_path / 'list.parquet'}", f"output.path={tmp_path / 'out'}"]))

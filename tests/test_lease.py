@@ -95,3 +95,19 @@ def test_a_run_may_wait_for_a_dead_runs_lease_to_go_stale(tmp_path):
     assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["owner"] == "retry"
     lease.release()
     assert not (tmp_path / "out" / LEASE_NAME).exists()
+
+
+def test_a_heartbeat_that_fails_is_tried_again(tmp_path, caplog):
+    """The store fails one heartbeat (the lease file unreadable for a moment): the run keeps its lease."""
+    output = resolve(str(tmp_path / "out"))
+    lease = OutputLease(output, "steady-run", timeout_s=1.0, heartbeat_s=0.05)
+    lease.acquire()
+    good = (tmp_path / "out" / LEASE_NAME).read_text()
+    (tmp_path / "out" / LEASE_NAME).write_text("{not json")
+    time.sleep(0.2)
+    assert "could not renew the lease on output.path: " in caplog.text
+    (tmp_path / "out" / LEASE_NAME).write_text(good)
+    time.sleep(0.2)
+    lease.check()
+    assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["heartbeat"] > json.loads(good)["heartbeat"]
+    lease.release()

@@ -164,6 +164,9 @@ def test_too_many_errors_fail_after_everything_is_written(local_ray, tmp_path):
         (["data.path={tmp}/missing"], "data.path {tmp}/missing does not exist"),
         (["data.path={tmp}/empty"], "data.path {tmp}/empty holds no image files (extensions: jpg, jpeg, png, bmp, tif, tiff, webp, gif)"),
         (["model.weights={tmp}/none.pt"], "model.weights checkpoint {tmp}/none.pt does not exist"),
+        (["data.path={tmp}/empty", "output.lease_heartbeat_s=100"],
+         "output.lease_heartbeat_s=100.0 must be above 0 and at most half of output.lease_timeout_s=180.0"),
+        (["data.manifest={tmp}/missing.parquet"], "data.manifest {tmp}/missing.parquet does not exist"),
     ],
 )
 def test_config_errors_before_work(tmp_path, overrides, message):
