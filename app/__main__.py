@@ -6,10 +6,10 @@ import sys
 import hydra
 
 import app.conf  # noqa: F401  (registers the typed config schema)
-from app.lease import LeaseLost, OutputInUse
+from app.output.lease import LeaseLost, OutputInUse
 from app.pipeline import ConfigError, DeviceUnavailable, Summary, TooManyErrors, run
 
-log = logging.getLogger("app")
+log = logging.getLogger(__name__)
 
 
 def print_summary(summary: Summary) -> None:

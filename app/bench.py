@@ -71,9 +71,12 @@ from app.decode import (
     model_input_size,
 )
 from app.detector import AUTOCAST_DTYPES, Detector
+from app.inputs import open_inputs, streamed_todo
 from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
-from app.results import RESULT_SCHEMA, SETTINGS_NAME, write_json
+from app.output import dataset
+from app.output.dataset import RESULT_SCHEMA, SETTINGS_NAME, write_json
+from app.plan import DEFAULT_BATCH_SIZES
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 # Input counts per model and device for the throughput runs (the smaller, the larger): the heavy model is
@@ -227,7 +230,7 @@ def model_batch_size(cfg) -> int:
     """The batch size the app would use on this machine's device."""
     if cfg.inference.batch_size is not None:
         return cfg.inference.batch_size
-    return pipeline.DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if DEVICE.type == "cuda" else "cpu"]
+    return DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if DEVICE.type == "cuda" else "cpu"]
 
 
 def autocast(cfg):
@@ -310,31 +313,20 @@ def run_dataloader(folder: Path, cfg, out: Path, batch_size: int) -> Run:
 
 def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detector] = Detector) -> Run:
     """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings.
-    The time to the first result is when the first committed file appears in the output."""
+    The time to the first result is when the first result rows reach the job's writer."""
     started = time.monotonic()
     first: list[float] = []
-    stop = threading.Event()
 
-    def watch() -> None:
-        while not first:
-            if any(out.glob("part-*.parquet")):
-                first.append(time.monotonic() - started)
-            elif stop.wait(0.02):
-                return
+    def on_rows(rows: pa.Table) -> None:
+        if not first:
+            first.append(time.monotonic() - started)
 
     OmegaConf.update(cfg, "data.path", str(folder))
     OmegaConf.update(cfg, "output.path", str(out))
-    OmegaConf.update(cfg, "output.commit_interval_s", 1.0)  # a file a second: the first result is seen to within 1 s
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     try:
-        summary = pipeline.run(cfg, detector=detector)
+        summary = pipeline.run(cfg, detector=detector, on_rows=on_rows)
     finally:
-        stop.set()
-        watcher.join()
         ray.shutdown()
-    if not first:  # the run ended between two looks
-        first.append(time.monotonic() - started)
     return Run(summary.detections, first[0])
 
 
@@ -655,7 +647,7 @@ def write_manifest(folder: Path, count: int) -> Path:
 def write_committed(output: Path, manifest: Path, cfg) -> None:
     """An output whose committed rows cover every path of the manifest (error rows, no detections)."""
     output.mkdir(parents=True)
-    write_json(pa.fs.LocalFileSystem(), str(output / SETTINGS_NAME), pipeline.result_settings(cfg, pipeline.model_spec(cfg)))
+    write_json(pa.fs.LocalFileSystem(), str(output / SETTINGS_NAME), dataset.settings(cfg, pipeline.model_spec(cfg).weights))
     for number, file in enumerate(sorted(manifest.glob("*.parquet"))):
         paths = pq.read_table(file, columns=["path"]).column("path").combine_chunks()
         n = len(paths)
@@ -671,11 +663,11 @@ def measure_input_stage(overrides: list[str]) -> dict:
     idle = psutil.Process().memory_info().rss
     cfg = compose_config(overrides)
     started = time.monotonic()
-    inputs = pipeline.plan_inputs(cfg)
+    inputs = open_inputs(cfg)
     assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
-    output = pipeline.output_location(cfg)
+    output = dataset.locate(cfg)
     output.filesystem.create_dir(output.path, recursive=True)
-    todo, tally = pipeline.streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
+    todo, tally = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
         first = first or time.monotonic() - started

@@ -5,6 +5,7 @@ The dataclasses below are registered in Hydra's ConfigStore as ``base_config``; 
 fails at composition, naming the key, before Ray starts.
 """
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
+# The value of the inference settings that the job resolves against the cluster (app.plan).
+AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
 
 
@@ -90,8 +93,9 @@ class OutputConfig:
     path: str = MISSING
     # Delete what output.path holds and start afresh, instead of resuming the run that wrote it.
     overwrite: bool = False
-    # Rows are committed in files of at most this many rows, and at least every commit_interval_s seconds:
-    # a crashed run loses only rows not yet committed.
+    # Rows are committed in files of at most this many rows, and with the next rows that arrive once
+    # commit_interval_s seconds have passed since the last commit: a crashed run loses only rows not yet
+    # committed.
     rows_per_file: int = 10_000
     commit_interval_s: float = 60.0
     # One run at a time: a run holds a lease on output.path and renews it every lease_heartbeat_s seconds;
@@ -135,3 +139,49 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=AppConfig)
     if not OmegaConf.has_resolver("samples_dir"):
         OmegaConf.register_new_resolver("samples_dir", lambda: str(SAMPLES_DIR))
+
+
+class ConfigError(Exception):
+    """A configuration mistake, found before any work starts; the message is one line."""
+
+
+def parse_number(key: str, value: str, minimum: float) -> float:
+    """A setting that is AUTO or a number, read as a number of at least `minimum`."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} must be {AUTO!r} or a number") from None
+    if number < minimum or math.isnan(number):
+        raise ConfigError(f"{key}={value!r} must be at least {minimum:g}")
+    return number
+
+
+def check_config(cfg: AppConfig) -> None:
+    """Value checks the schema's types cannot express."""
+    from app.model import (
+        MODEL_NAMES,  # torchvision: imported only once a config is checked
+    )
+
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.inference.max_actors is not None and cfg.inference.max_actors < 1:
+        raise ConfigError(f"inference.max_actors={cfg.inference.max_actors} must be at least 1")
+    if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
+        raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
+    if cfg.output.rows_per_file < 1:
+        raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
+    if not 0 <= cfg.data.max_error_fraction <= 1:
+        raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
+    if cfg.model.max_detections < 1:
+        raise ConfigError(f"model.max_detections={cfg.model.max_detections} must be at least 1")
+    if not 0 <= cfg.model.score_threshold <= 1:
+        raise ConfigError(f"model.score_threshold={cfg.model.score_threshold} must be between 0 and 1")
+    if not 0 < 2 * cfg.output.lease_heartbeat_s <= cfg.output.lease_timeout_s:
+        raise ConfigError(
+            f"output.lease_heartbeat_s={cfg.output.lease_heartbeat_s} must be above 0 and at most half of "
+            f"output.lease_timeout_s={cfg.output.lease_timeout_s}"
+        )
+    for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
+        value = getattr(cfg.inference, key)
+        if value != AUTO:
+            parse_number(f"inference.{key}", value, 1 if key == "num_actors" else 0)

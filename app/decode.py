@@ -1,33 +1,34 @@
 """The CPU stage: read each file, decode it to RGB uint8 at the model's input size, or say why not.
 
-Every input row comes out as exactly one row: pixels on success, an error kind and message otherwise.
+Every input row comes out as exactly one row: pixels on success, an error kind (app.output.dataset's
+vocabulary) and message otherwise. `pixels` reads the decoded pixels back out of such rows.
 """
 
 import io
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Error kinds, as they appear in the `error_kind` column and the run summary.
-EMPTY_FILE = "empty_file"
-TOO_LARGE = "too_large"
-UNREADABLE = "unreadable"
-NOT_AN_IMAGE = "not_an_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-CORRUPT_IMAGE = "corrupt_image"
-NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or folder named like an image: never opened
+from app.output.dataset import (
+    CORRUPT_IMAGE,
+    EMPTY_FILE,
+    NOT_AN_IMAGE,
+    TOO_LARGE,
+    TOO_MANY_PIXELS,
+    UNREADABLE,
+)
 
 DECODED_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
         ("width", pa.int32()),  # original size, after EXIF orientation
         ("height", pa.int32()),
-        ("pixels", pa.binary()),  # HWC uint8 RGB at pixel_height x pixel_width
+        ("pixels", pa.binary()),  # HWC uint8 RGB at pixel_height x pixel_width (read back by `pixels`)
         ("pixel_width", pa.int32()),
         ("pixel_height", pa.int32()),
         ("error_kind", pa.string()),
@@ -159,3 +160,18 @@ def decode_images(
         for name, value in row.items():
             rows[name].append(value)
     return pa.table(rows, schema=DECODED_SCHEMA)
+
+
+def pixels(batch: pa.Table, rows: Sequence[int]) -> list[np.ndarray]:
+    """The decoded pixels of the given rows as HWC uint8 arrays: read-only views of the Arrow buffers,
+    nothing copied."""
+    starts, data = [], []
+    for chunk in batch.column("pixels").chunks:
+        _, offsets, values = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        values = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
+        starts.extend(zip(offsets[:-1], offsets[1:]))
+        data.extend([values] * len(chunk))
+    widths = batch.column("pixel_width").to_numpy(zero_copy_only=False)
+    heights = batch.column("pixel_height").to_numpy(zero_copy_only=False)
+    return [data[i][starts[i][0] : starts[i][1]].reshape(int(heights[i]), int(widths[i]), 3) for i in rows]

@@ -1,5 +1,7 @@
-"""The detector stage: a Ray Data class UDF that runs the model once per actor over batches of decoded
-images and returns result rows (app.results.RESULT_SCHEMA), boxes in original pixels.
+"""The detector stage: a Ray Data class UDF that loads the model once per actor; `Detector.detect` takes
+decoded pixels and returns detections (boxes in model pixels, scores, label ids). Its Ray Data call reads
+the pixels of a decoded batch (app.decode.pixels) and hands the detections to app.output.rows, which
+makes the result rows.
 
 How it keeps the device busy:
 - The images of a call are grouped into model batches by shape (`shape_batches`): the model pads every
@@ -9,7 +11,7 @@ How it keeps the device busy:
   pinned buffer, one non-blocking copy on a copy stream) while the device runs the current batch.
 - The model takes uint8 pixels at its input size: they become floats on the device, and torchvision's
   transform does not resize them a second time (`PixelModel`).
-- Result columns are built whole from flat arrays, not row by row.
+- Detections come back to the host in three copies per model batch (`to_host`).
 A CUDA out-of-memory error splits the batch in halves and retries them instead of failing the actor.
 """
 
@@ -26,11 +28,12 @@ import ray
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from app import decode
 from app.decode import model_input_size
 from app.model import ModelSpec, build_model
-from app.results import RESULT_SCHEMA
+from app.output.rows import result_rows
 
-log = logging.getLogger("app")
+log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # A model batch may pad its images to at most this much more than the pixels they need on their own.
@@ -276,53 +279,6 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def pixel_views(batch: pa.Table, rows: Sequence[int]) -> list[np.ndarray]:
-    """The decoded pixels of the given rows as HWC uint8 arrays: read-only views of the Arrow buffers,
-    nothing copied."""
-    starts, data = [], []
-    for chunk in batch.column("pixels").chunks:
-        _, offsets, values = chunk.buffers()
-        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
-        values = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
-        starts.extend(zip(offsets[:-1], offsets[1:]))
-        data.extend([values] * len(chunk))
-    widths = batch.column("pixel_width").to_numpy(zero_copy_only=False)
-    heights = batch.column("pixel_height").to_numpy(zero_copy_only=False)
-    return [data[i][starts[i][0] : starts[i][1]].reshape(int(heights[i]), int(widths[i]), 3) for i in rows]
-
-
-def result_rows(batch: pa.Table, rows: np.ndarray, found: list[dict[str, np.ndarray]], label_names: pa.Array) -> pa.Table:
-    """RESULT_SCHEMA rows for a decoded batch: the detections `found` in the images of `rows` (the
-    rest are error rows), their boxes scaled from model pixels to original pixels."""
-    counts = np.zeros(batch.num_rows, np.int32)
-    counts[rows] = [len(detections["labels"]) for detections in found]
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    boxes = np.concatenate([d["boxes"] for d in found]) if found else np.zeros((0, 4), np.float32)
-    scores = np.concatenate([d["scores"] for d in found]) if found else np.zeros(0, np.float32)
-    labels = np.concatenate([d["labels"] for d in found]) if found else np.zeros(0, np.int64)
-    # Model pixels to original pixels: each detection scaled by its image's original / model size.
-    size = {key: batch.column(key).to_numpy(zero_copy_only=False)[rows].astype(np.float64)
-            for key in ("width", "height", "pixel_width", "pixel_height")}
-    scale_x = (size["width"] / size["pixel_width"]).astype(np.float32)
-    scale_y = (size["height"] / size["pixel_height"]).astype(np.float32)
-    scale = np.repeat(np.stack([scale_x, scale_y, scale_x, scale_y], axis=1), counts[rows], axis=0)
-    boxes = (boxes * scale).astype(np.float32)
-    coordinates = pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * len(boxes) + 1, 4, dtype=np.int32)), pa.array(boxes.reshape(-1)))
-    columns = {
-        "path": batch.column("path"),
-        "width": batch.column("width"),
-        "height": batch.column("height"),
-        "boxes": pa.ListArray.from_arrays(offsets, coordinates),
-        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-        "label_names": pa.ListArray.from_arrays(offsets, label_names.take(pa.array(labels))),
-        "num_detections": pa.array(counts),
-        "error_kind": batch.column("error_kind"),
-        "error": batch.column("error"),
-    }
-    return pa.table(columns, schema=RESULT_SCHEMA)
-
-
 class Detector:
     """Built once per actor: loads the model, then detects objects in each batch it is called with.
 
@@ -363,7 +319,7 @@ class Detector:
         return to_host(outputs)
 
     @torch.inference_mode()
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image.
         The next model batch is staged on the device while the current one runs."""
         if not images:
@@ -381,6 +337,7 @@ class Detector:
         return found
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data's call: decoded rows (app.decode.DECODED_SCHEMA) in, result rows out, one for one."""
         rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
-        table = result_rows(batch, rows, self.predict(pixel_views(batch, rows)), self.label_names)
+        table = result_rows(batch, rows, self.detect(decode.pixels(batch, rows)), self.label_names)
         return table.append_column(WORKER_COLUMN, pa.array([self.worker] * table.num_rows, pa.string()))

@@ -25,7 +25,8 @@ import pyarrow.fs as pafs
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from app import outputs, storage
+from app import storage
+from app.output import reader
 
 PROG = "ray-detect evaluate"
 DECIMALS = 6
@@ -63,7 +64,7 @@ def _text(element, tag, default=None):
 def parse_voc(data: bytes, xml_name: str) -> GroundTruthImage:
     """One VOC annotation; its 1-based inclusive integer corners become continuous coordinates."""
     root = ET.fromstring(data)
-    stem = outputs.file_stem(_text(root, "filename") or xml_name)
+    stem = reader.file_stem(_text(root, "filename") or xml_name)
     size = root.find("size")
     image = GroundTruthImage(
         stem, int(float(_text(size, "width", 0))) if size is not None else 0,
@@ -81,7 +82,7 @@ def parse_voc(data: bytes, xml_name: str) -> GroundTruthImage:
 def parse_coco(document: dict) -> list[GroundTruthImage]:
     names = {category["id"]: category["name"] for category in document.get("categories", [])}
     images = {
-        entry["id"]: GroundTruthImage(outputs.file_stem(entry["file_name"]), entry.get("width", 0), entry.get("height", 0))
+        entry["id"]: GroundTruthImage(reader.file_stem(entry["file_name"]), entry.get("width", 0), entry.get("height", 0))
         for entry in document["images"]
     }
     for annotation in document.get("annotations", []):
@@ -98,7 +99,7 @@ def load_ground_truth(uri: str) -> list[GroundTruthImage]:
         location = storage.resolve(uri)
         info = location.filesystem.get_file_info(location.path)
         if info.type == pafs.FileType.NotFound:
-            raise outputs.ResultsError(f"ground truth {uri} does not exist")
+            raise reader.ResultsError(f"ground truth {uri} does not exist")
         if info.type == pafs.FileType.File:
             with location.filesystem.open_input_stream(location.path) as stream:
                 return parse_coco(json.loads(stream.read()))
@@ -108,16 +109,16 @@ def load_ground_truth(uri: str) -> list[GroundTruthImage]:
             if entry.type == pafs.FileType.File and entry.path.lower().endswith(".xml")
         )
         if not files:
-            raise outputs.ResultsError(f"ground truth folder {uri} holds no .xml files")
+            raise reader.ResultsError(f"ground truth folder {uri} holds no .xml files")
         images = []
         for path in files:
             with location.filesystem.open_input_stream(path) as stream:
                 images.append(parse_voc(stream.read(), path.rpartition("/")[2]))
         return images
     except (storage.StorageError, OSError) as error:
-        raise outputs.ResultsError(f"cannot read ground truth {uri}: {error}") from None
+        raise reader.ResultsError(f"cannot read ground truth {uri}: {error}") from None
     except (ValueError, KeyError, TypeError, AttributeError, ET.ParseError) as error:
-        raise outputs.ResultsError(f"ground truth {uri} is neither COCO JSON nor Pascal VOC XML: {error!r}") from None
+        raise reader.ResultsError(f"ground truth {uri} is neither COCO JSON nor Pascal VOC XML: {error!r}") from None
 
 
 def count_images(count: int) -> str:
@@ -128,21 +129,21 @@ def note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
+def evaluate(results: "reader.Results | str", ground_truth_uri: str) -> dict:
     """Match, map and score; returns the numbers (see --json), with notes on stderr."""
     if isinstance(results, str):
-        results = outputs.open_results(results)
+        results = reader.open_results(results)
     truth = load_ground_truth(ground_truth_uri)
-    categories = outputs.categories(results)
+    categories = reader.categories(results)
     by_name = {name.lower(): label for label, name in categories.items()}
 
     rows = {}
     for row in results.rows():
-        rows.setdefault(outputs.file_stem(row["path"]), row)
+        rows.setdefault(reader.file_stem(row["path"]), row)
     truth_stems = {image.stem for image in truth}
     matched = [image for image in truth if image.stem in rows]
     if not matched:
-        raise outputs.ResultsError(
+        raise reader.ResultsError(
             f"no image of {results.uri} matches one in {ground_truth_uri} by file name (stem)"
         )
     if len(matched) < len(truth):
@@ -173,7 +174,7 @@ def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unmapped.items()))
         note(f"ground-truth classes the model does not know, left out: {listed}")
     if not any(not annotation["iscrowd"] for annotation in gt_annotations):
-        raise outputs.ResultsError("no ground-truth object of a class the model knows in the matched images")
+        raise reader.ResultsError("no ground-truth object of a class the model knows in the matched images")
 
     coco_categories = [{"id": label, "name": name} for label, name in categories.items()]
     ground_truth = coco_index({"images": gt_images, "annotations": gt_annotations, "categories": coco_categories})
@@ -248,18 +249,18 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = outputs.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
+    parser = reader.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--ground-truth", required=True, metavar="PATH", help="a folder of Pascal VOC XML or a COCO JSON file")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (local or URI)")
     args = parser.parse_args(argv)
     try:
-        results = outputs.open_results(args.results)
-        json_out = outputs.output_location(results, args.json, "--json") if args.json else None
+        results = reader.open_results(args.results)
+        json_out = reader.output_location(results, args.json, "--json") if args.json else None
         metrics = evaluate(results, args.ground_truth)
         if json_out:
-            outputs.write_bytes(json_out, json_out.path, json.dumps(metrics, indent=2).encode() + b"\n")
-    except outputs.ResultsError as error:
+            reader.write_bytes(json_out, json_out.path, json.dumps(metrics, indent=2).encode() + b"\n")
+    except reader.ResultsError as error:
         parser.error(str(error))
     except (storage.StorageError, OSError) as error:
         parser.error(f"cannot write --json {args.json}: {error}")

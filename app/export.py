@@ -1,7 +1,7 @@
 """`python -m app.export RESULTS_DIR --format coco --out FILE.json` or `--format voc --out DIR`.
 
 COCO: one detection JSON with `images` (id, file_name relative to the images' common folder, width,
-height, and the full `path`), `categories` (see app.outputs.categories) and `annotations` (bbox as
+height, and the full `path`), `categories` (see app.reader.categories) and `annotations` (bbox as
 [x, y, width, height] in pixels, area, score, iscrowd 0). VOC: one Pascal VOC XML per image, named after
 the image's file stem, with 1-based inclusive integer pixel coordinates and each box's score. Rows of
 images that could not be read are left out and counted on stderr. FILE or DIR may be local or a URI.
@@ -12,15 +12,16 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from app import outputs, storage
+from app import storage
+from app.output import reader
 
 PROG = "ray-detect export"
 FORMATS = ("coco", "voc")
 
 
-def to_coco(results: outputs.Results, rows: list[dict]) -> dict:
+def to_coco(results: reader.Results, rows: list[dict]) -> dict:
     """The COCO detection document for the rows that were read."""
-    root = outputs.common_folder([row["path"] for row in rows])
+    root = reader.common_folder([row["path"] for row in rows])
     images, annotations = [], []
     for image_id, row in enumerate(rows, start=1):
         images.append(
@@ -53,7 +54,7 @@ def to_coco(results: outputs.Results, rows: list[dict]) -> dict:
         },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": label, "name": name} for label, name in outputs.categories(results).items()],
+        "categories": [{"id": label, "name": name} for label, name in reader.categories(results).items()],
     }
 
 
@@ -89,11 +90,11 @@ def to_voc(row: dict) -> bytes:
 
 def voc_names(rows: list[dict]) -> list[str]:
     """XML file names: the image's stem, or its path below the common folder where stems collide."""
-    stems = Counter(outputs.file_stem(row["path"]) for row in rows)
-    root = outputs.common_folder([row["path"] for row in rows])
+    stems = Counter(reader.file_stem(row["path"]) for row in rows)
+    root = reader.common_folder([row["path"] for row in rows])
     names = []
     for row in rows:
-        stem = outputs.file_stem(row["path"])
+        stem = reader.file_stem(row["path"])
         if stems[stem] > 1:
             stem = row["path"][len(root):].rpartition(".")[0].replace("/", "__")
         names.append(stem + ".xml")
@@ -102,35 +103,35 @@ def voc_names(rows: list[dict]) -> list[str]:
 
 def export(results_uri: str, format: str, out_uri: str) -> tuple[int, int, int]:
     """Write the export; returns (images written, detections written, error rows left out)."""
-    results = outputs.open_results(results_uri)
+    results = reader.open_results(results_uri)
     all_rows = results.rows()
     rows = [row for row in all_rows if row["error_kind"] is None]
-    out = outputs.output_location(results, out_uri)
+    out = reader.output_location(results, out_uri)
     try:
         if format == "coco":
             parent = out.path.rpartition("/")[0]
             if parent:
                 out.filesystem.create_dir(parent, recursive=True)
             document = to_coco(results, rows)
-            outputs.write_bytes(out, out.path, json.dumps(document).encode())
+            reader.write_bytes(out, out.path, json.dumps(document).encode())
         else:
             out.filesystem.create_dir(out.path, recursive=True)
             for row, name in zip(rows, voc_names(rows)):
-                outputs.write_bytes(out, out.join(name), to_voc(row))
+                reader.write_bytes(out, out.join(name), to_voc(row))
     except (storage.StorageError, OSError) as error:
-        raise outputs.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
+        raise reader.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
     return len(rows), sum(len(row["scores"]) for row in rows), len(all_rows) - len(rows)
 
 
 def main(argv=None) -> None:
-    parser = outputs.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
+    parser = reader.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--format", required=True, choices=FORMATS, help="coco: one JSON file; voc: a folder of XML")
     parser.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="FILE.json for coco, DIR for voc")
     args = parser.parse_args(argv)
     try:
         images, detections, errors = export(args.results, args.format, args.out)
-    except outputs.ResultsError as error:
+    except reader.ResultsError as error:
         parser.error(str(error))
     if errors:
         print(f"{PROG}: left out {errors} image{'s' if errors != 1 else ''} that could not be read", file=sys.stderr)

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from app.decode import UNREADABLE
 from app.listing import Rows
+from app.output.dataset import UNREADABLE
 from app.storage import Location, StorageError, resolve
 
 PARQUET_SUFFIXES = (".parquet", ".pq")

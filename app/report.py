@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageFont
 
-from app import outputs, storage
+from app import storage
+from app.output import reader
 
 PROG = "ray-detect report"
 HISTOGRAM_BINS = 10
@@ -139,7 +140,7 @@ def draw_preview(row: dict, selection: Selection, max_side: int) -> tuple[bytes,
     import torch  # imported here, so that argument errors are reported without loading torch
     from torchvision.utils import draw_bounding_boxes
 
-    image = outputs.read_image(row["path"])
+    image = reader.read_image(row["path"])
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -178,14 +179,14 @@ def write_previews(
         if row["error_kind"] is not None:
             preview.problem = f"{row['error_kind']}: {row['error']}"
         else:
-            name = f"{number:04d}_{outputs.file_stem(row['path'])}.jpg"
+            name = f"{number:04d}_{reader.file_stem(row['path'])}.jpg"
             try:
                 data, preview.boxes = draw_preview(row, selection, max_side)
             except Exception as error:  # a moved or changed image must not stop the report
                 preview.problem = f"no preview: {type(error).__name__}: {error}"
                 print(f"{PROG}: {row['path']}: {preview.problem}", file=sys.stderr)
             else:
-                outputs.write_bytes(out, f"{folder}/{name}", data)
+                reader.write_bytes(out, f"{folder}/{name}", data)
                 preview.file = f"{PREVIEW_DIR}/{name}"
         previews.append(preview)
     return previews
@@ -213,7 +214,7 @@ def bar(count: int, largest: int, width: int = 200) -> str:
     return f'<span class="bar" style="width:{pixels}px"></span>'
 
 
-def render_html(results: outputs.Results, stats: Stats, previews: list[Preview], selection: Selection) -> str:
+def render_html(results: reader.Results, stats: Stats, previews: list[Preview], selection: Selection) -> str:
     e = html.escape
     model = results.manifest.get("model", {})
     lines = [
@@ -269,22 +270,22 @@ def render_html(results: outputs.Results, stats: Stats, previews: list[Preview],
 
 def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: int = 800) -> tuple[str, int]:
     """Write DIR/index.html and DIR/previews/; returns the index's URI and the number of previews."""
-    results = outputs.open_results(results_uri)
+    results = reader.open_results(results_uri)
     rows = results.rows()
-    out = outputs.output_location(results, out_uri)
+    out = reader.output_location(results, out_uri)
     try:
         out.filesystem.create_dir(out.path, recursive=True)
     except OSError as error:
-        raise outputs.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
+        raise reader.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
     previews = write_previews(selection.choose(rows), selection, out, max_side)
     page = render_html(results, compute_stats(rows), previews, selection)
     index = out.join("index.html")
-    outputs.write_bytes(out, index, page.encode())
+    reader.write_bytes(out, index, page.encode())
     return out.uri(index), len(previews)
 
 
 def parse_args(argv=None):
-    parser = outputs.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
+    parser = reader.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--out", required=True, metavar="DIR", help="where index.html and previews/ go")
     parser.add_argument("--label", action="append", default=[], metavar="NAME",
@@ -314,7 +315,7 @@ def main(argv=None) -> None:
     selection = Selection(frozenset(args.label), args.min_score, args.errors_only, args.sample, args.seed)
     try:
         index, count = make_report(args.results, args.out, selection, args.max_size)
-    except outputs.ResultsError as error:
+    except reader.ResultsError as error:
         parser.error(str(error))
     print(f"{PROG}: {count} previews; open {index}")
 

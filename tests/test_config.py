@@ -8,15 +8,13 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from app.config import SAMPLES_DIR
-from app.pipeline import (
+from app.config import SAMPLES_DIR, ConfigError, check_config
+from app.plan import (
     MAX_INPUT_BLOCKS,
     ClusterLimits,
-    ConfigError,
     Resources,
-    batch_size,
-    check_config,
     files_per_block,
+    model_batch_size,
     plan_resources,
     rows_per_call,
 )
@@ -194,7 +192,7 @@ def test_gpus_requested_on_a_local_ray_without_gpus_fail():
 
 def test_gpus_requested_on_an_attached_cluster_wait_for_its_autoscaler(monkeypatch):
     warnings = []
-    monkeypatch.setattr("app.pipeline.log.warning", lambda message, *args: warnings.append(message % args))
+    monkeypatch.setattr("app.plan.log.warning", lambda message, *args: warnings.append(message % args))
     cfg = compose_config(["inference=gpu"])
     resources = plan_resources(cfg.inference, [{"CPU": 8.0}], local=False)
     assert resources == Resources(1.0, 1, 1.0, decode_tasks=7)
@@ -228,7 +226,7 @@ def test_files_per_block(files, actors, batch_size, expected):
     ],
 )
 def test_batch_size_defaults_per_model_and_device(overrides, num_gpus, expected):
-    assert batch_size(compose_config(overrides), Resources(num_gpus, 1, 1.0)) == expected
+    assert model_batch_size(compose_config(overrides), Resources(num_gpus, 1, 1.0)) == expected
 
 
 @pytest.mark.parametrize(

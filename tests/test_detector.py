@@ -15,12 +15,12 @@ from app.detector import (
     SplittingRunner,
     choose_device,
     nvidia_driver_version,
-    result_rows,
     shape_batches,
     to_device,
 )
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
-from app.results import RESULT_SCHEMA
+from app.output.dataset import RESULT_SCHEMA
+from app.output.rows import result_rows
 
 SPEC = ModelSpec(
     name="fasterrcnn_mobilenet_v3_large_320_fpn",

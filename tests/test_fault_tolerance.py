@@ -15,8 +15,8 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
+from app.output.dataset import MANIFEST_NAME, read_committed
 from app.pipeline import run
-from app.results import MANIFEST_NAME, read_committed
 from app.storage import resolve
 from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
 

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from app import inventory, listing
-from app.pipeline import ConfigError, run
-from app.results import MANIFEST_NAME
+from app.config import ConfigError
+from app.output.dataset import MANIFEST_NAME
+from app.pipeline import run
 from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes, write_images
 from tests.test_listing import odd_tree
 

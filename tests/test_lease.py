@@ -10,7 +10,13 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
 
-from app.lease import LEASE_NAME, LeaseLost, OutputInUse, OutputLease, create_exclusive
+from app.output.lease import (
+    LEASE_NAME,
+    LeaseLost,
+    OutputInUse,
+    OutputLease,
+    create_exclusive,
+)
 from app.pipeline import run
 from app.storage import resolve
 from tests.conftest import FAST_MODEL, compose_config, write_images

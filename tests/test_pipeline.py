@@ -10,9 +10,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from app.config import ConfigError
 from app.model import ModelSpec
-from app.pipeline import ConfigError, TooManyErrors, result_settings, run
-from app.results import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
+from app.output import dataset
+from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
+from app.pipeline import TooManyErrors, run
 from tests.conftest import FAST_MODEL, compose_config, write_images, write_mixed_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +220,7 @@ def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(["data.path=photos", "model=fasterrcnn_mobilenet_v3_large_320_fpn"])
     fallback = ModelSpec(name=cfg.model.name, weights="none", score_threshold=0.5, min_size=320, max_size=640, fallback_reason="offline")
-    settings = result_settings(cfg, fallback)
+    settings = dataset.settings(cfg, fallback.weights)
     assert settings["data.path"] == str(tmp_path / "photos")
     assert (settings["model.weights"], settings["model.name"], settings["model.min_size"]) == ("none", cfg.model.name, 320)
     assert sorted(settings) == [

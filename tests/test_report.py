@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from app import report
-from app.results import MANIFEST_NAME, RESULT_SCHEMA
+from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"

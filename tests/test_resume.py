@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.results import RESULT_SCHEMA
-from app.resume import contains, digests, scan_output
+from app.output.dataset import RESULT_SCHEMA
+from app.output.resume import contains, digests, scan_output
 from app.storage import resolve
 
 

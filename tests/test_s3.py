@@ -19,9 +19,9 @@ import pytest
 import ray
 
 from app import listing
-from app.lease import create_exclusive
+from app.output.dataset import MANIFEST_NAME
+from app.output.lease import create_exclusive
 from app.pipeline import run
-from app.results import MANIFEST_NAME
 from app.storage import resolve
 from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes
 

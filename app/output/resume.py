@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from app.results import RESULT_SCHEMA, committed_files
+from app.output.dataset import RESULT_SCHEMA, committed_files
 from app.storage import Location
 
 DIGEST = np.dtype("S16")

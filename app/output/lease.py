@@ -22,12 +22,10 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from app.results import json_bytes, read_json, write_json
+from app.output.dataset import LEASE_NAME, json_bytes, read_json, write_json
 from app.storage import Location
 
-log = logging.getLogger("app")
-
-LEASE_NAME = "_lease.json"
+log = logging.getLogger(__name__)
 
 
 class OutputInUse(Exception):
@@ -39,6 +37,8 @@ class LeaseLost(Exception):
 
 
 class OutputLease:
+    """The lease of one run (`owner`) on output.path; a context manager that acquires and releases it."""
+
     def __init__(self, output: Location, owner: str, timeout_s: float, heartbeat_s: float, wait_s: float = 0.0):
         self.output, self.owner = output, owner
         self.timeout_s, self.heartbeat_s, self.wait_s = timeout_s, heartbeat_s, wait_s
@@ -100,6 +100,13 @@ class OutputLease:
         holder = read_json(self.output.filesystem, self.path) or {}
         if holder.get("owner") == self.owner:
             self.output.filesystem.delete_file(self.path)
+
+    def __enter__(self) -> "OutputLease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def died_here(holder: dict) -> bool:

@@ -1,22 +1,26 @@
 """Reading a finished results directory back, for the report, export and evaluate commands.
 
-A results directory counts as finished when its manifest exists: the pipeline writes `_manifest.json`
-last, after every Parquet file is in place.
+A results directory counts as finished when its manifest exists (app.output.dataset.read_manifest): the
+job writes `_manifest.json` last, after every Parquet file is in place.
 """
 
 import argparse
 import functools
-import io
 import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from PIL import Image, ImageOps
+from PIL import Image
 
 from app import storage
-from app.decode import to_rgb
-from app.results import MANIFEST_NAME, RESULT_SCHEMA, read_committed, read_json
+from app.decode import DecodeOptions, decode
+from app.output.dataset import (
+    MANIFEST_NAME,
+    RESULT_SCHEMA,
+    read_committed,
+    read_manifest,
+)
 
 # Placeholders in torchvision's COCO label list: the background class and the ids COCO left unused.
 NOT_A_CATEGORY = ("__background__", "N/A")
@@ -60,13 +64,10 @@ def open_results(uri: str) -> Results:
         raise ResultsError(f"results directory {uri} does not exist")
     if info.type != pafs.FileType.Directory:
         raise ResultsError(f"{uri} is not a results directory (it is a file)")
-    manifest_path = location.join(MANIFEST_NAME)
-    if location.filesystem.get_file_info(manifest_path).type != pafs.FileType.File:
-        raise ResultsError(
-            f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run"
-        )
     try:
-        manifest = read_json(location.filesystem, manifest_path)
+        manifest = read_manifest(location)
+        if manifest is None:
+            raise ResultsError(f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run")
         # Only the committed part-*.parquet files: not _staging/, _settings.json or anything else there.
         table = read_committed(location, RESULT_SCHEMA.names).sort_by("path")
     except (OSError, ValueError, pa.ArrowException) as error:
@@ -156,7 +157,11 @@ def write_bytes(location: storage.Location, path: str, data: bytes) -> None:
         stream.write(data)
 
 
+# Pixels of an image to preview, at most: the job decoded it under data.max_image_pixels already.
+PREVIEW_MAX_PIXELS = 2**31
+
+
 def read_image(uri: str) -> Image.Image:
-    """An input image as the pipeline saw it: EXIF orientation applied, 8-bit RGB."""
-    image = Image.open(io.BytesIO(read_bytes(uri)))
-    return to_rgb(ImageOps.exif_transpose(image))
+    """An input image as the job saw it (app.decode): EXIF orientation applied, 8-bit RGB, original size."""
+    data = read_bytes(uri)
+    return decode(data, DecodeOptions(max_file_bytes=len(data), max_image_pixels=PREVIEW_MAX_PIXELS))[0]

@@ -1,0 +1,87 @@
+"""The run's inputs: listed by the driver (small trees), or streamed by Ray tasks (large trees and
+manifests, app.listing and app.inventory); and those of them that have no committed row yet."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from app import inventory, listing, storage
+from app.config import AppConfig, ConfigError
+from app.output import dataset, resume
+from app.plan import MAX_LISTING_BLOCKS, STREAMED_BLOCK_FILES
+
+
+@dataclass
+class Inputs:
+    """The run's inputs: where the images are (`source`), and either their rows, listed by the driver
+    before any work (small inputs), or how Ray tasks produce them as the run goes (large trees and
+    manifests)."""
+
+    source: storage.Location
+    listed: Optional[listing.Listing] = None
+    manifest: Optional[inventory.Manifest] = None
+
+    @property
+    def table(self) -> Optional[pa.Table]:
+        """The input rows, when the driver listed them all."""
+        return self.listed.found if self.listed is not None and self.listed.complete else None
+
+    def stream(self, cfg: AppConfig, tasks: int) -> ray.data.Dataset:
+        """The input rows as a Ray Dataset, produced by up to `tasks` tasks at a time (needs Ray). Like
+        decoding, listing takes no CPU of Ray's accounting, so that it runs beside detector actors that
+        hold every CPU."""
+        if self.manifest is not None:
+            suffixes = listing.image_suffixes(cfg.data.extensions)
+            return self.manifest.dataset(tasks).map_batches(
+                inventory.manifest_rows, batch_format="pyarrow", num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
+        parts = self.listed.parts
+        listed = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), MAX_LISTING_BLOCKS))
+        listed = listed.map_batches(listing.list_part, batch_format="pyarrow", batch_size=1, num_cpus=0,
+                                    compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(tree=self.listed.tree))
+        if self.listed.found.num_rows:
+            listed = ray.data.from_arrow(self.listed.found).union(listed)
+        return listed
+
+
+def open_inputs(cfg: AppConfig) -> Inputs:
+    """Read data.manifest's head, or list data.path as far as the driver lists (app.listing)."""
+    try:
+        if cfg.data.manifest:
+            manifest = inventory.open_manifest(cfg.data.manifest)
+            return Inputs(manifest.images, manifest=manifest)
+        listed = listing.list_inputs(cfg.data.path, list(cfg.data.extensions))
+    except (storage.StorageError, OSError) as error:
+        raise ConfigError(str(error)) from None
+    if listed.complete and not listed.found.num_rows:
+        raise no_images(cfg)
+    return Inputs(listed.tree.location, listed=listed)
+
+
+def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
+    with a row dropped by tasks too (app.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
+    streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs."""
+    _, index = resume.scan_output(output, in_ray=True)
+    tally = resume.InputTally.remote()
+    todo = inputs.stream(cfg, tasks).map_batches(
+        resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
+        fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
+    )
+    return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally
+
+
+def listed_todo(inputs: Inputs, output: storage.Location) -> pa.Table:
+    """The listed inputs without a committed row, on the driver."""
+    done = dataset.read_committed(output, ["path"]).column("path")
+    table = inputs.table
+    return table.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(inputs.source.uri_prefix, table["path"], ""), done)))
+
+
+def no_images(cfg: AppConfig) -> ConfigError:
+    extensions = ", ".join(cfg.data.extensions)
+    where = f"data.manifest {cfg.data.manifest} lists" if cfg.data.manifest else f"data.path {cfg.data.path} holds"
+    return ConfigError(f"{where} no image files (extensions: {extensions})")

@@ -1,0 +1,10 @@
+"""The output dataset: everything about what a run writes to output.path, and how it is read back.
+
+- dataset: the layout, the row schema and its error kinds, the settings a run resumes with, preparing
+  output.path, the manifest (which says the dataset is complete), reading committed rows.
+- rows: detections (and error rows) turned into result rows.
+- writer: committing rows file by file.
+- lease: one run at a time on an output.path.
+- resume: what an output.path already holds, counted by Ray tasks.
+- reader: a finished results directory, for the report, export and evaluate commands.
+"""

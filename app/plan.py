@@ -1,0 +1,225 @@
+"""Planning a run: what the detector stage asks Ray for, how inputs are cut into blocks, and how many
+images go to each call. Plain arithmetic on the config and the cluster's resources: no Ray, no torch."""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from app.config import AUTO, AppConfig, ConfigError, InferenceConfig, parse_number
+
+log = logging.getLogger(__name__)
+
+# Files decoded per call of the decode function: its memory is declared for this many images.
+FILES_PER_DECODE_BATCH = 16
+# Input blocks per detector actor, at least, so that every actor gets work (a block goes to one actor).
+BLOCKS_PER_ACTOR = 4
+# Input blocks, at most: building the dataset costs about 5 ms a block on a 2-core machine.
+MAX_INPUT_BLOCKS = 500
+# Files per input block when Ray tasks list the inputs (their number is not known in advance). The
+# driver keeps about 3 KB per block it has seen (Ray Data's bookkeeping): 64-file blocks made its memory
+# grow by 400 MB from 1 to 10 million inputs, 1,024-file blocks keep it flat.
+STREAMED_BLOCK_FILES = 1024
+# Tasks listing inputs or reading a manifest at once, when decode tasks are bounded by CPUs alone.
+INPUT_TASKS = 4
+# Blocks the parts of a large tree are cut into, at most (a block is listed by one task).
+MAX_LISTING_BLOCKS = 256
+# torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
+MAX_CPU_THREADS_PER_ACTOR = 4
+# Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
+# heavy models gain nothing from batching (measured: see the README); on a GPU batches keep it busy (the
+# sizes the accelerator issue measured the models alone at on an H100; not measured here).
+DEFAULT_BATCH_SIZES = {
+    "fasterrcnn_resnet50_fpn_v2": {"cpu": 1, "gpu": 8},
+    "fasterrcnn_resnet50_fpn": {"cpu": 1, "gpu": 8},
+    "fasterrcnn_mobilenet_v3_large_fpn": {"cpu": 2, "gpu": 16},
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"cpu": 4, "gpu": 32},
+}
+# Model batches per call of a detector actor, at most: the images of a call are grouped by shape
+# into model batches, and the more there are to choose from, the less a batch pads.
+MODEL_BATCHES_PER_CALL = 4
+# Set by the chart on the head: the GPUs and CPUs the cluster's worker groups may grow to.
+MAX_GPUS_VARIABLE = "RAY_DETECT_MAX_GPUS"
+MAX_CPUS_VARIABLE = "RAY_DETECT_MAX_CPUS"
+# A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
+DECODE_TASK_BASE_MEMORY = 256 * 1024**2
+
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the detector stage asks Ray for, with "auto" resolved against the cluster."""
+
+    num_gpus: float
+    num_actors: int
+    num_cpus_per_actor: float
+    decode_cpus: float = 1.0  # CPUs each decode task reserves
+    decode_tasks: Optional[int] = None  # decode tasks running at once, at most (None: as CPUs allow)
+
+
+
+@dataclass(frozen=True)
+class ClusterLimits:
+    """What an autoscaling cluster may grow to, as its deployment says (open-source Ray does not tell a
+    job its autoscaler's limits): the chart sets RAY_DETECT_MAX_GPUS and RAY_DETECT_MAX_CPUS on the head,
+    where a RayJob's entrypoint runs. None: not said."""
+
+    max_gpus: Optional[float] = None
+    max_cpus: Optional[float] = None
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "ClusterLimits":
+        def read(variable: str) -> Optional[float]:
+            text = environ.get(variable, "").strip()
+            if not text:
+                return None
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if not number >= 0:  # NaN included
+                raise ConfigError(f"{variable}={text!r} (set by the deployment) must be a number, at least 0")
+            return number
+
+        return cls(max_gpus=read(MAX_GPUS_VARIABLE), max_cpus=read(MAX_CPUS_VARIABLE))
+
+
+def plan_resources(
+    inference: InferenceConfig, nodes: list[dict[str, float]], local: bool = True, limits: ClusterLimits = ClusterLimits(),
+    input_cpus: float = 0.0,
+) -> Resources:
+    """Resolve the "auto" settings of the detector stage against the resources of the cluster's nodes,
+    and, on an attached cluster, against what its autoscaler may add (`limits`).
+
+    On CPU a node runs at least two actors, each with up to MAX_CPU_THREADS_PER_ACTOR CPUs and as many
+    torch threads, and the actors take every CPU: torch's threads speed up a forward pass less than
+    linearly, while separate actors add up almost linearly (on 2 cores, two 1-thread actors do 1.1x
+    the images of one 2-thread actor). Decoding an image costs a few percent of a forward pass, so
+    decode tasks reserve no CPU then and run one per actor at a time.
+    With a GPU, an actor takes one CPU and decode tasks one CPU each, on the CPUs the actors leave.
+    A cluster that may grow to N GPUs gets N GPU actors from the start, even with no GPU up yet: the
+    actors still waiting for a GPU make the autoscaler add GPU nodes.
+
+    A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
+    cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
+    `input_cpus` are left to the input stage: CPU actors that would take them are one fewer.
+    """
+    cluster_gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    cluster_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    largest_node_cpus = max((node.get("CPU", 0.0) for node in nodes), default=1.0)
+    reachable_gpus, reachable_cpus = cluster_gpus, cluster_cpus
+    if not local:
+        reachable_gpus = max(cluster_gpus, limits.max_gpus or 0.0)
+        reachable_cpus = max(cluster_cpus, limits.max_cpus or 0.0)
+    if inference.num_gpus == AUTO:
+        num_gpus = 1.0 if reachable_gpus > 0 else 0.0
+    else:
+        num_gpus = parse_number("inference.num_gpus", inference.num_gpus, 0)
+        if num_gpus > 0 and cluster_gpus == 0:
+            message = f"inference.num_gpus={inference.num_gpus} but the Ray cluster has no GPUs"
+            if local:
+                raise ConfigError(message)
+            log.warning("%s yet; waiting for its autoscaler to add GPU nodes", message)
+    fixed_actors = None if inference.num_actors == AUTO else int(parse_number("inference.num_actors", inference.num_actors, 1))
+    if inference.num_cpus_per_actor != AUTO:
+        num_cpus = parse_number("inference.num_cpus_per_actor", inference.num_cpus_per_actor, 0)
+    elif num_gpus:
+        num_cpus = 1.0  # one CPU feeds a GPU
+    elif fixed_actors:
+        # A given number of actors shares the cluster's CPUs.
+        num_cpus = max(1.0, min(largest_node_cpus, cluster_cpus // fixed_actors))
+    else:
+        num_cpus = float(max(1, min(MAX_CPU_THREADS_PER_ACTOR, int(largest_node_cpus) // 2)))
+    if fixed_actors:
+        num_actors = fixed_actors
+    elif num_gpus:
+        num_actors = max(1, int(reachable_gpus // num_gpus))
+    else:
+        fitting = sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes)
+        num_actors = max(1, fitting, int((reachable_cpus - cluster_cpus) // num_cpus) + fitting)
+        if num_actors * num_cpus > reachable_cpus - input_cpus:
+            num_actors = max(1, num_actors - math.ceil(input_cpus / num_cpus))
+    if not fixed_actors and inference.max_actors is not None:
+        num_actors = min(num_actors, inference.max_actors)
+    if num_gpus and num_actors * num_cpus <= reachable_cpus - 1 - input_cpus:
+        # Decode tasks stop short of the CPUs the actors (and the input stage) need, so that no actor
+        # waits for a CPU while decode tasks fill the node, and the device starts with the first images.
+        return Resources(num_gpus, num_actors, num_cpus, decode_tasks=int(reachable_cpus - num_actors * num_cpus - input_cpus))
+    if num_actors * num_cpus > reachable_cpus - 1 - input_cpus:
+        # The actors take every CPU: decode tasks reserve none and run one per actor at a time, which
+        # keeps the actors fed without a crowd of decode workers starting up beside them.
+        return Resources(num_gpus, num_actors, num_cpus, decode_cpus=0.0, decode_tasks=num_actors)
+    return Resources(num_gpus=num_gpus, num_actors=num_actors, num_cpus_per_actor=num_cpus)
+
+
+def files_per_block(num_files: int, num_actors: int, batch_size: int) -> int:
+    """Files per input block; a block is decoded by one task and its images go to one detector actor.
+
+    A small input is cut into BLOCKS_PER_ACTOR blocks per actor (none smaller than a model batch), so
+    that every actor gets work; a large one into blocks of FILES_PER_DECODE_BATCH files, or into
+    MAX_INPUT_BLOCKS larger ones, whose decode tasks stream their images out batch by batch."""
+    balanced = max(batch_size, math.ceil(num_files / (BLOCKS_PER_ACTOR * num_actors)))
+    return max(1, min(FILES_PER_DECODE_BATCH, balanced), math.ceil(num_files / MAX_INPUT_BLOCKS))
+
+
+def model_batch_size(cfg: AppConfig, resources: Resources) -> int:
+    """inference.batch_size, or the model's default on the device the actors run on."""
+    if cfg.inference.batch_size is not None:
+        return cfg.inference.batch_size
+    return DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if resources.num_gpus else "cpu"]
+
+
+def rows_per_call(block_rows: int, batch_size: int) -> int:
+    """Images per call of a detector actor: up to MODEL_BATCHES_PER_CALL model batches to group by shape,
+    but no more than a block, so that a small input still reaches every actor."""
+    return max(batch_size, min(MODEL_BATCHES_PER_CALL * batch_size, block_rows))
+
+
+def decoded_image_bytes(cfg: AppConfig) -> int:
+    """Upper bound of one decoded image's pixels at model size; a 12 MP photo when not resizing."""
+    if cfg.inference.resize_on_cpu:
+        return cfg.model.min_size * cfg.model.max_size * 3
+    return 12_000_000 * 3
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a run maps its stages onto the cluster."""
+
+    resources: Resources
+    batch_size: int  # images per model call
+    block_rows: int  # files per input block
+    rows_per_call: int  # images per call of a detector actor
+    decode_batch: int  # files per call of the decode function
+    decode_memory: int  # bytes a decode task declares to Ray
+    input_tasks: int  # tasks listing, reading or filtering streamed inputs at once
+    # Calls queued per detector actor. A CPU actor takes seconds per call: it is handed its next block
+    # only when free, so that no block waits in one actor's queue while another actor idles. A GPU actor
+    # (or a lone actor, whose queue nothing else could take from) gets its next block while it computes,
+    # to have it at hand.
+    calls_per_actor: int
+
+
+def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits: ClusterLimits,
+             listed_files: Optional[int]) -> Plan:
+    """The plan for the cluster's `nodes`. `listed_files` is the number of files to process when the
+    driver listed them; None when Ray tasks stream the inputs, which are then cut into blocks by Ray
+    Data's streaming repartition, a task that takes a CPU (plan_resources leaves it one)."""
+    streamed = listed_files is None
+    resources = plan_resources(cfg.inference, nodes, local, limits, input_cpus=1.0 if streamed else 0.0)
+    batch = model_batch_size(cfg, resources)
+    block_rows = STREAMED_BLOCK_FILES if streamed else files_per_block(listed_files, resources.num_actors, batch)
+    return Plan(
+        resources=resources,
+        batch_size=batch,
+        block_rows=block_rows,
+        rows_per_call=rows_per_call(block_rows, batch),
+        decode_batch=min(block_rows, FILES_PER_DECODE_BATCH),
+        # The decode task's memory, declared so Ray can plan it. As the detector declares none, this also
+        # keeps Ray from fusing decoding into the actors, where it would run serially with the model.
+        decode_memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg),
+        input_tasks=resources.decode_tasks or INPUT_TASKS,
+        calls_per_actor=2 if resources.num_gpus or resources.num_actors == 1 else 1,
+    )
