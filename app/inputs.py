@@ -63,7 +63,7 @@ def open_inputs(cfg: AppConfig) -> Inputs:
 
 def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
-    with a row dropped by tasks too (app.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
+    with a row dropped by tasks too (app.output.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
     streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs."""
     _, index = resume.scan_output(output, in_ray=True)
     tally = resume.InputTally.remote()

@@ -99,8 +99,9 @@ def resolve_weights(spec: ModelSpec, allow_random_fallback: bool = False) -> Mod
 
 
 def load_checkpoint(uri: str) -> dict:
-    """A state dict from a checkpoint file: a bare state dict, or a dict holding one under "model" or
-    "state_dict" (torchvision's reference scripts save the former), optionally with "class_names"."""
+    """The dict a checkpoint file holds: a bare state dict, or a dict holding one under "model" or
+    "state_dict" (torchvision's reference scripts save the former), optionally with "class_names";
+    build_model takes the state dict out."""
     location = storage.resolve(uri)
     with location.filesystem.open_input_stream(location.path) as stream:
         checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)

@@ -1,4 +1,4 @@
-"""One run at a time on an output.path (app.lease): a live run's lease refuses a second run, a stale one is
+"""One run at a time on an output.path (app.output.lease): a live run's lease refuses a second run, a stale one is
 taken over, and a run whose lease was taken stops before committing more."""
 
 import json

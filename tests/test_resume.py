@@ -1,4 +1,4 @@
-"""What an output holds, counted without the driver holding its paths (app.resume), called in-process."""
+"""What an output holds, counted without the driver holding its paths (app.output.resume), called in-process."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
