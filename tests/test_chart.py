@@ -294,6 +294,22 @@ def test_names_fit_kuberay_limits_and_the_run_name_names_the_job(helm):
     assert renamed["metadata"]["name"] == "detect-ray-detect-run-2"
 
 
+def test_standalone_job_is_the_releases_job_with_metadata_for_kubectl_create(helm):
+    """job.standalone (k8s/rayjob.yaml): generateName, no namespace, no Helm labels; the spec is the release's."""
+    release_job = only(render(helm), "RayJob")
+    standalone = kv.render(helm, set_values=["job.standalone=true"], release=RELEASE, namespace=NAMESPACE)
+    job = only(standalone, "RayJob")
+    kubectl_labels = {k: v for k, v in expected_labels("job").items()
+                      if k not in ("helm.sh/chart", "app.kubernetes.io/managed-by")}
+    assert job["metadata"] == {"generateName": "ray-detect-run-", "labels": kubectl_labels}
+    assert job["spec"]["submitterPodTemplate"]["metadata"] == {"labels": kubectl_labels}
+    release_job["spec"]["submitterPodTemplate"]["metadata"] = {"labels": kubectl_labels}
+    assert job["spec"] == release_job["spec"]
+    # KubeRay refuses RayJob names over 47 characters; generateName adds 5.
+    long_name = only(kv.render(helm, set_values=["job.standalone=true", "nameOverride=" + "n" * 63]), "RayJob")
+    assert long_name["metadata"]["generateName"] == "n" * 37 + "-run-"
+
+
 def test_shared_mode_selects_the_charts_cluster(helm):
     objects = render(helm)
     cluster, job = only(objects, "RayCluster"), only(objects, "RayJob")

@@ -56,7 +56,8 @@ a 6-character suffix to name the RayCluster it creates), so the fullname part is
 {{- end }}
 
 {{/*
-Labels. Call with (dict "ctx" $ "component" "head").
+Labels. Call with (dict "ctx" $ "component" "head"), adding "standalone" true for an object that kubectl,
+not Helm, creates: it then lacks the labels that say Helm manages it.
 */}}
 
 {{/* Labels that select the release's pods: stable across upgrades. */}}
@@ -70,10 +71,14 @@ app.kubernetes.io/component: {{ . }}
 
 {{/* The full label set of every object and pod template. */}}
 {{- define "ray-detect.labels" -}}
+{{- if not .standalone -}}
 helm.sh/chart: {{ include "ray-detect.chart" .ctx }}
+{{ end -}}
 {{ include "ray-detect.selectorLabels" . }}
 app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- if not .standalone }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
 app.kubernetes.io/part-of: ray-detect
 {{- end }}
 
