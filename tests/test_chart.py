@@ -71,6 +71,13 @@ def render(helm: Path, name: str = "default", extra_sets: tuple[str, ...] = ()) 
     return json.loads(_render_cached(helm, values, sets + tuple(extra_sets)))
 
 
+def render_with(helm: Path, tmp_path: Path, values: dict, files: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Render with values written to a file (not --set, so "2" stays a string and None removes a default)."""
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    return kv.render(helm, [*files, extra])
+
+
 def only(objects: list[dict], kind: str) -> dict:
     matches = [o for o in objects if o["kind"] == kind]
     assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
@@ -85,6 +92,18 @@ def helm_error(helm: Path, *args: str) -> str:
     with pytest.raises(kv.HelmError) as failure:
         kv.run_helm(helm, "template", RELEASE, str(CHART), *args)
     return str(failure.value)
+
+
+def values_error(helm: Path, tmp_path: Path, values: dict) -> str:
+    """helm's error for values written to a file (keys such as "gpu-a10" or None do not survive --set)."""
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    return helm_error(helm, "--values", str(extra))
+
+
+def worker_groups(objects: list[dict]) -> list[dict]:
+    """The workerGroupSpecs of the render's RayCluster (empty when it has none)."""
+    return only(objects, "RayCluster")["spec"].get("workerGroupSpecs", [])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,9 +174,11 @@ def test_schema_rejects_bad_values_naming_the_key(helm, sets, fragment):
     assert fragment in message
 
 
-def test_replicas_outside_min_max_fail_with_the_group_name(helm):
+def test_replicas_outside_min_max_fail_with_the_group_name(helm, tmp_path):
     message = helm_error(helm, "--set", "workerGroups.gpu.replicas=9")
     assert "workerGroups.gpu: replicas (9) must be between minReplicas (0) and maxReplicas (4)" in message
+    message = values_error(helm, tmp_path, {"workerGroups": {"gpu-a10": {**A10_GROUP, "replicas": 5}}})
+    assert "workerGroups.gpu-a10: replicas (5) must be between minReplicas (0) and maxReplicas (3)" in message
 
 
 def test_ray_auth_on_a_ray_too_old_for_it_fails(helm):
@@ -273,6 +294,22 @@ def test_names_fit_kuberay_limits_and_the_run_name_names_the_job(helm):
     assert renamed["metadata"]["name"] == "detect-ray-detect-run-2"
 
 
+def test_standalone_job_is_the_releases_job_with_metadata_for_kubectl_create(helm):
+    """job.standalone (k8s/rayjob.yaml): generateName, no namespace, no Helm labels; the spec is the release's."""
+    release_job = only(render(helm), "RayJob")
+    standalone = kv.render(helm, set_values=["job.standalone=true"], release=RELEASE, namespace=NAMESPACE)
+    job = only(standalone, "RayJob")
+    kubectl_labels = {k: v for k, v in expected_labels("job").items()
+                      if k not in ("helm.sh/chart", "app.kubernetes.io/managed-by")}
+    assert job["metadata"] == {"generateName": "ray-detect-run-", "labels": kubectl_labels}
+    assert job["spec"]["submitterPodTemplate"]["metadata"] == {"labels": kubectl_labels}
+    release_job["spec"]["submitterPodTemplate"]["metadata"] = {"labels": kubectl_labels}
+    assert job["spec"] == release_job["spec"]
+    # KubeRay refuses RayJob names over 47 characters; generateName adds 5.
+    long_name = only(kv.render(helm, set_values=["job.standalone=true", "nameOverride=" + "n" * 63]), "RayJob")
+    assert long_name["metadata"]["generateName"] == "n" * 37 + "-run-"
+
+
 def test_shared_mode_selects_the_charts_cluster(helm):
     objects = render(helm)
     cluster, job = only(objects, "RayCluster"), only(objects, "RayJob")
@@ -359,17 +396,148 @@ def test_s3_credentials_come_only_from_the_referenced_secret(helm):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Worker groups: any key of workerGroups, every one rendered alike
+# ---------------------------------------------------------------------------------------------------
+
+# A third group added through values alone: another GPU type, two GPUs per pod.
+A10_GROUP = {
+    "enabled": True,
+    "replicas": 1,
+    "minReplicas": 0,
+    "maxReplicas": 3,
+    "gpusPerWorker": 2,
+    "resources": {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}},
+    "shmSize": "8Gi",
+    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A10G"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+# A third group of CPU workers on spot nodes: no GPUs, two CPUs per pod.
+SPOT_GROUP = {
+    "enabled": True,
+    "replicas": 0,
+    "minReplicas": 0,
+    "maxReplicas": 10,
+    "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+    "shmSize": "1Gi",
+    "nodeSelector": {"node-pool": "spot"},
+}
+
+
+def test_a_third_group_from_values_alone_is_a_third_worker_group_spec(helm, tmp_path, crd_schemas):
+    objects = render_with(helm, tmp_path, {"workerGroups": {"gpu-a10": A10_GROUP}})
+    cluster = only(objects, "RayCluster")
+    kv.validate_strict(cluster, crd_schemas)
+    groups = worker_groups(objects)
+    # In the order of the keys, as Helm ranges over a map; the default groups are untouched.
+    assert [g["groupName"] for g in groups] == ["cpu-workers", "gpu-workers", "gpu-a10-workers"]
+    assert groups[:2] == worker_groups(render(helm))
+    a10 = groups[2]
+    assert {k: v for k, v in a10.items() if k != "template"} == {
+        "groupName": "gpu-a10-workers", "replicas": 1, "minReplicas": 0, "maxReplicas": 3, "rayStartParams": {},
+    }
+    assert a10["template"]["metadata"] == {"labels": expected_labels("gpu-a10-workers")}
+    pod = a10["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    container = pod["containers"][0]
+    assert (container["name"], container["image"]) == ("ray-worker", "ghcr.io/ray-detect/ray-detect:0.1.0")
+    assert container["resources"] == {
+        "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2},
+        "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2},
+    }
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert kv.restricted_violations(a10["template"]) == []
+
+
+def test_a_group_key_of_55_characters_makes_a_group_name_of_63(helm, tmp_path, crd_schemas):
+    key = "a" * 55
+    groups = worker_groups(render_with(helm, tmp_path, {"workerGroups": {key: SPOT_GROUP}}))
+    assert groups[0]["groupName"] == f"{key}-workers" and len(groups[0]["groupName"]) == 63
+    assert groups[0]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == f"{key}-workers"
+
+
+def test_what_a_group_gets_follows_its_values_not_its_key(helm, tmp_path):
+    """GPUs and tolerations are values of a group: "cpu" with gpusPerWorker gets GPUs, "gpu" without none."""
+    values = {"workerGroups": {"cpu": {"gpusPerWorker": 1}, "gpu": {"gpusPerWorker": None, "tolerations": None}}}
+    objects = render_with(helm, tmp_path, values)
+    cpu, gpu = worker_groups(objects)
+    assert cpu["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1},
+        "limits": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1},
+    }
+    assert gpu["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"cpu": "4", "memory": "16Gi"},
+    }
+    assert "tolerations" not in gpu["template"]["spec"]
+    assert head_maxima(objects) == ("RayCluster", maxima("4", "32"))  # 4 cpu pods x 1 GPU, none from "gpu"
+
+
+@pytest.mark.parametrize(
+    "values, names",
+    [
+        ({"workerGroups": {"gpu-a10": {**A10_GROUP, "enabled": False}}}, ["cpu-workers", "gpu-workers"]),
+        ({"workerGroups": {"gpu": {"enabled": False}, "spot": SPOT_GROUP}}, ["cpu-workers", "spot-workers"]),
+        ({"workerGroups": {"gpu": None}}, ["cpu-workers"]),  # null in a values file removes a default group
+        ({"workerGroups": {"cpu": {"enabled": False}, "gpu": {"enabled": False}}}, []),
+    ],
+    ids=["third-disabled", "gpu-disabled-spot-added", "gpu-removed", "all-disabled"],
+)
+def test_only_enabled_groups_render_a_spec(helm, tmp_path, crd_schemas, values, names):
+    objects = render_with(helm, tmp_path, values)
+    cluster = only(objects, "RayCluster")
+    assert [g["groupName"] for g in worker_groups(objects)] == names
+    assert ("workerGroupSpecs" in cluster["spec"]) is bool(names)  # no empty list either
+    kv.validate_strict(cluster, crd_schemas)
+
+
+def test_notes_list_the_enabled_groups(helm_binaries, tmp_path):
+    """NOTES.txt, as `helm install` prints it. Helm v4 only: v3's client-side dry run still asks a cluster."""
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump({"workerGroups": {"gpu": {"enabled": False}, "spot": SPOT_GROUP}}))
+    out = kv.run_helm(helm_binaries[4], "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                      "--dry-run=client", "--values", str(extra))
+    notes = out.split("\nNOTES:\n", 1)[1]
+    assert "RayCluster: detect-ray-detect (head, cpu-workers 0-4, spot-workers 0-10).\n" in notes
+
+
+@pytest.mark.parametrize(
+    "groups, helm3_line, helm4_line",
+    [
+        ({"GPU_A10": A10_GROUP}, "- workerGroups: Additional property GPU_A10 is not allowed",
+         "- at '/workerGroups': additional properties 'GPU_A10' not allowed"),
+        ({"spot-": SPOT_GROUP}, "- workerGroups: Additional property spot- is not allowed",
+         "- at '/workerGroups': additional properties 'spot-' not allowed"),
+        # 56 characters: "<key>-workers" would not fit a label value.
+        ({"a" * 56: SPOT_GROUP}, f"- workerGroups: Additional property {'a' * 56} is not allowed",
+         f"- at '/workerGroups': additional properties '{'a' * 56}' not allowed"),
+        ({"gpu-a10": {**A10_GROUP, "gpuPerWorker": 2}},
+         "- workerGroups.gpu-a10: Additional property gpuPerWorker is not allowed",
+         "- at '/workerGroups/gpu-a10': additional properties 'gpuPerWorker' not allowed"),
+        ({"gpu-a10": {**A10_GROUP, "replicas": "2"}},
+         "- workerGroups.gpu-a10.replicas: Invalid type. Expected: integer, given: string",
+         "- at '/workerGroups/gpu-a10/replicas': got string, want integer"),
+        ({"gpu-a10": {**A10_GROUP, "gpusPerWorker": 0}},
+         "- workerGroups.gpu-a10.gpusPerWorker: Must be greater than or equal to 1",
+         "- at '/workerGroups/gpu-a10/gpusPerWorker': minimum: got 0, want 1"),
+        ({"spot": {k: v for k, v in SPOT_GROUP.items() if k != "shmSize"}},
+         "- workerGroups.spot: shmSize is required",
+         "- at '/workerGroups/spot': missing property 'shmSize'"),
+    ],
+    ids=["uppercase-and-underscore", "trailing-dash", "too-long", "unknown-key", "wrong-type", "no-gpus",
+         "missing-key"],
+)
+def test_schema_rejects_bad_group_names_and_bad_keys_in_any_group(helm, tmp_path, groups, helm3_line, helm4_line):
+    message = values_error(helm, tmp_path, {"workerGroups": groups})
+    assert "values don't meet the specifications of the schema(s)" in message
+    assert (helm3_line if kv.helm_major(helm) == 3 else helm4_line) in message.splitlines()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The cluster maxima on the head (RAY_DETECT_MAX_GPUS, RAY_DETECT_MAX_CPUS)
 # ---------------------------------------------------------------------------------------------------
 
 MAXIMA = ("RAY_DETECT_MAX_GPUS", "RAY_DETECT_MAX_CPUS")
-
-
-def render_with(helm: Path, tmp_path: Path, values: dict, files: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
-    """Render with values written to a file (not --set, so "2" stays a string and None removes a default)."""
-    extra = tmp_path / "extra-values.yaml"
-    extra.write_text(yaml.safe_dump(values))
-    return kv.render(helm, [*files, extra])
 
 
 def head_maxima(objects: list[dict]) -> tuple[str, dict[str, str]]:
@@ -425,6 +593,22 @@ NO_CPU_LIMIT = {"resources": {"limits": {"cpu": None}}}
                      maxima("0", "32"), id="num-gpus-param"),
         # A schedulable head offers Ray its CPU limit (2) as well.
         pytest.param((), {"head": {"schedulable": True}}, "RayCluster", maxima("4", "34"), id="schedulable-head"),
+        # A third group counts like the others: gpu-a10 up to 3 pods of 2 GPUs and 8 CPUs (1 pod without the
+        # autoscaler), spot up to 10 pods of 2 CPUs; a disabled one does not count.
+        pytest.param((), {"workerGroups": {"gpu-a10": A10_GROUP}}, "RayCluster", maxima("10", "56"),
+                     id="third-gpu-group"),
+        pytest.param((), {"workerGroups": {"gpu-a10": A10_GROUP}, "autoscaling": {"enabled": False}}, "RayCluster",
+                     maxima("3", "16"), id="third-gpu-group-autoscaling-off"),
+        pytest.param((), {"workerGroups": {"gpu-a10": A10_GROUP}, "job": {"cluster": "dedicated"}}, "RayJob",
+                     maxima("10", "56"), id="third-gpu-group-dedicated"),
+        pytest.param((), {"workerGroups": {"spot": SPOT_GROUP}}, "RayCluster", maxima("4", "52"),
+                     id="third-cpu-group"),
+        pytest.param((), {"workerGroups": {"gpu-a10": {**A10_GROUP, "enabled": False}}}, "RayCluster",
+                     maxima("4", "32"), id="third-group-disabled"),
+        # GPUs named in a group's resources rather than gpusPerWorker count too (KubeRay reads the limit).
+        pytest.param((), {"workerGroups": {"gpu": {"gpusPerWorker": None,
+                                                   "resources": {"limits": {"nvidia.com/gpu": 2}}}}},
+                     "RayCluster", maxima("8", "32"), id="gpu-limit-in-resources"),
         # No num-cpus, CPU limit or request: Ray counts the node's CPUs, unknown here, so no CPU figure.
         pytest.param((), {"workerGroups": {"cpu": {"resources": {"limits": {"cpu": None}, "requests": {"cpu": None}}}}},
                      "RayCluster", maxima("4", None), id="cpus-unknown"),
@@ -461,8 +645,10 @@ def test_cluster_maxima_come_before_the_users_head_env_and_a_users_entry_wins(he
          'workerGroups.cpu.resources.limits.cpu: cannot count the CPUs in "1k"'),
         ({"workerGroups": {"gpu": {"resources": {"limits": {"cpu": None}, "requests": {"cpu": "1M"}}}}},
          'workerGroups.gpu.resources.requests.cpu: cannot count the CPUs in "1M"'),
+        ({"workerGroups": {"gpu": {"gpusPerWorker": None, "resources": {"limits": {"nvidia.com/gpu": "1.5"}}}}},
+         'workerGroups.gpu.resources.limits.nvidia.com/gpu must be a whole number, not "1.5"'),
     ],
-    ids=["num-cpus-decimal", "num-gpus-word", "cpu-kilo", "cpu-mega-request"],
+    ids=["num-cpus-decimal", "num-gpus-word", "cpu-kilo", "cpu-mega-request", "gpu-limit-decimal"],
 )
 def test_uncountable_cpus_or_gpus_fail_naming_the_key(helm, tmp_path, values, message):
     extra = tmp_path / "extra-values.yaml"
@@ -648,11 +834,21 @@ def _value_paths(values: dict, prefix: str = "") -> set[str]:
 
 
 def test_readme_values_table_lists_every_value():
+    """Every value of values.yaml has a row, and a row `workerGroups.<group>.x` for each key x a group may
+    have (the schema's group definition), standing for that key in every default group that sets it."""
     readme = (CHART / "README.md").read_text()
-    documented = set()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    group_keys = json.loads((CHART / "values.schema.json").read_text())["definitions"]["workerGroup"]["properties"]
+    documented, documented_group_keys = set(), set()
     for key in re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE):
-        documented |= {key.replace("{cpu,gpu}", group) for group in ("cpu", "gpu")}
-    assert documented == _value_paths(yaml.safe_load((CHART / "values.yaml").read_text()))
+        if key.startswith("workerGroups.<group>."):
+            field = key.removeprefix("workerGroups.<group>.")
+            documented_group_keys.add(field)
+            documented |= {f"workerGroups.{g}.{field}" for g, group in values["workerGroups"].items() if field in group}
+        else:
+            documented.add(key)
+    assert documented_group_keys == set(group_keys)
+    assert documented == _value_paths(values)
 
 
 def test_every_value_and_section_has_a_comment():

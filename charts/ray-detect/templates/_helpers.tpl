@@ -56,7 +56,8 @@ a 6-character suffix to name the RayCluster it creates), so the fullname part is
 {{- end }}
 
 {{/*
-Labels. Call with (dict "ctx" $ "component" "head").
+Labels. Call with (dict "ctx" $ "component" "head"), adding "standalone" true for an object that kubectl,
+not Helm, creates: it then lacks the labels that say Helm manages it.
 */}}
 
 {{/* Labels that select the release's pods: stable across upgrades. */}}
@@ -70,10 +71,14 @@ app.kubernetes.io/component: {{ . }}
 
 {{/* The full label set of every object and pod template. */}}
 {{- define "ray-detect.labels" -}}
+{{- if not .standalone -}}
 helm.sh/chart: {{ include "ray-detect.chart" .ctx }}
+{{ end -}}
 {{ include "ray-detect.selectorLabels" . }}
 app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- if not .standalone }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
 app.kubernetes.io/part-of: ray-detect
 {{- end }}
 
@@ -277,13 +282,54 @@ spec:
 {{- end }}
 
 {{/*
-Fail early, with the key's name, on replica counts KubeRay would reject or silently clamp.
-Call with (dict "name" "workerGroups.gpu" "group" .Values.workerGroups.gpu).
+Worker groups
+Each key of workerGroups is one worker group, all rendered alike: what makes a GPU group (gpusPerWorker,
+nodeSelector, tolerations) is in its values, never in its key, so a new group is a values change only.
 */}}
-{{- define "ray-detect.checkReplicas" -}}
-{{- $g := .group }}
+
+{{/*
+A group's groupName and its pods' component label: "<key>-workers". Keys have at most 55 characters (the
+schema), so it fits a label value. Call with the key.
+*/}}
+{{- define "ray-detect.workerGroupName" -}}
+{{- printf "%s-workers" . }}
+{{- end }}
+
+{{/*
+A group's container resources, as YAML, with gpusPerWorker (when set) as the nvidia.com/gpu limit and
+request, so overriding resources cannot lose the GPUs. Call with (dict "group" .Values.workerGroups.gpu).
+*/}}
+{{- define "ray-detect.workerResources" -}}
+{{- $resources := deepCopy (.group.resources | default dict) }}
+{{- with .group.gpusPerWorker }}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" .) ($resources.limits | default dict)) }}
+{{- $_ := set $resources "requests" (merge (dict "nvidia.com/gpu" .) ($resources.requests | default dict)) }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+The items of workerGroupSpecs: one per enabled group, in the order of their keys (Helm ranges over a map
+sorted by key). Empty when no group is enabled.
+*/}}
+{{- define "ray-detect.workerGroupSpecs" -}}
+{{- range $key, $g := .Values.workerGroups }}
+{{- if $g.enabled }}
+{{- /* Fail early, naming the group, on replica counts KubeRay would reject or silently clamp. */}}
 {{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
-{{- fail (printf "%s: replicas (%d) must be between minReplicas (%d) and maxReplicas (%d)" .name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- fail (printf "workerGroups.%s: replicas (%d) must be between minReplicas (%d) and maxReplicas (%d)" $key (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- end }}
+{{- $groupName := include "ray-detect.workerGroupName" $key }}
+{{- $resources := include "ray-detect.workerResources" (dict "group" $g) | fromYaml }}
+- groupName: {{ $groupName }}
+  replicas: {{ $g.replicas }}
+  minReplicas: {{ $g.minReplicas }}
+  maxReplicas: {{ $g.maxReplicas }}
+  rayStartParams:
+    {{- toYaml ($g.rayStartParams | default dict) | nindent 4 }}
+  template:
+    {{- include "ray-detect.rayPodTemplate" (dict "ctx" $ "group" $g "component" $groupName "container" "ray-worker" "head" false "resources" $resources "shmSize" $g.shmSize) | nindent 4 }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -308,16 +354,17 @@ Call with (dict "ctx" $ "group" .Values.workerGroups.gpu).
 {{- end }}
 
 {{/*
-The GPUs one pod of a group offers Ray: the num-gpus ray start parameter when set, else gpusPerWorker (the
-chart writes it into the nvidia.com/gpu limit, which KubeRay turns into num-gpus), else 0.
+The GPUs one pod of a group offers Ray: the num-gpus ray start parameter when set, else the nvidia.com/gpu
+limit of its container (gpusPerWorker, or one set in resources), which KubeRay turns into num-gpus, else 0.
 Call with (dict "name" "workerGroups.gpu" "group" .Values.workerGroups.gpu).
 */}}
 {{- define "ray-detect.gpusPerPod" -}}
 {{- $params := .group.rayStartParams | default dict }}
 {{- if hasKey $params "num-gpus" }}
-{{- include "ray-detect.countParam" (dict "name" .name "params" $params "param" "num-gpus") }}
+{{- include "ray-detect.wholeNumber" (dict "key" (printf "%s.rayStartParams.num-gpus" .name) "value" (get $params "num-gpus")) }}
 {{- else }}
-{{- int (.group.gpusPerWorker | default 0) }}
+{{- $limit := include "ray-detect.workerResources" . | fromYaml | dig "limits" "nvidia.com/gpu" 0 }}
+{{- include "ray-detect.wholeNumber" (dict "key" (printf "%s.resources.limits.nvidia.com/gpu" .name) "value" $limit) }}
 {{- end }}
 {{- end }}
 
@@ -333,7 +380,7 @@ Call with (dict "name" "workerGroups.cpu" "group" .Values.workerGroups.cpu).
 {{- $limit := dig "limits" "cpu" "" $resources }}
 {{- $request := dig "requests" "cpu" "" $resources }}
 {{- if hasKey $params "num-cpus" }}
-{{- include "ray-detect.countParam" (dict "name" .name "params" $params "param" "num-cpus") }}
+{{- include "ray-detect.wholeNumber" (dict "key" (printf "%s.rayStartParams.num-cpus" .name) "value" (get $params "num-cpus")) }}
 {{- else if $limit }}
 {{- include "ray-detect.wholeCpus" (dict "key" (printf "%s.resources.limits.cpu" .name) "quantity" $limit) }}
 {{- else if $request }}
@@ -342,14 +389,14 @@ Call with (dict "name" "workerGroups.cpu" "group" .Values.workerGroups.cpu).
 {{- end }}
 
 {{/*
-A count in a group's rayStartParams (num-cpus, num-gpus) as an integer. Ray's autoscaler reads it with
-int(), so anything else would break the cluster anyway: fail here, naming the key.
-Call with (dict "name" "workerGroups.cpu" "params" <its rayStartParams> "param" "num-cpus").
+A count of CPUs or GPUs (num-cpus, num-gpus, a GPU limit) as an integer. Ray's autoscaler reads such counts
+with int(), so anything else would break the cluster anyway: fail here, naming the key.
+Call with (dict "key" "workerGroups.cpu.rayStartParams.num-cpus" "value" "4").
 */}}
-{{- define "ray-detect.countParam" -}}
-{{- $text := get .params .param | toString }}
+{{- define "ray-detect.wholeNumber" -}}
+{{- $text := toString .value }}
 {{- if not (regexMatch "^[0-9]+$" $text) }}
-{{- fail (printf "%s.rayStartParams.%s must be a whole number, not %q" .name .param $text) }}
+{{- fail (printf "%s must be a whole number, not %q" .key $text) }}
 {{- end }}
 {{- atoi $text }}
 {{- end }}
@@ -483,36 +530,9 @@ headGroupSpec:
     {{- end }}
   template:
     {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $values.head "component" "head" "container" "ray-head" "head" true "resources" $values.head.resources "shmSize" $values.head.shmSize) | nindent 4 }}
-{{- $cpu := $values.workerGroups.cpu }}
-{{- $gpu := $values.workerGroups.gpu }}
-{{- if or $cpu.enabled $gpu.enabled }}
+{{- with include "ray-detect.workerGroupSpecs" . }}
 workerGroupSpecs:
-  {{- if $cpu.enabled }}
-  {{- include "ray-detect.checkReplicas" (dict "name" "workerGroups.cpu" "group" $cpu) }}
-  - groupName: cpu-workers
-    replicas: {{ $cpu.replicas }}
-    minReplicas: {{ $cpu.minReplicas }}
-    maxReplicas: {{ $cpu.maxReplicas }}
-    rayStartParams:
-      {{- toYaml ($cpu.rayStartParams | default dict) | nindent 6 }}
-    template:
-      {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $cpu "component" "cpu-workers" "container" "ray-worker" "head" false "resources" $cpu.resources "shmSize" $cpu.shmSize) | nindent 6 }}
-  {{- end }}
-  {{- if $gpu.enabled }}
-  {{- include "ray-detect.checkReplicas" (dict "name" "workerGroups.gpu" "group" $gpu) }}
-  {{- /* The GPU count is added to limits and requests, so it cannot be lost by overriding resources. */}}
-  {{- $gpuResources := deepCopy $gpu.resources }}
-  {{- $_ := set $gpuResources "limits" (merge (dict "nvidia.com/gpu" $gpu.gpusPerWorker) ($gpuResources.limits | default dict)) }}
-  {{- $_ := set $gpuResources "requests" (merge (dict "nvidia.com/gpu" $gpu.gpusPerWorker) ($gpuResources.requests | default dict)) }}
-  - groupName: gpu-workers
-    replicas: {{ $gpu.replicas }}
-    minReplicas: {{ $gpu.minReplicas }}
-    maxReplicas: {{ $gpu.maxReplicas }}
-    rayStartParams:
-      {{- toYaml ($gpu.rayStartParams | default dict) | nindent 6 }}
-    template:
-      {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $gpu "component" "gpu-workers" "container" "ray-worker" "head" false "resources" $gpuResources "shmSize" $gpu.shmSize) | nindent 6 }}
-  {{- end }}
+  {{- trim . | nindent 2 }}
 {{- end }}
 {{- end }}
 
