@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from app import outputs, storage
+from app import coco, outputs, storage
 
 PROG = "ray-detect evaluate"
 DECIMALS = 6
@@ -164,18 +164,17 @@ def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
             if label is None:
                 unmapped[obj.name] += 1
                 continue
-            gt_annotations.append(coco_annotation(len(gt_annotations) + 1, image_id, label, obj.box, crowd=obj.ignored))
+            gt_annotations.append(coco.annotation(len(gt_annotations) + 1, image_id, label, obj.box, crowd=obj.ignored))
         for box, score, label in zip(row["boxes"], row["scores"], row["labels"]):
             if label in categories:
-                detection = coco_annotation(len(detections) + 1, image_id, label, box, crowd=False)
-                detections.append({**detection, "score": score})
+                detections.append(coco.annotation(len(detections) + 1, image_id, label, box, score=score))
     if unmapped:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unmapped.items()))
         note(f"ground-truth classes the model does not know, left out: {listed}")
     if not any(not annotation["iscrowd"] for annotation in gt_annotations):
         raise outputs.ResultsError("no ground-truth object of a class the model knows in the matched images")
 
-    coco_categories = [{"id": label, "name": name} for label, name in categories.items()]
+    coco_categories = coco.categories(categories)
     ground_truth = coco_index({"images": gt_images, "annotations": gt_annotations, "categories": coco_categories})
     predicted = coco_index({"images": gt_images, "annotations": detections, "categories": coco_categories})
     evaluation = COCOeval(ground_truth, predicted, iouType="bbox")
@@ -207,20 +206,12 @@ def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
     }
 
 
-def coco_annotation(annotation_id: int, image_id: int, label: int, box: list[float], crowd: bool) -> dict:
-    x1, y1, x2, y2 = box
-    return {
-        "id": annotation_id, "image_id": image_id, "category_id": label,
-        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
-    }
-
-
 def coco_index(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
+    index = COCO()
+    index.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+        index.createIndex()
+    return index
 
 
 def mean_precision(values: np.ndarray) -> float:

@@ -12,7 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from app import outputs, storage
+from app import coco, outputs, storage
 
 PROG = "ray-detect export"
 FORMATS = ("coco", "voc")
@@ -32,19 +32,8 @@ def to_coco(results: outputs.Results, rows: list[dict]) -> dict:
                 "path": row["path"],
             }
         )
-        for (x1, y1, x2, y2), score, label in zip(row["boxes"], row["scores"], row["labels"]):
-            width, height = x2 - x1, y2 - y1
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label,
-                    "bbox": [x1, y1, width, height],
-                    "area": width * height,
-                    "score": score,
-                    "iscrowd": 0,
-                }
-            )
+        for box, score, label in zip(row["boxes"], row["scores"], row["labels"]):
+            annotations.append(coco.annotation(len(annotations) + 1, image_id, label, box, score=score))
     return {
         "info": {
             "description": f"ray-detect detections from {results.uri}",
@@ -53,7 +42,7 @@ def to_coco(results: outputs.Results, rows: list[dict]) -> dict:
         },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": label, "name": name} for label, name in outputs.categories(results).items()],
+        "categories": coco.categories(outputs.categories(results)),
     }
 
 
