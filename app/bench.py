@@ -1,4 +1,4 @@
-"""Throughput and memory benchmark: `python -m app.bench [SUITE ...] [options]`.
+"""Throughput and memory benchmark: `ray-detect bench [SUITE ...] [options]`.
 
 throughput  For each model, on the same generated JPEGs (a Pascal-VOC-like mix of sizes and orientations)
             and the same model settings, in these modes:
@@ -61,7 +61,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from app import pipeline
+from app import cli, pipeline
 from app.config import compose_config
 from app.decode import (
     DECODED_SCHEMA,
@@ -74,6 +74,8 @@ from app.detector import AUTOCAST_DTYPES, Detector
 from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
 from app.results import RESULT_SCHEMA, SETTINGS_NAME, write_json
+
+PROG = "ray-detect bench"
 
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 # Input counts per model and device for the throughput runs (the smaller, the larger): the heavy model is
@@ -89,7 +91,7 @@ GPU_MODES = ("model", "dataloader", "tutorial", "app")
 MODES = ("model", "bare", "dataloader", "tutorial", "app")
 SAMPLE_INTERVAL_S = 0.5
 
-log = logging.getLogger("app.bench")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -802,7 +804,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.split("\n\n")[0])
+    parser = cli.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
                         help="throughput (default), standin, memory, listing or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
@@ -848,12 +850,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("app").setLevel(logging.WARNING)  # the app's own progress lines
-    logging.getLogger("app.bench").setLevel(logging.INFO)
+    # The app's progress lines are muted: "app" is the parent of its modules' loggers (app.pipeline, ...),
+    # which inherit its level; this module's own logger (app.bench) stays at INFO.
+    logging.getLogger("app").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     base = Path(args.workdir or tempfile.mkdtemp(prefix="ray-detect-bench-"))
     base.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine(), "command": "python -m app.bench " + " ".join(argv or [])}
+    results = {"machine": machine(), "command": f"{PROG} " + " ".join(argv or [])}
     try:
         suites = set(SUITES) if "all" in args.suites else set(args.suites)
         if "throughput" in suites:
@@ -878,6 +882,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`python -m app.evaluate RESULTS_DIR --ground-truth PATH [--json FILE]`: COCO-style detection metrics.
+"""`ray-detect evaluate RESULTS_DIR --ground-truth PATH [--json FILE]`: COCO-style detection metrics.
 
 Ground truth is a folder of Pascal VOC XML files (searched recursively) or a COCO JSON file. Results rows
 and ground-truth images are matched by file stem: the image's name without folder and extension (VOC:
@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from app import coco, outputs, storage
+from app import cli, coco, outputs, storage
 
 PROG = "ray-detect evaluate"
 DECIMALS = 6
@@ -239,7 +239,7 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = outputs.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
+    parser = cli.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--ground-truth", required=True, metavar="PATH", help="a folder of Pascal VOC XML or a COCO JSON file")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (local or URI)")
@@ -259,4 +259,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["evaluate", *sys.argv[1:]]))

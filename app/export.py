@@ -1,4 +1,4 @@
-"""`python -m app.export RESULTS_DIR --format coco --out FILE.json` or `--format voc --out DIR`.
+"""`ray-detect export RESULTS_DIR --format coco --out FILE.json` or `--format voc --out DIR`.
 
 COCO: one detection JSON with `images` (id, file_name relative to the images' common folder, width,
 height, and the full `path`), `categories` (see app.outputs.categories) and `annotations` (bbox as
@@ -12,7 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from app import coco, outputs, storage
+from app import cli, coco, outputs, storage
 
 PROG = "ray-detect export"
 FORMATS = ("coco", "voc")
@@ -112,7 +112,7 @@ def export(results_uri: str, format: str, out_uri: str) -> tuple[int, int, int]:
 
 
 def main(argv=None) -> None:
-    parser = outputs.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
+    parser = cli.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--format", required=True, choices=FORMATS, help="coco: one JSON file; voc: a folder of XML")
     parser.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="FILE.json for coco, DIR for voc")
@@ -127,4 +127,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["export", *sys.argv[1:]]))
