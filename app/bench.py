@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,6 +73,9 @@ from app.detector import AUTOCAST_DTYPES, Detector
 from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
 from app.results import RESULT_SCHEMA, SETTINGS_NAME, write_json
+
+# psutil comes with the bench extra: it is imported where used, so that importing this module works
+# without it and app.cli can report it missing in one line.
 
 PROG = "ray-detect bench"
 
@@ -164,6 +166,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
+        import psutil
+
         me = psutil.Process()
         total, count = 0, 0
         for process in [me, *me.children(recursive=True)]:
@@ -669,6 +673,8 @@ def write_committed(output: Path, manifest: Path, cfg) -> None:
 
 
 def measure_input_stage(overrides: list[str]) -> dict:
+    import psutil
+
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     idle = psutil.Process().memory_info().rss
     cfg = compose_config(overrides)
@@ -728,6 +734,8 @@ def in_fresh_process(function, *arguments):
 
 
 def machine() -> dict:
+    import psutil
+
     return {
         "cpus": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

@@ -151,16 +151,30 @@ def run(argv: list[str]) -> int:
 class Command:
     main: str  # "module:function", called with the command's arguments
     summary: str  # its line in `ray-detect --help`
+    extra: Optional[tuple[str, str]] = None  # (module, extra): what it needs beyond the job's dependencies
 
 
 COMMANDS = {
     "run": Command("app.cli:run", "run the detection job; arguments are Hydra overrides (key=value) and flags"),
     "report": Command("app.report:main", "a static HTML report of a results directory, with previews"),
     "export": Command("app.export:main", "export detections as COCO JSON or Pascal VOC XML"),
-    "evaluate": Command("app.evaluate:main", "COCO-style mAP of a results directory against ground truth"),
-    "submit": Command("app.submit:main", "run the job as a RayJob on a KubeRay cluster"),
-    "bench": Command("app.bench:main", "the throughput and memory benchmark"),
+    "evaluate": Command("app.evaluate:main", "COCO-style mAP of a results directory against ground truth",
+                        ("pycocotools", "eval")),
+    "submit": Command("app.submit:main", "run the job as a RayJob on a KubeRay cluster", ("kubernetes", "submit")),
+    "bench": Command("app.bench:main", "the throughput and memory benchmark", ("psutil", "bench")),
 }
+
+
+def require_extra(name: str) -> None:
+    """Stop with exit code 2 and the pip command when a command's extra is not installed: the image and
+    a plain `pip install ray-detect` carry only what the job needs."""
+    if COMMANDS[name].extra is None:
+        return
+    module, extra = COMMANDS[name].extra
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        fail(ExitCode.USAGE, f"{PROG} {name}: error: {module} is not installed: pip install '{PROG}[{extra}]'")
 
 
 def starts_a_run(word: str) -> bool:
@@ -191,6 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or starts_a_run(argv[0]):
         return run(argv)
     name = top_parser().parse_args(argv[:1]).command
+    require_extra(name)
     module, _, function = COMMANDS[name].main.partition(":")
     result = getattr(importlib.import_module(module), function)(argv[1:])
     # submit and run return an exit code; report, export and evaluate return nothing, bench its results.

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from app import cli, coco, outputs, storage
 
@@ -174,6 +172,10 @@ def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
     if not any(not annotation["iscrowd"] for annotation in gt_annotations):
         raise outputs.ResultsError("no ground-truth object of a class the model knows in the matched images")
 
+    # pycocotools comes with the eval extra: imported where used, so that importing this module works
+    # without it and app.cli can report it missing in one line.
+    from pycocotools.cocoeval import COCOeval
+
     coco_categories = coco.categories(categories)
     ground_truth = coco_index({"images": gt_images, "annotations": gt_annotations, "categories": coco_categories})
     predicted = coco_index({"images": gt_images, "annotations": detections, "categories": coco_categories})
@@ -206,7 +208,9 @@ def evaluate(results: "outputs.Results | str", ground_truth_uri: str) -> dict:
     }
 
 
-def coco_index(dataset: dict) -> COCO:
+def coco_index(dataset: dict):
+    from pycocotools.coco import COCO
+
     index = COCO()
     index.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):

@@ -120,6 +120,8 @@ def check_overrides(overrides: list[str]) -> None:
 def connect(kubeconfig: Optional[str], context: Optional[str]):
     """A CustomObjectsApi from the kubeconfig ($KUBECONFIG or ~/.kube/config unless given), else the
     in-cluster service account."""
+    # kubernetes comes with the submit extra: imported where used, so that importing this module works
+    # without it and app.cli can report it missing in one line.
     from kubernetes import client, config
 
     try:

