@@ -174,6 +174,14 @@ def test_the_exit_code_table():
     }
 
 
+def test_the_readme_has_the_same_table():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\d+)` \|", section, flags=re.MULTILINE)
+    assert [int(row) for row in rows] == [int(code) for code in cli.ExitCode]
+    assert readme.count("\n## Exit codes\n") == 1
+
+
 SUMMARY = Summary(
     output_path="/data/out", inputs=10, processed=8, ok=7, errors=3, detections=21,
     errors_by_kind={"unreadable": 2, "too_large": 1}, wall_seconds=12.345, images_per_second=0.648,
