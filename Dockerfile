@@ -27,8 +27,11 @@ ENV TORCH_HOME=/home/ray/.cache/torch \
     RAY_USAGE_STATS_ENABLED=0
 
 # 1. The pinned dependencies, read from pyproject.toml alone, so this layer is rebuilt only when they
-#    change. Ray is already in the base image at the same version. torch and torchvision come first, as
-#    the CUDA 12.8 builds from PyTorch's index: PyPI's are built for CUDA 13, which needs a newer NVIDIA
+#    change: [project] dependencies only, no extras. The pods run the job and nothing else (KubeRay's
+#    submitter, `ray job submit`; the entrypoint `python -m app ...` on the head; Ray's workers); the
+#    commands with extras (submit: kubernetes, evaluate: pycocotools, bench: psutil) run elsewhere.
+#    Ray is already in the base image at the same version. torch and torchvision come first, as the
+#    CUDA 12.8 builds from PyTorch's index: PyPI's are built for CUDA 13, which needs a newer NVIDIA
 #    driver (R580) than the base image's CUDA 12.8 (R570). One CUDA stack; the check after the install
 #    fails the build if torch's CUDA is not the base image's.
 COPY --chown=1000:100 pyproject.toml ray-detect/

@@ -1,4 +1,4 @@
-"""Throughput and memory benchmark: `python -m app.bench [SUITE ...] [options]`.
+"""Throughput and memory benchmark: `ray-detect bench [SUITE ...] [options]`.
 
 throughput  For each model, on the same generated JPEGs (a Pascal-VOC-like mix of sizes and orientations)
             and the same model settings, in these modes:
@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -61,7 +60,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from app import pipeline
+from app import cli, pipeline
 from app.config import compose_config
 from app.decode import (
     DECODED_SCHEMA,
@@ -78,6 +77,11 @@ from app.output import dataset
 from app.output.dataset import RESULT_SCHEMA, SETTINGS_NAME, write_json
 from app.plan import DEFAULT_BATCH_SIZES
 
+# psutil comes with the bench extra: it is imported where used, so that importing this module works
+# without it and app.cli can report it missing in one line.
+
+PROG = "ray-detect bench"
+
 MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 # Input counts per model and device for the throughput runs (the smaller, the larger): the heavy model is
 # ~100x slower on a CPU, and a GPU runs either 50-500x faster than a CPU does.
@@ -92,7 +96,7 @@ GPU_MODES = ("model", "dataloader", "tutorial", "app")
 MODES = ("model", "bare", "dataloader", "tutorial", "app")
 SAMPLE_INTERVAL_S = 0.5
 
-log = logging.getLogger("app.bench")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -165,6 +169,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
+        import psutil
+
         me = psutil.Process()
         total, count = 0, 0
         for process in [me, *me.children(recursive=True)]:
@@ -659,6 +665,8 @@ def write_committed(output: Path, manifest: Path, cfg) -> None:
 
 
 def measure_input_stage(overrides: list[str]) -> dict:
+    import psutil
+
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     idle = psutil.Process().memory_info().rss
     cfg = compose_config(overrides)
@@ -718,6 +726,8 @@ def in_fresh_process(function, *arguments):
 
 
 def machine() -> dict:
+    import psutil
+
     return {
         "cpus": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -794,7 +804,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.split("\n\n")[0])
+    parser = cli.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
                         help="throughput (default), standin, memory, listing or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
@@ -840,12 +850,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("app").setLevel(logging.WARNING)  # the app's own progress lines
-    logging.getLogger("app.bench").setLevel(logging.INFO)
+    # The app's progress lines are muted: "app" is the parent of its modules' loggers (app.pipeline, ...),
+    # which inherit its level; this module's own logger (app.bench) stays at INFO.
+    logging.getLogger("app").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     base = Path(args.workdir or tempfile.mkdtemp(prefix="ray-detect-bench-"))
     base.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine(), "command": "python -m app.bench " + " ".join(argv or [])}
+    results = {"machine": machine(), "command": f"{PROG} " + " ".join(argv or [])}
     try:
         suites = set(SUITES) if "all" in args.suites else set(args.suites)
         if "throughput" in suites:
@@ -870,6 +882,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`python -m app.evaluate RESULTS_DIR --ground-truth PATH [--json FILE]`: COCO-style detection metrics.
+"""`ray-detect evaluate RESULTS_DIR --ground-truth PATH [--json FILE]`: COCO-style detection metrics.
 
 Ground truth is a folder of Pascal VOC XML files (searched recursively) or a COCO JSON file. Results rows
 and ground-truth images are matched by file stem: the image's name without folder and extension (VOC:
@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from app import storage
+from app import cli, coco, storage
 from app.output import reader
 
 PROG = "ray-detect evaluate"
@@ -165,18 +163,21 @@ def evaluate(results: "reader.Results | str", ground_truth_uri: str) -> dict:
             if label is None:
                 unmapped[obj.name] += 1
                 continue
-            gt_annotations.append(coco_annotation(len(gt_annotations) + 1, image_id, label, obj.box, crowd=obj.ignored))
+            gt_annotations.append(coco.annotation(len(gt_annotations) + 1, image_id, label, obj.box, crowd=obj.ignored))
         for box, score, label in zip(row["boxes"], row["scores"], row["labels"]):
             if label in categories:
-                detection = coco_annotation(len(detections) + 1, image_id, label, box, crowd=False)
-                detections.append({**detection, "score": score})
+                detections.append(coco.annotation(len(detections) + 1, image_id, label, box, score=score))
     if unmapped:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unmapped.items()))
         note(f"ground-truth classes the model does not know, left out: {listed}")
     if not any(not annotation["iscrowd"] for annotation in gt_annotations):
         raise reader.ResultsError("no ground-truth object of a class the model knows in the matched images")
 
-    coco_categories = [{"id": label, "name": name} for label, name in categories.items()]
+    # pycocotools comes with the eval extra: imported where used, so that importing this module works
+    # without it and app.cli can report it missing in one line.
+    from pycocotools.cocoeval import COCOeval
+
+    coco_categories = coco.categories(categories)
     ground_truth = coco_index({"images": gt_images, "annotations": gt_annotations, "categories": coco_categories})
     predicted = coco_index({"images": gt_images, "annotations": detections, "categories": coco_categories})
     evaluation = COCOeval(ground_truth, predicted, iouType="bbox")
@@ -208,20 +209,14 @@ def evaluate(results: "reader.Results | str", ground_truth_uri: str) -> dict:
     }
 
 
-def coco_annotation(annotation_id: int, image_id: int, label: int, box: list[float], crowd: bool) -> dict:
-    x1, y1, x2, y2 = box
-    return {
-        "id": annotation_id, "image_id": image_id, "category_id": label,
-        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
-    }
+def coco_index(dataset: dict):
+    from pycocotools.coco import COCO
 
-
-def coco_index(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
+    index = COCO()
+    index.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+        index.createIndex()
+    return index
 
 
 def mean_precision(values: np.ndarray) -> float:
@@ -249,7 +244,7 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = reader.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
+    parser = cli.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--ground-truth", required=True, metavar="PATH", help="a folder of Pascal VOC XML or a COCO JSON file")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (local or URI)")
@@ -269,4 +264,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["evaluate", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`python -m app.export RESULTS_DIR --format coco --out FILE.json` or `--format voc --out DIR`.
+"""`ray-detect export RESULTS_DIR --format coco --out FILE.json` or `--format voc --out DIR`.
 
 COCO: one detection JSON with `images` (id, file_name relative to the images' common folder, width,
 height, and the full `path`), `categories` (see app.reader.categories) and `annotations` (bbox as
@@ -12,7 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from app import storage
+from app import cli, coco, storage
 from app.output import reader
 
 PROG = "ray-detect export"
@@ -33,19 +33,8 @@ def to_coco(results: reader.Results, rows: list[dict]) -> dict:
                 "path": row["path"],
             }
         )
-        for (x1, y1, x2, y2), score, label in zip(row["boxes"], row["scores"], row["labels"]):
-            width, height = x2 - x1, y2 - y1
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label,
-                    "bbox": [x1, y1, width, height],
-                    "area": width * height,
-                    "score": score,
-                    "iscrowd": 0,
-                }
-            )
+        for box, score, label in zip(row["boxes"], row["scores"], row["labels"]):
+            annotations.append(coco.annotation(len(annotations) + 1, image_id, label, box, score=score))
     return {
         "info": {
             "description": f"ray-detect detections from {results.uri}",
@@ -54,7 +43,7 @@ def to_coco(results: reader.Results, rows: list[dict]) -> dict:
         },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": label, "name": name} for label, name in reader.categories(results).items()],
+        "categories": coco.categories(reader.categories(results)),
     }
 
 
@@ -124,7 +113,7 @@ def export(results_uri: str, format: str, out_uri: str) -> tuple[int, int, int]:
 
 
 def main(argv=None) -> None:
-    parser = reader.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
+    parser = cli.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--format", required=True, choices=FORMATS, help="coco: one JSON file; voc: a folder of XML")
     parser.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="FILE.json for coco, DIR for voc")
@@ -139,4 +128,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["export", *sys.argv[1:]]))

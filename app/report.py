@@ -1,4 +1,4 @@
-"""`python -m app.report RESULTS_DIR --out DIR`: a static HTML report of a results directory.
+"""`ray-detect report RESULTS_DIR --out DIR`: a static HTML report of a results directory.
 
 `DIR/index.html` holds the run's counts (images, errors, detections by label), a histogram of detection
 scores, a table of the images that could not be read, and a grid of previews: the original images with
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageFont
 
-from app import storage
+from app import cli, storage
 from app.output import reader
 
 PROG = "ray-detect report"
@@ -285,7 +285,7 @@ def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: 
 
 
 def parse_args(argv=None):
-    parser = reader.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
+    parser = cli.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--out", required=True, metavar="DIR", help="where index.html and previews/ go")
     parser.add_argument("--label", action="append", default=[], metavar="NAME",
@@ -321,4 +321,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["report", *sys.argv[1:]]))

@@ -1,12 +1,13 @@
-"""`python -m app.submit [options] [overrides...]`: run the app as a RayJob on a KubeRay cluster.
+"""`ray-detect submit [options] [overrides...]`: run the app as a RayJob on a KubeRay cluster.
 
 The RayJob is built from k8s/rayjob.yaml (the file `kubectl create -f` uses), so there is one manifest:
 this command only sets the namespace, the Hydra overrides of the entrypoint and, when asked, a fixed name,
 the target cluster or the submitter image. The overrides are composed against the app's config first, so
 a misspelt key fails here, not on the cluster.
 
-Exit codes: 0 created (with --wait: the job succeeded); 1 the job failed or was stopped; 2 bad arguments
-or overrides; 3 a Kubernetes API or configuration error; 4 --timeout passed while waiting.
+Exit codes (app.cli.ExitCode): 0 created (with --wait: the job succeeded); 2 bad arguments or overrides;
+6 a Kubernetes API or configuration error; 7 the job failed or was stopped; 8 --timeout passed while
+waiting.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
+from app.cli import CommandParser, ExitCode, OverrideError, compose_overrides
+
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "k8s" / "rayjob.yaml"
 DEFAULT_NAMESPACE = "ray-detect"
 APP_COMMAND = ["python", "-m", "app"]
 CLUSTER_LABEL = "ray.io/cluster"
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 # jobDeploymentStatus values after which KubeRay does nothing more for the job.
 TERMINAL_DEPLOYMENT_STATUSES = ("Complete", "Failed", "ValidationFailed")
 
@@ -38,7 +40,7 @@ PREFIX = "ray-detect submit"
 class SubmitError(Exception):
     """A failure reported as one line on stderr, with its exit code."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: ExitCode):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -61,10 +63,10 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, Any]:
         raise SubmitError(
             f"cannot read the RayJob manifest {path}: {error.strerror} (run from a checkout of the repository, "
             f"or pass --manifest)",
-            EXIT_USAGE,
+            ExitCode.USAGE,
         ) from error
     if not isinstance(manifest, dict) or manifest.get("kind") != "RayJob":
-        raise SubmitError(f"{path} does not hold a RayJob", EXIT_USAGE)
+        raise SubmitError(f"{path} does not hold a RayJob", ExitCode.USAGE)
     return manifest
 
 
@@ -72,7 +74,7 @@ def manifest_overrides(manifest: dict[str, Any]) -> list[str]:
     """The Hydra overrides of the manifest's entrypoint (`python -m app <overrides>`)."""
     words = shlex.split(manifest["spec"]["entrypoint"])
     if words[: len(APP_COMMAND)] != APP_COMMAND:
-        raise SubmitError(f"the manifest's entrypoint does not start with {' '.join(APP_COMMAND)}", EXIT_USAGE)
+        raise SubmitError(f"the manifest's entrypoint does not start with {' '.join(APP_COMMAND)}", ExitCode.USAGE)
     return words[len(APP_COMMAND):]
 
 
@@ -103,14 +105,11 @@ def build_rayjob(
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Compose the app's config with the overrides, as `python -m app` will; SubmitError if that fails."""
-    from app.config import compose_config
-
+    """Compose the app's config with the overrides, as the job will; SubmitError if that fails."""
     try:
-        compose_config(overrides)
-    except Exception as error:  # Hydra and OmegaConf raise many types; each names the bad override or key
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SubmitError(f"config error: {first_line}", EXIT_USAGE) from error
+        compose_overrides(overrides)
+    except OverrideError as error:
+        raise SubmitError(f"config error: {error}", ExitCode.USAGE) from error
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,18 +120,23 @@ def check_overrides(overrides: list[str]) -> None:
 def connect(kubeconfig: Optional[str], context: Optional[str]):
     """A CustomObjectsApi from the kubeconfig ($KUBECONFIG or ~/.kube/config unless given), else the
     in-cluster service account."""
+    # kubernetes comes with the submit extra: imported where used, so that importing this module works
+    # without it and app.cli can report it missing in one line.
     from kubernetes import client, config
 
     try:
         api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
     except (config.ConfigException, OSError) as kubeconfig_error:
         if kubeconfig or context:
-            raise SubmitError(f"cannot load the kubeconfig: {kubeconfig_error}", EXIT_API) from kubeconfig_error
+            raise SubmitError(
+                f"cannot load the kubeconfig: {kubeconfig_error}", ExitCode.KUBERNETES
+            ) from kubeconfig_error
         try:
             config.load_incluster_config()
         except config.ConfigException:
             raise SubmitError(
-                f"no Kubernetes configuration: {kubeconfig_error} (set KUBECONFIG or pass --kubeconfig)", EXIT_API
+                f"no Kubernetes configuration: {kubeconfig_error} (set KUBECONFIG or pass --kubeconfig)",
+                ExitCode.KUBERNETES,
             ) from kubeconfig_error
         api_client = client.ApiClient()
     return client.CustomObjectsApi(api_client)
@@ -177,11 +181,11 @@ def _call(api, namespace: str, name: Optional[str], method: str, *args):
     try:
         return getattr(api, method)(GROUP, VERSION, namespace, PLURAL, *args)
     except ApiException as error:
-        raise SubmitError(api_error_message(error, namespace, name), EXIT_API) from error
+        raise SubmitError(api_error_message(error, namespace, name), ExitCode.KUBERNETES) from error
     except (HTTPError, OSError) as error:
         host = api.api_client.configuration.host
         reason = getattr(error, "reason", None) or error
-        raise SubmitError(f"cannot reach the Kubernetes API at {host}: {reason}", EXIT_API) from error
+        raise SubmitError(f"cannot reach the Kubernetes API at {host}: {reason}", ExitCode.KUBERNETES) from error
 
 
 def create(api, job: dict[str, Any]) -> dict[str, Any]:
@@ -206,15 +210,15 @@ def wait(
         if deployment in TERMINAL_DEPLOYMENT_STATUSES:
             if deployment == "Complete" and job_status == "SUCCEEDED":
                 print(f"{PREFIX}: rayjob {namespace}/{name} succeeded", file=out, flush=True)
-                return EXIT_OK
+                return ExitCode.OK
             why = status.get("reason") or (f"job {job_status}" if job_status else deployment)
             detail = f": {status['message']}" if status.get("message") else ""
-            raise SubmitError(f"rayjob {namespace}/{name} failed: {why}{detail}", EXIT_JOB_FAILED)
+            raise SubmitError(f"rayjob {namespace}/{name} failed: {why}{detail}", ExitCode.JOB_FAILED)
         if deadline is not None and time.monotonic() >= deadline:
             raise SubmitError(
                 f"gave up waiting after {timeout:g} s; rayjob {namespace}/{name} is still "
                 f"{deployment or 'pending'} and goes on (kubectl -n {namespace} get rayjob {name} -w)",
-                EXIT_TIMEOUT,
+                ExitCode.WAIT_TIMEOUT,
             )
         time.sleep(poll_interval)
 
@@ -225,10 +229,10 @@ def wait(
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m app.submit",
+    parser = CommandParser(
+        prog=PREFIX,
         description="Run ray-detect as a RayJob on the chart's RayCluster, built from k8s/rayjob.yaml.",
-        epilog="Example: python -m app.submit --wait data.path=s3://my-bucket/images output.path=s3://my-bucket/out/run-2",
+        epilog="Example: ray-detect submit --wait data.path=s3://my-bucket/images output.path=s3://my-bucket/out/run-2",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for `python -m app` (default: the manifest's)")
     parser.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE, help="namespace (default: %(default)s)")
@@ -253,19 +257,22 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     job = build_rayjob(manifest, args.overrides, args.namespace, args.name, args.cluster, args.image)
     if args.dry_run:
         out.write(yaml.safe_dump(job, sort_keys=False))
-        return EXIT_OK
+        return ExitCode.OK
     api = connect(args.kubeconfig, args.context)
     created = create(api, job)
     name = created["metadata"]["name"]
     print(f"{PREFIX}: created rayjob {args.namespace}/{name}", file=out, flush=True)
     if not args.wait:
         print(f"{PREFIX}: follow it with: kubectl -n {args.namespace} get rayjob {name} -w", file=out, flush=True)
-        return EXIT_OK
+        return ExitCode.OK
     return wait(api, args.namespace, name, args.timeout, args.poll_interval, out)
 
 
-def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Entry point; returns the exit code (see the module docstring)."""
+def main(argv: Optional[list[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Entry point; returns the exit code (see the module docstring). Output goes to sys.stdout and
+    sys.stderr as they are at the call, unless given."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     args = parse_args(argv)
     try:
         return run(args, out)
@@ -275,4 +282,6 @@ def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout, err: TextIO
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from app import cli
+
+    sys.exit(cli.main(["submit", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 """The benchmark's code path on a handful of tiny images with the light model (the benchmark itself is
-run by hand: `python -m app.bench`). One local Ray serves every mode here, to keep the test short."""
+run by hand: `ray-detect bench`). One local Ray serves every mode here, to keep the test short."""
 
 import json
 import time
@@ -141,5 +141,5 @@ def test_bad_arguments_stop(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv)
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+    assert capsys.readouterr().err == f"ray-detect bench: error: {message}\n"
 

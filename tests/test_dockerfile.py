@@ -158,6 +158,25 @@ def test_dependencies_are_installed_in_a_layer_before_the_source():
             assert "--no-cache-dir" in call, call
 
 
+def test_the_image_installs_the_jobs_dependencies_and_no_extra(tmp_path):
+    """The pods run the job only: the requirements the Dockerfile's program reads from pyproject.toml
+    are the [project] dependencies, without the commands' extras (submit, eval, bench) or test's."""
+    run = next(args for keyword, args in instructions() if keyword == "RUN" and "requirements.txt" in args)
+    program = re.fullmatch(r'python -c "([^"]+)" > /tmp/requirements\.txt .*', run).group(1)
+    (tmp_path / "ray-detect").mkdir()
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "ray-detect" / "pyproject.toml")
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == PYPROJECT["project"]["dependencies"]
+    assert [re.split(r"[=\[]", requirement)[0] for requirement in done.stdout.splitlines()] == [
+        "ray", "torch", "torchvision", "hydra-core", "omegaconf", "pyarrow", "pillow", "numpy", "fsspec", "boto3"
+    ]
+    # Every pip install names requirement files or the source, never an extra ([...]).
+    installs = [call for _, args in instructions() for call in re.findall(r"pip install[^&;]*", args)]
+    assert [call.split()[-1] for call in installs] == ["/tmp/torch.txt", "/tmp/requirements.txt", "./ray-detect"]
+    assert not any("[" in call for call in installs)
+
+
 def test_weights_are_baked_for_every_model_unless_the_build_arg_says_no():
     steps = instructions()
     args = dict(a.split("=", 1) for keyword, a in steps if keyword == "ARG")

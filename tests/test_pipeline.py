@@ -209,13 +209,6 @@ def test_command_line_config_error_is_one_line(tmp_path):
     assert result.stderr.strip() == "ray-detect: config error: inference.batch_size=0 must be at least 1"
 
 
-def test_command_line_typo_names_the_key(tmp_path):
-    result = run_cli("inference.batch_sise=4", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "Could not override 'inference.batch_sise'" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(["data.path=photos", "model=fasterrcnn_mobilenet_v3_large_320_fpn"])

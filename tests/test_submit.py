@@ -1,4 +1,4 @@
-"""`python -m app.submit`: the RayJob it builds, and its create/wait path against a stand-in API server.
+"""`ray-detect submit`: the RayJob it builds, and its create/wait path against a stand-in API server.
 
 There is no Kubernetes API server on the machines these tests run on, so create and wait talk to a small
 HTTP server on 127.0.0.1 (an ephemeral port, in a thread) that plays the part of one for the two calls the
@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from app import submit
+from app.cli import ExitCode
 from tests import k8s_validation as kv
 
 MANIFEST = kv.K8S_DIR / "rayjob.yaml"
@@ -205,6 +206,21 @@ def test_bad_overrides_fail_before_any_request(stand_in, override, line):
     assert script.requests == []
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
+        (["--namespace"], "argument -n/--namespace: expected one argument"),
+        (["--wiat"], "unrecognized arguments: --wiat"),
+    ],
+)
+def test_bad_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_submit(*argv)
+    assert stop.value.code == ExitCode.USAGE == 2
+    assert capsys.readouterr() == ("", f"ray-detect submit: error: {message}\n")
+
+
 def test_missing_manifest_is_one_line(tmp_path):
     code, _, err = run_submit("--dry-run", "--manifest", str(tmp_path / "nope.yaml"))
     assert code == 2
@@ -281,12 +297,12 @@ def test_wait_follows_the_status_until_success(stand_in):
     ],
     ids=["job-failed", "job-stopped", "deadline"],
 )
-def test_wait_exits_1_when_the_job_fails(stand_in, final, line):
+def test_wait_exits_7_when_the_job_fails(stand_in, final, line):
     script, kubeconfig = stand_in
     script.statuses = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, final]
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), "--name", "run-9", "--wait", "--poll-interval",
                                 "0.01", *OVERRIDES)
-    assert code == 1
+    assert code == ExitCode.JOB_FAILED == 7
     assert out.splitlines()[:2] == [
         "ray-detect submit: created rayjob ray-detect/run-9",
         "ray-detect submit: ray-detect/run-9: Running (job RUNNING)",
@@ -295,12 +311,12 @@ def test_wait_exits_1_when_the_job_fails(stand_in, final, line):
     assert script.requests[0]["body"]["metadata"]["name"] == "run-9"
 
 
-def test_wait_gives_up_after_the_timeout_with_exit_4(stand_in):
+def test_wait_gives_up_after_the_timeout_with_exit_8(stand_in):
     script, kubeconfig = stand_in
     script.statuses = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}]
     code, _, err = run_submit("--kubeconfig", str(kubeconfig), "--name", "run-9", "--wait", "--timeout", "0.2",
                               "--poll-interval", "0.05", *OVERRIDES)
-    assert code == 4
+    assert code == ExitCode.WAIT_TIMEOUT == 8
     assert err == (
         "ray-detect submit: gave up waiting after 0.2 s; rayjob ray-detect/run-9 is still Running and goes on "
         "(kubectl -n ray-detect get rayjob run-9 -w)\n"
@@ -326,11 +342,12 @@ def test_wait_gives_up_after_the_timeout_with_exit_4(stand_in):
     ],
     ids=["401", "403", "409", "crd-missing", "namespace-missing"],
 )
-def test_api_errors_are_one_line_with_exit_3(stand_in, code, error, line):
+def test_api_errors_are_one_line_with_exit_6(stand_in, code, error, line):
     script, kubeconfig = stand_in
     script.create_error = (code, error)
     exit_code, out, err = run_submit("--kubeconfig", str(kubeconfig), "--name", "run-9", "--wait", *OVERRIDES)
-    assert (exit_code, out, err) == (3, "", f"ray-detect submit: {line}\n")
+    assert (exit_code, out, err) == (ExitCode.KUBERNETES, "", f"ray-detect submit: {line}\n")
+    assert exit_code == 6
     assert [r["method"] for r in script.requests] == ["POST"]
 
 
@@ -343,12 +360,12 @@ def test_unreachable_api_server_is_one_line(tmp_path):
         port = probe.getsockname()[1]
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), *OVERRIDES)
-    assert (code, out) == (3, "")
+    assert (code, out) == (ExitCode.KUBERNETES, "")
     assert err.startswith(f"ray-detect submit: cannot reach the Kubernetes API at http://127.0.0.1:{port}: ")
     assert err.count("\n") == 1
 
 
 def test_a_missing_kubeconfig_is_one_line(tmp_path):
     code, out, err = run_submit("--kubeconfig", str(tmp_path / "absent"), *OVERRIDES)
-    assert (code, out) == (3, "")
+    assert (code, out) == (ExitCode.KUBERNETES, "")
     assert err.startswith("ray-detect submit: cannot load the kubeconfig: ") and err.count("\n") == 1

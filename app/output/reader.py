@@ -4,7 +4,6 @@ A results directory counts as finished when its manifest exists (app.output.data
 job writes `_manifest.json` last, after every Parquet file is in place.
 """
 
-import argparse
 import functools
 import posixpath
 from dataclasses import dataclass
@@ -28,13 +27,6 @@ NOT_A_CATEGORY = ("__background__", "N/A")
 
 class ResultsError(Exception):
     """A results directory (or another input) that cannot be used; the message is one line."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse that reports every mistake as one line, `ray-detect <cmd>: error: ...`, and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @dataclass

