@@ -754,41 +754,54 @@ def number(value: Optional[float], width: int, decimals: int) -> str:
     return f"{value:>{width}.{decimals}f}"
 
 
+def throughput_lines(model: str, result: dict) -> list[str]:
+    lines = [f"{model} on {result['device']}, batch {result['batch_size']}, runs of "
+             f"{' and '.join(map(str, result['counts']))} images:",
+             f"  {'mode':<10} {'marginal img/s':>14} {'start-up s':>10} {'first result s':>14} {'peak RSS MB':>11} {'det/img':>7}"]
+    lines += [f"  {mode:<10} {number(m['marginal_images_per_s'], 14, 3)} {number(m['startup_s'], 10, 1)} "
+              f"{number(m['first_result_s'], 14, 1)} {number(m['peak_rss_mb'], 11, 0)} {number(m['detections_per_image'], 7, 1)}"
+              for mode, m in result["modes"].items()]
+    ratios = ", ".join(f"{name.replace('_over_', '/')} = {number(value, 0, 2)}" for name, value in result["ratios"].items())
+    return lines + [f"  marginal ratios: {ratios}"]
+
+
+def standin_lines(standin: dict) -> list[str]:
+    app, host = standin["app"], standin["host_time"]
+    return [
+        f"device stand-in at {standin['ms_per_image']} ms/image ({1000 / standin['ms_per_image']:.1f} images/s), "
+        f"app with one actor, runs of {' and '.join(map(str, standin['counts']))} images: "
+        f"{number(app['marginal_images_per_s'], 0, 2)} images/s marginal, ratio {number(standin['ratio'], 0, 3)}",
+        f"detector host time, zero-time stand-in, {host['image_size'][0]}x{host['image_size'][1]} images with "
+        f"{host['detections_per_image']} detections: {host['ms_per_image']:.3f} ms/image",
+    ]
+
+
+def memory_line(mem: dict) -> str:
+    runs = ", ".join(f"{r['images']} images: {r['peak_rss_mb']:.0f} MB in {r['seconds']:.0f} s" for r in mem["runs"])
+    return f"memory ({mem['model']}, app): peak RSS {runs}; ratio {mem['peak_ratio']:.2f}"
+
+
+def input_stage_line(name: str, case: dict) -> str:
+    first = f"; the app's first result after {case['first_result_s']:.1f} s" if "first_result_s" in case else ""
+    return (f"input stage, {name}: first block after {case['first_block_s']:.1f} s, all {case['inputs']} in "
+            f"{case['seconds']:.1f} s ({case['todo']} to do), driver peak RSS +{case['driver_peak_above_idle_mb']:.0f} MB "
+            f"(peak {case['driver_peak_mb']:.0f} MB){first}")
+
+
 def report(results: dict) -> str:
-    lines = []
+    """The results as text, a few lines per suite."""
     info = results["machine"]
-    lines.append(f"machine: {info['cpus']} CPUs ({info['cpu_model']}), {info['memory_gb']} GB, "
-                 f"load average at start {info['load_average_at_start'][0]}")
+    lines = [f"machine: {info['cpus']} CPUs ({info['cpu_model']}), {info['memory_gb']} GB, "
+             f"load average at start {info['load_average_at_start'][0]}"]
     for model, result in results.get("throughput", {}).items():
-        lines.append(f"{model} on {result['device']}, batch {result['batch_size']}, runs of "
-                     f"{' and '.join(map(str, result['counts']))} images:")
-        lines.append(f"  {'mode':<10} {'marginal img/s':>14} {'start-up s':>10} {'first result s':>14} {'peak RSS MB':>11} {'det/img':>7}")
-        for mode, m in result["modes"].items():
-            lines.append(f"  {mode:<10} {number(m['marginal_images_per_s'], 14, 3)} {number(m['startup_s'], 10, 1)} "
-                         f"{number(m['first_result_s'], 14, 1)} {number(m['peak_rss_mb'], 11, 0)} "
-                         f"{number(m['detections_per_image'], 7, 1)}")
-        ratios = ", ".join(f"{name.replace('_over_', '/')} = {number(value, 0, 2)}" for name, value in result["ratios"].items())
-        lines.append(f"  marginal ratios: {ratios}")
+        lines += throughput_lines(model, result)
     if "standin" in results:
-        standin, app = results["standin"], results["standin"]["app"]
-        lines.append(f"device stand-in at {standin['ms_per_image']} ms/image ({1000 / standin['ms_per_image']:.1f} images/s), "
-                     f"app with one actor, runs of {' and '.join(map(str, standin['counts']))} images: "
-                     f"{number(app['marginal_images_per_s'], 0, 2)} images/s marginal, ratio {number(standin['ratio'], 0, 3)}")
-        host = standin["host_time"]
-        lines.append(f"detector host time, zero-time stand-in, {host['image_size'][0]}x{host['image_size'][1]} images with "
-                     f"{host['detections_per_image']} detections: {host['ms_per_image']:.3f} ms/image")
-    for name, rates in results.get("decode", {}).items():
-        lines.append(f"decode {name} JPEGs to 800 px, one core: {rates['reduced']:.1f} images/s "
-                     f"({rates['full']:.1f} decoding them at full size)")
+        lines += standin_lines(results["standin"])
+    lines += [f"decode {name} JPEGs to 800 px, one core: {rates['reduced']:.1f} images/s "
+              f"({rates['full']:.1f} decoding them at full size)" for name, rates in results.get("decode", {}).items()]
     if "memory" in results:
-        mem = results["memory"]
-        runs = ", ".join(f"{r['images']} images: {r['peak_rss_mb']:.0f} MB in {r['seconds']:.0f} s" for r in mem["runs"])
-        lines.append(f"memory ({mem['model']}, app): peak RSS {runs}; ratio {mem['peak_ratio']:.2f}")
-    for name, case in results.get("inputs", {}).items():
-        first = f"; the app's first result after {case['first_result_s']:.1f} s" if "first_result_s" in case else ""
-        lines.append(f"input stage, {name}: first block after {case['first_block_s']:.1f} s, all {case['inputs']} in "
-                     f"{case['seconds']:.1f} s ({case['todo']} to do), driver peak RSS +{case['driver_peak_above_idle_mb']:.0f} MB "
-                     f"(peak {case['driver_peak_mb']:.0f} MB){first}")
+        lines.append(memory_line(results["memory"]))
+    lines += [input_stage_line(name, case) for name, case in results.get("inputs", {}).items()]
     return "\n".join(lines)
 
 
