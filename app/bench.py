@@ -675,7 +675,7 @@ def measure_input_stage(overrides: list[str]) -> dict:
     assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
     output = dataset.locate(cfg)
     output.filesystem.create_dir(output.path, recursive=True)
-    todo, tally = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
+    todo, tally, _ = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
         first = first or time.monotonic() - started

@@ -90,8 +90,13 @@ def print_summary(summary: Summary) -> None:
     )
     if summary.detector_actors:
         devices = ", ".join(f"{device} x{count}" for device, count in summary.detector_devices.items())
+        peak = ", ".join(f"{kind} {count}" for kind, count in summary.peak_actors.items())
         print(f"ray-detect: detector actors used: {summary.detector_actors}, on {summary.detector_nodes} node(s), "
-              f"holding {summary.detector_gpus:g} GPU(s); devices: {devices}")
+              f"holding {summary.detector_gpus:g} GPU(s); devices: {devices}; at most at once: {peak}")
+    if summary.slowest_stage:
+        # Stages of under 0.05 s of work (Ray Data's own, such as turning the listing into blocks) say nothing.
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.stage_seconds.items() if seconds >= 0.05)
+        print(f"ray-detect: slowest stage: {summary.slowest_stage} (work per worker: {stages})")
     for warning in summary.warnings:
         log.warning(warning)
 

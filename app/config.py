@@ -118,12 +118,23 @@ class RayConfig:
 
 
 @dataclass
+class ProgressConfig:
+    # Seconds between the run's progress lines (done / total, rate, time left, errors); on a terminal the
+    # line is also redrawn every second.
+    interval_s: float = 30.0
+    # Ray Data's own progress (bars, or operator tables every 10 s in a log) and execution lines on the
+    # console; off, they go to Ray Data's log file only (ray-data.log in the Ray session's logs).
+    ray_data: bool = False
+
+
+@dataclass
 class AppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 def compose_config(overrides=()):
@@ -181,6 +192,8 @@ def check_config(cfg: AppConfig) -> None:
             f"output.lease_heartbeat_s={cfg.output.lease_heartbeat_s} must be above 0 and at most half of "
             f"output.lease_timeout_s={cfg.output.lease_timeout_s}"
         )
+    if not cfg.progress.interval_s > 0:
+        raise ConfigError(f"progress.interval_s={cfg.progress.interval_s} must be above 0")
     for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
         value = getattr(cfg.inference, key)
         if value != AUTO:

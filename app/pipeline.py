@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from app import storage
+from app import console, storage
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
 from app.decode import DecodeOptions, decode_images
 from app.detector import DEVICE_ERROR_MARKER, WORKER_COLUMN, Detector
@@ -24,6 +24,7 @@ from app.output import dataset, resume
 from app.output.lease import OutputLease
 from app.output.writer import ResultWriter
 from app.plan import ClusterLimits, Plan, plan_run
+from app.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,15 @@ class Summary:
     detector_nodes: int = 0
     detector_gpus: float = 0.0
     detector_devices: dict[str, int] = field(default_factory=dict)
+    # The most detector actors that made rows within one progress interval, by device kind (cpu, cuda).
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    # Seconds of work per worker (task slot or actor) of each stage, by its function's name; the stage
+    # with the most is the slowest, the one that sets the run's pace.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def slowest_stage(self) -> Optional[str]:
+        return max(self.stage_seconds, key=self.stage_seconds.get) if self.stage_seconds else None
 
 
 def model_spec(cfg: AppConfig) -> ModelSpec:
@@ -104,6 +114,7 @@ def connect_ray(cfg: AppConfig) -> bool:
         return False
     if ray.is_initialized():
         return len(ray.nodes()) == 1
+    console.quiet_local_ray_start()
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
     return True
 
@@ -136,14 +147,21 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
         executed = Executed()
         if todo is None or todo.num_rows:
             local = connect_ray(cfg)
+            console.tame_ray_data(cfg.progress.ray_data)
             nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
             plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
             log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
             warn_random_weights(spec)
-            detected, tally = stages(cfg, spec, inputs, todo, plan, output, detector)
+            detected, tally, done_before = stages(cfg, spec, inputs, todo, plan, output, detector)
+            listed = inputs.table.num_rows if inputs.table is not None else None
+            progress = Progress(cfg.progress.interval_s, total=listed, done_before=done_before,
+                                listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0)
             writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
-            executed = commit(detected, writer, lease, plan, on_rows)
+            with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
+                executed = commit(detected, writer, lease, plan, progress, on_rows)
             executed.tally = tally
+            executed.peak_actors = dict(sorted(progress.peak_actors().items()))
+            executed.stage_seconds = stage_seconds(detected, plan, sum(node.get("CPU", 0.0) for node in nodes), detector)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
             raise no_images(cfg)
@@ -160,14 +178,16 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], plan: Plan,
-           output: storage.Location, detector: type[Detector]) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle]]:
+           output: storage.Location, detector: type[Detector]) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], int]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
-    of every input seen) → read and decode (CPU tasks) → detect (actor pool)."""
+    of every input seen) → read and decode (CPU tasks) → detect (actor pool). Also the tally, and how
+    many rows earlier runs committed."""
     tally = None
     if todo is not None:
         images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
+        done_before = inputs.table.num_rows - todo.num_rows
     else:
-        images, tally = streamed_todo(cfg, inputs, output, plan.input_tasks)
+        images, tally, done_before = streamed_todo(cfg, inputs, output, plan.input_tasks)
     resize = cfg.inference.resize_on_cpu
     decoded = images.map_batches(
         decode_images,
@@ -202,7 +222,27 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         num_gpus=plan.resources.num_gpus,
         num_cpus=plan.resources.num_cpus_per_actor,
     )
-    return detected, tally
+    return detected, tally, done_before
+
+
+def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, detector: type) -> dict[str, float]:
+    """Seconds of work per worker of each stage of an executed Dataset, from Ray Data's task statistics:
+    the detector's over its actors, decoding's over the tasks it may run at once, the input stage's
+    (listing, reading a manifest, dropping done inputs) over its tasks."""
+    slots = {
+        "decode_images": plan.resources.decode_tasks or max(1.0, cluster_cpus // max(plan.resources.decode_cpus, 1.0)),
+        detector.__name__: plan.resources.num_actors,
+    }
+    seconds = {}
+    summaries = [detected._get_stats_summary()]  # Ray Data has no public accessor
+    while summaries:  # the last operators' statistics, and their parents' before them
+        summary = summaries.pop()
+        summaries.extend(summary.parents)
+        for operator in summary.operators_stats:
+            if operator.wall_time and operator.wall_time.sum:
+                name = operator.operator_name.removeprefix("MapBatches(").removesuffix(")")
+                seconds[name] = round(operator.wall_time.sum / slots.get(name, plan.input_tasks), 3)
+    return dict(sorted(seconds.items()))
 
 
 @dataclass
@@ -214,23 +254,27 @@ class Executed:
     workers: set[str] = field(default_factory=set)
     gpus_per_actor: float = 0.0
     tally: Optional[ray.actor.ActorHandle] = None
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def inputs_seen(self) -> int:
         return ray.get(self.tally.total.remote())
 
 
-def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan,
+def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan, progress: Progress,
            on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
     """Commit the result rows as they stream in. The driver is the only writer: rows are committed
     exactly once even when Ray retries tasks or restarts actors on other nodes."""
     executed = Executed(gpus_per_actor=plan.resources.num_gpus)
     try:
         for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
-            executed.workers.update(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+            workers = set(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+            executed.workers |= workers
             lease.check()
             rows = rows.drop_columns([WORKER_COLUMN])
             writer.add(rows)
             executed.processed += rows.num_rows
+            progress.add(rows, workers)
             if on_rows is not None:
                 on_rows(rows)
     except Exception as error:
@@ -268,6 +312,8 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
         detector_nodes=len({worker.split("/", 2)[0] for worker in workers}),
         detector_gpus=len(workers) * executed.gpus_per_actor,
         detector_devices=dict(sorted(Counter(worker.split("/", 2)[2] for worker in workers).items())),
+        peak_actors=executed.peak_actors,
+        stage_seconds=executed.stage_seconds,
     )
     on_cpu = summary.detector_devices.get("cpu", 0)
     if executed.gpus_per_actor and on_cpu:

@@ -4,7 +4,7 @@ images go to each call. Plain arithmetic on the config and the cluster's resourc
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from app.config import AUTO, AppConfig, ConfigError, InferenceConfig, parse_number
@@ -211,6 +211,15 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
     resources = plan_resources(cfg.inference, nodes, local, limits, input_cpus=1.0 if streamed else 0.0)
     batch = model_batch_size(cfg, resources)
     block_rows = STREAMED_BLOCK_FILES if streamed else files_per_block(listed_files, resources.num_actors, batch)
+    if not streamed:
+        # A block goes to one decode task and one actor: no more of either than there are blocks (more
+        # would idle, and Ray Data warns of a pool larger than its inputs).
+        blocks = math.ceil(listed_files / block_rows)
+        resources = replace(
+            resources,
+            num_actors=min(resources.num_actors, blocks),
+            decode_tasks=min(resources.decode_tasks, blocks) if resources.decode_tasks else None,
+        )
     return Plan(
         resources=resources,
         batch_size=batch,

@@ -1,0 +1,39 @@
+"""Planning a run (app/plan.py): plain arithmetic on the config and the cluster's resources, no Ray."""
+
+import pytest
+
+from app.plan import ClusterLimits, Plan, Resources, plan_run
+from tests.conftest import FAST_MODEL, compose_config
+
+CPU_NODE = [{"CPU": 2.0}]
+DECODE_MEMORY = 256 * 1024**2 + 16 * 320 * 640 * 3  # a decode task's base, and 16 images at model size
+
+
+@pytest.mark.parametrize("files, actors, block_rows", [(1, 1, 4), (3, 1, 4), (5, 2, 4), (40, 2, 5)])
+def test_no_more_actors_or_decode_tasks_than_blocks(files, actors, block_rows):
+    """A block goes to one decode task and one actor: a small input gets no idle ones (and Ray Data no
+    pool larger than its inputs, which it warns of)."""
+    plan = plan_run(compose_config(["data.path=x", "output.path=y", *FAST_MODEL]), CPU_NODE, True, ClusterLimits(), files)
+    assert plan == Plan(
+        resources=Resources(num_gpus=0.0, num_actors=actors, num_cpus_per_actor=1.0, decode_cpus=0.0, decode_tasks=actors),
+        batch_size=4, block_rows=block_rows, rows_per_call=block_rows if block_rows > 4 else 4, decode_batch=block_rows,
+        decode_memory=DECODE_MEMORY, input_tasks=actors, calls_per_actor=1 if actors > 1 else 2,
+    )
+
+
+def test_a_gpu_cluster_with_two_files_gets_one_actor_and_one_decode_task():
+    cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
+    plan = plan_run(cfg, [{"CPU": 16.0, "GPU": 4.0}], True, ClusterLimits(), 2)
+    assert plan.resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0, decode_cpus=1.0, decode_tasks=1)
+    assert (plan.batch_size, plan.block_rows, plan.calls_per_actor) == (32, 16, 2)
+    assert plan_run(cfg, [{"CPU": 16.0, "GPU": 4.0}], True, ClusterLimits(), 1000).resources == Resources(
+        num_gpus=1.0, num_actors=4, num_cpus_per_actor=1.0, decode_cpus=1.0, decode_tasks=12)
+
+
+def test_streamed_inputs_keep_the_whole_pool_and_a_cpu_for_the_input_stage():
+    cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
+    plan = plan_run(cfg, [{"CPU": 8.0}], True, ClusterLimits(), None)
+    # 8 CPUs: actors of 4 threads, one fewer than the two that would fit, for the repartition's CPU;
+    # decode tasks take the CPUs left, as many as those allow, and input tasks INPUT_TASKS at once.
+    assert plan.resources == Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=4.0, decode_cpus=1.0, decode_tasks=None)
+    assert (plan.block_rows, plan.rows_per_call, plan.decode_batch, plan.input_tasks) == (1024, 16, 16, 4)
