@@ -62,18 +62,18 @@ def open_inputs(cfg: AppConfig) -> Inputs:
 
 
 def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location,
-                  tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, int]:
+                  tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, resume.OutputScan]:
     """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
     with a row dropped by tasks too (app.output.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
     streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs, and the
-    number of rows output.path holds already."""
+    counts of the rows output.path holds already."""
     committed, index = resume.scan_output(output, in_ray=True)
     tally = resume.InputTally.remote()
     todo = inputs.stream(cfg, tasks).map_batches(
         resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
     )
-    return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally, committed.rows
+    return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally, committed
 
 
 def listed_todo(inputs: Inputs, output: storage.Location) -> pa.Table:

@@ -152,10 +152,13 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
             plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
             log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
             warn_random_weights(spec)
-            detected, tally, done_before = stages(cfg, spec, inputs, todo, plan, output, detector)
-            listed = inputs.table.num_rows if inputs.table is not None else None
-            progress = Progress(cfg.progress.interval_s, total=listed, done_before=done_before,
-                                listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0)
+            detected, tally, before = stages(cfg, spec, inputs, todo, plan, output, detector)
+            progress = Progress(
+                cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
+                done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
+                listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
+                max_error_fraction=cfg.data.max_error_fraction,
+            )
             writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
             with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
                 executed = commit(detected, writer, lease, plan, progress, on_rows)
@@ -178,16 +181,18 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], plan: Plan,
-           output: storage.Location, detector: type[Detector]) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], int]:
+           output: storage.Location, detector: type[Detector]
+           ) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
-    of every input seen) → read and decode (CPU tasks) → detect (actor pool). Also the tally, and how
-    many rows earlier runs committed."""
+    of every input seen) → read and decode (CPU tasks) → detect (actor pool). Also the tally, and the
+    counts of the rows earlier runs committed (rows and errors)."""
     tally = None
     if todo is not None:
         images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
-        done_before = inputs.table.num_rows - todo.num_rows
+        kinds = dataset.read_committed(output, ["error_kind"]).column("error_kind").drop_null().to_pylist()
+        before = resume.OutputScan(rows=inputs.table.num_rows - todo.num_rows, errors_by_kind=Counter(kinds))
     else:
-        images, tally, done_before = streamed_todo(cfg, inputs, output, plan.input_tasks)
+        images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks)
     resize = cfg.inference.resize_on_cpu
     decoded = images.map_batches(
         decode_images,
@@ -222,7 +227,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         num_gpus=plan.resources.num_gpus,
         num_cpus=plan.resources.num_cpus_per_actor,
     )
-    return detected, tally, done_before
+    return detected, tally, before
 
 
 def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, detector: type) -> dict[str, float]:

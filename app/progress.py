@@ -40,12 +40,16 @@ class Progress:
     """Counts result rows as the driver commits them and reports them on a background thread.
 
     `total` is the number of inputs when it is known before the run; otherwise `listed_so_far` tells how
-    many the listing has found yet. `done_before` counts the rows earlier runs committed."""
+    many the listing has found yet. `done_before` counts the rows earlier runs committed, `errors_before`
+    the error rows among them. Once more images failed than data.max_error_fraction of the total allows,
+    a warning says so (once): the run is bound to fail, though it still writes every row."""
 
     def __init__(self, interval_s: float, total: Optional[int] = None, done_before: int = 0,
-                 listed_so_far: Optional[Callable[[], int]] = None, out: TextIO = sys.stdout,
-                 clock: Callable[[], float] = time.monotonic):
+                 listed_so_far: Optional[Callable[[], int]] = None, max_error_fraction: float = 1.0,
+                 errors_before: int = 0, out: TextIO = sys.stdout, clock: Callable[[], float] = time.monotonic):
         self.interval_s, self.total, self.done_before = interval_s, total, done_before
+        self.max_error_fraction, self.errors_before = max_error_fraction, errors_before
+        self.warned_errors = False
         self.listed_so_far, self.out, self.clock = listed_so_far, out, clock
         self.done = 0  # rows committed by this run
         self.errors: Counter[str] = Counter()
@@ -65,6 +69,12 @@ class Progress:
             self.done += rows.num_rows
             self.errors.update({kind["values"]: kind["counts"] for kind in kinds})
             self.workers_now |= workers
+            failed = self.errors_before + sum(self.errors.values())
+            doomed = self.total is not None and failed > self.max_error_fraction * self.total and not self.warned_errors
+            self.warned_errors |= doomed
+        if doomed:
+            log.warning("%d images failed so far, over data.max_error_fraction=%g of %d: the run will end with exit "
+                        "code 3 once every row is written", failed, self.max_error_fraction, self.total)
 
     def line(self, final: bool = False, advance: bool = True) -> str:
         """The progress line; with `advance`, the end of an interval (the live redraw does not advance)."""

@@ -92,6 +92,21 @@ def test_peak_actors_are_the_most_at_work_within_one_interval_by_device():
     assert dict(progress.peak_actors()) == {"cuda": 3, "cpu": 1}
 
 
+def test_a_warning_once_as_soon_as_too_many_images_failed(caplog):
+    """With 10 rows already committed, 3 of them errors, and data.max_error_fraction=0.1 of 100 images:
+    the 11th error makes the run certain to fail."""
+    progress = Progress(30, total=100, done_before=10, errors_before=3, max_error_fraction=0.1, clock=Clock())
+    with caplog.at_level(logging.WARNING, logger="app.progress"):
+        progress.add(rows(10, errors=("unreadable",) * 7), set())
+        assert caplog.records == []
+        progress.add(rows(5, errors=("corrupt_image",)), set())
+        progress.add(rows(5, errors=("corrupt_image",)), set())
+    assert [record.getMessage() for record in caplog.records] == [
+        "11 images failed so far, over data.max_error_fraction=0.1 of 100: the run will end with exit code 3 "
+        "once every row is written"
+    ]
+
+
 def test_lines_are_logged_at_the_interval_and_at_the_end(caplog):
     """The reporting thread on a real clock, with a short interval; the output is not a terminal."""
     out = io.StringIO()

@@ -1,0 +1,85 @@
+"""The log is the interface: the job's output read as a RayJob's user reads it (stdout and stderr captured,
+not a terminal), on a local Ray the job starts and on a multi-node cluster it attaches to."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from tests.conftest import (
+    FAST_MODEL,
+    connected_cluster,
+    write_images,
+    write_mixed_inputs,
+)
+
+# A progress line while the run goes: count, percent, the last interval's rate, the time left, errors.
+MID_RUN = re.compile(
+    r"^progress: \d+ of 60 images \(\d+\.\d%\), \d+\.\d\d images/s, (\d+ s|\d+ min \d\d s) left, errors: 0$"
+)
+# Anything at warning or error level: Python's warnings and logging, Ray's C++ log lines ("[... E 123 123]").
+ALARM = re.compile(r"Warning\b|\bWARNING\b|\bERROR\b|^\[[^\]]* [WE] \d+ \d+\]|Traceback")
+
+
+def run_job(cwd, *overrides, address=None):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if address:
+        env["RAY_ADDRESS"] = address
+    command = [sys.executable, "-m", "app", *FAST_MODEL, "data.path=in", "output.path=out", "progress.interval_s=0.2", *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check_clean_log(result, ray_lines):
+    """Only the app's own lines on stdout; on stderr only Ray's start-up lines (`ray_lines`)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("progress: ")]
+    assert any(MID_RUN.match(line) for line in progress), progress
+    assert progress[-1].startswith("progress: 60 of 60 images (100.0%), ")
+    assert progress[-1].endswith(" images/s, done, errors: 0")
+    assert "ray-detect: 60 images (60 ok, 0 errors: none), " in result.stdout
+    assert "ray-detect: slowest stage: " in result.stdout
+    own = ("progress: ", "ray-detect: ", "60 of 60 images to process from ", "detector stage: ")
+    assert [line for line in lines if not line.startswith(own)] == []
+    assert [line for line in result.stderr.splitlines() if not any(ray_line in line for ray_line in ray_lines)] == []
+    assert [line for line in lines + result.stderr.splitlines() if ALARM.search(line)] == []
+
+
+def test_a_clean_run_on_a_local_ray_logs_progress_and_summary_and_nothing_alarming(tmp_path):
+    write_images(tmp_path / "in", 60)
+    result = run_job(tmp_path, "ray.num_cpus=2")
+    check_clean_log(result, ["INFO worker.py", "Started a local Ray instance."])
+    assert re.search(r"^ray-detect: detector actors used: 2, on 1 node\(s\), holding 0 GPU\(s\); devices: cpu x2; "
+                     r"at most at once: cpu [12]$", result.stdout, re.MULTILINE)
+
+
+def test_a_clean_run_attached_to_a_cluster_reads_the_same(tmp_path):
+    """As in a RayJob: the job attaches through RAY_ADDRESS to a running two-node cluster, and the
+    actors' and tasks' output reaches the driver's log (log_to_driver)."""
+    write_images(tmp_path / "in", 60)
+    with connected_cluster(1, {"num_cpus": 2}) as (cluster, _):
+        result = run_job(tmp_path, address=cluster.address)
+    check_clean_log(result, ["INFO worker.py", "Connecting to existing Ray cluster at address"])
+
+
+def test_broken_files_show_in_progress_and_summary_and_too_many_exit_3(tmp_path):
+    """Seven of the twenty inputs fail, over data.max_error_fraction=0.2: a warning says so once, as soon
+    as it is certain; every row is still written, and the command exits with code 3."""
+    kinds = write_mixed_inputs(tmp_path / "in")
+    result = run_job(tmp_path, "ray.num_cpus=2", "data.max_file_bytes=200000", "data.max_image_pixels=4000000",
+                     "data.max_error_fraction=0.2")
+    total, failed = len(kinds), sum(kind is not None for kind in kinds.values())
+    assert (total, failed, result.returncode) == (20, 7, 3), result.stderr[-3000:]
+    errors = "corrupt_image=2, empty_file=1, not_an_image=2, too_large=1, too_many_pixels=1"
+    progress = [line for line in result.stdout.splitlines() if line.startswith("progress: ")]
+    assert progress[-1].startswith("progress: 20 of 20 images (100.0%), ")
+    assert progress[-1].endswith(f" images/s, done, errors: 7 ({errors})")
+    assert f"ray-detect: 20 images (13 ok, 7 errors: {errors}), " in result.stdout
+    warnings = [line for line in result.stdout.splitlines() if "over data.max_error_fraction" in line]
+    assert len(warnings) == 1 and re.fullmatch(
+        r"[5-7] images failed so far, over data.max_error_fraction=0.2 of 20: the run will end with exit code 3 "
+        r"once every row is written", warnings[0]), warnings  # 5 is the first count over 4; rows come in blocks
+    assert result.stderr.splitlines()[-1] == "ray-detect: failed: 7 of 20 images failed, over data.max_error_fraction=0.2"
+    assert len(pq.read_table(tmp_path / "out").column("path")) == 20
