@@ -119,6 +119,22 @@ def connect_ray(cfg: AppConfig) -> bool:
     return True
 
 
+@dataclass
+class Executed:
+    """What the execution of a run did: the images it processed, the detector actors that made rows (by
+    WORKER_COLUMN), the GPUs each held, and the tally of streamed inputs."""
+
+    processed: int = 0
+    workers: set[str] = field(default_factory=set)
+    gpus_per_actor: float = 0.0
+    tally: Optional[ray.actor.ActorHandle] = None
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def inputs_seen(self) -> int:
+        return ray.get(self.tally.total.remote())
+
+
 def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[Callable[[pa.Table], None]] = None) -> Summary:
     """Run the batch job described by cfg, or resume it on an output.path that holds part of its results.
     `detector` is the actor class of the detector stage (the benchmark passes one with a stand-in model);
@@ -147,30 +163,38 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
         executed = Executed()
         if todo is None or todo.num_rows:
             local = connect_ray(cfg)
-            console.tame_ray_data(cfg.progress.ray_data)
             nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
             plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
-            log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
-            warn_random_weights(spec)
-            detected, tally, before = stages(cfg, spec, inputs, todo, plan, output, detector)
-            progress = Progress(
-                cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
-                done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
-                listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
-                max_error_fraction=cfg.data.max_error_fraction,
-            )
-            writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
-            with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
-                executed = commit(detected, writer, lease, plan, progress, on_rows)
-            executed.tally = tally
-            executed.peak_actors = dict(sorted(progress.peak_actors().items()))
-            executed.stage_seconds = stage_seconds(detected, plan, sum(node.get("CPU", 0.0) for node in nodes), detector)
+            executed = execute(cfg, spec, inputs, todo, plan, output, lease, detector, on_rows)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
             raise no_images(cfg)
         summary = summarize(output, total, executed, started, spec)
         dataset.write_manifest(cfg, spec, summary, output)
         return check_errors(cfg, summary)
+
+
+def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], plan: Plan,
+            output: storage.Location, lease: OutputLease, detector: type[Detector],
+            on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
+    """Run the stages on the cluster and commit their rows, reporting progress as they come."""
+    console.tame_ray_data(cfg.progress.ray_data)
+    log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
+    warn_random_weights(spec)
+    detected, tally, before = stages(cfg, spec, inputs, todo, plan, output, detector)
+    progress = Progress(
+        cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
+        done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
+        listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
+        max_error_fraction=cfg.data.max_error_fraction,
+    )
+    writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
+    with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
+        executed = commit(detected, writer, lease, plan, progress, on_rows)
+    executed.tally = tally
+    executed.peak_actors = dict(sorted(progress.peak_actors().items()))
+    executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0), detector)
+    return executed
 
 
 def warn_random_weights(spec: ModelSpec) -> None:
@@ -248,22 +272,6 @@ def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, d
                 name = operator.operator_name.removeprefix("MapBatches(").removesuffix(")")
                 seconds[name] = round(operator.wall_time.sum / slots.get(name, plan.input_tasks), 3)
     return dict(sorted(seconds.items()))
-
-
-@dataclass
-class Executed:
-    """What the execution of a run did: the images it processed, the detector actors that made rows (by
-    WORKER_COLUMN), the GPUs each held, and the tally of streamed inputs."""
-
-    processed: int = 0
-    workers: set[str] = field(default_factory=set)
-    gpus_per_actor: float = 0.0
-    tally: Optional[ray.actor.ActorHandle] = None
-    peak_actors: dict[str, int] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    def inputs_seen(self) -> int:
-        return ray.get(self.tally.total.remote())
 
 
 def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan, progress: Progress,

@@ -192,8 +192,8 @@ def test_command_line_on_a_new_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ray-detect: 3 images (3 ok, 0 errors: none), " in result.stdout
     assert "; 3 processed by this run in " in result.stdout
-    # Three images make one block, which one of the two CPU actors detects.
-    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 0 GPU(s); devices: cpu x1\n" in result.stdout
+    # Three images make one block: the plan starts one actor for it.
+    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 0 GPU(s); devices: cpu x1; at most at once: cpu 1\n" in result.stdout
     assert f"ray-detect: results in {tmp_path / 'out'} (manifest: {tmp_path / 'out'}/_manifest.json)" in result.stdout
     assert read_results(tmp_path / "out").num_rows == 3
     assert sorted(os.listdir(tmp_path)) == ["out", "photos"]  # Hydra wrote nothing of its own

@@ -99,5 +99,5 @@ def test_with_the_fallback_the_command_line_completes_and_shows_the_actors_warni
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert output.count("; running on the CPU (inference.cpu_fallback=true)") == 1
-    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 1 GPU(s); devices: cpu x1\n" in result.stdout
+    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 1 GPU(s); devices: cpu x1; at most at once: cpu 1\n" in result.stdout
     assert "GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)" in result.stdout
