@@ -15,7 +15,11 @@ from app.config import compose_config  # noqa: F401  (the tests import it from h
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
-FAST_MODEL = ["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none"]
+# The tests' model: the light one, random init (seeded: the same weights in every process). At the default
+# score threshold it detects nothing; at threshold 0 every image gets model.max_detections boxes, which
+# differ from image to image (their scores and labels do not: random weights score every box alike).
+FAST_MODEL = ["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0",
+              "model.max_detections=3"]
 
 
 def jpeg_bytes(width=64, height=48, color=(200, 40, 40), **save_args) -> bytes:
@@ -117,3 +121,50 @@ def write_mixed_inputs(folder: Path) -> dict[str, object]:
         (folder / name).write_bytes(data)
     (folder / "readme.txt").write_text("not an image extension: ignored")
     return {name: kind for name, (_, kind) in files.items()}
+
+
+def model_detections(cfg, paths) -> dict[str, dict]:
+    """What the configured model detects in each image, computed here, one image at a time, on the pixels
+    the job decodes: boxes mapped to original pixels, scores, labels and label names, by path. One torch
+    thread, as in a detector actor on a 2-core node, so that the floats are the actor's."""
+    import torch
+
+    from app.decode import DecodeOptions, decode
+    from app.detector import PixelModel
+    from app.model import build_model
+    from app.pipeline import model_spec
+
+    options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size, cfg.model.max_size)
+    model, names = build_model(model_spec(cfg))
+    model = PixelModel(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    found = {}
+    try:
+        for path in paths:
+            image, width, height = decode(Path(path).read_bytes(), options)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            with torch.inference_mode():
+                output = model([pixels])[0]
+            scale = torch.tensor([width / image.width, height / image.height] * 2, dtype=torch.float32)
+            found[str(path)] = {
+                "boxes": (output["boxes"] * scale).tolist(),
+                "scores": output["scores"].tolist(),
+                "labels": output["labels"].tolist(),
+                "label_names": [names[label] for label in output["labels"].tolist()],
+            }
+    finally:
+        torch.set_num_threads(threads)
+    return found
+
+
+def assert_detections(rows: dict[str, dict], expected: dict[str, dict]) -> None:
+    """Each row (by path) holds the expected detections: boxes within 0.01 px (float32 arithmetic in
+    another order), scores within 1e-6, labels and names exactly; at least one detection each."""
+    assert sorted(rows) == sorted(expected)
+    for path, want in expected.items():
+        row = rows[path]
+        assert row["num_detections"] == len(want["labels"]) > 0, path
+        assert (row["labels"], row["label_names"]) == (want["labels"], want["label_names"]), path
+        assert np.allclose(row["scores"], want["scores"], rtol=0, atol=1e-6), path
+        assert np.allclose(row["boxes"], want["boxes"], rtol=0, atol=0.01), (path, row["boxes"], want["boxes"])

@@ -15,7 +15,14 @@ from app.model import ModelSpec
 from app.output import dataset
 from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
 from app.pipeline import TooManyErrors, run
-from tests.conftest import FAST_MODEL, compose_config, write_images, write_mixed_inputs
+from tests.conftest import (
+    FAST_MODEL,
+    assert_detections,
+    compose_config,
+    model_detections,
+    write_images,
+    write_mixed_inputs,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +54,9 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     assert all(row["error"] is None and (row["width"], row["height"]) == (96, 72) for p, row in rows.items() if p.endswith(".jpg"))
     assert (summary.inputs, summary.processed, summary.ok, summary.errors) == (8, 8, 7, 1)
     assert summary.errors_by_kind == {"not_an_image": 1}
-    assert summary.detections == sum(table.column("num_detections").to_pylist())
+    assert summary.detections == sum(table.column("num_detections").to_pylist()) == 7 * 3
+    ok = [path for path in rows if path.endswith(".jpg")]
+    assert_detections({path: rows[path] for path in ok}, model_detections(cfg, ok))
 
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["counts"] == {
