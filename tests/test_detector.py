@@ -336,7 +336,7 @@ def test_the_detector_runs_torch_on_the_threads_it_is_given():
     try:
         Detector(SPEC, num_threads=3)
         assert torch.get_num_threads() == 3
-        Detector(SPEC, num_threads=0)  # a GPU actor's fractional CPU share rounds down to 0
+        Detector(SPEC, num_threads=0)  # never fewer than one thread
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
