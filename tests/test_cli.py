@@ -6,20 +6,25 @@ go through Hydra stop at a config error or at `--cfg job` / `--help`, which prin
 """
 
 import ast
+import errno
 import os
 import re
+import socket
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torchvision.models import get_model_weights
 
 from app import cli
 from app.config import ConfigError, compose_config
 from app.output.lease import LeaseLost, OutputInUse
-from app.pipeline import DeviceUnavailable, Summary, TooManyErrors
+from app.pipeline import DeviceUnavailable, Summary, TooManyErrors, model_spec
+from tests.conftest import write_images
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -239,6 +244,72 @@ def test_a_finished_job_prints_its_summary(monkeypatch, capsys):
     assert capsys.readouterr() == (SUMMARY_TEXT, "")
 
 
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_offline_run_on_other_images_stops_before_work(tmp_path):
+    """README (Quick start): without torchvision's weights, only the demo falls back to random weights;
+    any other run stops before work, saying how to fix it. `python -m app run ...`, the program of
+    `ray-detect run`, on a folder of images that is not the bundled samples, with model.weights=DEFAULT
+    (the default). Nothing in the program is replaced: TORCH_HOME is an empty folder, and the download
+    goes through an HTTPS proxy on a closed port of 127.0.0.1, so it fails at once, with or without a
+    network (urllib honours https_proxy). It stops in app.pipeline.model_spec, before Ray starts."""
+    write_images(tmp_path / "photos", 1)
+    (tmp_path / "out").mkdir()
+    env = {key: value for key, value in os.environ.items() if key.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    env.update(PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "torch"), https_proxy=proxy, HTTPS_PROXY=proxy)
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "app", "run", f"data.path={tmp_path / 'photos'}", "output.path=out"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    url = get_model_weights("fasterrcnn_resnet50_fpn_v2").DEFAULT.url
+    refused = f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", (
+        "ray-detect: config error: model.weights=DEFAULT needs torchvision's pretrained weights for "
+        f"fasterrcnn_resnet50_fpn_v2, which are not in TORCH_HOME ({tmp_path / 'torch' / 'hub'}) and could not be "
+        f"downloaded from {url} (URLError: <urlopen error {refused}>). Fix it in one of three ways: point "
+        "model.weights at a checkpoint file (local path or URI); pre-fill TORCH_HOME with "
+        "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth under hub/checkpoints/ (the Docker image does this at build "
+        "time); or pass model.weights=none for random initialisation, whose detections are meaningless.\n"
+    ))
+    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == []  # no partial download left either
+
+
+@pytest.mark.parametrize(
+    "overrides, demo",
+    [([], True), (["data.path=/elsewhere"], False), (["data.manifest=/in/list.csv"], False)],
+    ids=["bundled-samples", "other-path", "manifest"],
+)
+def test_only_the_demo_falls_back_to_random_weights(overrides, demo, monkeypatch, tmp_path):
+    """app.pipeline.model_spec, which the job calls first: the bundled samples without a manifest run on
+    random weights, with the reason; anything else is a config error. The download is replaced by one
+    that fails (these machines have no network, a laptop would fetch 170 MB): what is tested is who may
+    fall back, not the download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    cfg = compose_config(overrides)
+    reason = (
+        "model.weights=DEFAULT needs torchvision's pretrained weights for fasterrcnn_resnet50_fpn_v2, which are not "
+        f"in TORCH_HOME ({tmp_path / 'hub'}) and could not be downloaded from "
+        f"{get_model_weights('fasterrcnn_resnet50_fpn_v2').DEFAULT.url} (OSError: offline). Fix it in one of three "
+        "ways: point model.weights at a checkpoint file (local path or URI); pre-fill TORCH_HOME with "
+        "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth under hub/checkpoints/ (the Docker image does this at build "
+        "time); or pass model.weights=none for random initialisation, whose detections are meaningless."
+    )
+    if demo:
+        spec = model_spec(cfg)
+        assert (spec.weights, spec.fallback_reason) == ("none", reason)
+    else:
+        with pytest.raises(ConfigError) as caught:
+            model_spec(cfg)
+        assert str(caught.value) == reason
+
+
 # ---------------------------------------------------------------------------------------------------
 # Extras: what each command needs beyond the job
 # ---------------------------------------------------------------------------------------------------
@@ -301,4 +372,4 @@ def test_submit_returns_its_exit_code_through_the_command(tmp_path, capsys):
     code, out, err = in_process(capsys, "submit", "--kubeconfig", str(tmp_path / "absent"), "data.path=/in")
     assert (code, out) == (cli.ExitCode.KUBERNETES, "")
     assert code == 6
-    assert err.startswith("ray-detect submit: cannot load the kubeconfig: ") and err.count("\n") == 1
+    assert err == "ray-detect submit: cannot load the kubeconfig: Invalid kube-config file. No configuration found.\n"

@@ -5,10 +5,14 @@ import threading
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
+from PIL import Image
+from torchvision.models import get_model_weights
 
-from app.decode import DECODED_SCHEMA
+from app.config import SAMPLES_DIR
+from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import (
     Detector,
     PixelModel,
@@ -18,9 +22,12 @@ from app.detector import (
     shape_batches,
     to_device,
 )
+from app.listing import list_inputs
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
 from app.output.rows import result_rows
+from app.pipeline import model_spec
+from tests.conftest import compose_config
 
 SPEC = ModelSpec(
     name="fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -130,12 +137,13 @@ def test_detector_on_a_batch(detector):
     # The model called directly, boxes scaled by 2 (the original is twice the model input).
     for row, want in zip(rows, reference_detections(images)):
         assert row["num_detections"] == len(want["labels"]) == len(row["boxes"]) == len(row["scores"])
-        assert row["num_detections"] > 0  # threshold 0 keeps random-init detections
+        assert row["num_detections"] == 100  # threshold 0 keeps max_detections (100) random-init detections
         np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * 2, rtol=1e-5)
         np.testing.assert_allclose(row["scores"], want["scores"], rtol=1e-6)
         assert row["labels"] == want["labels"].tolist()
         assert row["label_names"] == [detector.categories[label] for label in row["labels"]]
         assert row["error"] is None
+        # A bound: torchvision clips boxes to the image (here 640x480 and 400x640, twice the model input).
         assert all(0 <= x <= 640 for box in row["boxes"] for x in box)
     bad = rows[2]
     assert (bad["boxes"], bad["scores"], bad["labels"], bad["num_detections"]) == ([], [], [], 0)
@@ -174,6 +182,164 @@ def test_batch_of_only_errors_skips_the_model(detector):
     out = detector(decoded_batch([], errors=["empty_file", "too_large"]))
     assert out.column("error_kind").to_pylist() == ["empty_file", "too_large"]
     assert out.column("num_detections").to_pylist() == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real images through the decode stage and the detector, against torchvision called directly
+# ---------------------------------------------------------------------------------------------------
+
+# Bundled photos at sizes whose model input (320 px shorter side) is 426x320 or 320x426: the three
+# landscapes share one padded size, so the detector batches them without padding any of them more
+# than the model alone would, and a reference run one image at a time sees the same tensors.
+PHOTOS = {"chelsea.jpg": (640, 480), "coffee.jpg": (400, 300), "rocket.jpg": (800, 600), "astronaut.jpg": (300, 400)}
+LIGHT = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def light_spec(*overrides: str, data_path: str = "/in") -> ModelSpec:
+    """The ModelSpec the job builds (app.pipeline.model_spec) from a composed config."""
+    return model_spec(compose_config([f"model={LIGHT}", f"data.path={data_path}", *overrides]))
+
+
+def decoded_files(folder, min_size=None, max_size=None) -> pa.Table:
+    """The images under folder as the job's CPU stage decodes them (listing, then app.decode)."""
+    inputs = list_inputs(str(folder), ["jpg", "png"]).found
+    options = DecodeOptions(max_file_bytes=10**7, max_image_pixels=10**7, min_size=min_size, max_size=max_size)
+    return decode_images(inputs, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=options)
+
+
+def float_image(pixels: np.ndarray) -> torch.Tensor:
+    """HWC uint8 pixels as a user gives them to torchvision: CHW floats in [0, 1], divided by 255."""
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """The bundled sample photos resized to PHOTOS' sizes, as JPEGs in a folder."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name, size in PHOTOS.items():
+        Image.open(SAMPLES_DIR / name).convert("RGB").resize(size, Image.Resampling.BILINEAR).save(folder / name, quality=92)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, photos):
+    """model.weights for the light model whose detections depend on the image. Random init alone
+    (weights=none) does not give that: with BatchNorm's initial statistics (mean 0, variance 1) the
+    seeded random backbone's activations shrink to about 1e-9 by its last stage, so the box head sees
+    only its biases, every box of every image gets the same scores, and which boxes are the top ones
+    is a matter of ties. So the random-init model's BatchNorm statistics are measured here on the test
+    photos (one pass of the backbone in training mode), as training would set them; every weight stays
+    the seeded one. The checkpoint is an ordinary one, which app.model.build_model loads."""
+    model, _ = build_model(ModelSpec(name=LIGHT, weights="none", score_threshold=0.0, min_size=320, max_size=640))
+    batch, _ = model.transform([float_image(np.asarray(Image.open(path).convert("RGB"))) for path in sorted(photos.iterdir())])
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # the running statistics become those of the one pass below
+    with torch.no_grad():
+        model.backbone.train()(batch.tensors)
+    path = tmp_path_factory.mktemp("checkpoint") / "light.pt"
+    torch.save({"model": model.eval().state_dict()}, path)
+    return path
+
+
+def decoded_pixels(row: dict) -> np.ndarray:
+    return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_height"], row["pixel_width"], 3)
+
+
+def torchvision_detections(model: torch.nn.Module, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """The torchvision model called directly, as a user calls it, on one image."""
+    with torch.inference_mode():
+        output = model([float_image(pixels)])[0]
+    return {key: value.numpy() for key, value in output.items()}
+
+
+def test_detector_rows_are_torchvisions_detections_in_original_pixels(photos, checkpoint):
+    """Files decoded by the CPU stage, then Detector.__call__ (the Ray Data call) on the decoded batch,
+    against torchvision's model, built by app.model.build_model from the same spec, called directly on
+    float tensors of the same decoded pixels, one image at a time. Its boxes are mapped to original
+    pixels here, by each file's known size over its model size. With score threshold 0 and
+    max_detections 5 every image has exactly 5 detections (all scores are above 0, and NMS leaves far
+    more than 5 boxes)."""
+    spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=5",
+                      data_path=str(photos))
+    batch = decoded_files(photos, spec.min_size, spec.max_size)
+    rows = Detector(spec, num_threads=2, batch_size=4)(batch).drop_columns(["_worker"]).to_pylist()
+    decoded = batch.to_pylist()
+    assert [row["path"] for row in rows] == [str(photos / name) for name in sorted(PHOTOS)]
+    assert [(row["pixel_width"], row["pixel_height"]) for row in decoded] == [(320, 426), (426, 320), (426, 320), (426, 320)]
+    reference, _ = build_model(spec)
+    categories = get_model_weights(spec.name).DEFAULT.meta["categories"]  # torchvision's COCO names
+    for row, image in zip(rows, decoded):
+        width, height = PHOTOS[row["path"].rsplit("/", 1)[1]]
+        want = torchvision_detections(reference, decoded_pixels(image))
+        assert (row["width"], row["height"], row["error_kind"]) == (width, height, None)
+        assert row["num_detections"] == len(want["labels"]) == len(row["boxes"]) == len(row["scores"]) == 5
+        # Float tolerances: the detector batches the three landscapes, and multiplies by 1/255 where
+        # the reference divides; both change the last bits of the convolutions' sums.
+        to_original = np.array([width / image["pixel_width"], height / image["pixel_height"]] * 2)
+        np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * to_original, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(row["scores"], want["scores"], rtol=0, atol=1e-6)
+        assert row["labels"] == want["labels"].tolist()
+        assert row["label_names"] == [categories[label] for label in want["labels"]]
+
+
+def test_the_score_threshold_keeps_exactly_the_detections_at_or_above_it(photos, checkpoint):
+    """The same two photos through a detector without a threshold and one with a threshold halfway
+    between two of the first image's scores (where the gap is widest among its 3rd to 30th): the second
+    keeps exactly the first's detections scoring at or above it, in the same order, on both images."""
+    batch = decoded_files(photos, 320, 640).slice(0, 2)
+    weights = f"model.weights={checkpoint}"
+    unthresholded = Detector(light_spec(weights, "model.score_threshold=0"), num_threads=2)(batch).to_pylist()
+    assert [row["num_detections"] for row in unthresholded] == [100, 100]  # max_detections' default
+    scores = np.array(unthresholded[0]["scores"])
+    assert np.all(np.diff(scores) <= 0)  # highest first
+    gap = int(np.argmax(scores[2:30] - scores[3:31])) + 2
+    threshold = float((scores[gap] + scores[gap + 1]) / 2)
+    thresholded = Detector(light_spec(weights, f"model.score_threshold={threshold}"), num_threads=2)(batch).to_pylist()
+    assert thresholded[0]["num_detections"] == gap + 1
+    for row, everything in zip(thresholded, unthresholded):
+        keep = [i for i, score in enumerate(everything["scores"]) if score >= threshold]
+        assert row["num_detections"] == len(keep)
+        assert row["scores"] == [everything["scores"][i] for i in keep]
+        assert row["boxes"] == [everything["boxes"][i] for i in keep]
+        assert row["labels"] == [everything["labels"][i] for i in keep]
+        assert row["label_names"] == [everything["label_names"][i] for i in keep]
+
+
+def test_resize_on_cpu_false_decodes_at_original_size_and_finds_the_same_boxes(tmp_path, checkpoint):
+    """inference.resize_on_cpu=false: the decode stage keeps the original size (DecodeOptions without a
+    model size) and the model's transform resizes; the rows are the same as the resized path's, boxes in
+    original pixels. The photo is 213x160, which both paths double exactly to 426x320, with pixel values
+    that are multiples of 16, so that Pillow's bilinear upscaling (uint8) and torch's (float) give the
+    same values: the two paths then differ only in float rounding, not in pixels."""
+    photo = Image.open(SAMPLES_DIR / "chelsea.jpg").convert("RGB").resize((213, 160), Image.Resampling.BILINEAR)
+    Image.fromarray(np.asarray(photo) // 16 * 16).save(tmp_path / "small.png")
+    spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=5")
+    resized, original = decoded_files(tmp_path, 320, 640), decoded_files(tmp_path, None, None)
+    assert [(r["width"], r["height"], r["pixel_width"], r["pixel_height"]) for r in resized.to_pylist()] == [(213, 160, 426, 320)]
+    assert [(r["width"], r["height"], r["pixel_width"], r["pixel_height"]) for r in original.to_pylist()] == [(213, 160, 213, 160)]
+    detector = Detector(spec, num_threads=2)
+    (on_cpu,), (in_model,) = detector(resized).to_pylist(), detector(original).to_pylist()
+    assert on_cpu["num_detections"] == in_model["num_detections"] == 5
+    np.testing.assert_allclose(np.array(in_model["boxes"]), np.array(on_cpu["boxes"]), rtol=0, atol=1e-2)
+    np.testing.assert_allclose(in_model["scores"], on_cpu["scores"], rtol=0, atol=1e-6)
+    assert in_model["labels"] == on_cpu["labels"] and in_model["label_names"] == on_cpu["label_names"]
+    # Original pixels, 213x160: the same boxes at model size reach past it (x up to about 300).
+    boxes = np.array(in_model["boxes"])
+    assert boxes[:, [0, 2]].max() <= 213 and boxes[:, [1, 3]].max() <= 160
+
+
+def test_the_detector_runs_torch_on_the_threads_it_is_given():
+    """num_threads is the CPUs Ray reserved for the actor: torch uses exactly that many (at least 1)."""
+    before = torch.get_num_threads()
+    try:
+        Detector(SPEC, num_threads=3)
+        assert torch.get_num_threads() == 3
+        Detector(SPEC, num_threads=0)  # never fewer than one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cpu_without_ray_gpu():
@@ -231,8 +397,14 @@ def test_default_weights_offline_fail_with_a_paragraph(monkeypatch, tmp_path):
     with pytest.raises(WeightsError) as caught:
         resolve_weights(ModelSpec(**{**SPEC.__dict__, "weights": "DEFAULT"}))
     message = str(caught.value)
-    assert message.startswith("model.weights=DEFAULT needs torchvision's pretrained weights for fasterrcnn_mobilenet_v3_large_320_fpn")
-    assert "(OSError: offline)" in message and "model.weights=none" in message and "\n" not in message
+    assert message == (
+        "model.weights=DEFAULT needs torchvision's pretrained weights for fasterrcnn_mobilenet_v3_large_320_fpn, which "
+        f"are not in TORCH_HOME ({tmp_path / 'hub'}) and could not be downloaded from "
+        "https://download.pytorch.org/models/fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth (OSError: offline). Fix "
+        "it in one of three ways: point model.weights at a checkpoint file (local path or URI); pre-fill TORCH_HOME "
+        "with fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth under hub/checkpoints/ (the Docker image does this "
+        "at build time); or pass model.weights=none for random initialisation, whose detections are meaningless."
+    )
     fallback = resolve_weights(ModelSpec(**{**SPEC.__dict__, "weights": "DEFAULT"}), allow_random_fallback=True)
     assert fallback.weights == "none" and fallback.fallback_reason == message
 

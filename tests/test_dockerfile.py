@@ -198,18 +198,22 @@ def python_snippets() -> dict[str, str]:
     return {"bake" if "get_state_dict" in s else "check": s for s in snippets}
 
 
-def test_baked_weights_land_where_the_app_looks(tmp_path):
-    """The bake step (torchvision's cache) and the app (app.model) agree on every file's place: the bake
-    program, without network, finds files pre-placed where torchvision caches them, and the check
-    program then finds them through app.model."""
+def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
+    """The bake step (torchvision's cache) and the app (app.model) agree on every file's place, and the
+    app builds its model from a baked file: the bake program, without network, finds files pre-placed
+    where torchvision caches them, the check program then finds them through app.model, and
+    app.model.build_model with model.weights=DEFAULT loads the light model's file. That file holds a
+    real state dict of the light model (random weights from another seed than the app's random init, so
+    that equal tensors can only come from the file); the three other models' files hold empty ones,
+    which the bake program reads but which no model could load (the real ones are 480 MB)."""
     snippets = python_snippets()
     torch_home = tmp_path / "torch"
     # One interpreter (torch loads slowly): the check on an empty TORCH_HOME, then files placed where
     # torchvision caches downloads, then the bake program (which must find them: there is no network),
-    # then the check again.
+    # then the check again, then the app's model from the light model's file.
     program = (
         "import os, sys, torch\n"
-        "from torchvision.models import get_model_weights\n"
+        "from torchvision.models import get_model, get_model_weights\n"
         "try:\n"
         f"    exec({snippets['check']!r})\n"
         "except SystemExit as stop:\n"
@@ -218,19 +222,36 @@ def test_baked_weights_land_where_the_app_looks(tmp_path):
         "    url = get_model_weights(name).DEFAULT.url\n"
         "    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))\n"
         "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
-        "    torch.save({}, path)\n"
+        "    if name == sys.argv[2]:\n"
+        "        torch.manual_seed(1)\n"
+        "        saved = get_model(name, weights=None, weights_backbone=None, num_classes=91).state_dict()\n"
+        "    torch.save(saved if name == sys.argv[2] else {}, path)\n"
         f"exec({snippets['bake']!r})\n"
         "try:\n"
         f"    exec({snippets['check']!r})\n"
         "except SystemExit as stop:\n"
         "    print('baked:', stop.code)\n"
+        "from app.model import ModelSpec, build_model, resolve_weights\n"
+        "spec = resolve_weights(ModelSpec(sys.argv[2], 'DEFAULT', 0.5, 320, 640))\n"
+        "loaded = build_model(spec)[0].state_dict()\n"
+        "equal = sum(torch.equal(loaded[key], saved[key]) for key in loaded)\n"
+        "print('loaded:', spec.weights, equal, len(loaded))\n"
+        "counters = sorted(key for key in saved if key.endswith('.num_batches_tracked'))\n"
+        "print('extra:', counters == sorted(set(saved) - set(loaded)), len(counters) > 0)\n"
     )
-    models = " ".join(MODEL_NAMES)
-    done = subprocess.run([sys.executable, "-c", program, models], env={**os.environ, "TORCH_HOME": str(torch_home)},
+    models, light = " ".join(MODEL_NAMES), "fasterrcnn_mobilenet_v3_large_320_fpn"
+    done = subprocess.run([sys.executable, "-c", program, models, light],
+                          env={**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")
-    assert done.stdout.splitlines() == [f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}",
-                                        "baked: 0"]
+    empty, baked, loaded, extra = done.stdout.splitlines()
+    assert (empty, baked) == (f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}", "baked: 0")
+    # Every tensor of the model equal to the file's (how many there are is torchvision's business); the
+    # file's only extra entries are BatchNorm's batch counters, which the frozen BatchNorm layers of a
+    # model built for pretrained weights do not have.
+    weights, equal, total = loaded.split()[1:]
+    assert (weights, equal) == ("DEFAULT", total) and int(total) > 0
+    assert extra == "extra: True True"
     assert sorted(p.name for p in (torch_home / "hub" / "checkpoints").iterdir()) == [
         "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth",
         "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",

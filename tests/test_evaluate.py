@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from torchvision.models import get_model_weights
 
 from app import evaluate, export
-from tests.test_report import error_row, ok_row, write_results
+from tests.test_report import MODEL, error_row, ok_row, write_results
 
 CAT, DOG, TABLE = (17, "cat"), (18, "dog"), (67, "dining table")
 # A dog box shifted right by 20 px on a 100 px box: IoU = 80·100 / (2·100·100 − 80·100) = 2/3, so it
@@ -93,6 +94,25 @@ def test_missed_and_false_detections(tmp_path, voc_truth):
     # (COCO's 101-point interpolation counts recall 0.00 ... 0.50: 51 of 101 points).
     assert metrics["per_class"]["cat"] == {"ap": pytest.approx(51 / 101), "ap_50": pytest.approx(51 / 101), "ground_truth": 2, "detections": 1}
     assert metrics["per_class"]["dog"] == {"ap": 0.0, "ap_50": 0.0, "ground_truth": 1, "detections": 1}
+
+
+@pytest.mark.parametrize(
+    "voc_name, coco_name",
+    [("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("pottedplant", "potted plant"), ("sofa", "couch"),
+     ("tvmonitor", "tv"), ("DiningTable", "dining table")],
+)
+def test_voc_names_that_coco_spells_differently_are_mapped(tmp_path, capsys, voc_name, coco_name):
+    """One VOC object of the class, found exactly by a detection of COCO's class of that name (its id
+    in torchvision's COCO categories): a perfect score for that class, nothing left out."""
+    label = get_model_weights(MODEL).DEFAULT.meta["categories"].index(coco_name)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "one.xml").write_text(voc_xml("one.jpg", [(voc_name, (1, 1, 100, 100), False)]))
+    results = write_results(tmp_path / "results", [ok_row(tmp_path / "one.jpg", [(label, coco_name, 0.9, [0, 0, 100, 100])])])
+    metrics = evaluate.evaluate(results, str(truth))
+    assert metrics["per_class"] == {coco_name: {"ap": 1.0, "ap_50": 1.0, "ground_truth": 1, "detections": 1}}
+    assert (metrics["map"], metrics["unmapped_classes"]) == (1.0, {})
+    assert capsys.readouterr().err == ""
 
 
 def test_coco_ground_truth_and_export_round_trip(tmp_path):

@@ -39,6 +39,21 @@ def test_glob_selects_matching_files_and_star_spans_folders(tmp_path):
     assert names(list_inputs(str(tmp_path / "*.TIF"), IMAGE_EXTENSIONS).found, tmp_path) == ["sub/deep/d.TIF"]
 
 
+def test_the_readmes_glob_and_a_star_that_spans_folders(tmp_path):
+    """README: data.path may be a glob such as `/data/**/*.jpg`, and `*` may span folders. The pattern is
+    matched against the whole path with fnmatch, where `*` matches "/" too (so `**` is two of them)."""
+    for name in ["a/x.jpg", "a/b/y.jpg", "a/b/z.png", "a/b/c/w.jpg", "d/e/u.jpg", "d/e/s.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    listed = list_inputs(str(tmp_path / "**" / "*.jpg"), IMAGE_EXTENSIONS)
+    assert names(listed.found, tmp_path) == ["a/b/c/w.jpg", "a/b/y.jpg", "a/x.jpg", "d/e/u.jpg"]
+    # One * after a folder reaches every depth below it; a * between folders reaches across several.
+    assert names(list_inputs(str(tmp_path / "a" / "*.jpg"), IMAGE_EXTENSIONS).found, tmp_path) == [
+        "a/b/c/w.jpg", "a/b/y.jpg", "a/x.jpg"]
+    assert names(list_inputs(str(tmp_path / "a" / "*" / "w.jpg"), IMAGE_EXTENSIONS).found, tmp_path) == ["a/b/c/w.jpg"]
+    assert names(list_inputs(str(tmp_path / "*" / "u.jpg"), IMAGE_EXTENSIONS).found, tmp_path) == ["d/e/u.jpg"]
+
+
 def test_single_file(tmp_path):
     make_tree(tmp_path)
     assert names(list_inputs(str(tmp_path / "a.jpg"), IMAGE_EXTENSIONS).found, tmp_path) == ["a.jpg"]
@@ -136,9 +151,10 @@ def test_a_listing_in_parts_finds_what_one_listing_finds(tmp_path, budget):
             (path.parent / "skip.txt").write_bytes(b"-")
     (tmp_path / "top.png").write_bytes(b"top")
     odd_tree(tmp_path / "f1" / "d0")
-    for uri in (str(tmp_path), str(tmp_path / "f*" / "*.jpg")):
+    # 12 images, top.png and odd_tree's 9 entries named like images; the glob leaves out top.png and sub/inner.png.
+    for uri, rows in ((str(tmp_path), 22), (str(tmp_path / "f*" / "*.jpg"), 20)):
         whole = list_inputs(uri, IMAGE_EXTENSIONS)
         listed, parts = split_listing(tmp_path, uri, budget)
         assert whole.complete and not listed.complete
-        assert parts.num_rows == whole.found.num_rows > 12
+        assert parts.num_rows == whole.found.num_rows == rows
         assert parts.to_pylist() == whole.found.to_pylist()

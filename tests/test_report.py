@@ -154,6 +154,22 @@ def test_filters_choose_the_previews(results_dir, tmp_path):
     assert '<div class="problem">too_large: file is 99 bytes, over data.max_file_bytes=10</div>' in page
 
 
+def test_the_sample_is_chosen_by_the_seed(tmp_path):
+    """--sample 3 of ten images: the same --seed picks the same three, another seed another three. The
+    lists are random.Random(seed).sample's picks, which Python does not promise to keep across versions:
+    a new Python may need them written again."""
+    images = [gray_image(tmp_path / "images" / f"img{i}.jpg", 40, 30) for i in range(10)]
+    results = write_results(tmp_path / "results", [ok_row(image, width=40, height=30) for image in images])
+
+    def previews(seed: int, out: str) -> list[str]:
+        report.main([results, "--out", str(tmp_path / out), "--sample", "3", "--seed", str(seed)])
+        return previews_in((tmp_path / out / "index.html").read_text())
+
+    assert previews(3, "first") == previews(3, "again") == [
+        "previews/0001_img2.jpg", "previews/0002_img3.jpg", "previews/0003_img8.jpg"]
+    assert previews(4, "other") == ["previews/0001_img1.jpg", "previews/0002_img3.jpg", "previews/0003_img4.jpg"]
+
+
 def test_results_images_and_report_behind_uris(tmp_path):
     memory = fsspec.filesystem("memory")
     with memory.open("/report-test/images/x.jpg", "wb") as stream:

@@ -1,11 +1,18 @@
-"""What an output holds, counted without the driver holding its paths (app.output.resume), called in-process."""
+"""What an output holds, counted without the driver holding its paths (app.output.resume), and the
+refusal to resume one made with other settings; called in-process, without Ray."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import ray
 
+from app.config import ConfigError
+from app.output import dataset
 from app.output.dataset import RESULT_SCHEMA
 from app.output.resume import contains, digests, scan_output
+from app.pipeline import run
 from app.storage import resolve
+from tests.conftest import compose_config, write_images
 
 
 def committed_file(path, rows):
@@ -28,3 +35,53 @@ def test_scan_counts_rows_paths_errors_and_detections(tmp_path):
     asked = digests(["s3://b/3.jpg", "s3://b/9.jpg", "s3://b/1.jpg", "3.jpg"])
     assert contains(index, asked).tolist() == [True, False, True, False]
     assert contains(index[:0], asked).tolist() == [False] * 4
+
+
+def snapshot(folder) -> dict:
+    """Every entry under folder: its relative path and, for a file, its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in sorted(folder.rglob("*"))}
+
+
+def no_ray(*args, **kwargs):
+    raise AssertionError("the run went on to start Ray")
+
+
+@pytest.mark.parametrize(
+    "change, key, before, after",
+    [
+        ({"data.path": "{tmp}/other"}, "data.path", "{tmp}/photos", "{tmp}/other"),
+        ({"model": "fasterrcnn_resnet50_fpn"}, "model.name", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"),
+        ({"model.score_threshold": "0.3"}, "model.score_threshold", 0.5, 0.3),
+        ({"inference.precision": "bf16"}, "inference.precision", "fp32", "bf16"),
+    ],
+    ids=["data-path", "model", "score-threshold", "precision"],
+)
+def test_a_run_refuses_to_resume_an_output_made_with_other_settings(change, key, before, after, tmp_path, monkeypatch):
+    """README (Resume: settings must match): app.pipeline.run on an output.path whose _settings.json holds
+    other settings raises ConfigError naming the first key that differs, from app.output.dataset.prepare,
+    and changes nothing there. The first run's settings are written as a run writes them
+    (dataset.settings, then dataset.prepare), with a committed file beside them. The models here have
+    the same input size, so that the name is the key that differs. app.pipeline.connect_ray is replaced
+    by a guard that fails the test: the refusal must come before Ray starts, and nothing here may start it."""
+    write_images(tmp_path / "photos", 2)
+    write_images(tmp_path / "other", 1)
+    settings = {"data.path": f"{tmp_path}/photos", "output.path": f"{tmp_path}/out",
+                "model": "fasterrcnn_mobilenet_v3_large_fpn", "model.weights": "none"}
+    first = compose_config([f"{name}={value}" for name, value in settings.items()])
+    output = dataset.locate(first)
+    output.filesystem.create_dir(output.path)
+    dataset.prepare(first, output, dataset.settings(first, "none"))
+    committed_file(tmp_path / "out" / "part-first-000000.parquet", [dict(path=f"{tmp_path}/photos/img_000.jpg", num_detections=0)])
+    held = snapshot(tmp_path / "out")
+    assert sorted(held) == ["_settings.json", "part-first-000000.parquet"]
+    monkeypatch.setattr("app.pipeline.connect_ray", no_ray)
+    changed = {**settings, **{name: value.format(tmp=tmp_path) for name, value in change.items()}}
+    with pytest.raises(ConfigError) as caught:
+        run(compose_config([f"{name}={value}" for name, value in changed.items()]))
+    before, after = (value.format(tmp=tmp_path) if isinstance(value, str) else value for value in (before, after))
+    assert str(caught.value) == (
+        f"output.path {tmp_path}/out holds results made with {key}={before!r}, not {after!r}; choose another "
+        "output.path or pass output.overwrite=true to replace them"
+    )
+    assert snapshot(tmp_path / "out") == held
+    assert not ray.is_initialized()
