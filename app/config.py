@@ -43,7 +43,7 @@ class ModelConfig:
     name: str = MISSING
     # DEFAULT (torchvision's pretrained COCO weights), a checkpoint path or URI, or none (random init).
     weights: str = "DEFAULT"
-    # Detections scoring below this are dropped.
+    # Detections scoring at or below this are dropped (torchvision keeps scores above it).
     score_threshold: float = 0.5
     # Detections kept per image, at most: the highest-scoring ones.
     max_detections: int = 100

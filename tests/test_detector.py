@@ -27,7 +27,7 @@ from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
 from app.output.rows import result_rows
 from app.pipeline import model_spec
-from tests.conftest import compose_config
+from tests.conftest import compose_config, light_checkpoint
 
 SPEC = ModelSpec(
     name="fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -222,25 +222,9 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, photos):
-    """model.weights for the light model whose detections depend on the image. Random init alone
-    (weights=none) does not give that: with BatchNorm's initial statistics (mean 0, variance 1) the
-    seeded random backbone's activations shrink to about 1e-9 by its last stage, so the box head sees
-    only its biases, every box of every image gets the same scores, and which boxes are the top ones
-    is a matter of ties. So the random-init model's BatchNorm statistics are measured here on the test
-    photos (one pass of the backbone in training mode), as training would set them; every weight stays
-    the seeded one. The checkpoint is an ordinary one, which app.model.build_model loads."""
-    model, _ = build_model(ModelSpec(name=LIGHT, weights="none", score_threshold=0.0, min_size=320, max_size=640))
-    batch, _ = model.transform([float_image(np.asarray(Image.open(path).convert("RGB"))) for path in sorted(photos.iterdir())])
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # the running statistics become those of the one pass below
-    with torch.no_grad():
-        model.backbone.train()(batch.tensors)
-    path = tmp_path_factory.mktemp("checkpoint") / "light.pt"
-    torch.save({"model": model.eval().state_dict()}, path)
-    return path
+def checkpoint():
+    """The tests' model weights (tests.conftest.light_checkpoint): detections that depend on the image."""
+    return light_checkpoint()
 
 
 def decoded_pixels(row: dict) -> np.ndarray:

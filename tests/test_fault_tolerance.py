@@ -18,7 +18,14 @@ from ray.util.state import list_actors
 from app.output.dataset import MANIFEST_NAME, read_committed
 from app.pipeline import run
 from app.storage import resolve
-from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
+from tests.conftest import (
+    FAST_MODEL,
+    assert_detections,
+    compose_config,
+    connected_cluster,
+    model_detections,
+    write_images,
+)
 
 
 def committed_parts(folder):
@@ -54,8 +61,11 @@ def test_driver_killed_mid_run_then_rerun(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "ray-detect: 60 images (60 ok, 0 errors: none), " in rerun.stdout
     assert f"; {60 - len(before)} processed by this run in " in rerun.stdout
-    paths = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().column("path").to_pylist()
-    assert sorted(paths) == expected_paths(tmp_path / "in", 60)
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == expected_paths(tmp_path / "in", 60)
+    # Rows from the killed run and from the rerun alike hold what the model gives on these pixels.
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    assert_detections({row["path"]: row for row in table.to_pylist()}, model_detections(cfg, expected_paths(tmp_path / "in", 60)))
     assert (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
@@ -86,6 +96,7 @@ def test_worker_node_lost_while_detecting(three_node_cluster, tmp_path):
 
     summary = outcome["summary"]
     assert (summary.inputs, summary.ok, summary.errors) == (120, 120, 0)
-    paths = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().column("path").to_pylist()
-    assert sorted(paths) == expected_paths(tmp_path / "in", 120)
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == expected_paths(tmp_path / "in", 120)
+    assert table.column("num_detections").to_pylist() == [3] * 120
     assert victim.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}

@@ -67,6 +67,7 @@ def test_a_tree_listed_in_parts_resumes_after_a_crash_exactly_once(local_ray, tm
     assert (second.inputs, second.processed) == (10, len(lost) + 1)
     table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(table.column("path").to_pylist()) == sorted(expected | {str(tmp_path / "in" / "d" / "img_000.jpg")})
+    assert table.column("num_detections").to_pylist() == [3] * 10
 
 
 def manifest_inputs(tmp_path):

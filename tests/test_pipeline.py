@@ -17,6 +17,7 @@ from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
 from app.pipeline import TooManyErrors, run
 from tests.conftest import (
     FAST_MODEL,
+    LIGHT_CHECKPOINT,
     assert_detections,
     compose_config,
     model_detections,
@@ -62,7 +63,8 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     assert manifest["counts"] == {
         "inputs": 8, "ok": 7, "errors": 1, "detections": summary.detections, "errors_by_kind": {"not_an_image": 1}
     }
-    assert manifest["model"] == {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none", "random_init_fallback": None}
+    assert manifest["model"] == {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": str(LIGHT_CHECKPOINT),
+                                 "random_init_fallback": None}
     assert manifest["config"]["data"]["path"] == str(tmp_path / "in")
     assert set(manifest["versions"]) == {"app", "ray", "torch", "torch_cuda", "torchvision"}
     assert (manifest["complete"], manifest["max_error_fraction_exceeded"], manifest["processed_by_last_run"]) == (True, False, 8)
@@ -107,6 +109,8 @@ def test_every_bad_and_odd_file_gives_one_row_twice_in_a_row(local_ray, tmp_path
     assert table.num_rows == len(expected) == 20
     assert (first.inputs, first.processed, first.ok, first.errors) == (20, 20, 13, 7)
     assert first.errors_by_kind == {"corrupt_image": 2, "empty_file": 1, "not_an_image": 2, "too_large": 1, "too_many_pixels": 1}
+    detections = {row["path"].rsplit("/", 1)[1]: row["num_detections"] for row in table.to_pylist()}
+    assert detections == {name: 0 if kind else 3 for name, kind in expected.items()}
     sizes = {row["path"].rsplit("/", 1)[1]: (row["width"], row["height"]) for row in table.to_pylist()}
     assert sizes["rotated.jpg"] == (20, 40) and sizes["strip.jpg"] == (4000, 50) and sizes["dot.png"] == (1, 1)
     assert len([name for name in os.listdir(tmp_path / "out") if name.startswith("part-")]) == 4  # 5 rows per file
@@ -141,6 +145,29 @@ def test_resume_processes_only_images_without_a_committed_row(local_ray, tmp_pat
     assert set(pq.read_table(tmp_path / "out" / resumed).column("path").to_pylist()) == lost
     assert not (tmp_path / "out" / "_staging").exists()
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["counts"]["inputs"] == 9
+    # The rows made again hold the same detections as the others: what the model gives on these pixels.
+    assert_detections({row["path"]: row for row in table.to_pylist()}, model_detections(compose_config(overrides), paths))
+
+
+def test_resume_after_inputs_changed_processes_the_added_image_alone_and_keeps_removed_rows(local_ray, tmp_path):
+    """README: images added to data.path since are processed on the next run; rows of images removed
+    since are kept."""
+    images = write_images(tmp_path / "in", 5)
+    added = images[4].rename(tmp_path / "added.jpg")
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    first = run(compose_config(overrides))
+    assert (first.inputs, first.processed) == (4, 4)
+    before = read_results(tmp_path / "out")
+    added.rename(images[4])
+    images[0].unlink()
+
+    second = run(compose_config(overrides))
+    assert (second.inputs, second.processed, second.ok, second.detections) == (5, 1, 5, 15)
+    rows = {row["path"]: row for row in read_results(tmp_path / "out").to_pylist()}
+    assert sorted(rows) == sorted(str(path) for path in images)
+    kept = {row["path"]: row for row in before.to_pylist()}
+    assert rows[str(images[0])] == kept[str(images[0])]  # the removed image's row, as it was
+    assert_detections({str(images[4]): rows[str(images[4])]}, model_detections(compose_config(overrides), [images[4]]))
 
 
 def test_resume_with_other_settings_is_refused(local_ray, tmp_path):
@@ -150,7 +177,7 @@ def test_resume_with_other_settings_is_refused(local_ray, tmp_path):
     with pytest.raises(ConfigError) as caught:
         run(compose_config([*overrides, "model.score_threshold=0.9"]))
     assert str(caught.value) == (
-        f"output.path {tmp_path / 'out'} holds results made with model.score_threshold=0.5, not 0.9; "
+        f"output.path {tmp_path / 'out'} holds results made with model.score_threshold=0.0, not 0.9; "
         "choose another output.path or pass output.overwrite=true to replace them"
     )
 

@@ -23,7 +23,14 @@ from app.output.dataset import MANIFEST_NAME
 from app.output.lease import create_exclusive
 from app.pipeline import run
 from app.storage import resolve
-from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes
+from tests.conftest import (
+    FAST_MODEL,
+    assert_detections,
+    compose_config,
+    gradient_jpeg,
+    jpeg_bytes,
+    model_detections,
+)
 
 BUCKET = "detect-test"
 
@@ -69,11 +76,15 @@ def s3_endpoint():
 
 
 def test_read_and_write_s3(s3_endpoint):
-    for i in range(5):
-        s3_endpoint.put_object(Bucket=BUCKET, Key=f"in/sub/img_{i}.JPG", Body=jpeg_bytes(64 + i, 48))
+    images = {f"s3://{BUCKET}/in/sub/img_{i}.JPG": gradient_jpeg(64 + i, 48, i) for i in range(5)}
+    for uri, data in images.items():
+        s3_endpoint.put_object(Bucket=BUCKET, Key=uri.removeprefix(f"s3://{BUCKET}/"), Body=data)
     s3_endpoint.put_object(Bucket=BUCKET, Key="in/broken.png", Body=b"")
     s3_endpoint.put_object(Bucket=BUCKET, Key="in/notes.txt", Body=b"ignored")
-    overrides = [*FAST_MODEL, f"data.path=s3://{BUCKET}/in", f"output.path=s3://{BUCKET}/out/run-1", "output.rows_per_file=4"]
+    # One image per model call: the five sizes differ, and a batch pads its images to the largest one,
+    # which changes their detections; alone, each gets what the model gives it here, alone too.
+    overrides = [*FAST_MODEL, f"data.path=s3://{BUCKET}/in", f"output.path=s3://{BUCKET}/out/run-1", "output.rows_per_file=4",
+                 "inference.batch_size=1"]
     summary = run(compose_config(overrides))
     assert (summary.inputs, summary.processed, summary.ok, summary.errors) == (6, 6, 5, 1)
     assert summary.output_path == f"s3://{BUCKET}/out/run-1"
@@ -84,6 +95,7 @@ def test_read_and_write_s3(s3_endpoint):
     assert sorted(rows) == [f"s3://{BUCKET}/in/broken.png"] + [f"s3://{BUCKET}/in/sub/img_{i}.JPG" for i in range(5)]
     assert rows[f"s3://{BUCKET}/in/broken.png"]["error_kind"] == "empty_file"
     assert [rows[f"s3://{BUCKET}/in/sub/img_{i}.JPG"]["width"] for i in range(5)] == [64, 65, 66, 67, 68]
+    assert_detections({path: rows[path] for path in images}, model_detections(compose_config(overrides), images, images.get))
     listing = s3_endpoint.list_objects_v2(Bucket=BUCKET, Prefix="out/run-1/")["Contents"]
     keys = sorted(obj["Key"] for obj in listing if not obj["Key"].endswith("/"))  # pyarrow's directory markers
     assert keys[:2] == ["out/run-1/_manifest.json", "out/run-1/_settings.json"]
