@@ -14,7 +14,14 @@ from app import inventory, listing
 from app.config import ConfigError
 from app.output.dataset import MANIFEST_NAME
 from app.pipeline import run
-from tests.conftest import FAST_MODEL, compose_config, jpeg_bytes, write_images
+from tests.conftest import (
+    FAST_MODEL,
+    assert_detections,
+    compose_config,
+    jpeg_bytes,
+    model_detections,
+    write_images,
+)
 from tests.test_listing import odd_tree
 
 
@@ -40,6 +47,7 @@ def test_an_odd_tree_gives_one_row_per_entry_and_a_rerun_adds_nothing(local_ray,
         "sub/inner.png": "not_an_image",
     }
     assert (rows["bad%FFutf8.jpg"]["width"], rows["bad%FFutf8.jpg"]["height"]) == (30, 20)
+    assert {name: row["num_detections"] for name, row in rows.items() if row["error_kind"] is None} == {"bad%FFutf8.jpg": 3}
     assert (summary.inputs, summary.processed, summary.ok) == (9, 9, 1)
     assert summary.errors_by_kind == {"not_a_file": 2, "not_an_image": 4, "unreadable": 2}
     again = run(compose_config(overrides))
@@ -103,6 +111,7 @@ def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path, write):
     summary = run(compose_config(overrides))
     rows = rows_of(tmp_path / "out")
     assert {path: row["error_kind"] for path, row in rows.items()} == {**dict.fromkeys(paths[:3]), paths[3]: "unreadable"}
+    assert [rows[path]["num_detections"] for path in paths] == [3, 3, 3, 0]
     assert (summary.inputs, summary.processed, summary.ok) == (4, 4, 3)
     again = run(compose_config(overrides))
     assert (again.inputs, again.processed) == (4, 0)
@@ -127,6 +136,7 @@ def test_a_manifest_run_resumes_after_a_crash_exactly_once(local_ray, tmp_path):
     assert (summary.inputs, summary.processed) == (9, len(lost)) and len(lost) == 3
     table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(table.column("path").to_pylist()) == sorted(paths)
+    assert_detections({row["path"]: row for row in table.to_pylist()}, model_detections(compose_config(overrides), paths))
 
 
 def test_manifest_rows_take_relative_paths_from_its_folder_and_refuse_other_filesystems(tmp_path):

@@ -37,8 +37,9 @@ def test_a_second_run_on_a_live_output_is_refused_and_the_first_completes(tmp_pa
         run(compose_config(overrides))
     output, _ = first.communicate(timeout=300)
     assert first.returncode == 0, output
-    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().column("path").to_pylist()
-    assert sorted(rows) == sorted(str(path) for path in paths)
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == sorted(str(path) for path in paths)
+    assert table.column("num_detections").to_pylist() == [3] * len(paths)
     assert not (tmp_path / "out" / LEASE_NAME).exists()  # released at the end
 
 
