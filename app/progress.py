@@ -97,7 +97,10 @@ class Progress:
             left = (total - done) / rate if rate > 0 else None
             eta = "done" if done >= total else (f"{duration(left)} left" if left is not None else "time left unknown")
         else:
-            listed = self.listed_so_far() if self.listed_so_far else done
+            try:
+                listed = self.listed_so_far() if self.listed_so_far else done
+            except Exception:  # the count is asked of a Ray actor; should that fail, the job's own error tells
+                listed = done
             count = f"{done:,} of at least {max(listed, done):,} images (the listing goes on)"
             eta = "time left unknown until the listing ends"
         failed = sum(errors.values())
