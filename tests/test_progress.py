@@ -78,6 +78,20 @@ def test_streamed_inputs_show_what_is_listed_so_far():
     assert progress.line(final=True) == "progress: 1,300 of 1,300 images (100.0%), 30.00 images/s, done, errors: 1 (too_large=1)"
 
 
+def test_a_failed_count_of_listed_inputs_leaves_the_line_standing():
+    def unreachable() -> int:
+        raise ConnectionError("the tally actor is gone")
+
+    clock = Clock()
+    progress = Progress(30, listed_so_far=unreachable, clock=clock)
+    clock.now += 4
+    progress.add(rows(8), set())
+    assert progress.line() == (
+        "progress: 8 of at least 8 images (the listing goes on), 2.00 images/s, time left unknown until the listing "
+        "ends, errors: 0"
+    )
+
+
 def test_peak_actors_are_the_most_at_work_within_one_interval_by_device():
     clock = Clock()
     progress = Progress(30, total=100, clock=clock)
