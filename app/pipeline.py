@@ -122,7 +122,8 @@ def connect_ray(cfg: AppConfig) -> bool:
 @dataclass
 class Executed:
     """What the execution of a run did: the images it processed, the detector actors that made rows (by
-    WORKER_COLUMN), the GPUs each held, and the tally of streamed inputs."""
+    WORKER_COLUMN), the GPUs each held, the tally of streamed inputs, the most actors at work at once and
+    each stage's seconds of work per worker (see Summary)."""
 
     processed: int = 0
     workers: set[str] = field(default_factory=set)
