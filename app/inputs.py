@@ -1,6 +1,7 @@
 """The run's inputs: listed by the driver (small trees), or streamed by Ray tasks (large trees and
 manifests, app.listing and app.inventory); and those of them that have no committed row yet."""
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,11 +77,15 @@ def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location,
     return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally, committed
 
 
-def listed_todo(inputs: Inputs, output: storage.Location) -> pa.Table:
-    """The listed inputs without a committed row, on the driver."""
-    done = dataset.read_committed(output, ["path"]).column("path")
+def listed_todo(inputs: Inputs, output: storage.Location) -> tuple[pa.Table, resume.OutputScan]:
+    """The listed inputs without a committed row, on the driver; and the counts of the rows committed
+    before (the listed inputs that have one, and the error rows output.path holds), read in one pass."""
+    committed = dataset.read_committed(output, ["path", "error_kind"])
     table = inputs.table
-    return table.filter(pc.invert(pc.is_in(pc.binary_join_element_wise(inputs.source.uri_prefix, table["path"], ""), done)))
+    paths = pc.binary_join_element_wise(inputs.source.uri_prefix, table["path"], "")
+    todo = table.filter(pc.invert(pc.is_in(paths, committed["path"])))
+    errors = Counter(committed["error_kind"].drop_null().to_pylist())
+    return todo, resume.OutputScan(rows=table.num_rows - todo.num_rows, errors_by_kind=errors)
 
 
 def no_images(cfg: AppConfig) -> ConfigError:

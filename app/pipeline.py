@@ -153,7 +153,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
                         cfg.output.lease_wait_s)
     with lease:
         dataset.prepare(cfg, output, dataset.settings(cfg, spec.weights))
-        todo = listed_todo(inputs, output) if inputs.table is not None else None
+        todo, before = listed_todo(inputs, output) if inputs.table is not None else (None, None)
         if todo is not None and not todo.num_rows and dataset.read_manifest(output) is not None:
             log.info("every input already has its row in %s: nothing to do", cfg.output.path)
             return check_errors(cfg, summarize(output, inputs.table.num_rows, Executed(), started, spec))
@@ -166,7 +166,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
             local = connect_ray(cfg)
             nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
             plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
-            executed = execute(cfg, spec, inputs, todo, plan, output, lease, detector, on_rows)
+            executed = execute(cfg, spec, inputs, todo, before, plan, output, lease, detector, on_rows)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
             raise no_images(cfg)
@@ -175,14 +175,16 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
         return check_errors(cfg, summary)
 
 
-def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], plan: Plan,
-            output: storage.Location, lease: OutputLease, detector: type[Detector],
-            on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
-    """Run the stages on the cluster and commit their rows, reporting progress as they come."""
+def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table],
+            before: Optional[resume.OutputScan], plan: Plan, output: storage.Location, lease: OutputLease,
+            detector: type[Detector], on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
+    """Run the stages on the cluster and commit their rows, reporting progress as they come. `todo` and
+    `before` are the listed inputs to process and the counts of rows committed before (None when
+    the inputs are streamed: the stages find both)."""
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
-    detected, tally, before = stages(cfg, spec, inputs, todo, plan, output, detector)
+    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector)
     progress = Progress(
         cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
         done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
@@ -205,8 +207,8 @@ def warn_random_weights(spec: ModelSpec) -> None:
         log.warning("!" * 80)
 
 
-def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], plan: Plan,
-           output: storage.Location, detector: type[Detector]
+def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: Optional[resume.OutputScan],
+           plan: Plan, output: storage.Location, detector: type[Detector]
            ) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
     of every input seen) → read and decode (CPU tasks) → detect (actor pool). Also the tally, and the
@@ -214,8 +216,6 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
     tally = None
     if todo is not None:
         images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
-        kinds = dataset.read_committed(output, ["error_kind"]).column("error_kind").drop_null().to_pylist()
-        before = resume.OutputScan(rows=inputs.table.num_rows - todo.num_rows, errors_by_kind=Counter(kinds))
     else:
         images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks)
     resize = cfg.inference.resize_on_cpu

@@ -137,6 +137,23 @@ def test_lines_are_logged_at_the_interval_and_at_the_end(caplog):
     assert out.getvalue() == ""  # no live redraw when the output is not a terminal
 
 
+def test_on_a_terminal_the_line_is_redrawn_in_place_between_log_lines(caplog):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    with caplog.at_level(logging.INFO, logger="app.progress"):
+        with Progress(60, total=10, out=out) as progress:
+            progress.add(rows(4), set())
+            time.sleep(1.3)  # one redraw a second
+    redraws = out.getvalue().split("\r\x1b[K")
+    assert redraws[0] == "" and redraws[-1] == ""  # each redraw starts by clearing the line; the last clears it
+    assert redraws[1].startswith("progress: 4 of 10 images (40.0%), ")
+    assert len(caplog.records) == 1  # the final line only: the interval (60 s) did not pass
+    assert caplog.records[0].getMessage().startswith("progress: 4 of 10 images (40.0%), ")
+
+
 def test_no_final_line_when_the_run_fails(caplog):
     with caplog.at_level(logging.INFO, logger="app.progress"):
         with pytest.raises(RuntimeError):

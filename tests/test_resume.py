@@ -85,3 +85,21 @@ def test_a_run_refuses_to_resume_an_output_made_with_other_settings(change, key,
     )
     assert snapshot(tmp_path / "out") == held
     assert not ray.is_initialized()
+
+
+def test_listed_inputs_left_to_do_and_the_counts_before_come_from_one_read(tmp_path):
+    """What a resumed run on listed inputs has left, and what its progress counts as done: the committed
+    rows of listed inputs, and every committed error row (a removed image's included, as in the summary)."""
+    from app.inputs import Inputs, listed_todo
+    from app.listing import Listing
+
+    (tmp_path / "out").mkdir()
+    committed_file(tmp_path / "out" / "part-a-000000.parquet", [
+        dict(path=f"{tmp_path}/in/1.jpg", num_detections=3),
+        dict(path=f"{tmp_path}/in/2.jpg", num_detections=0, error_kind="corrupt_image"),
+        dict(path=f"{tmp_path}/in/gone.jpg", num_detections=0, error_kind="unreadable")])
+    found = pa.table({"path": [f"{tmp_path}/in/{name}.jpg" for name in (1, 2, 3, 4)]})
+    listed = Listing(tree=None, found=found, parts=[])
+    todo, before = listed_todo(Inputs(resolve(str(tmp_path / "in")), listed=listed), resolve(str(tmp_path / "out")))
+    assert todo.column("path").to_pylist() == [f"{tmp_path}/in/3.jpg", f"{tmp_path}/in/4.jpg"]
+    assert (before.rows, dict(before.errors_by_kind)) == (2, {"corrupt_image": 1, "unreadable": 1})
