@@ -13,7 +13,7 @@ throughput  For each model, on the same generated JPEGs (a Pascal-VOC-like mix o
               app         app.pipeline.run() end to end with its defaults on a local Ray.
             Each runs at two input counts; the marginal rate (extra images / extra seconds) cancels
             the fixed start-up cost (Ray, actors, model build), which is reported on its own along
-            with the time to the first result. --precisions fp32 fp16 repeats it all under autocast.
+            with the time to the first result. --precisions fp32 fp16 repeats it all in half precision.
 standin     The app with a device stand-in in place of the model (it holds --stand-in-ms per image with
             the GIL released, as a CUDA call does, and returns 5 boxes per image), on one actor planned
             like a GPU actor, against the stand-in's own rate; and the detector's host time per image
@@ -69,13 +69,14 @@ from app.decode import (
     decode_images,
     model_input_size,
 )
-from app.detector import AUTOCAST_DTYPES, Detector
+from app.detector import Detector
 from app.inputs import open_inputs, streamed_todo
 from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
 from app.output import dataset
 from app.output.dataset import RESULT_SCHEMA, SETTINGS_NAME, write_json
 from app.plan import DEFAULT_BATCH_SIZES
+from app.precision import AUTOCAST_DTYPES, mixed_precision
 
 # psutil comes with the bench extra: it is imported where used, so that importing this module works
 # without it and app.cli can report it missing in one line.
@@ -239,14 +240,12 @@ def model_batch_size(cfg) -> int:
     return DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if DEVICE.type == "cuda" else "cpu"]
 
 
-def autocast(cfg):
-    dtype = AUTOCAST_DTYPES[cfg.inference.precision.value]
-    return torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None)
-
-
 def load_model(cfg) -> torch.nn.Module:
+    """The model for the modes without the app, at the precision the app runs it (app.precision: layers
+    in half precision for fp16/bf16, box geometry in float32), so that every mode does the same arithmetic."""
     torch.set_num_threads(os.cpu_count() or 1)
-    return build_model(pipeline.model_spec(cfg))[0].to(DEVICE)
+    model = build_model(pipeline.model_spec(cfg))[0]
+    return mixed_precision(model, AUTOCAST_DTYPES[cfg.inference.precision.value]).to(DEVICE)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -263,7 +262,7 @@ def run_model(folder: Path, cfg, out: Path, batch_size: int) -> Run:
     if DEVICE.type == "cuda":
         images = [image.contiguous().pin_memory() for image in images]
     started, detections, first = time.monotonic(), 0, None
-    with torch.inference_mode(), autocast(cfg):
+    with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             inputs = [image.to(DEVICE, non_blocking=True).float().mul_(1 / 255) for image in images[start : start + batch_size]]
             outputs = [{key: value.cpu() for key, value in output.items()} for output in model(inputs)]
@@ -278,7 +277,7 @@ def run_bare(folder: Path, cfg, out: Path, batch_size: int) -> Run:
     model = load_model(cfg)
     paths = sorted(folder.iterdir())
     detections, first = 0, None
-    with torch.inference_mode(), autocast(cfg):
+    with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
             tensors = [torch.from_numpy(read_rgb(path)).to(DEVICE).permute(2, 0, 1).float().div_(255.0) for path in paths[start : start + batch_size]]
             outputs = model(tensors)
@@ -309,7 +308,7 @@ def run_dataloader(folder: Path, cfg, out: Path, batch_size: int) -> Run:
         collate_fn=list, pin_memory=DEVICE.type == "cuda",
     )
     detections, first = 0, None
-    with torch.inference_mode(), autocast(cfg):
+    with torch.inference_mode():
         for batch in loader:
             outputs = model([image.to(DEVICE, non_blocking=True).float().div_(255.0) for image in batch])
             detections += sum(len(output["labels"].cpu()) for output in outputs)
@@ -824,7 +823,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(AUTOCAST_DTYPES),
-                        help="inference.precision values to run every mode at (fp16/bf16: autocast)")
+                        help="inference.precision values to run every mode at (fp16/bf16: layers in half precision)")
     parser.add_argument("--bare-batch-sizes", nargs="+", type=int,
                         help="batch sizes of the bare loop; the best stands for it (default on a CPU: 1 2 4)")
     parser.add_argument("--counts", nargs=2, type=int, help="the two input counts (default: per model)")

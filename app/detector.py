@@ -12,13 +12,14 @@ How it keeps the device busy:
 - The model takes uint8 pixels at its input size: they become floats on the device, and torchvision's
   transform does not resize them a second time (`PixelModel`).
 - Detections come back to the host in three copies per model batch (`to_host`).
-A CUDA out-of-memory error splits the batch in halves and retries them instead of failing the actor.
+- Under fp16/bf16 the model's layers run in half precision and its box geometry in float32 (app.precision).
+Running out of device memory splits the batch in halves and retries them instead of failing the actor.
 """
 
 import logging
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -30,12 +31,13 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from app import decode
 from app.decode import model_input_size
+from app.device import choose_device, configure_cuda_allocator, device_name
 from app.model import ModelSpec, build_model
 from app.output.rows import result_rows
+from app.precision import AUTOCAST_DTYPES, mixed_precision
 
 log = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # A model batch may pad its images to at most this much more than the pixels they need on their own.
 MAX_BATCH_PADDING = 0.2
 # torchvision's detection transform pads a batch's height and width up to multiples of this.
@@ -45,74 +47,12 @@ SIZE_DIVISIBLE = 32
 WORKER_COLUMN = "_worker"
 
 
-# Begins the message of a DeviceError, so that the driver finds it inside Ray's wrapping of the actor's error.
-DEVICE_ERROR_MARKER = "ray-detect device error:"
-NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
-
-
-class DeviceError(Exception):
-    """A detector actor holds a GPU that torch cannot use."""
-
-
-def device_name(device: torch.device) -> str:
-    """The device as the summary and the manifest name it: cuda:<GPU model>, or cpu."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
-
-
 def worker_name(device: torch.device) -> str:
     """This actor's node, its id and its device, as WORKER_COLUMN holds them."""
     if not ray.is_initialized():
         return f"local/{id(device)}/{device_name(device)}"
     context = ray.get_runtime_context()
     return f"{context.get_node_id()}/{context.get_actor_id()}/{device_name(device)}"
-
-
-def nvidia_driver_version() -> Optional[str]:
-    """The NVIDIA kernel driver's version on this node, when one is loaded."""
-    try:
-        with open(NVIDIA_DRIVER_VERSION_FILE) as file:
-            words = file.readline().split()
-    except OSError:
-        return None
-    return next((word for word in words if word[:1].isdigit() and "." in word), None)
-
-
-def cuda_failure() -> str:
-    """Why torch cannot use CUDA here, in torch's words (its first line)."""
-    try:
-        torch.cuda.init()
-    except Exception as error:  # torch raises RuntimeError or AssertionError, depending on the cause
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return "torch.cuda.is_available() is False"
-
-
-def unusable_gpu_message(gpu_ids: list) -> str:
-    node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
-    driver = nvidia_driver_version()
-    return (
-        f"{DEVICE_ERROR_MARKER} the detector actor on node {node} holds GPU(s) {', '.join(map(str, gpu_ids))} "
-        f"but torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use them: {cuda_failure()}; "
-        f"NVIDIA driver {driver or 'not found'}. Run an image whose torch build the node's driver supports "
-        f"(this project's image needs driver R570 or newer), or set inference.cpu_fallback=true to run the "
-        f"detector on the CPU deliberately"
-    )
-
-
-def choose_device(cpu_fallback: bool = False) -> torch.device:
-    """CUDA when Ray gave this actor a GPU; the CPU when it gave none. An actor given a GPU that torch
-    cannot use raises DeviceError, unless cpu_fallback allows the CPU (with a warning)."""
-    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-    if not gpu_ids:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    message = unusable_gpu_message(gpu_ids)
-    if not cpu_fallback:
-        raise DeviceError(message)
-    log.warning("%s; running on the CPU (inference.cpu_fallback=true)", message.removeprefix(DEVICE_ERROR_MARKER).strip())
-    return torch.device("cpu")
 
 
 def padded(length: int) -> int:
@@ -143,14 +83,27 @@ def shape_batches(sizes: Sequence[tuple[int, int]], batch_size: int, max_padding
 
 
 class PresizedTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform, except that an image already at the model's input size is
-    not interpolated again (an identity resize still costs milliseconds per image on a CPU)."""
+    """torchvision's detection transform without the work per image that our inputs do not need, with
+    the same results: an image already at the model's input size is not interpolated again (an identity
+    resize still costs milliseconds per image on a CPU), the normalisation's mean and std live on the
+    model's device (torchvision copies them from the host for every image), and boxes are scaled back to
+    the input's size by Python numbers (torchvision copies two ratio tensors from the host per image)."""
 
     @classmethod
     def like(cls, transform: GeneralizedRCNNTransform) -> "PresizedTransform":
         presized = cls(transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
                        size_divisible=transform.size_divisible, fixed_size=transform.fixed_size)
         return presized.train(transform.training)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mean", torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(self.image_std, dtype=torch.float32)[:, None, None], persistent=False)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            return super().normalize(image)  # raises torchvision's error
+        return (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
 
     def resize(self, image, target=None):
         height, width = image.shape[-2:]
@@ -159,14 +112,33 @@ class PresizedTransform(GeneralizedRCNNTransform):
             return image, target
         return super().resize(image, target)
 
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training or any(key in output for output in result for key in ("masks", "keypoints")):
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for output, size, original in zip(result, image_shapes, original_image_sizes):
+            output["boxes"] = scale_boxes(output["boxes"], size, original)
+        return result
+
+
+def scale_boxes(boxes: torch.Tensor, size: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
+    """Boxes on an image of size (height, width) moved to one of size original, as torchvision's
+    resize_boxes does (each ratio a float32 division), without building tensors on the device."""
+    if tuple(size) == tuple(original):
+        return boxes
+    ratio_height, ratio_width = (float(np.float32(new) / np.float32(old)) for new, old in zip(original, size))
+    xmin, ymin, xmax, ymax = boxes.unbind(1)
+    return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
+
 
 class PixelModel(torch.nn.Module):
-    """A torchvision detection model that takes CHW uint8 images on its device: pixels in, boxes out."""
+    """A torchvision detection model that takes CHW uint8 images on its device: pixels in, boxes out.
+    autocast_dtype (float16 or bfloat16) runs its layers in half precision and its geometry in float32
+    (app.precision); None runs it all in float32."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, autocast_dtype: Optional[torch.dtype] = None):
         super().__init__()
         model.transform = PresizedTransform.like(model.transform)
-        self.model = model
+        self.model = mixed_precision(model, autocast_dtype)
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         # A multiplication by the reciprocal: CUDA computes a division by a scalar that way, so every
@@ -231,14 +203,29 @@ def to_host(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray
     return [{key: per_key[key][i] for key in per_key} for i in range(len(outputs))]
 
 
+# Out-of-memory errors that are not torch.cuda.OutOfMemoryError, by their text: a CUDA allocation outside
+# torch's caching allocator (a pinned host buffer, a library's handle), and cuBLAS or cuDNN failing to
+# allocate their workspace (cuDNN 9 names it ..._ALLOCATION_FAILED, older ones ..._ALLOC_FAILED).
+OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                       "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
+# After an out-of-memory error caps the model batch, this many model calls in a row that fit double the cap.
+CALLS_BEFORE_RAISING_THE_CAP = 16
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)
 
 
 class SplittingRunner:
     """Calls `model` on a list of inputs; when it runs out of device memory, splits the list in halves
     and runs each half, down to single inputs. After an out-of-memory error on n inputs, later calls
     take at most n // 2 at a time, so one tight batch does not cost an error on every batch after it.
+    The cap is not for ever: after CALLS_BEFORE_RAISING_THE_CAP model calls in a row that fit, it doubles
+    (and is lifted once it reaches the largest list seen); a raised cap that runs out of memory again
+    doubles the number of calls the next raise waits for, so a cap at the edge is tried ever more rarely.
     A single input that still runs out of memory after the cache is released and it is tried once more
     raises: nothing smaller can be tried."""
 
@@ -247,23 +234,36 @@ class SplittingRunner:
         self.release_memory = release_memory
         self.limit: Optional[int] = None  # most inputs per model call, set by an out-of-memory error
         self.splits = 0
+        self.largest = 0  # the most inputs one call of the runner was given
+        self.patience = CALLS_BEFORE_RAISING_THE_CAP  # model calls that must fit before the cap doubles
+        self.fitted = 0  # model calls that fitted since the last out-of-memory error or raise
+        self.raised = False  # whether the cap was raised since the last out-of-memory error
 
     def __call__(self, inputs: list) -> list:
+        self.largest = max(self.largest, len(inputs))
         results = []
-        step = self.limit or len(inputs)
-        for start in range(0, len(inputs), step):
+        start = 0
+        while start < len(inputs):
+            step = self.limit or len(inputs)
             results.extend(self.run(inputs[start : start + step]))
+            start += step
         return results
 
     def run(self, inputs: list, retried: bool = False) -> list:
         try:
-            return self.model(inputs)
+            results = self.model(inputs)
         except Exception as error:
             if not is_out_of_memory(error) or (len(inputs) == 1 and retried):
                 raise
             # Handled below, outside the except block: the error's traceback holds the failed call's tensors.
             failed = str(error)
+        else:
+            self.fit()
+            return results
         self.release_memory()
+        self.fitted = 0
+        if self.raised:
+            self.patience, self.raised = self.patience * 2, False
         if len(inputs) == 1:
             log.warning("out of device memory on a single image; retrying it once: %s", failed)
             return self.run(inputs, retried=True)
@@ -273,26 +273,47 @@ class SplittingRunner:
         log.warning("out of device memory on a batch of %d images; splitting it in halves: %s", len(inputs), failed)
         return self.run(inputs[:half]) + self.run(inputs[half:])
 
+    def fit(self) -> None:
+        """A model call fitted: count it towards raising the cap."""
+        if self.limit is None:
+            return
+        self.fitted += 1
+        if self.fitted < self.patience:
+            return
+        self.limit, self.fitted, self.raised = self.limit * 2, 0, True
+        if self.limit >= self.largest:
+            self.limit = None
+        log.info("%d model calls in a row fitted in device memory; model batches now take %s images", self.patience,
+                 f"at most {self.limit}" if self.limit else "any number of")
+
 
 def release_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+class ModelInput(NamedTuple):
+    """One image of a model batch: its pixels on the host and, once staged, on the device."""
+
+    pixels: np.ndarray
+    tensor: Optional[torch.Tensor]
+
+
 class Detector:
     """Built once per actor: loads the model, then detects objects in each batch it is called with.
 
     num_threads is the number of CPUs Ray reserved for the actor; torch uses that many threads.
-    precision "fp16" or "bf16" runs the model under autocast on the device (GPUs with tensor cores).
-    batch_size is the most images per model call; a call of the actor holds several model batches,
-    which are grouped by shape. An actor that holds a GPU torch cannot use raises DeviceError before any
-    image, unless cpu_fallback lets it run on the CPU."""
+    precision "fp16" or "bf16" runs the model's layers in half precision and its box geometry in float32
+    (app.precision; for GPUs with tensor cores). batch_size is the most images per model call; a call of
+    the actor holds several model batches, which are grouped by shape. An actor that holds a GPU torch
+    cannot drive raises DeviceError before any image, unless cpu_fallback lets it run on the CPU."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
                  cpu_fallback: bool = False):
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
+        configure_cuda_allocator()
         self.device = choose_device(cpu_fallback)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.batch_size = spec, batch_size
@@ -308,20 +329,37 @@ class Detector:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
         benchmark's device stand-in replaces this."""
         model, categories = build_model(spec)
-        return PixelModel(model), categories
+        return PixelModel(model, self.autocast_dtype), categories
 
     def stage(self, images: list[np.ndarray]) -> Staged:
         return to_device(images, self.device, self.copy_stream)
 
-    def forward(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            outputs = self.model(images)
-        return to_host(outputs)
+    def staged_inputs(self, staged: Future, images: list[np.ndarray]) -> list[ModelInput]:
+        """A model batch staged ahead; its images unstaged if the device ran out of memory for them
+        (forward stages them again, in halves if need be)."""
+        try:
+            tensors = staged.result().ready()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            log.warning("out of device memory while copying a batch of %d images to the device; it is copied "
+                        "again with its model call: %s", len(images), error)
+            return [ModelInput(pixels, None) for pixels in images]
+        return [ModelInput(pixels, tensor) for pixels, tensor in zip(images, tensors)]
+
+    def forward(self, inputs: list[ModelInput]) -> list[dict[str, np.ndarray]]:
+        tensors = [item.tensor for item in inputs]
+        unstaged = [k for k, tensor in enumerate(tensors) if tensor is None]
+        if unstaged:
+            for k, tensor in zip(unstaged, self.stage([inputs[k].pixels for k in unstaged]).ready()):
+                tensors[k] = tensor
+        return to_host(self.model(tensors))
 
     @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image.
-        The next model batch is staged on the device while the current one runs."""
+        The next model batch is staged on the device while the current one runs. Running out of device
+        memory anywhere in a model batch's path (staging, the model, the copy back) splits the batch."""
         if not images:
             return []
         sizes = [model_input_size(image.shape[1], image.shape[0], self.spec.min_size, self.spec.max_size) for image in images]
@@ -329,10 +367,10 @@ class Detector:
         found: list[dict[str, np.ndarray]] = [{}] * len(images)
         staged = self.stager.submit(self.stage, [images[i] for i in batches[0]])
         for number, indices in enumerate(batches):
-            tensors = staged.result().ready()
+            inputs = self.staged_inputs(staged, [images[i] for i in indices])
             if number + 1 < len(batches):
                 staged = self.stager.submit(self.stage, [images[i] for i in batches[number + 1]])
-            for i, detections in zip(indices, self.runner(tensors)):
+            for i, detections in zip(indices, self.runner(inputs)):
                 found[i] = detections
         return found
 

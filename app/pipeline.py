@@ -17,7 +17,8 @@ import ray
 from app import console, storage
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
 from app.decode import DecodeOptions, decode_images
-from app.detector import DEVICE_ERROR_MARKER, WORKER_COLUMN, Detector
+from app.detector import WORKER_COLUMN, Detector
+from app.device import DEVICE_ERROR_MARKER
 from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
 from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume

@@ -17,11 +17,10 @@ from app.detector import (
     Detector,
     PixelModel,
     SplittingRunner,
-    choose_device,
-    nvidia_driver_version,
     shape_batches,
     to_device,
 )
+from app.device import choose_device, nvidia_driver_version
 from app.listing import list_inputs
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
@@ -335,9 +334,9 @@ def test_nvidia_driver_version_is_read_from_the_kernel_module(monkeypatch, tmp_p
     version_file = tmp_path / "version"
     version_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
                             "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
-    monkeypatch.setattr("app.detector.NVIDIA_DRIVER_VERSION_FILE", str(version_file))
+    monkeypatch.setattr("app.device.NVIDIA_DRIVER_VERSION_FILE", str(version_file))
     assert nvidia_driver_version() == "535.104.05"
-    monkeypatch.setattr("app.detector.NVIDIA_DRIVER_VERSION_FILE", str(tmp_path / "absent"))
+    monkeypatch.setattr("app.device.NVIDIA_DRIVER_VERSION_FILE", str(tmp_path / "absent"))
     assert nvidia_driver_version() is None
 
 
@@ -555,25 +554,22 @@ def test_other_errors_are_not_retried():
 
 
 class FakeDetectionModel(torch.nn.Module):
-    """Stand-in detection model: one box per image covering it, score 0.75, label 17 ("cat"). It runs
-    out of memory on more than `fits` images, and records the autocast state it ran under."""
+    """Stand-in detection model: one box per image covering it, score 0.75, label 17 ("cat"), in
+    `dtype`. It runs out of memory on more than `fits` images."""
 
-    def __init__(self, fits: int):
+    def __init__(self, fits: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.fits = fits
+        self.fits, self.dtype = fits, dtype
         self.calls: list[int] = []
-        self.autocast: list[tuple[bool, torch.dtype]] = []
 
     def forward(self, images):
         self.calls.append(len(images))
-        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         if len(images) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else torch.float32
         return [
             {
-                "boxes": torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]], dtype=dtype),
-                "scores": torch.tensor([0.75], dtype=dtype),
+                "boxes": torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]], dtype=self.dtype),
+                "scores": torch.tensor([0.75], dtype=self.dtype),
                 "labels": torch.tensor([17]),
             }
             for image in images
@@ -589,15 +585,14 @@ class FakeModelDetector(Detector):
         return self.fake, build_model(spec)[1]
 
 
-@pytest.mark.parametrize("precision,autocast", [("fp32", False), ("bf16", True)])
-def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(precision, autocast):
-    FakeModelDetector.fake = fake = FakeDetectionModel(fits=1)
-    detector = FakeModelDetector(SPEC, num_threads=1, precision=precision)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(dtype):
+    FakeModelDetector.fake = fake = FakeDetectionModel(fits=1, dtype=dtype)
+    detector = FakeModelDetector(SPEC, num_threads=1)
     # One shape family (4:3, 426x320 at model size), so one model batch, smallest image first.
     images = [np.zeros((30, 40, 3), np.uint8), np.zeros((60, 80, 3), np.uint8), np.zeros((15, 20, 3), np.uint8)]
     rows = detector(decoded_batch(images, errors=["empty_file"])).to_pylist()
     assert fake.calls == [3, 1, 2, 1, 1]  # 3 fails → 1, then 2 fails → 1, 1
-    assert {state for state in fake.autocast} == {(autocast, torch.bfloat16 if autocast else torch.get_autocast_dtype("cpu"))}
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "img2.jpg", "bad3.jpg"]
     # Boxes cover each original image (twice the decoded size), in float32 even from bf16 outputs.
     assert [row["boxes"] for row in rows] == [[[0.0, 0.0, 80.0, 60.0]], [[0.0, 0.0, 160.0, 120.0]], [[0.0, 0.0, 40.0, 30.0]], []]

@@ -1,0 +1,159 @@
+"""The device a detector actor runs on: the GPU Ray gave it when torch can drive that GPU, else a
+DeviceError with one line that says why and what to do (or the CPU, when inference.cpu_fallback allows).
+
+"Can drive" is checked three ways before any image: torch sees CUDA (a driver new enough for torch's
+CUDA, a device plugin that exposes the GPU), torch's build has kernels for the GPU's compute capability
+(torch.cuda.is_available() is true on a GPU that is too old, which then fails at its first convolution
+with "no kernel image is available"), and one small convolution runs there.
+"""
+
+import logging
+import os
+from typing import Optional
+
+import ray
+import torch
+
+log = logging.getLogger(__name__)
+
+# Begins the message of a DeviceError, so that the driver finds it inside Ray's wrapping of the actor's error.
+DEVICE_ERROR_MARKER = "ray-detect device error:"
+NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+# What this project's image needs of a GPU node (the Dockerfile: CUDA 13.0, torch from PyPI).
+IMAGE_REQUIREMENTS = "compute capability 7.5 or newer (Turing and newer GPUs) and NVIDIA driver R580 or newer"
+# The detector's batches come in many shapes, which fragment the CUDA caching allocator's fixed-size
+# segments; expandable segments grow in place instead. Set for detector actors unless the user set either
+# variable (PYTORCH_ALLOC_CONF is the newer name torch reads too).
+CUDA_ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+CUDA_ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+class DeviceError(Exception):
+    """A detector actor holds a GPU that torch cannot use."""
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the summary and the manifest name it: cuda:<GPU model>, or cpu."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def nvidia_driver_version() -> Optional[str]:
+    """The NVIDIA kernel driver's version on this node, when one is loaded."""
+    try:
+        with open(NVIDIA_DRIVER_VERSION_FILE) as file:
+            words = file.readline().split()
+    except OSError:
+        return None
+    return next((word for word in words if word[:1].isdigit() and "." in word), None)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def cuda_failure() -> str:
+    """Why torch cannot use CUDA here, in torch's words (its first line)."""
+    try:
+        torch.cuda.init()
+    except Exception as error:  # torch raises RuntimeError or AssertionError, depending on the cause
+        return first_line(error)
+    return "torch.cuda.is_available() is False"
+
+
+def arch_capability(arch: str) -> tuple[int, int]:
+    """The compute capability an entry of torch.cuda.get_arch_list() is built for: sm_86 -> (8, 6),
+    sm_100a -> (10, 0), compute_120 -> (12, 0)."""
+    digits = arch.split("_", 1)[1].rstrip("af")
+    return int(digits[:-1]), int(digits[-1])
+
+
+def build_supports(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a build with these CUDA architectures has kernels that run on a GPU of this compute
+    capability. A cubin (sm_XY) runs on X.Y and later minor versions of X; an arch-specific cubin
+    (sm_XYa) on X.Y alone; PTX (compute_XY) is compiled by the driver for X.Y and anything newer."""
+    for arch in arch_list:
+        built = arch_capability(arch)
+        if arch.startswith("compute_"):
+            if capability >= built:
+                return True
+        elif arch.endswith("a"):
+            if capability == built:
+                return True
+        elif capability[0] == built[0] and capability[1] >= built[1]:
+            return True
+    return False
+
+
+def supported_capabilities(arch_list: list[str]) -> str:
+    """What a build supports, in words: "compute capability 7.5 and newer (sm_75 sm_80 ...)"."""
+    if not arch_list:
+        return "no GPU (a build without CUDA kernels)"
+    lowest = min(arch_capability(arch) for arch in arch_list)
+    return f"compute capability {lowest[0]}.{lowest[1]} and newer ({' '.join(arch_list)})"
+
+
+def run_test_kernel() -> None:
+    """One small convolution on the current GPU, waited for: what the model's first layer does."""
+    probe = torch.ones(1, 1, 3, 3, device="cuda")
+    torch.nn.functional.conv2d(probe, probe)
+    torch.cuda.synchronize()
+
+
+def cuda_problem() -> Optional[str]:
+    """Why torch cannot run the detector on the GPUs it sees, or None when it can."""
+    if not torch.cuda.is_available():
+        return cuda_failure()
+    arch_list = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(index)
+        if not build_supports(capability, arch_list):
+            return (f"{torch.cuda.get_device_name(index)} has compute capability {capability[0]}.{capability[1]}, "
+                    f"and this build has kernels for {supported_capabilities(arch_list)}")
+    try:
+        run_test_kernel()
+    except Exception as error:  # RuntimeError, or torch.AcceleratorError where torch has it
+        return f"a test convolution failed on {torch.cuda.get_device_name()}: {first_line(error)}"
+    return None
+
+
+def unusable_gpu_message(gpu_ids: list, problem: str) -> str:
+    node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
+    driver = nvidia_driver_version()
+    return (
+        f"{DEVICE_ERROR_MARKER} the detector actor on node {node} holds GPU(s) {', '.join(map(str, gpu_ids))} "
+        f"but torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use them: {problem}; "
+        f"NVIDIA driver {driver or 'not found'}. Run an image whose torch build supports the node's GPU and "
+        f"driver (this project's image needs {IMAGE_REQUIREMENTS}), or set inference.cpu_fallback=true to run "
+        f"the detector on the CPU deliberately"
+    )
+
+
+def assigned_gpu_ids() -> list:
+    """The GPUs Ray gave this worker (none outside Ray)."""
+    return ray.get_gpu_ids() if ray.is_initialized() else []
+
+
+def configure_cuda_allocator() -> None:
+    """Expandable segments for torch's CUDA allocator, unless the user configured it. Takes effect only
+    before this process first uses CUDA, so a detector actor calls it before choose_device."""
+    if not any(os.environ.get(name) for name in CUDA_ALLOCATOR_VARIABLES):
+        os.environ[CUDA_ALLOCATOR_VARIABLES[0]] = CUDA_ALLOCATOR_DEFAULT
+
+
+def choose_device(cpu_fallback: bool = False) -> torch.device:
+    """CUDA when Ray gave this actor a GPU; the CPU when it gave none. An actor given a GPU that torch
+    cannot drive raises DeviceError, unless cpu_fallback allows the CPU (with a warning)."""
+    gpu_ids = assigned_gpu_ids()
+    if not gpu_ids:
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    message = unusable_gpu_message(gpu_ids, problem)
+    if not cpu_fallback:
+        raise DeviceError(message)
+    log.warning("%s; running on the CPU (inference.cpu_fallback=true)", message.removeprefix(DEVICE_ERROR_MARKER).strip())
+    return torch.device("cpu")
