@@ -50,7 +50,9 @@ def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
     ])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     result = results["throughput"]["fasterrcnn_mobilenet_v3_large_320_fpn"]
-    assert (result["counts"], result["batch_size"], result["device"]) == ([1, 2], 4, "cpu")
+    # The light model's default batch on this machine's device (CPU 4; where CUDA works, the GPU's 32).
+    expected = ([1, 2], 32, "cuda") if bench.DEVICE.type == "cuda" else ([1, 2], 4, "cpu")
+    assert (result["counts"], result["batch_size"], result["device"]) == expected
     modes = ["model", "bare@1", "bare@2", "dataloader", "app"]
     assert [(run["mode"], run["images"]) for run in result["runs"]] == [(mode, n) for mode in modes for n in (1, 2)]
     # The same model on the same images: --max-detections (5) each; threshold 0 keeps random-init ones.

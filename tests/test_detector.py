@@ -9,14 +9,18 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import get_model_weights
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from app.config import SAMPLES_DIR
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import (
     Detector,
     PixelModel,
+    PresizedTransform,
     SplittingRunner,
+    is_out_of_memory,
     shape_batches,
     to_device,
 )
@@ -551,6 +555,140 @@ def test_other_errors_are_not_retried():
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         SplittingRunner(broken)([1, 2, 3, 4])
     assert calls == [4]
+
+
+@pytest.mark.parametrize("error,out_of_memory", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    # cudaHostAlloc or a cudaMalloc outside torch's caching allocator (a pinned staging buffer)
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (RuntimeError("CUDA error: no kernel image is available for execution on the device"), False),
+    (RuntimeError("shape mismatch"), False),
+])
+def test_out_of_memory_is_recognised_in_torchs_cublass_and_cudnns_words(error, out_of_memory):
+    assert is_out_of_memory(error) is out_of_memory
+
+
+def test_a_cublas_allocation_failure_splits_the_batch_like_an_out_of_memory_error():
+    calls = []
+
+    def model(inputs):
+        calls.append(len(inputs))
+        if len(inputs) > 1:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return inputs
+
+    assert SplittingRunner(model)([1, 2]) == [1, 2]
+    assert calls == [2, 1, 1]
+
+
+def test_the_cap_doubles_after_16_model_calls_fit_until_it_is_lifted():
+    model = FakeOutOfMemoryModel(fits=2)
+    runner = SplittingRunner(model)
+    assert runner(list(range(8))) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert (model.calls, runner.limit, runner.fitted) == ([8, 4, 2, 2, 4, 2, 2], 2, 2)  # 2 fitted since the last error
+    model.fits = 8  # the memory that was short is free again
+    model.calls.clear()
+    while runner.limit == 2:
+        assert runner(list(range(8))) == [0, 2, 4, 6, 8, 10, 12, 14]
+    # 14 more calls of 2 (16 in a row), then the cap is 4 for the rest of that run's images.
+    assert (model.calls, runner.limit) == ([2] * 14 + [4], 4)
+    model.calls.clear()
+    while runner.limit == 4:
+        runner(list(range(8)))
+    # 15 more calls of 4, then 8, the most the runner was given, lifts the cap (the rest of that run: 4).
+    assert (model.calls, runner.limit) == ([4] * 16, None)
+    runner(list(range(8)))
+    assert model.calls[-1] == 8
+
+
+def test_a_raised_cap_that_runs_out_of_memory_again_waits_twice_as_long_before_the_next_raise():
+    model = FakeOutOfMemoryModel(fits=2)
+    runner = SplittingRunner(model)
+    runner(list(range(8)))  # the cap is 2; 2 calls fitted since the last error
+    model.calls.clear()
+    for _ in range(4):
+        runner(list(range(8)))
+    # 14 calls of 2 fit (16 in a row), the cap doubles, and the next call, of 4, runs out of memory.
+    assert model.calls == [2] * 14 + [4, 2, 2]
+    assert (runner.limit, runner.patience, runner.fitted) == (2, 32, 2)
+    model.calls.clear()
+    for _ in range(8):
+        runner(list(range(8)))
+    assert model.calls == [2] * 30 + [4, 2, 2]  # the next raise came after 32 calls
+    assert (runner.limit, runner.patience, runner.fitted) == (2, 64, 2)
+
+
+class OutOfMemoryStagingDetector(Detector):
+    """A Detector whose staging runs out of device memory for more than one image at a time (a stand-in
+    for a pinned buffer or a device copy that does not fit), with a FakeDetectionModel that fits any batch."""
+
+    def load_model(self, spec):
+        self.staged: list[int] = []
+        return FakeDetectionModel(fits=100), build_model(spec)[1]
+
+    def stage(self, images):
+        self.staged.append(len(images))
+        if len(images) > 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return super().stage(images)
+
+
+def test_out_of_memory_while_staging_splits_the_batch_and_returns_every_row(caplog):
+    detector = OutOfMemoryStagingDetector(SPEC, num_threads=1, batch_size=4)
+    images = [np.zeros((30, 40, 3), np.uint8), np.zeros((60, 80, 3), np.uint8), np.zeros((15, 20, 3), np.uint8)]
+    with caplog.at_level(logging.WARNING, logger="app.detector"):
+        rows = detector(decoded_batch(images)).to_pylist()
+    # Staged ahead: 3 fails; with the model call: 3 fails → 1 fits, 2 fails → 1, 1.
+    assert detector.staged == [3, 3, 1, 2, 1, 1]
+    assert detector.model.calls == [1, 1, 1]
+    # Each box covers its original image, twice the decoded size.
+    assert [row["boxes"] for row in rows] == [[[0.0, 0.0, 80.0, 60.0]], [[0.0, 0.0, 160.0, 120.0]], [[0.0, 0.0, 40.0, 30.0]]]
+    assert [record.getMessage() for record in caplog.records] == [
+        "out of device memory while copying a batch of 3 images to the device; it is copied again with its model "
+        "call: CUDA error: out of memory",
+        "out of device memory on a batch of 3 images; splitting it in halves: CUDA error: out of memory",
+        "out of device memory on a batch of 2 images; splitting it in halves: CUDA error: out of memory",
+    ]
+
+
+class HostTensors(TorchDispatchMode):
+    """Counts the tensors made from host data (torch.tensor, torch.as_tensor of Python numbers): on a
+    GPU each is a blocking copy from the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.made += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_transform_normalises_and_scales_boxes_as_torchvision_does_without_host_tensors():
+    """PresizedTransform against torchvision's GeneralizedRCNNTransform on the same images and boxes:
+    equal tensors, bit for bit, and no tensor made from host data where torchvision makes 2 per image
+    to normalise and 4 per image to scale its boxes back."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    theirs, ours = GeneralizedRCNNTransform(800, 1333, mean, std).eval(), PresizedTransform(800, 1333, mean, std).eval()
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 800, 1066, generator=rng), torch.rand(3, 1066, 800, generator=rng)]
+    boxes = [torch.rand(7, 4, generator=rng) * 800, torch.rand(3, 4, generator=rng) * 800]
+    sizes, originals = [(800, 1066), (1066, 800)], [(375, 500), (1066, 800)]  # the second at its own size
+    counted = {}
+    for name, transform in (("torchvision", theirs), ("ours", ours)):
+        with HostTensors() as host:
+            normalised = [transform.normalize(image) for image in images]
+            scaled = transform.postprocess([{"boxes": b.clone()} for b in boxes], sizes, originals)
+        counted[name] = (host.made, normalised, [output["boxes"] for output in scaled])
+    assert (counted["torchvision"][0], counted["ours"][0]) == (12, 0)
+    assert all(torch.equal(a, b) for a, b in zip(counted["torchvision"][1], counted["ours"][1]))
+    assert all(torch.equal(a, b) for a, b in zip(counted["torchvision"][2], counted["ours"][2]))
+    assert not torch.equal(counted["ours"][2][0], boxes[0])  # the first image's boxes were scaled
 
 
 class FakeDetectionModel(torch.nn.Module):

@@ -1,6 +1,8 @@
 """Placement on a real multi-node Ray cluster on one machine (ray.cluster_utils.Cluster): a CPU-only head
 node and a worker node that advertises one GPU. Detector actors must land on the GPU node and decode
-tasks on the CPU node. No GPU exists here, so the actor computes on CPU there."""
+tasks on the CPU node. No GPU exists on the machines these tests are built on, so the actor computes
+on the CPU there (inference.cpu_fallback=true); where CUDA works, the worker's GPU is real and the actor
+uses it: the placement test then expects the GPU, and the tests of an unusable GPU are skipped."""
 
 import json
 import os
@@ -15,6 +17,10 @@ from ray.util.state import list_actors, list_tasks
 from app.pipeline import run
 from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
 
+CUDA_WORKS = torch.cuda.is_available()
+NEEDS_AN_UNUSABLE_GPU = pytest.mark.skipif(
+    CUDA_WORKS, reason="CUDA works here, so the node's GPU resource is a usable GPU (test_device stands in an unusable one)")
+
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
@@ -23,18 +29,20 @@ def gpu_cluster():
 
 
 def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
-    """The worker's GPU is a resource only: inference.cpu_fallback=true lets its actor run on the CPU,
-    and the summary and the manifest say so."""
+    """Without CUDA the worker's GPU is a resource only: inference.cpu_fallback=true lets its actor run
+    on the CPU, and the summary and the manifest say so. With CUDA the actor runs on the GPU, no warning."""
     cluster, gpu_node = gpu_cluster
     write_images(tmp_path / "in", 40)
     cfg = compose_config([*FAST_MODEL, "inference.cpu_fallback=true", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
     summary = run(cfg)
     assert (summary.inputs, summary.ok) == (40, 40)
     assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (1, 1, 1.0)
-    assert summary.detector_devices == {"cpu": 1}
-    assert summary.warnings == ["GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)"]
+    device = f"cuda:{torch.cuda.get_device_name()}" if CUDA_WORKS else "cpu"
+    assert summary.detector_devices == {device: 1}
+    fallback = "GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)"
+    assert summary.warnings == ([] if CUDA_WORKS else [fallback])
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["detector_by_last_run"] == {"actors": 1, "nodes": 1, "gpus": 1.0, "devices": {"cpu": 1}}
+    assert manifest["detector_by_last_run"] == {"actors": 1, "nodes": 1, "gpus": 1.0, "devices": {device: 1}}
     assert manifest["warnings"] == summary.warnings and manifest["versions"]["torch_cuda"] == torch.version.cuda
 
     gpu_node_id = gpu_node.node_id
@@ -66,6 +74,7 @@ def test_cpu_actors_fill_both_nodes_and_all_get_work(gpu_cluster, tmp_path):
     assert busy == {a.actor_id for a in actors}
 
 
+@NEEDS_AN_UNUSABLE_GPU
 def test_a_gpu_actor_that_cannot_use_its_gpu_stops_the_run(gpu_cluster, tmp_path):
     """Without inference.cpu_fallback, the actor on the GPU node (a GPU resource with no CUDA behind it)
     stops the run before any row is committed: exit code 4 and one line saying why and what to do."""
@@ -79,14 +88,15 @@ def test_a_gpu_actor_that_cannot_use_its_gpu_stops_the_run(gpu_cluster, tmp_path
     pattern = (
         r"ray-detect: GPU unusable: the detector actor on node [0-9.]+ holds GPU\(s\) 0 but torch "
         + re.escape(f"{torch.__version__} (built for CUDA {torch.version.cuda}) cannot use them: ")
-        + r"[^;]+; NVIDIA driver not found\. Run an image whose torch build the node's driver supports "
-        r"\(this project's image needs driver R570 or newer\), or set inference\.cpu_fallback=true to run the "
-        r"detector on the CPU deliberately"
+        + r"[^;]+; NVIDIA driver not found\. Run an image whose torch build supports the node's GPU and driver "
+        r"\(this project's image needs compute capability 7\.5 or newer \(Turing and newer GPUs\) and NVIDIA "
+        r"driver R580 or newer\), or set inference\.cpu_fallback=true to run the detector on the CPU deliberately"
     )
     assert re.fullmatch(pattern, last), last
     assert not list((tmp_path / "out").glob("part-*.parquet"))
 
 
+@NEEDS_AN_UNUSABLE_GPU
 def test_with_the_fallback_the_command_line_completes_and_shows_the_actors_warning(gpu_cluster, tmp_path):
     """On a cluster the actors' logs reach the driver's output (what `kubectl logs` shows of a RayJob):
     here the fallback warning the actor on the GPU node logs."""
