@@ -1,6 +1,7 @@
-# The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 12.8 (GPU nodes need NVIDIA driver R570 or newer),
-# torch built for CUDA 12.8, the app, and torchvision's pretrained FasterRCNN weights, so pods start and
-# detect without network access.
+# The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 13.0, torch built for the same CUDA 13.0, the
+# app, and torchvision's pretrained FasterRCNN weights, so pods start and detect without network access.
+# GPU nodes need NVIDIA driver R580 or newer (CUDA 13.0's floor) and GPUs of compute capability 7.5 or
+# more, Turing and newer: CUDA 13.0 dropped Maxwell, Pascal and Volta, and torch has no kernels for them.
 #
 #   docker build -t ghcr.io/ray-detect/ray-detect:0.1.0 .
 #   docker build --build-arg BAKE_WEIGHTS=false -t ray-detect:no-weights .
@@ -8,7 +9,7 @@
 # No ENTRYPOINT or CMD of our own: KubeRay starts the Ray processes in every pod, and a RayJob's
 # entrypoint (`python -m app ...`) runs the app. The Ray and Python versions follow pyproject.toml and the
 # tag follows its version; tests/test_dockerfile.py fails when they drift.
-FROM rayproject/ray:2.60.0-py311-cu128
+FROM rayproject/ray:2.60.0-py311-cu130
 
 LABEL org.opencontainers.image.title="ray-detect" \
       org.opencontainers.image.description="Object-detection batch inference with Ray Data and torchvision FasterRCNN" \
@@ -30,17 +31,16 @@ ENV TORCH_HOME=/home/ray/.cache/torch \
 #    change: [project] dependencies only, no extras. The pods run the job and nothing else (KubeRay's
 #    submitter, `ray job submit`; the entrypoint `python -m app ...` on the head; Ray's workers); the
 #    commands with extras (submit: kubernetes, evaluate: pycocotools, bench: psutil) run elsewhere.
-#    Ray is already in the base image at the same version. torch and torchvision come first, as the
-#    CUDA 12.8 builds from PyTorch's index: PyPI's are built for CUDA 13, which needs a newer NVIDIA
-#    driver (R580) than the base image's CUDA 12.8 (R570). One CUDA stack; the check after the install
-#    fails the build if torch's CUDA is not the base image's.
+#    Ray is already in the base image at the same version. torch and torchvision come from PyPI, like the
+#    rest: PyPI's Linux torch 2.14.1 is the CUDA 13.0 build, the base image's CUDA, so one index gives one
+#    CUDA stack. The check after the install fails the build if torch's CUDA is not the base image's;
+#    tests/test_image_requirements.py resolves these pins for this platform against PyPI, so a pin without
+#    a wheel fails a test rather than a build.
 COPY --chown=1000:100 pyproject.toml ray-detect/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('ray-detect/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
-    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu128 -r /tmp/torch.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && python -c "import sys, torch; sys.exit(0 if torch.version.cuda == '12.8' else f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, not the base image CUDA 12.8')" \
-    && rm /tmp/requirements.txt /tmp/torch.txt
+    && python -c "import sys, torch; sys.exit(0 if torch.version.cuda == '13.0' else f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, not the base image CUDA 13.0')" \
+    && rm /tmp/requirements.txt
 
 # 2. torchvision's pretrained COCO weights for every model the app offers, into TORCH_HOME/hub/checkpoints
 #    where torchvision looks first (about 480 MB). Before the source, so a code change does not download

@@ -432,10 +432,10 @@ def mode_names(args, batch_size: int) -> list[str]:
 
 def ratios(rates: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
     """The app's rate over every other mode's; the bare loop's best batch size stands for "bare"."""
-    bare = {mode: rate for mode, rate in rates.items() if mode.startswith("bare@") and rate}
+    bare = [rate for mode, rate in rates.items() if mode.startswith("bare@")]
     others = {mode: rate for mode, rate in rates.items() if mode != "app" and not mode.startswith("bare@")}
-    if bare:
-        others["bare"] = max(bare.values())
+    if bare:  # None when no batch size has a rate (runs too short to tell), like any mode without one
+        others["bare"] = max((rate for rate in bare if rate), default=None)
     app = rates.get("app")
     return {f"app_over_{mode}": round(app / rate, 3) if app and rate else None for mode, rate in others.items()}
 

@@ -2,22 +2,63 @@
 # Every GPU check of the project, for a machine with an NVIDIA GPU and a copy of the repository (prepare
 # the Python packages such a machine lacks with `bash ../shared/gpu/bundle.sh`, then run this script there
 # with the bundle: `bash .gpu-bundle/with-deps.sh bash scripts/gpu-check.sh [tests] [bench]`).
-#   tests: the detector's and decoder's tests, CUDA-only ones included, and the app run once on the GPU;
+#   tests: the device, detector, decoder and precision tests, CUDA-only ones included (among them:
+#          fp16/bf16 detections on the GPU against fp32 within test_precision's bound), and the app run
+#          once on the GPU at fp16;
 #   bench: the GPU benchmark (model alone, DataLoader loop, tutorial, app): the heavy model at fp32 and
 #          fp16, the light one at fp32, each in its own result file so that a run cut short keeps the rest.
-# Logs and results go to $OUT (default: ./gpu-check).
+# One line per check, "PASS <check>: ..." or "FAIL <check>: ...", goes to stdout and $OUT/summary.txt;
+# logs and results go to $OUT (default: ./gpu-check). Exits 1 when any check failed.
 set -uo pipefail
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 stages="${*:-tests bench}"
+failed=0
+
+# report <check> <exit code> <what passed> <what failed>
+report() {
+  local line
+  if [[ "$2" == 0 ]]; then line="PASS $1: $3"; else line="FAIL $1: $4 (exit $2)"; failed=1; fi
+  echo "$line" | tee -a "$out/summary.txt"
+}
+
+# The last line pytest prints: "N passed, M skipped, K deselected in T s".
+pytest_counts() { grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' "$1" | tail -1 | tr -d '='; }
+
 if [[ " $stages " == *" tests "* ]]; then
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_detector.py tests/test_decode.py 2>&1 | tee "$out/tests.log"
-  timeout 120 python3 -m app inference=gpu model.weights=none output.path=/tmp/gpu-check-run 2>&1 | tee "$out/app.log"
+  report nvidia-smi $? "$(grep -m1 -o 'Driver Version: [0-9.]*' "$out/nvidia-smi.txt")" "no NVIDIA driver answered"
+
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m "not cuda" tests/test_device.py tests/test_detector.py \
+    tests/test_decode.py tests/test_precision.py > "$out/tests.log" 2>&1
+  report tests $? "$(pytest_counts "$out/tests.log")" "$(pytest_counts "$out/tests.log"); see tests.log"
+
+  # The CUDA-only tests on their own line: with no CUDA they skip, which is a failure here.
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_detector.py tests/test_precision.py \
+    > "$out/cuda-tests.log" 2>&1
+  code=$?
+  if [[ $code == 0 ]] && grep -q "skipped" <(pytest_counts "$out/cuda-tests.log"); then code=5; fi
+  report cuda-tests $code "$(pytest_counts "$out/cuda-tests.log") (fp16/bf16 within the bound on the GPU)" \
+    "$(pytest_counts "$out/cuda-tests.log"); see cuda-tests.log"
+
+  timeout 180 python3 -m app inference=gpu inference.precision=fp16 model.weights=none \
+    output.path=/tmp/gpu-check-run > "$out/app.log" 2>&1
+  code=$?
+  devices=$(grep -o 'devices: .*;' "$out/app.log" | head -1)
+  if [[ $code == 0 && "$devices" != *cuda:* ]]; then code=6; fi
+  report app-on-gpu $code "$devices" "the app did not run on the GPU: $(tail -1 "$out/app.log")"
 fi
+
 if [[ " $stages " == *" bench "* ]]; then
   heavy=fasterrcnn_resnet50_fpn_v2 light=fasterrcnn_mobilenet_v3_large_320_fpn
-  timeout 200 python3 -m app.bench throughput --models $heavy --precisions fp32 --pause 1 --out "$out/bench-heavy-fp32.json" 2>&1 | tee "$out/bench.log"
-  timeout 150 python3 -m app.bench throughput --models $light --precisions fp32 --pause 1 --out "$out/bench-light-fp32.json" 2>&1 | tee -a "$out/bench.log"
-  timeout 150 python3 -m app.bench throughput --models $heavy --precisions fp16 --modes model app --pause 1 --out "$out/bench-heavy-fp16.json" 2>&1 | tee -a "$out/bench.log"
+  bench() {  # bench <name> <timeout> <args...>
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 -m app.bench throughput "$@" --pause 1 --out "$out/$name.json" >> "$out/bench.log" 2>&1
+    report "$name" $? "results in $name.json" "see bench.log"
+  }
+  bench bench-heavy-fp32 200 --models $heavy --precisions fp32
+  bench bench-light-fp32 150 --models $light --precisions fp32
+  bench bench-heavy-fp16 150 --models $heavy --precisions fp16 --modes model app
 fi
+exit $failed

@@ -415,7 +415,7 @@ def test_to_device_on_the_cpu_views_the_pixels_as_chw():
         assert tensor.data_ptr() == image.ctypes.data  # a view: nothing was copied
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_to_device_on_cuda_matches_the_cpu():
     """Pixels packed into a pinned buffer, copied on a side stream, then used on the default stream."""
     images = [np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
@@ -424,7 +424,7 @@ def test_to_device_on_cuda_matches_the_cpu():
     assert all(g.device.type == "cuda" and torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_pixels_become_the_same_floats_on_cuda_and_cpu():
     """CUDA divides by a scalar as a multiplication by its reciprocal, which differs from a true
     division in the last bit for 126 of the 256 byte values; PixelModel multiplies on every device."""
@@ -438,7 +438,7 @@ def test_pixels_become_the_same_floats_on_cuda_and_cpu():
     assert torch.equal(on_cpu, pixels.float().mul(1 / 255))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_a_gpu_actor_finds_what_the_model_finds_on_the_cpu():
     """The detector in a Ray actor given the GPU, as the pipeline places it: the model on CUDA, the pinned
     copy on the copy stream and the staging thread all used. Its rows against the model called on the CPU.

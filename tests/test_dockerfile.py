@@ -28,7 +28,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CHART_META = yaml.safe_load((kv.CHART_DIR / "Chart.yaml").read_text())
 CHART_VALUES = yaml.safe_load((kv.CHART_DIR / "values.yaml").read_text())
 IMAGE_REPOSITORY = "ghcr.io/ray-detect/ray-detect"
-CUDA_FLAVOUR = "cu128"
+CUDA_FLAVOUR = "cu130"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -102,31 +102,39 @@ def test_every_ignored_hadolint_rule_says_why():
 def test_base_image_matches_pyproject_ray_and_python():
     froms = [args for keyword, args in instructions() if keyword == "FROM"]
     assert froms == [BASE_IMAGE]
-    assert BASE_IMAGE == "rayproject/ray:2.60.0-py311-cu128"
+    assert BASE_IMAGE == "rayproject/ray:2.60.0-py311-cu130"
 
 
 def test_torch_is_built_for_the_base_images_cuda():
-    """One CUDA stack: the base image's CUDA tag (cu128), the PyTorch index torch and torchvision come
-    from, and the build's check of torch.version.cuda all name the same CUDA; and the pins are pyproject's."""
+    """One CUDA stack: torch and torchvision come from PyPI like every other pin (no other index, no local
+    wheels), PyPI's Linux torch is built for the base image's CUDA (cu130: 13.0; test_image_requirements
+    resolves it), and the build's check of torch.version.cuda names that CUDA."""
     base = next(args for keyword, args in instructions() if keyword == "FROM")
     cuda_tag = base.rsplit("-", 1)[1]
     assert re.fullmatch(r"cu\d{3}", cuda_tag), base
     cuda_version = f"{cuda_tag[2:-1]}.{cuda_tag[-1]}"
+    assert cuda_version == "13.0"
+    # Both installs name no index, find-links folder or option of their own, and no ENV points pip elsewhere.
+    installs = [call.strip() for _, args in instructions() for call in re.findall(r"pip install[^&;]*", args)]
+    assert installs == [
+        "pip install --no-cache-dir -r /tmp/requirements.txt", "pip install --no-cache-dir --no-deps ./ray-detect"
+    ]
+    assert "PIP_" not in DOCKERFILE.read_text()
     run = next(args for keyword, args in instructions() if keyword == "RUN" and "requirements.txt" in args)
-    assert re.findall(r"--index-url (\S+)", run) == [f"https://download.pytorch.org/whl/{cuda_tag}"]
     assert f"torch.version.cuda == '{cuda_version}'" in run
-    assert "grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt" in run
-    assert run.index("-r /tmp/torch.txt") < run.index("-r /tmp/requirements.txt")  # PyPI's torch never lands
-    pins = [dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith(("torch==", "torchvision=="))]
-    assert len(pins) == 2
+    assert run.index("pip install") < run.index("torch.version.cuda")
+    assert (pinned("torch"), pinned("torchvision")) == ("2.14.1", "0.29.1")
 
 
 def test_the_driver_floor_is_documented_for_the_image_and_the_gpu_group():
-    floor = "R570"  # CUDA 12.8's driver
+    floor = "R580"  # CUDA 13.0's driver
     assert f"NVIDIA driver {floor} or newer" in DOCKERFILE.read_text()
-    assert f"NVIDIA driver {floor} or newer" in (ROOT / "README.md").read_text()
     assert f"NVIDIA driver {floor} or newer" in (kv.CHART_DIR / "values.yaml").read_text()
-    assert f"driver {floor} or newer" in (ROOT / "app" / "detector.py").read_text()
+    assert f"driver {floor} or newer" in (ROOT / "app" / "device.py").read_text()
+    # CUDA 13.0 and torch's build have no kernels below compute capability 7.5.
+    for path in (DOCKERFILE, kv.CHART_DIR / "values.yaml", ROOT / "app" / "device.py"):
+        assert "Turing and newer" in path.read_text(), path
+    assert f"NVIDIA driver {floor} or newer" in (ROOT / "README.md").read_text()
 
 
 def test_runs_as_rays_user_without_an_entrypoint():
@@ -173,7 +181,7 @@ def test_the_image_installs_the_jobs_dependencies_and_no_extra(tmp_path):
     ]
     # Every pip install names requirement files or the source, never an extra ([...]).
     installs = [call for _, args in instructions() for call in re.findall(r"pip install[^&;]*", args)]
-    assert [call.split()[-1] for call in installs] == ["/tmp/torch.txt", "/tmp/requirements.txt", "./ray-detect"]
+    assert [call.split()[-1] for call in installs] == ["/tmp/requirements.txt", "./ray-detect"]
     assert not any("[" in call for call in installs)
 
 

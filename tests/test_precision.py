@@ -1,6 +1,6 @@
 """Mixed precision (app.precision) through the detector, on the CPU, where autocast runs bfloat16 and
-float16 too (float16 slowly): the geometry stays float32, NMS suppresses as it should, and half-precision
-detections match float32 ones to a stated bound.
+float16 too (float16 slowly), and on the GPU where CUDA works: the geometry stays float32, NMS suppresses
+as it should, and half-precision detections match float32 ones to a stated bound.
 
 The model is the tests' light model (tests.conftest.light_checkpoint) at the heavy models' input size,
 800-1,333 px, with its class scores moved onto labels 60-64: every candidate box of the 150 proposals is
@@ -16,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from app import device
 from app.config import SAMPLES_DIR
 from app.detector import Detector
 from app.model import ModelSpec
@@ -55,16 +56,21 @@ class Recorded:
         self.pooled: list[torch.dtype] = []  # the dtype of the proposals each ROI pooling call was given
 
 
-@pytest.fixture(scope="module")
-def detections(high_label_weights, photos):
+@pytest.fixture(scope="module", params=[
+    "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def detections(request, high_label_weights, photos):
     """Each precision's detections of the photos (Detector.detect, one image a model batch, as the job
-    calls it), and what reached NMS and the ROI pooler."""
+    calls it), and what reached NMS and the ROI pooler; on the CPU, and on the GPU where CUDA works (the
+    detector takes the GPU when Ray gave it one: here Ray's assignment is stood in for)."""
     spec = ModelSpec(name=LIGHT, weights=str(high_label_weights), score_threshold=SCORE_THRESHOLD, min_size=800,
                      max_size=1333, max_detections=100)
     found = {}
     nms = torchvision.ops.boxes.nms  # batched_nms calls it by this module's name, on either path
     for precision in ("fp32", "bf16", "fp16"):
-        detector = Detector(spec, num_threads=2, precision=precision, batch_size=1)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(device, "assigned_gpu_ids", lambda: [0] if request.param == "cuda" else [])
+            detector = Detector(spec, num_threads=2, precision=precision, batch_size=1)
+        assert detector.device.type == request.param
         recorded = Recorded()
 
         def recording_nms(boxes, scores, iou_threshold, recorded=recorded):
