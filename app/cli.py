@@ -44,6 +44,7 @@ class ExitCode(IntEnum):
     KUBERNETES = 6  # submit: the Kubernetes API refused or could not be reached, or no kubeconfig
     JOB_FAILED = 7  # submit --wait: the RayJob failed or was stopped
     WAIT_TIMEOUT = 8  # submit --wait: --timeout passed; the RayJob goes on
+    INPUTS_LEFT = 9  # run: storage kept failing for some inputs (faults that may pass); a rerun reads them
 
 
 def fail(code: ExitCode, line: str) -> NoReturn:
@@ -88,6 +89,9 @@ def print_summary(summary: Summary) -> None:
         f"{summary.wall_seconds:.1f} s ({summary.images_per_second:.2f} images/s)\n"
         f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
     )
+    if summary.read_retries or summary.transient:
+        print(f"ray-detect: storage faults: {summary.read_retries} read(s) retried; {summary.transient} input(s) left "
+              f"unread, without a row (a rerun reads them)")
     if summary.detector_actors:
         devices = ", ".join(f"{device} x{count}" for device, count in summary.detector_devices.items())
         peak = ", ".join(f"{kind} {count}" for kind, count in summary.peak_actors.items())
@@ -107,7 +111,7 @@ def job(cfg) -> None:
     # Imported here: the job's modules load Ray and torch, which no other command needs.
     from app.config import ConfigError
     from app.output.lease import LeaseLost, OutputInUse
-    from app.pipeline import DeviceUnavailable, TooManyErrors, run
+    from app.pipeline import DeviceUnavailable, InputsLeft, TooManyErrors, run
 
     try:
         print_summary(run(cfg))
@@ -117,6 +121,10 @@ def job(cfg) -> None:
         fail(ExitCode.OUTPUT_IN_USE, f"ray-detect: output in use: {error}")
     except DeviceUnavailable as error:
         fail(ExitCode.GPU_UNUSABLE, f"ray-detect: GPU unusable: {error}")
+    except InputsLeft as error:
+        if error.summary is not None:
+            print_summary(error.summary)
+        fail(ExitCode.INPUTS_LEFT, f"ray-detect: inputs left: {error}")
     except TooManyErrors as error:
         print_summary(error.summary)
         fail(ExitCode.TOO_MANY_ERRORS, f"ray-detect: failed: {error}")

@@ -35,6 +35,12 @@ class DataConfig:
     max_image_pixels: int = 40_000_000
     # Fail the run (after every row is written) when more than this fraction of the images are errors.
     max_error_fraction: float = 1.0
+    # Tries of a file read that fails for a reason that may pass (throttling, 5xx, timeouts, resets), with
+    # exponential backoff and full jitter between them; a file still failing gets no row, and a rerun reads it.
+    read_attempts: int = 5
+    # Read retries the whole run may spend; once they are spent, storage is failing for everyone and the
+    # run stops (exit code 9) with its rows so far committed; a rerun goes on.
+    read_retry_budget: int = 100_000
 
 
 @dataclass
@@ -181,6 +187,10 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
     if cfg.output.rows_per_file < 1:
         raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
+    if cfg.data.read_attempts < 1:
+        raise ConfigError(f"data.read_attempts={cfg.data.read_attempts} must be at least 1")
+    if cfg.data.read_retry_budget < 0:
+        raise ConfigError(f"data.read_retry_budget={cfg.data.read_retry_budget} must be at least 0")
     if not 0 <= cfg.data.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
     if cfg.model.max_detections < 1:

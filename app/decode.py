@@ -12,16 +12,20 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import ray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app import storage
 from app.output.dataset import (
     CORRUPT_IMAGE,
     EMPTY_FILE,
     NOT_AN_IMAGE,
     TOO_LARGE,
     TOO_MANY_PIXELS,
+    TRANSIENT,
     UNREADABLE,
 )
+from app.retry import RetryBudgetSpent, is_transient, with_retries
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -46,6 +50,8 @@ class DecodeOptions:
     # Model input size; None keeps the original size.
     min_size: Optional[int] = None
     max_size: Optional[int] = None
+    # Tries of a read that fails for a reason that may pass (app.retry); 1 = no retry.
+    read_attempts: int = 1
 
 
 class ImageError(Exception):
@@ -70,19 +76,25 @@ EXIF_ORIENTATION = 0x0112
 
 
 def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], options: DecodeOptions,
-              raw_path: Optional[bytes] = None) -> bytes:
+              raw_path: Optional[bytes] = None, budget: Optional[ray.actor.ActorHandle] = None) -> bytes:
     """The file's bytes. `size` comes from the listing (None from a manifest without sizes); a local
-    name that is not valid UTF-8 is opened by its bytes, `raw_path`."""
+    name that is not valid UTF-8 is opened by its bytes, `raw_path`. A read that fails for a reason that
+    may pass is tried options.read_attempts times, each retry taken from the run's budget (app.retry)."""
     if size is not None and size > options.max_file_bytes:
         raise ImageError(TOO_LARGE, f"file is {size} bytes, over data.max_file_bytes={options.max_file_bytes}")
-    try:
+
+    def read() -> bytes:
         if raw_path is not None:
             with open(raw_path, "rb") as file:
-                data = file.read(options.max_file_bytes + 1)
-        else:
-            with filesystem.open_input_stream(path) as stream:
-                data = stream.read(options.max_file_bytes + 1)
+                return file.read(options.max_file_bytes + 1)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read(options.max_file_bytes + 1)
+
+    try:
+        data = with_retries(read, options.read_attempts, budget)
     except OSError as error:
+        if is_transient(error):
+            raise ImageError(TRANSIENT, f"still failing after {options.read_attempts} attempts: {error}") from error
         raise ImageError(UNREADABLE, str(error)) from error
     if len(data) > options.max_file_bytes:
         raise ImageError(TOO_LARGE, f"file is over data.max_file_bytes={options.max_file_bytes} bytes")
@@ -138,11 +150,14 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
 
 
 def decode_images(
-    batch: pa.Table, *, filesystem: pafs.FileSystem, uri_prefix: str, options: DecodeOptions
+    batch: pa.Table, *, filesystem: pafs.FileSystem, uri_prefix: str, options: DecodeOptions,
+    budget: Optional[ray.actor.ActorHandle] = None,
 ) -> pa.Table:
     """Ray Data UDF: input rows (app.listing.INPUT_SCHEMA) in, rows of DECODED_SCHEMA out, one for one.
-    An input that the listing already found unusable passes through as its error row, unopened."""
+    An input that the listing already found unusable passes through as its error row, unopened. `budget`
+    is the run's retry budget (app.retry.RetryBudget); when it is spent, RetryBudgetSpent stops the run."""
     rows = {name: [] for name in DECODED_SCHEMA.names}
+    filesystem = storage.for_image_reads(filesystem)
     columns = [batch.column(name).to_pylist() for name in ("path", "size", "error_kind", "error", "raw_path")]
     for path, size, kind, message, raw_path in zip(*columns):
         row = dict.fromkeys(DECODED_SCHEMA.names)
@@ -150,11 +165,14 @@ def decode_images(
         try:
             if kind is not None:
                 raise ImageError(kind, message)
-            image, row["width"], row["height"] = decode(read_file(filesystem, path, size, options, raw_path), options)
+            data = read_file(filesystem, path, size, options, raw_path, budget)
+            image, row["width"], row["height"] = decode(data, options)
             row["pixels"] = image.tobytes()
             row["pixel_width"], row["pixel_height"] = image.size
         except ImageError as error:
             row["error_kind"], row["error"] = error.kind, str(error)
+        except RetryBudgetSpent:
+            raise
         except Exception as error:  # a decoder bug or an exotic file must still end as one row
             row["error_kind"], row["error"] = CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
         for name, value in row.items():

@@ -26,6 +26,7 @@ from app.output.lease import OutputLease
 from app.output.writer import ResultWriter
 from app.plan import ClusterLimits, Plan, plan_run
 from app.progress import Progress
+from app.retry import BUDGET_SPENT_MARKER, RetryBudget
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,21 @@ class DeviceUnavailable(Exception):
     message is one line, from the actor."""
 
 
-def device_error_in(error: BaseException) -> Optional[str]:
-    """The detector's DeviceError message inside an error Ray raised on the driver, if there is one."""
+class InputsLeft(Exception):
+    """Some inputs were not read because storage kept failing for reasons that may pass: after their
+    retries (data.read_attempts), or once the run's retries were spent (data.read_retry_budget). Their rows
+    are not committed, so a rerun reads them; raised after every other row is written."""
+
+    def __init__(self, message: str, summary: Optional["Summary"] = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+def marked_error_in(error: BaseException, marker: str) -> Optional[str]:
+    """The message after `marker` inside an error Ray raised on the driver, if there is one."""
     for line in str(error).splitlines():
-        if DEVICE_ERROR_MARKER in line:
-            return line[line.index(DEVICE_ERROR_MARKER) + len(DEVICE_ERROR_MARKER):].strip()
+        if marker in line:
+            return line[line.index(marker) + len(marker):].strip()
     return None
 
 
@@ -64,6 +75,10 @@ class Summary:
     errors: int
     detections: int
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    # Reads this run tried again after a fault that may pass, and inputs left unread after theirs
+    # (not committed: a rerun reads them; listed in _transient.parquet).
+    read_retries: int = 0
+    transient: int = 0
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     weights: str = ""
@@ -127,6 +142,9 @@ class Executed:
     each stage's seconds of work per worker (see Summary)."""
 
     processed: int = 0
+    # Rows of inputs whose reads kept failing transiently: path and error, not committed.
+    transient: list[pa.Table] = field(default_factory=list)
+    read_retries: int = 0
     workers: set[str] = field(default_factory=set)
     gpus_per_actor: float = 0.0
     tally: Optional[ray.actor.ActorHandle] = None
@@ -142,8 +160,9 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
     `detector` is the actor class of the detector stage (the benchmark passes one with a stand-in model);
     `on_rows` is called with each batch of result rows once the writer has it.
 
-    Raises ConfigError before any work when cfg is wrong, and TooManyErrors after everything is written
-    when more than data.max_error_fraction of the images failed.
+    Raises ConfigError before any work when cfg is wrong; InputsLeft when storage kept failing for some
+    inputs (after every other row is written), and TooManyErrors after everything is written when more
+    than data.max_error_fraction of the images failed.
     """
     started = time.monotonic()
     check_config(cfg)
@@ -172,6 +191,13 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
         if not total:
             raise no_images(cfg)
         summary = summarize(output, total, executed, started, spec)
+        left = pa.concat_tables(executed.transient) if executed.transient else None
+        dataset.record_transient(output, left)
+        if summary.transient:
+            raise InputsLeft(
+                f"{summary.transient} of {summary.inputs} inputs were not read: storage kept failing for reasons that "
+                f"may pass, after {cfg.data.read_attempts} attempts each (listed in "
+                f"{output.uri(output.join(dataset.TRANSIENT_NAME))}); rerun to read them", summary)
         dataset.write_manifest(cfg, spec, summary, output)
         return check_errors(cfg, summary)
 
@@ -185,7 +211,8 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
-    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector)
+    budget = RetryBudget.remote(cfg.data.read_retry_budget)
+    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget)
     progress = Progress(
         cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
         done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
@@ -196,6 +223,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
         executed = commit(detected, writer, lease, plan, progress, on_rows)
     executed.tally = tally
+    executed.read_retries = ray.get(budget.retries.remote())
     executed.peak_actors = dict(sorted(progress.peak_actors().items()))
     executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0), detector)
     return executed
@@ -209,11 +237,11 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: Optional[resume.OutputScan],
-           plan: Plan, output: storage.Location, detector: type[Detector]
+           plan: Plan, output: storage.Location, detector: type[Detector], budget: ray.actor.ActorHandle
            ) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
-    of every input seen) → read and decode (CPU tasks) → detect (actor pool). Also the tally, and the
-    counts of the rows earlier runs committed (rows and errors)."""
+    of every input seen) → read and decode (CPU tasks, retrying reads under the run's retry `budget`) →
+    detect (actor pool). Also the tally, and the counts of the rows earlier runs committed (rows and errors)."""
     tally = None
     if todo is not None:
         images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
@@ -232,7 +260,9 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
                 max_image_pixels=cfg.data.max_image_pixels,
                 min_size=cfg.model.min_size if resize else None,
                 max_size=cfg.model.max_size if resize else None,
+                read_attempts=cfg.data.read_attempts,
             ),
+            budget=budget,
         ),
         num_cpus=plan.resources.decode_cpus,
         compute=ray.data.TaskPoolStrategy(size=plan.resources.decode_tasks),
@@ -279,7 +309,8 @@ def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, d
 def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan, progress: Progress,
            on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
     """Commit the result rows as they stream in. The driver is the only writer: rows are committed
-    exactly once even when Ray retries tasks or restarts actors on other nodes."""
+    exactly once even when Ray retries tasks or restarts actors on other nodes. Rows of inputs that
+    storage kept failing to read (kind TRANSIENT) are kept aside, not committed, so a rerun reads them."""
     executed = Executed(gpus_per_actor=plan.resources.num_gpus)
     try:
         for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -287,16 +318,24 @@ def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease,
             executed.workers |= workers
             lease.check()
             rows = rows.drop_columns([WORKER_COLUMN])
+            transient = pc.fill_null(pc.equal(rows.column("error_kind"), dataset.TRANSIENT), False)
+            if pc.any(transient).as_py():
+                executed.transient.append(rows.filter(transient).select(["path", "error"]))
+                rows = rows.filter(pc.invert(transient))
             writer.add(rows)
             executed.processed += rows.num_rows
             progress.add(rows, workers)
             if on_rows is not None:
                 on_rows(rows)
     except Exception as error:
-        reason = device_error_in(error)
+        reason = marked_error_in(error, DEVICE_ERROR_MARKER)
+        if reason is not None:
+            raise DeviceUnavailable(reason) from None
+        reason = marked_error_in(error, BUDGET_SPENT_MARKER)
         if reason is None:
             raise
-        raise DeviceUnavailable(reason) from None
+        writer.close()  # the rows made so far are committed: a rerun goes on from there
+        raise InputsLeft(reason) from None
     writer.close()
     return executed
 
@@ -305,20 +344,24 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
     """Count the committed rows, checking each input has exactly one, and what this run's detector
     actors were."""
     scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
-    if scan.rows != scan.unique_paths or scan.unique_paths < inputs:
-        raise RuntimeError(f"{output.uri(output.path)} holds {scan.rows} rows for {scan.unique_paths} paths and {inputs} inputs")
+    transient = sum(table.num_rows for table in executed.transient)
+    if scan.rows != scan.unique_paths or scan.unique_paths + transient < inputs:
+        raise RuntimeError(f"{output.uri(output.path)} holds {scan.rows} rows for {scan.unique_paths} paths and "
+                           f"{inputs} inputs ({transient} left unread)")
     kinds = scan.errors_by_kind
     errors = sum(kinds.values())
     wall = time.monotonic() - started
     processed, workers = executed.processed, executed.workers
     summary = Summary(
         output_path=output.uri(output.path),
-        inputs=scan.rows,
+        inputs=scan.rows + transient,
         processed=processed,
         ok=scan.rows - errors,
         errors=errors,
         detections=scan.detections,
         errors_by_kind=dict(sorted(kinds.items())),
+        read_retries=executed.read_retries,
+        transient=transient,
         wall_seconds=round(wall, 3),
         images_per_second=round(processed / wall, 3) if wall > 0 else 0.0,
         weights=spec.weights,

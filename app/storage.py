@@ -3,12 +3,23 @@
 pyarrow handles local paths, ``s3://`` (``s3://anonymous@bucket/...`` for public buckets, otherwise the
 standard AWS credential chain and ``AWS_ENDPOINT_URL``), ``gs://``, ``hdfs://`` and ``abfs://``; any other
 protocol that fsspec knows is wrapped for pyarrow.
+
+Retries of the storage clients, set here on purpose: S3 calls through pyarrow use the AWS SDK's standard
+retry mode with 3 attempts (pyarrow's default, which is also what a filesystem gets after travelling to a
+Ray task: its retry strategy is not pickled), except image reads in the decode stage, which pyarrow tries
+once (`for_image_reads`) because app.retry retries them, with its own backoff, budget and count. boto3
+(the lease's conditional write) uses the standard retry mode with 3 attempts too.
 """
 
 import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+
+
+# The AWS SDK's standard retry mode: exponential backoff with jitter, throttling and 5xx answers retried.
+S3_ATTEMPTS = 3
+BOTO3_RETRIES = {"mode": "standard", "max_attempts": S3_ATTEMPTS}
 
 
 class StorageError(Exception):
@@ -46,8 +57,25 @@ def resolve(uri: str) -> Location:
         if "Unrecognized filesystem type" not in str(error):
             raise StorageError(f"cannot open {uri}: {error}") from error
         filesystem, path = _fsspec_filesystem(uri)
+    if isinstance(filesystem, pafs.S3FileSystem):
+        filesystem = with_s3_attempts(filesystem, S3_ATTEMPTS)
     prefix = "" if isinstance(filesystem, pafs.LocalFileSystem) else f"{protocol}://"
     return Location(filesystem, path, prefix)
+
+
+def with_s3_attempts(filesystem: pafs.S3FileSystem, attempts: int) -> pafs.S3FileSystem:
+    """The same S3 filesystem (credentials, region, endpoint, options) whose calls pyarrow tries `attempts`
+    times in the AWS SDK's standard retry mode."""
+    _, (options,) = filesystem.__reduce__()  # the options it was made with, as pickling keeps them
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+
+
+def for_image_reads(filesystem: pafs.FileSystem) -> pafs.FileSystem:
+    """The filesystem the decode stage reads images with: on S3, one attempt per call, since app.retry
+    retries those reads itself; any other filesystem as it is."""
+    if isinstance(filesystem, pafs.S3FileSystem):
+        return with_s3_attempts(filesystem, 1)
+    return filesystem
 
 
 def _fsspec_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -6,6 +6,7 @@ go through Hydra stop at a config error or at `--cfg job` / `--help`, which prin
 """
 
 import ast
+import dataclasses
 import errno
 import os
 import re
@@ -23,7 +24,7 @@ from torchvision.models import get_model_weights
 from app import cli
 from app.config import ConfigError, compose_config
 from app.output.lease import LeaseLost, OutputInUse
-from app.pipeline import DeviceUnavailable, Summary, TooManyErrors, model_spec
+from app.pipeline import DeviceUnavailable, InputsLeft, Summary, TooManyErrors, model_spec
 from tests.conftest import write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,7 +176,7 @@ def test_run_help_is_hydras():
 def test_the_exit_code_table():
     assert {code.name: int(code) for code in cli.ExitCode} == {
         "OK": 0, "FAILURE": 1, "USAGE": 2, "TOO_MANY_ERRORS": 3, "GPU_UNUSABLE": 4, "OUTPUT_IN_USE": 5,
-        "KUBERNETES": 6, "JOB_FAILED": 7, "WAIT_TIMEOUT": 8,
+        "KUBERNETES": 6, "JOB_FAILED": 7, "WAIT_TIMEOUT": 8, "INPUTS_LEFT": 9,
     }
 
 
@@ -224,8 +225,14 @@ def test_print_summary(capsys):
         (DeviceUnavailable("cuda:0: no kernel image"), 4, "", "ray-detect: GPU unusable: cuda:0: no kernel image"),
         (OutputInUse("out is in use by run 1"), 5, "", "ray-detect: output in use: out is in use by run 1"),
         (LeaseLost("out was taken over"), 5, "", "ray-detect: output in use: out was taken over"),
+        (InputsLeft("2 of 10 inputs were not read", dataclasses.replace(SUMMARY, read_retries=9, transient=2)), 9,
+         SUMMARY_TEXT.replace("ray-detect: detector actors", "ray-detect: storage faults: 9 read(s) retried; 2 input(s) "
+                              "left unread, without a row (a rerun reads them)\nray-detect: detector actors"),
+         "ray-detect: inputs left: 2 of 10 inputs were not read"),
+        (InputsLeft("the run's read retries (data.read_retry_budget) are spent"), 9, "",
+         "ray-detect: inputs left: the run's read retries (data.read_retry_budget) are spent"),
     ],
-    ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost"],
+    ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost", "inputs-left", "retry-budget-spent"],
 )
 def test_how_the_job_stops(error, code, stdout, line, monkeypatch, capsys):
     def run(cfg):

@@ -9,6 +9,8 @@ Layout of output.path (the commit protocol):
   _manifest.json            written last, when every input has its row: a directory without it is an
                             incomplete run (`read_manifest` is the one place that decides).
   _lease.json               the lease of the run writing here now, if any (lease.py).
+  _transient.parquet        the inputs the last run could not read because storage kept failing for
+                            reasons that may pass (path, error); they have no row, and a rerun reads them.
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
 """
 
@@ -50,8 +52,11 @@ NOT_AN_IMAGE = "not_an_image"
 TOO_MANY_PIXELS = "too_many_pixels"
 CORRUPT_IMAGE = "corrupt_image"
 NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or folder named like an image: never opened
+# A read that kept failing for a reason that may pass (app.retry): never committed, so a rerun reads it again.
+TRANSIENT = "transient"
 
 MANIFEST_NAME = "_manifest.json"
+TRANSIENT_NAME = "_transient.parquet"
 SETTINGS_NAME = "_settings.json"
 STAGING_DIR = "_staging"
 LEASE_NAME = "_lease.json"
@@ -153,6 +158,17 @@ def read_committed(output: storage.Location, columns: list[str]) -> pa.Table:
     return dataset.to_table(columns=columns)
 
 
+def record_transient(output: storage.Location, left: Optional[pa.Table]) -> None:
+    """List the inputs a run left unread (path, error) in TRANSIENT_NAME, or remove the list when none are."""
+    import pyarrow.parquet as pq
+
+    path = output.join(TRANSIENT_NAME)
+    if left is not None and left.num_rows:
+        pq.write_table(left, path, filesystem=output.filesystem)
+    elif output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        output.filesystem.delete_file(path)
+
+
 def read_manifest(output: storage.Location) -> Optional[dict]:
     """The manifest of a complete dataset; None while a run has not finished it."""
     return read_json(output.filesystem, output.join(MANIFEST_NAME))
@@ -187,6 +203,7 @@ def write_manifest(cfg: AppConfig, spec: "ModelSpec", summary: "Summary", output
         "max_error_fraction_exceeded": summary.errors > cfg.data.max_error_fraction * summary.inputs,
         "warnings": summary.warnings,
         "processed_by_last_run": summary.processed,
+        "read_retries_by_last_run": summary.read_retries,
         "detector_by_last_run": {
             "actors": summary.detector_actors,
             "nodes": summary.detector_nodes,

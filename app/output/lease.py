@@ -135,11 +135,15 @@ def create_exclusive(output: Location, path: str, document: dict) -> bool:
         return True
     if isinstance(output.filesystem, pafs.S3FileSystem):
         import boto3
+        import botocore.config
         import botocore.exceptions
 
+        from app.storage import BOTO3_RETRIES
+
         bucket, _, key = path.partition("/")
+        client = boto3.client("s3", config=botocore.config.Config(retries=BOTO3_RETRIES))
         try:
-            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
         except botocore.exceptions.ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False

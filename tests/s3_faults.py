@@ -1,0 +1,154 @@
+"""A fault-injecting S3 endpoint for tests: an HTTP proxy on loopback in front of a real S3 server
+(moto's), which passes every request through unless a rule picks it, and then answers it the way S3 or
+the network fails: 503 SlowDown, 500 InternalError, a reset connection, or a delay before passing it on.
+
+A rule picks requests by method and key (a regular expression on the path, bucket included) and then by
+chance (`fraction`, from a seeded generator) or by count (`first`: the first N it matches, per key). Each
+rule counts the faults it injected, by key.
+"""
+
+import http.client
+import http.server
+import random
+import re
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+SLOW_DOWN = 503
+INTERNAL_ERROR = 500
+RESET = "reset"
+DELAY = "delay"
+ERROR_BODIES = {
+    SLOW_DOWN: ("SlowDown", "Please reduce your request rate."),
+    INTERNAL_ERROR: ("InternalError", "We encountered an internal error. Please try again."),
+}
+# Headers that belong to one hop of a connection, not to the request or response.
+HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+@dataclass
+class Rule:
+    """Which requests fail and how: `fault` is SLOW_DOWN, INTERNAL_ERROR, RESET or DELAY (`delay_s`, then
+    passed on). `key` is a regular expression searched in the request's path (/bucket/key)."""
+
+    fault: object
+    methods: tuple[str, ...] = ("GET",)
+    key: str = ".*"
+    fraction: float = 1.0
+    first: Optional[int] = None  # only the first N matching requests of each key
+    delay_s: float = 0.0
+    seed: int = 0
+    injected: Counter = field(default_factory=Counter)  # faults by path
+    seen: Counter = field(default_factory=Counter)  # matching requests by path
+
+    def __post_init__(self):
+        self.random = random.Random(self.seed)
+
+    def picks(self, method: str, path: str) -> bool:
+        if method not in self.methods or not re.search(self.key, path):
+            return False
+        self.seen[path] += 1
+        if self.first is not None and self.seen[path] > self.first:
+            return False
+        if self.fraction < 1.0 and self.random.random() >= self.fraction:
+            return False
+        self.injected[path] += 1
+        return True
+
+
+class FaultProxy:
+    """The proxy: `FaultProxy(upstream_port)`, its `endpoint` to give clients, `rules` to change at any time."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.rules: list[Rule] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_request(self):
+                body = self.read_body()
+                path = self.path.split("?", 1)[0]
+                with proxy.lock:
+                    rule = next((rule for rule in proxy.rules if rule.picks(self.command, path)), None)
+                if rule is not None and rule.fault == RESET:
+                    # SO_LINGER with a zero timeout: close() sends a TCP reset instead of a clean close.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if rule is not None and rule.fault in ERROR_BODIES:
+                    return self.send_error_response(rule.fault)
+                if rule is not None and rule.fault == DELAY:
+                    time.sleep(rule.delay_s)
+                self.pass_on(body)
+
+            def read_body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []
+                while True:  # HTTP/1.1 chunked transfer coding: hex size line, data, CRLF; size 0 ends it
+                    size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline().strip():  # trailers, up to an empty line
+                            pass
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+
+            def send_error_response(self, status: int):
+                code, message = ERROR_BODIES[status]
+                xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+                       f"<RequestId>fault-proxy</RequestId></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+
+            def pass_on(self, body: bytes):
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                headers = {key: value for key, value in self.headers.items()
+                           if key.lower() not in HOP_HEADERS and key.lower() != "content-length"}
+                headers["Content-Length"] = str(len(body))
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
+                        self.send_header(key, value)
+                # A HEAD's length is that of the object it describes, not of its (empty) body.
+                length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_request
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def injected(self) -> Counter:
+        """Faults injected so far, by path, over every rule."""
+        with self.lock:
+            return sum((rule.injected for rule in self.rules), Counter())
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
