@@ -219,7 +219,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
         listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
         max_error_fraction=cfg.data.max_error_fraction,
     )
-    writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s)
+    writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
     with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
         executed = commit(detected, writer, lease, plan, progress, on_rows)
     executed.tally = tally

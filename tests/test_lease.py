@@ -79,6 +79,28 @@ def test_a_run_whose_lease_was_taken_over_stops(tmp_path):
     assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["owner"] == "new-run"  # not ours to delete
 
 
+def test_a_real_run_whose_lease_is_taken_over_commits_nothing_more(local_ray, tmp_path):
+    """The job itself (not a stand-in): once its first file is committed, another run takes the lease over
+    (writes _lease.json as a run taking over a stale lease does). The run stops at its next commit with
+    LeaseLost, having committed nothing after the takeover, and leaves the new holder's lease in place."""
+    write_images(tmp_path / "in", 40)
+    out = tmp_path / "out"
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={out}", "output.commit_interval_s=0",
+                          "inference.batch_size=2"])
+    before_takeover: list[str] = []
+
+    def take_over(rows):
+        if not before_takeover:
+            before_takeover.extend(sorted(path.name for path in out.glob("part-*.parquet")))
+            (out / LEASE_NAME).write_text(json.dumps({"owner": "new-run", "host": "other-pod", "pid": 9, "heartbeat": time.time()}))
+
+    with pytest.raises(LeaseLost, match="^run new-run on other-pod took output.path over$"):
+        run(cfg, on_rows=take_over)
+    assert len(before_takeover) == 1
+    assert sorted(path.name for path in out.glob("part-*.parquet")) == before_takeover
+    assert json.loads((out / LEASE_NAME).read_text())["owner"] == "new-run"
+
+
 def test_the_local_create_is_exclusive(tmp_path):
     output = resolve(str(tmp_path))
     assert create_exclusive(output, str(tmp_path / LEASE_NAME), {"owner": "a"})

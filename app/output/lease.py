@@ -7,7 +7,8 @@ lease is checked, written and read back, which two runs starting within a second
 pass. While the run goes on, a thread rewrites the heartbeat every heartbeat_s seconds; a lease whose
 heartbeat is older than timeout_s belongs to a run that died, and the next run takes it over (at once
 when the holder ran on the same machine and its process is gone). A run that
-finds its lease taken over stops before committing another file. A run may wait (wait_s) for a lease
+finds its lease taken over stops before committing another file (the writer reads the lease before each
+commit). A run may wait (wait_s) for a lease
 to go stale instead of giving up at once: what a job retried after its driver died elsewhere needs. Heartbeats are wall-clock times of the
 machines involved, which must agree to well within timeout_s (NTP does).
 """
@@ -89,8 +90,22 @@ class OutputLease:
                 log.warning("could not renew the lease on output.path: %s", error)
 
     def check(self) -> None:
-        """Raise LeaseLost when another run took the lease over."""
+        """Raise LeaseLost when the heartbeat thread found the lease taken over by another run."""
         if self.lost:
+            raise LeaseLost(self.lost)
+
+    def verify(self) -> None:
+        """Raise LeaseLost unless the lease file still names this run. The writer calls it before each
+        commit, so that a run whose lease was taken over commits nothing more, without waiting for its
+        next heartbeat to notice; a read that fails leaves the judgement to the heartbeats."""
+        self.check()
+        try:
+            holder = read_json(self.output.filesystem, self.path) or {}
+        except (OSError, ValueError) as error:
+            log.warning("could not read the lease on output.path before a commit: %s", error)
+            return
+        if holder.get("owner") != self.owner:
+            self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
             raise LeaseLost(self.lost)
 
     def release(self) -> None:

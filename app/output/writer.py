@@ -1,6 +1,7 @@
 """Committing result rows: whole Parquet files, staged and then moved into output.path (dataset.py)."""
 
 import time
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,10 +14,11 @@ class ResultWriter:
     """Commits result rows as Parquet files of up to rows_per_file rows; rows that arrive
     commit_interval_s seconds or more after the last commit are committed with the ones pending, so a
     crash loses only rows of the last interval (the check runs when rows arrive: nothing is committed
-    while none do)."""
+    while none do). `before_commit` is called before each file is written: the run's lease check."""
 
-    def __init__(self, output: Location, run_id: str, rows_per_file: int, commit_interval_s: float):
-        self.output, self.run_id = output, run_id
+    def __init__(self, output: Location, run_id: str, rows_per_file: int, commit_interval_s: float,
+                 before_commit: Callable[[], None] = lambda: None):
+        self.output, self.run_id, self.before_commit = output, run_id, before_commit
         self.rows_per_file, self.commit_interval_s = rows_per_file, commit_interval_s
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -44,6 +46,7 @@ class ResultWriter:
 
     def write_file(self, rows: pa.Table) -> None:
         """Write rows under _staging/, then move the whole file into the dataset in one step."""
+        self.before_commit()
         name = f"{PART_PREFIX}{self.run_id}-{self.sequence:06d}.parquet"
         staged = self.output.join(STAGING_DIR, self.run_id, name)
         pq.write_table(rows.cast(RESULT_SCHEMA), staged, filesystem=self.output.filesystem)
