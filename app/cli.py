@@ -45,6 +45,7 @@ class ExitCode(IntEnum):
     JOB_FAILED = 7  # submit --wait: the RayJob failed or was stopped
     WAIT_TIMEOUT = 8  # submit --wait: --timeout passed; the RayJob goes on
     INPUTS_LEFT = 9  # run: storage kept failing for some inputs (faults that may pass); a rerun reads them
+    OUTPUT_FULL = 10  # run: output.path's filesystem is full; the rows committed so far are kept
 
 
 def fail(code: ExitCode, line: str) -> NoReturn:
@@ -110,6 +111,7 @@ def job(cfg) -> None:
     """The batch job on the config Hydra composed; each way it stops has its exit code."""
     # Imported here: the job's modules load Ray and torch, which no other command needs.
     from app.config import ConfigError
+    from app.output.dataset import OutputFull
     from app.output.lease import LeaseLost, OutputInUse
     from app.pipeline import DeviceUnavailable, InputsLeft, TooManyErrors, run
 
@@ -121,6 +123,8 @@ def job(cfg) -> None:
         fail(ExitCode.OUTPUT_IN_USE, f"ray-detect: output in use: {error}")
     except DeviceUnavailable as error:
         fail(ExitCode.GPU_UNUSABLE, f"ray-detect: GPU unusable: {error}")
+    except OutputFull as error:
+        fail(ExitCode.OUTPUT_FULL, f"ray-detect: output full: {error}")
     except InputsLeft as error:
         if error.summary is not None:
             print_summary(error.summary)

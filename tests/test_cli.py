@@ -24,6 +24,7 @@ from torchvision.models import get_model_weights
 from app import cli
 from app.config import ConfigError, compose_config
 from app.output.lease import LeaseLost, OutputInUse
+from app.output.dataset import OutputFull
 from app.pipeline import DeviceUnavailable, InputsLeft, Summary, TooManyErrors, model_spec
 from tests.conftest import write_images
 
@@ -177,6 +178,7 @@ def test_the_exit_code_table():
     assert {code.name: int(code) for code in cli.ExitCode} == {
         "OK": 0, "FAILURE": 1, "USAGE": 2, "TOO_MANY_ERRORS": 3, "GPU_UNUSABLE": 4, "OUTPUT_IN_USE": 5,
         "KUBERNETES": 6, "JOB_FAILED": 7, "WAIT_TIMEOUT": 8, "INPUTS_LEFT": 9,
+        "OUTPUT_FULL": 10,
     }
 
 
@@ -231,8 +233,13 @@ def test_print_summary(capsys):
          "ray-detect: inputs left: 2 of 10 inputs were not read"),
         (InputsLeft("the run's read retries (data.read_retry_budget) are spent"), 9, "",
          "ray-detect: inputs left: the run's read retries (data.read_retry_budget) are spent"),
+        (OutputFull("/out/_staging/r/part-r-000003.parquet", 5120, 1024), 10, "",
+         "ray-detect: output full: no space left on the filesystem of /out/_staging/r: part-r-000003.parquet needs "
+         "5120 bytes, 1024 free; free some space (or choose another output.path) and rerun: the rows committed so far "
+         "are kept"),
     ],
-    ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost", "inputs-left", "retry-budget-spent"],
+    ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost", "inputs-left", "retry-budget-spent",
+         "output-full"],
 )
 def test_how_the_job_stops(error, code, stdout, line, monkeypatch, capsys):
     def run(cfg):

@@ -14,7 +14,12 @@ Layout of output.path (the commit protocol):
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
 """
 
+import contextlib
+import errno
 import json
+import os
+import shutil
+import uuid
 from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
@@ -63,13 +68,59 @@ LEASE_NAME = "_lease.json"
 PART_PREFIX = "part-"
 
 
+class OutputFull(Exception):
+    """The filesystem of output.path has no space left for a file the run must write; one line."""
+
+    def __init__(self, path: str, needed: int, free: Optional[int]):
+        room = f", {free} free" if free is not None else ""
+        super().__init__(
+            f"no space left on the filesystem of {os.path.dirname(path)}: {os.path.basename(path)} needs {needed} "
+            f"bytes{room}; free some space (or choose another output.path) and rerun: the rows committed so far are kept"
+        )
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write data as the file at path; when the disk is full, remove what was written and raise OutputFull."""
+    try:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(path)
+        free = shutil.disk_usage(os.path.dirname(path)).free if isinstance(filesystem, pafs.LocalFileSystem) else None
+        raise OutputFull(path, len(data), free) from error
+
+
+def replace_file(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write the file at path whole: on a local disk under another name first, then renamed over it, so
+    that a full disk or a crash never leaves part of it (an S3 PUT is whole by itself)."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return write_whole(filesystem, path, data)
+    partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+    write_whole(filesystem, partial, data)
+    filesystem.move(partial, path)
+
+
 def json_bytes(document: dict) -> bytes:
     return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def write_json(filesystem: pafs.FileSystem, path: str, document: dict) -> None:
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(json_bytes(document))
+    replace_file(filesystem, path, json_bytes(document))
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
 
 
 def read_json(filesystem: pafs.FileSystem, path: str) -> Optional[dict]:
@@ -160,11 +211,9 @@ def read_committed(output: storage.Location, columns: list[str]) -> pa.Table:
 
 def record_transient(output: storage.Location, left: Optional[pa.Table]) -> None:
     """List the inputs a run left unread (path, error) in TRANSIENT_NAME, or remove the list when none are."""
-    import pyarrow.parquet as pq
-
     path = output.join(TRANSIENT_NAME)
     if left is not None and left.num_rows:
-        pq.write_table(left, path, filesystem=output.filesystem)
+        replace_file(output.filesystem, path, parquet_bytes(left))
     elif output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
         output.filesystem.delete_file(path)
 

@@ -4,9 +4,8 @@ import time
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from app.output.dataset import PART_PREFIX, RESULT_SCHEMA, STAGING_DIR
+from app.output.dataset import PART_PREFIX, RESULT_SCHEMA, STAGING_DIR, parquet_bytes, write_whole
 from app.storage import Location
 
 
@@ -45,11 +44,12 @@ class ResultWriter:
         self.pending, self.pending_rows = [], 0
 
     def write_file(self, rows: pa.Table) -> None:
-        """Write rows under _staging/, then move the whole file into the dataset in one step."""
+        """Write rows under _staging/, then move the whole file into the dataset in one step. A full disk
+        leaves nothing behind and raises OutputFull (dataset.write_whole)."""
         self.before_commit()
         name = f"{PART_PREFIX}{self.run_id}-{self.sequence:06d}.parquet"
         staged = self.output.join(STAGING_DIR, self.run_id, name)
-        pq.write_table(rows.cast(RESULT_SCHEMA), staged, filesystem=self.output.filesystem)
+        write_whole(self.output.filesystem, staged, parquet_bytes(rows.cast(RESULT_SCHEMA)))
         self.output.filesystem.move(staged, self.output.join(name))
         self.sequence += 1
         self.last_commit = time.monotonic()
