@@ -24,6 +24,7 @@ from tests import k8s_validation as kv
 
 CHART = kv.CHART_DIR
 PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"
+SPOT_VALUES = CHART / "examples" / "values-gpu-spot.yaml"
 INVALID_VALUES = Path(__file__).parent / "data" / "chart-values-invalid.yaml"
 CHECKOV_SKIPS = Path(__file__).parent / "checkov-skips.yaml"
 RELEASE, NAMESPACE = "detect", "ray-detect"
@@ -475,6 +476,29 @@ def test_a_third_group_from_values_alone_is_a_third_worker_group_spec(helm, tmp_
     }
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert kv.restricted_violations(a10["template"]) == []
+
+
+def test_the_spot_example_puts_gpus_on_spot_the_head_on_demand_and_lets_a_retried_job_resume(helm, crd_schemas):
+    """examples/values-gpu-spot.yaml over the production example: the GPU group on spot nodes (selected and
+    tolerated), from zero; the head pinned to on-demand nodes; the RayJob retried twice, its driver waiting
+    for a lost driver's lease."""
+    objects = kv.render(helm, [PROD_VALUES, SPOT_VALUES], release=RELEASE, namespace=NAMESPACE)
+    job = only(objects, "RayJob")
+    kv.validate_strict(job, crd_schemas)
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["nodeSelector"] == {
+        "node-pool": "system", "karpenter.sh/capacity-type": "on-demand"}
+    gpu = next(group for group in cluster["workerGroupSpecs"] if group["groupName"] == "gpu-workers")
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (0, 0, 8)
+    pod = gpu["template"]["spec"]
+    assert pod["nodeSelector"] == {"node-pool": "gpu", "nvidia.com/gpu.present": "true", "karpenter.sh/capacity-type": "spot"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+    ]
+    assert job["spec"]["backoffLimit"] == 2
+    assert entrypoint_overrides(job)[-1] == "output.lease_wait_s=240"
+    assert kv.restricted_violations(gpu["template"]) == []
 
 
 def test_a_group_key_of_55_characters_makes_a_group_name_of_63(helm, tmp_path, crd_schemas):
