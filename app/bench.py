@@ -23,6 +23,8 @@ decode      Images/s one core decodes to the 800-px model size: VOC-sized JPEGs 
 memory      Peak memory of the app at two input counts (500 and 5,000 images by default).
 inputs      The input stage at scale: a tree of 1 million files, manifests of 1 and 10 million paths,
             and a resume of 10 million committed rows; time to the first block and the driver's memory.
+chaos       Faults injected into runs of --chaos-images images (app.chaos): worker nodes preempted and
+            the driver killed, S3 throttled and down, the output volume full; one line per fault.
 
 Memory is the peak, sampled every 0.5 s, of the resident set size (RSS) summed over this process and
 every process it started (Ray's GCS, raylet, agents and workers). Pages shared between processes
@@ -60,7 +62,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from app import cli, pipeline
+from app import chaos, cli, pipeline
 from app.config import compose_config
 from app.decode import (
     DECODED_SCHEMA,
@@ -801,10 +803,11 @@ def report(results: dict) -> str:
     if "memory" in results:
         lines.append(memory_line(results["memory"]))
     lines += [input_stage_line(name, case) for name, case in results.get("inputs", {}).items()]
+    lines += chaos.lines(results.get("chaos", []))
     return "\n".join(lines)
 
 
-SUITES = ("throughput", "standin", "decode", "memory", "inputs")
+SUITES = ("throughput", "standin", "decode", "memory", "inputs", "chaos")
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -818,7 +821,7 @@ def size_arg(text: str) -> tuple[int, int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help="throughput (default), standin, memory, listing or all")
+                        help="throughput (default), standin, decode, memory, inputs, chaos or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
@@ -842,6 +845,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tree-files", type=int, default=1_000_000, help="files of the inputs suite's tree")
     parser.add_argument("--manifest-paths", nargs="+", type=int, default=[1_000_000, 10_000_000],
                         help="paths of the inputs suite's manifests; the largest is also resumed")
+    parser.add_argument("--chaos-images", type=int, default=2000, help="images of the chaos suite's runs")
+    parser.add_argument("--removals", type=int, default=5, help="worker nodes the chaos suite's preemption removes")
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between runs")
     parser.add_argument("--workdir", help="where inputs and outputs go (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON result file")
@@ -882,6 +887,9 @@ def main(argv=None) -> dict:
             results["memory"] = memory(args, base)
         if "inputs" in suites:
             results["inputs"] = input_stage(args, base)
+        if "chaos" in suites:
+            images = input_folder(base, "chaos", args.chaos_images, args)
+            results["chaos"] = chaos.chaos(images, args.chaos_images, args.removals, base)
     finally:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)

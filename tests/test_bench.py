@@ -1,13 +1,14 @@
 """The benchmark's code path on a handful of tiny images with the light model (the benchmark itself is
 run by hand: `ray-detect bench`). One local Ray serves every mode here, to keep the test short."""
 
+import dataclasses
 import json
 import time
 
 import pytest
 import torch
 
-from app import bench
+from app import bench, chaos
 from app.config import compose_config
 
 
@@ -145,3 +146,15 @@ def test_bad_arguments_stop(argv, message, capsys):
     assert stopped.value.code == 2
     assert capsys.readouterr().err == f"ray-detect bench: error: {message}\n"
 
+
+
+def test_chaos_lines_count_rows_duplicates_and_lost_inputs():
+    """The chaos suite's arithmetic (app.chaos): rows, duplicates beyond one row per path, inputs without a
+    row, and the rate of all runs against the undisturbed run's."""
+    assert chaos.counts(["a", "b", "b", "c"], 4) == (4, 1, 1)
+    assert chaos.counts(["a", "b", "c", "d"], 4) == (4, 0, 0)
+    outcome = chaos.Outcome("preemption", inputs=2000, injected=6, retries=0, runs=2, rows=2000, duplicates=0, lost=0,
+                            seconds=250.0, undisturbed_seconds=200.0)
+    assert outcome.line() == ("chaos preemption: 6 faults injected, 0 reads retried, 2 run(s), 2000 rows, 0 duplicates, "
+                              "0 lost; 8.00 images/s, 0.80x the undisturbed run's 10.00")
+    assert chaos.lines([dataclasses.asdict(outcome)]) == [outcome.line()]

@@ -1,5 +1,5 @@
 """Runs against S3 that fails the way S3 and networks do: moto's S3 server on loopback behind the
-fault-injecting proxy of tests/s3_faults.py, which answers chosen GETs of images with 503 SlowDown, 500
+fault-injecting proxy of app/s3_faults.py, which answers chosen GETs of images with 503 SlowDown, 500
 InternalError or a reset connection. A fault that may pass is retried and never becomes a committed
 verdict on the image; a file that keeps failing has no row, and a rerun reads it."""
 
@@ -18,7 +18,7 @@ from app.output.dataset import MANIFEST_NAME, TRANSIENT_NAME
 from app.pipeline import InputsLeft, run
 from app.storage import resolve
 from tests.conftest import FAST_MODEL, assert_detections, compose_config, gradient_jpeg, model_detections
-from tests.s3_faults import INTERNAL_ERROR, RESET, SLOW_DOWN, FaultProxy, Rule
+from app.s3_faults import INTERNAL_ERROR, RESET, SLOW_DOWN, FaultProxy, Rule
 from tests.test_s3 import free_port
 
 BUCKET = "faults-test"

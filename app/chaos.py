@@ -1,0 +1,275 @@
+"""The benchmark's chaos suite (`ray-detect bench chaos`): the app on generated images while faults are
+injected, each against an undisturbed run of the same images, one line per fault:
+
+preemption   a multi-node Ray cluster on this machine (ray.cluster_utils.Cluster; the driver a process of
+             its own attached to it, as a RayJob's is): worker nodes holding detector actors removed and
+             replaced --removals times, then the driver SIGKILLed once and the command run again;
+s3-throttle  S3 (moto's server) behind the fault-injecting proxy (app.s3_faults): 10% of the images' GETs
+             answered 503 SlowDown or 500 InternalError;
+s3-down      every GET of three images failing, then a rerun once the fault clears;
+output-full  output.path on a tmpfs that fills mid-run (needs root to mount it), grown, then a rerun.
+
+Each line: faults injected, reads retried, runs it took, rows committed, duplicates and lost inputs (both
+must be 0), and the images/s of all its runs together against the undisturbed run's.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyarrow.dataset as pads
+
+log = logging.getLogger(__name__)
+
+# The light model with random weights, three detections an image: faults are about rows, not accuracy.
+MODEL = ["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0",
+         "model.max_detections=3", "output.rows_per_file=16", "output.commit_interval_s=1"]
+
+
+@dataclass
+class Outcome:
+    fault: str
+    inputs: int
+    injected: int  # nodes removed and drivers killed, GETs failed, disks filled
+    retries: int  # reads the runs retried
+    runs: int  # runs it took to complete the dataset (1 + reruns)
+    rows: int  # committed rows at the end
+    duplicates: int  # committed rows beyond one per input
+    lost: int  # inputs without a committed row at the end
+    seconds: float  # wall time of all its runs
+    undisturbed_seconds: float
+
+    def line(self) -> str:
+        rate, base = self.inputs / self.seconds, self.inputs / self.undisturbed_seconds
+        return (f"chaos {self.fault}: {self.injected} faults injected, {self.retries} reads retried, {self.runs} run(s), "
+                f"{self.rows} rows, {self.duplicates} duplicates, {self.lost} lost; {rate:.2f} images/s, "
+                f"{rate / base:.2f}x the undisturbed run's {base:.2f}")
+
+
+def committed_paths(output: Path) -> list[str]:
+    """The path column of every committed row in a local output."""
+    files = [str(path) for path in output.glob("part-*.parquet")] if output.exists() else []
+    if not files:
+        return []
+    return pads.dataset(files, format="parquet").to_table(columns=["path"]).column("path").to_pylist()
+
+
+def counts(paths: list[str], inputs: int) -> tuple[int, int, int]:
+    """Rows, duplicates (rows beyond one per path) and lost inputs (inputs without a row)."""
+    return len(paths), len(paths) - len(set(paths)), inputs - len(set(paths))
+
+
+def app_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "app", *MODEL, *overrides]
+
+
+def clean_environment() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+
+def timed_run(command: list[str], **kwargs) -> tuple[int, float]:
+    started = time.monotonic()
+    done = subprocess.run(command, env=clean_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    return done.returncode, time.monotonic() - started
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"chaos: timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def parts(output: Path) -> int:
+    return len(list(output.glob("part-*.parquet"))) if output.exists() else 0
+
+
+def preemption(images: Path, base: Path, inputs: int, removals: int) -> Outcome:
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    store = 200 * 1024**2
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=True, object_store_memory=store))
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=store) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        def command(output: Path) -> list[str]:
+            return app_command(f"data.path={images}", f"output.path={output}", "inference.num_actors=2",
+                               "inference.num_cpus_per_actor=1", f"ray.address={cluster.address}")
+
+        code, undisturbed = timed_run(command(base / "preemption-undisturbed"))
+        if code != 0:
+            raise RuntimeError(f"chaos: the undisturbed run exited with {code}")
+        output = base / "preemption"
+        started = time.monotonic()
+        driver = subprocess.Popen(command(output), env=clean_environment(), start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        step = max(2, inputs // 16 // (removals + 3))  # committed files between faults (16 rows a file)
+        try:
+            for _ in range(removals):
+                seen = parts(output)
+                wait_for(lambda: parts(output) >= seen + step or driver.poll() is not None, 600, "committed files")
+                alive = {actor.node_id for actor in list_actors(filters=[("state", "=", "ALIVE")]) if "Detector" in actor.class_name}
+                victim = next((node for node in workers if node.node_id in alive), workers[0])
+                cluster.remove_node(victim)
+                workers = [node for node in workers if node is not victim] + [cluster.add_node(num_cpus=2, object_store_memory=store)]
+            seen = parts(output)
+            wait_for(lambda: parts(output) >= seen + step or driver.poll() is not None, 600, "committed files")
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        code, _ = timed_run(command(output))
+        seconds = time.monotonic() - started
+        if code != 0:
+            raise RuntimeError(f"chaos: the rerun after the driver's kill exited with {code}")
+        return Outcome("preemption", inputs, removals + 1, 0, 2, *counts(committed_paths(output), inputs), round(seconds, 2),
+                       round(undisturbed, 2))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@contextlib.contextmanager
+def s3_behind_proxy(images: Path):
+    """moto's S3 server with the images under s3://chaos/in/, behind a FaultProxy; the AWS variables
+    point every client (this process's, and Ray's workers started after) at the proxy."""
+    import socket
+
+    import boto3
+
+    from app.s3_faults import FaultProxy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = FaultProxy(port)
+    env = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos", "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")  # straight to moto: never faulted
+        wait_for(lambda: bucket_created(client), 60, "moto's server")
+        for path in sorted(images.iterdir()):
+            client.put_object(Bucket="chaos", Key=f"in/{path.name}", Body=path.read_bytes())
+        yield proxy
+    finally:
+        proxy.close()
+        server.kill()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def bucket_created(client) -> bool:
+    try:
+        client.create_bucket(Bucket="chaos")
+    except Exception:  # the server is not up yet: connection refused, or an answer from a half-started server
+        return False
+    return True
+
+
+def s3_run(output: str, *overrides: str) -> tuple[Optional[object], float]:
+    """pipeline.run on s3://chaos/in in this process (a local Ray it starts and stops): its summary, or
+    the InputsLeft error's, and its wall time."""
+    import ray
+
+    from app import pipeline
+    from app.config import compose_config
+
+    started = time.monotonic()
+    try:
+        summary = pipeline.run(compose_config([*MODEL, "data.path=s3://chaos/in", f"output.path=s3://chaos/{output}", *overrides]))
+    except pipeline.InputsLeft as error:
+        summary = error.summary
+    finally:
+        ray.shutdown()
+    return summary, time.monotonic() - started
+
+
+def s3_faults(images: Path, inputs: int) -> list[Outcome]:
+    import pyarrow.fs as pafs
+
+    from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, Rule
+    from app.storage import resolve
+
+    def rows_of(output: str) -> list[str]:
+        location = resolve(f"s3://chaos/{output}")
+        files = [info.path for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
+                 if info.base_name.startswith("part-")]
+        return pads.dataset(files, filesystem=location.filesystem, format="parquet").to_table(columns=["path"]).column("path").to_pylist()
+
+    with s3_behind_proxy(images) as proxy:
+        _, undisturbed = s3_run("undisturbed")
+        proxy.rules = [Rule(SLOW_DOWN, key=r"/in/.*", fraction=0.05, seed=1), Rule(INTERNAL_ERROR, key=r"/in/.*", fraction=0.05 / 0.95, seed=2)]
+        summary, seconds = s3_run("throttle")
+        injected, proxy.rules = sum(proxy.injected().values()), []
+        throttle = Outcome("s3-throttle", inputs, injected, summary.read_retries, 1, *counts(rows_of("throttle"), inputs),
+                           round(seconds, 2), round(undisturbed, 2))
+        names = sorted(path.name for path in images.iterdir())[:: max(1, inputs // 3)][:3]
+        proxy.rules = [Rule(SLOW_DOWN, key="|".join(f"/in/{name}$" for name in names))]
+        first, first_s = s3_run("down", "data.read_attempts=3")
+        injected, proxy.rules = sum(proxy.injected().values()), []
+        again, again_s = s3_run("down", "data.read_attempts=3")
+        down = Outcome("s3-down", inputs, injected, first.read_retries + again.read_retries, 2, *counts(rows_of("down"), inputs),
+                       round(first_s + again_s, 2), round(undisturbed, 2))
+    return [throttle, down]
+
+
+def output_full(images: Path, base: Path, inputs: int) -> Optional[Outcome]:
+    """The output on a tmpfs that a ballast file fills once the run has committed a few files; the
+    ballast is removed before the rerun."""
+    mount_point = base / "full"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+        log.info("chaos output-full: skipped, mounting a tmpfs needs root")
+        return None
+    try:
+        output, ballast = mount_point / "out", mount_point / "ballast"
+        command = app_command(f"data.path={images}", f"output.path={output}", "ray.num_cpus=2")
+        _, undisturbed = timed_run(app_command(f"data.path={images}", f"output.path={base / 'full-undisturbed'}", "ray.num_cpus=2"))
+        started = time.monotonic()
+        driver = subprocess.Popen(command, env=clean_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: parts(output) >= 2 or driver.poll() is not None, 600, "committed files")
+        with open(ballast, "wb") as file:  # all the space left but 4 KiB
+            os.posix_fallocate(file.fileno(), 0, max(1, os.statvfs(mount_point).f_bavail * os.statvfs(mount_point).f_frsize - 4096))
+        code = driver.wait()
+        first = time.monotonic() - started
+        if code != 10:
+            raise RuntimeError(f"chaos: the run on a full volume exited with {code}, not 10")
+        ballast.unlink()
+        code, again = timed_run(command)
+        if code != 0:
+            raise RuntimeError(f"chaos: the rerun on the grown volume exited with {code}")
+        return Outcome("output-full", inputs, 1, 0, 2, *counts(committed_paths(mount_point), inputs), round(first + again, 2),
+                       round(undisturbed, 2))
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def chaos(images: Path, inputs: int, removals: int, base: Optional[Path] = None) -> list[dict]:
+    """Every fault of the suite on the `inputs` images in `images`; the outcomes as dicts."""
+    base = Path(tempfile.mkdtemp(prefix="chaos-", dir=base))
+    outcomes = [preemption(images, base, inputs, removals), *s3_faults(images, inputs), output_full(images, base, inputs)]
+    for outcome in outcomes:
+        if outcome is not None:
+            log.info(outcome.line())
+    return [asdict(outcome) for outcome in outcomes if outcome is not None]
+
+
+def lines(results: list[dict]) -> list[str]:
+    return [Outcome(**result).line() for result in results]
