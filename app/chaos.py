@@ -255,7 +255,7 @@ def output_full(images: Path, base: Path, inputs: int) -> Optional[Outcome]:
         code, again = timed_run(command)
         if code != 0:
             raise RuntimeError(f"chaos: the rerun on the grown volume exited with {code}")
-        return Outcome("output-full", inputs, 1, 0, 2, *counts(committed_paths(mount_point), inputs), round(first + again, 2),
+        return Outcome("output-full", inputs, 1, 0, 2, *counts(committed_paths(output), inputs), round(first + again, 2),
                        round(undisturbed, 2))
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)

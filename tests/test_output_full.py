@@ -1,17 +1,15 @@
 """A full output volume: output.path on a real small filesystem (a tmpfs of 96 KiB this test mounts) that
-fills mid-run. The run stops with exit code 10 and one line naming the file, the bytes it needed and
-those free; every committed file is whole, nothing half-written is left, and after the volume grows a
-rerun completes with one row per input."""
+fills mid-run. The run stops with OutputFull (exit code 10 from the command line, tests/test_cli.py) and
+one line naming the file, the bytes it needed and those free; every committed file is whole, nothing
+half-written is left, and after the volume grows a rerun completes with one row per input."""
 
-import os
 import re
 import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-from app.output.dataset import LEASE_NAME, MANIFEST_NAME, STAGING_DIR
+from app.output.dataset import LEASE_NAME, MANIFEST_NAME, STAGING_DIR, OutputFull
 from app.pipeline import run
 from tests.conftest import FAST_MODEL, assert_detections, compose_config, model_detections, write_images
 
@@ -39,15 +37,14 @@ def test_a_full_output_volume_stops_the_run_cleanly_and_a_rerun_finishes(small_v
     paths = write_images(tmp_path / "in", IMAGES)
     overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={out}", "output.rows_per_file=2",
                  "output.commit_interval_s=0", "inference.batch_size=2"]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-m", "app", *overrides], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 10, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    pattern = (rf"ray-detect: output full: no space left on the filesystem of {re.escape(str(out / STAGING_DIR))}/\w+: "
+    cfg = compose_config(overrides)
+    with pytest.raises(OutputFull) as caught:  # exit code 10 from the command line (test_cli)
+        run(cfg)
+    pattern = (rf"no space left on the filesystem of {re.escape(str(out / STAGING_DIR))}/\w+: "
                r"part-\w+-\d{6}\.parquet needs \d+ bytes, \d+ free; free some space \(or choose another output\.path\) "
                r"and rerun: the rows committed so far are kept")
-    assert re.fullmatch(pattern, last), last
-    needed, free = map(int, re.search(r"needs (\d+) bytes, (\d+) free", last).groups())
+    assert re.fullmatch(pattern, str(caught.value)), str(caught.value)
+    needed, free = map(int, re.search(r"needs (\d+) bytes, (\d+) free", str(caught.value)).groups())
     assert needed > free
 
     committed = sorted(out.glob("part-*.parquet"))
@@ -58,7 +55,6 @@ def test_a_full_output_volume_stops_the_run_cleanly_and_a_rerun_finishes(small_v
     assert not list(out.glob("*.partial"))
 
     resize("4m")
-    cfg = compose_config(overrides)
     summary = run(cfg)
     assert (summary.inputs, summary.ok, summary.processed) == (IMAGES, IMAGES, IMAGES - len(rows))
     final = {row["path"]: row for path in out.glob("part-*.parquet") for row in pq.read_table(path).to_pylist()}
