@@ -136,7 +136,7 @@ def test_report_of_every_suite():
     "argv,message",
     [
         (["--counts", "5", "5"], "--counts: the second count must be larger"),
-        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs or all"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs, chaos or all"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
     ],
 )

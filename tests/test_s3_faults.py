@@ -147,7 +147,8 @@ def test_three_images_failing_every_get_are_left_for_a_rerun_which_reads_exactly
 def test_a_run_whose_retry_budget_is_spent_stops_with_its_rows_committed_and_a_rerun_finishes(s3):
     """A budget of 2 retries for the run, and one image failing every GET: its third attempt finds the
     budget spent, the run stops with one line (exit code 9 from the command line) and commits the rows
-    made before, without that image's; what a rerun then does is the test above's."""
+    that reached the driver before (how many depends on the stages' timing), never that image's; what a
+    rerun then does is the test above's."""
     proxy, images = s3
     proxy.rules = [Rule(SLOW_DOWN, key=rf"/{BUCKET}/in/img_007\.jpg$")]
     cfg = compose_config(overrides("out/budget", "data.read_attempts=5", "data.read_retry_budget=2"))
@@ -160,5 +161,5 @@ def test_a_run_whose_retry_budget_is_spent_stops_with_its_rows_committed_and_a_r
         "the run's read retries (data.read_retry_budget) are spent: storage keeps failing (OSError: AWS Error")
     assert str(caught.value).endswith("; rerun later to go on where this run stopped")
     before = committed("out/budget")
-    assert 0 < len(before) < IMAGES and f"s3://{BUCKET}/in/img_007.jpg" not in before
+    assert len(before) < IMAGES and f"s3://{BUCKET}/in/img_007.jpg" not in before
     assert all(row["error_kind"] is None for row in before.values())
