@@ -142,45 +142,13 @@ def preemption(images: Path, base: Path, inputs: int, removals: int) -> Outcome:
 
 @contextlib.contextmanager
 def s3_behind_proxy(images: Path):
-    """moto's S3 server with the images under s3://chaos/in/, behind a FaultProxy; the AWS variables
-    point every client (this process's, and Ray's workers started after) at the proxy."""
-    import socket
+    """The images under s3://chaos/in/ on moto's server, behind a FaultProxy (app.s3_faults)."""
+    from app.s3_faults import moto_behind_proxy
 
-    import boto3
-
-    from app.s3_faults import FaultProxy
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = FaultProxy(port)
-    env = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos", "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")  # straight to moto: never faulted
-        wait_for(lambda: bucket_created(client), 60, "moto's server")
+    with moto_behind_proxy("chaos") as (proxy, client):
         for path in sorted(images.iterdir()):
             client.put_object(Bucket="chaos", Key=f"in/{path.name}", Body=path.read_bytes())
         yield proxy
-    finally:
-        proxy.close()
-        server.kill()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def bucket_created(client) -> bool:
-    try:
-        client.create_bucket(Bucket="chaos")
-    except Exception:  # the server is not up yet: connection refused, or an answer from a half-started server
-        return False
-    return True
 
 
 def s3_run(output: str, *overrides: str) -> tuple[Optional[object], float]:

@@ -4,10 +4,15 @@ the network fails: 503 SlowDown, 500 InternalError, a reset connection, or a del
 
 A rule picks requests by method and key (a regular expression on the path, bucket included) and then by
 chance (`fraction`, from a seeded generator) or by count (`first`: the first N it matches, per key). Each
-rule counts the faults it injected, by key.
+rule counts the faults it injected, by key. `moto_behind_proxy` starts both, for the tests and the
+benchmark's chaos suite (moto comes with the test and bench extras).
 """
 
+import contextlib
 import http.client
+import os
+import subprocess
+import sys
 import http.server
 import random
 import re
@@ -152,3 +157,57 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def moto_behind_proxy(bucket: str):
+    """moto's S3 server on loopback with `bucket` created, and a FaultProxy in front of it. The AWS
+    variables point every client at the proxy while the context lasts (this process's, and those of Ray
+    workers started meanwhile). Yields the proxy and a boto3 client that talks to moto directly, never
+    faulted (for putting the test's objects)."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = FaultProxy(port)
+    # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
+    env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_ENDPOINT_URL": proxy.endpoint,
+           "AWS_REGION": "us-east-1"}
+    try:
+        with environment(env):
+            client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+            deadline = time.monotonic() + 60
+            while not bucket_created(client, bucket):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not answer on port {port} within 60 s")
+                time.sleep(0.3)
+            yield proxy, client
+    finally:
+        proxy.close()
+        server.kill()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """These environment variables set while the context lasts; each put back as it was after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def bucket_created(client, bucket: str) -> bool:
+    try:
+        client.create_bucket(Bucket=bucket)
+    except Exception:  # the server is not up yet: connection refused, or an answer from a half-started server
+        return False
+    return True

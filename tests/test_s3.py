@@ -3,7 +3,6 @@ credentials from the environment only, as the AWS SDK chain reads them."""
 
 import gzip
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from app import listing
 from app.output.dataset import MANIFEST_NAME
 from app.output.lease import create_exclusive
 from app.pipeline import run
+from app.s3_faults import environment
 from app.storage import resolve
 from tests.conftest import (
     FAST_MODEL,
@@ -51,28 +51,22 @@ def s3_endpoint():
     endpoint = f"http://127.0.0.1:{port}"
     # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
     env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.3)
-    # Ray workers inherit the environment of the Ray instance, started after the variables are set.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
-    yield boto3.client("s3")
-    ray.shutdown()
-    server.kill()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(env):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    server.kill()
+                    raise
+                time.sleep(0.3)
+        # Ray workers inherit the environment of the Ray instance, started after the variables are set.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+        yield boto3.client("s3")
+        ray.shutdown()
+        server.kill()
 
 
 def test_read_and_write_s3(s3_endpoint):

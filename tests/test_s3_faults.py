@@ -4,12 +4,7 @@ InternalError. A fault that may pass is retried and never becomes a committed
 verdict on the image; a file that keeps failing has no row, and a rerun reads it. (Resets and timeouts
 are classified in tests/test_retry.py, from the errors pyarrow raised through the proxy.)"""
 
-import os
-import subprocess
-import sys
-import time
 
-import boto3
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -19,49 +14,25 @@ from app.output.dataset import MANIFEST_NAME, TRANSIENT_NAME
 from app.pipeline import InputsLeft, run
 from app.storage import resolve
 from tests.conftest import FAST_MODEL, assert_detections, compose_config, gradient_jpeg, model_detections
-from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, FaultProxy, Rule
-from tests.test_s3 import free_port
+from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, Rule, moto_behind_proxy
 
 BUCKET = "faults-test"
 IMAGES = 40
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3():
     """moto's server, the proxy in front of it (the endpoint every client here and in Ray's workers uses),
     and IMAGES images under in/."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = FaultProxy(port)
-    env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_ENDPOINT_URL": proxy.endpoint,
-           "AWS_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")  # straight to moto: never faulted
-    deadline = time.monotonic() + 30
-    while True:
+    with moto_behind_proxy(BUCKET) as (proxy, client):
+        images = {f"s3://{BUCKET}/in/img_{i:03d}.jpg": gradient_jpeg(64, 48, i) for i in range(IMAGES)}
+        for uri, data in images.items():
+            client.put_object(Bucket=BUCKET, Key=uri.removeprefix(f"s3://{BUCKET}/"), Body=data)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
         try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.3)
-    images = {f"s3://{BUCKET}/in/img_{i:03d}.jpg": gradient_jpeg(64, 48, i) for i in range(IMAGES)}
-    for uri, data in images.items():
-        client.put_object(Bucket=BUCKET, Key=uri.removeprefix(f"s3://{BUCKET}/"), Body=data)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
-    yield proxy, images
-    ray.shutdown()
-    proxy.close()
-    server.kill()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+            yield proxy, images
+        finally:
+            ray.shutdown()
 
 
 def overrides(output: str, *more: str) -> list[str]:
