@@ -7,7 +7,8 @@ preemption   a multi-node Ray cluster on this machine (ray.cluster_utils.Cluster
 s3-throttle  S3 (moto's server) behind the fault-injecting proxy (app.s3_faults): 10% of the images' GETs
              answered 503 SlowDown or 500 InternalError;
 s3-down      every GET of three images failing, then a rerun once the fault clears;
-output-full  output.path on a tmpfs that fills mid-run (needs root to mount it), grown, then a rerun.
+output-full  output.path on a tmpfs (needs root to mount it) that a ballast file fills mid-run; the
+             ballast removed, a rerun.
 
 Each line: faults injected, reads retried, runs it took, rows committed, duplicates and lost inputs (both
 must be 0), and the images/s of all its runs together against the undisturbed run's.
