@@ -134,6 +134,13 @@ class ProgressConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # The `run` label of the app's metrics (app.metrics): one name for a run and for the scheduled runs
+    # that resume it (the chart sets its job's run name). Keep it low-cardinality: never a path or a date.
+    run: str = "ray-detect"
+
+
+@dataclass
 class AppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,6 +148,7 @@ class AppConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def compose_config(overrides=()):

@@ -6,6 +6,7 @@ vocabulary) and message otherwise. `pixels` reads the decoded pixels back out of
 
 import io
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -37,6 +38,10 @@ DECODED_SCHEMA = pa.schema(
         ("pixel_height", pa.int32()),
         ("error_kind", pa.string()),
         ("error", pa.string()),
+        # For the run's metrics (app.metrics): the bytes read (null when the file was not read) and the
+        # seconds it took to read and decode.
+        ("input_bytes", pa.int64()),
+        ("decode_seconds", pa.float64()),
     ]
 )
 
@@ -162,10 +167,12 @@ def decode_images(
     for path, size, kind, message, raw_path in zip(*columns):
         row = dict.fromkeys(DECODED_SCHEMA.names)
         row["path"] = uri_prefix + path
+        started = time.perf_counter()
         try:
             if kind is not None:
                 raise ImageError(kind, message)
             data = read_file(filesystem, path, size, options, raw_path, budget)
+            row["input_bytes"] = len(data)
             image, row["width"], row["height"] = decode(data, options)
             row["pixels"] = image.tobytes()
             row["pixel_width"], row["pixel_height"] = image.size
@@ -175,6 +182,7 @@ def decode_images(
             raise
         except Exception as error:  # a decoder bug or an exotic file must still end as one row
             row["error_kind"], row["error"] = CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
+        row["decode_seconds"] = time.perf_counter() - started
         for name, value in row.items():
             rows[name].append(value)
     return pa.table(rows, schema=DECODED_SCHEMA)

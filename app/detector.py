@@ -18,6 +18,7 @@ Running out of device memory splits the batch in halves and retries them instead
 
 import logging
 import math
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -32,6 +33,15 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from app import decode
 from app.decode import model_input_size
 from app.device import choose_device, configure_cuda_allocator, device_name
+from app.metrics import (
+    BATCH_IMAGES_COLUMN,
+    BATCH_PADDING_COLUMN,
+    DECODE_SECONDS_COLUMN,
+    INPUT_BYTES_COLUMN,
+    MODEL_SECONDS_COLUMN,
+    WORKER_COLUMN,
+    ActorAlive,
+)
 from app.model import ModelSpec, build_model
 from app.output.rows import result_rows
 from app.precision import AUTOCAST_DTYPES, mixed_precision
@@ -42,9 +52,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH_PADDING = 0.2
 # torchvision's detection transform pads a batch's height and width up to multiples of this.
 SIZE_DIVISIBLE = 32
-# A column of the detector's output beside the result rows: "<node id>/<actor id>/<device>" of the actor
-# that made them. The driver counts the actors a run used, then drops it before committing the rows.
-WORKER_COLUMN = "_worker"
 
 
 def worker_name(device: torch.device) -> str:
@@ -80,6 +87,13 @@ def shape_batches(sizes: Sequence[tuple[int, int]], batch_size: int, max_padding
     if current:
         batches.append(current)
     return batches
+
+
+def batch_padding(sizes: Sequence[tuple[int, int]]) -> float:
+    """The padded pixels of a model batch of images of these (width, height) sizes over the pixels they
+    need alone (each rounded up to multiples of 32), minus 1: 0 when no pixel is padding."""
+    widths, heights = [padded(w) for w, _ in sizes], [padded(h) for _, h in sizes]
+    return max(widths) * max(heights) * len(sizes) / sum(w * h for w, h in zip(widths, heights)) - 1
 
 
 class PresizedTransform(GeneralizedRCNNTransform):
@@ -292,6 +306,14 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class ModelBatch(NamedTuple):
+    """One model batch of a call: which of its images it held, its seconds and its padding (batch_padding)."""
+
+    indices: list[int]
+    seconds: float
+    padding: float
+
+
 class ModelInput(NamedTuple):
     """One image of a model batch: its pixels on the host and, once staged, on the device."""
 
@@ -306,10 +328,11 @@ class Detector:
     precision "fp16" or "bf16" runs the model's layers in half precision and its box geometry in float32
     (app.precision; for GPUs with tensor cores). batch_size is the most images per model call; a call of
     the actor holds several model batches, which are grouped by shape. An actor that holds a GPU torch
-    cannot drive raises DeviceError before any image, unless cpu_fallback lets it run on the CPU."""
+    cannot drive raises DeviceError before any image, unless cpu_fallback lets it run on the CPU.
+    metric_tags (the run's, app.metrics) has the actor report itself alive in the run's metrics."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
-                 cpu_fallback: bool = False):
+                 cpu_fallback: bool = False, metric_tags: Optional[dict[str, str]] = None):
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
@@ -324,6 +347,8 @@ class Detector:
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
         self.worker = worker_name(self.device)
+        if metric_tags:
+            ActorAlive(metric_tags, device_name(self.device))
 
     def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
@@ -355,27 +380,52 @@ class Detector:
                 tensors[k] = tensor
         return to_host(self.model(tensors))
 
-    @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image.
-        The next model batch is staged on the device while the current one runs. Running out of device
-        memory anywhere in a model batch's path (staging, the model, the copy back) splits the batch."""
+        """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image."""
+        return self.detect_batches(images)[0]
+
+    @torch.inference_mode()
+    def detect_batches(self, images: list[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list[ModelBatch]]:
+        """`detect`, and the model batches it ran. The next model batch is staged on the device while the
+        current one runs. Running out of device memory anywhere in a model batch's path (staging, the
+        model, the copy back) splits the batch."""
         if not images:
-            return []
+            return [], []
         sizes = [model_input_size(image.shape[1], image.shape[0], self.spec.min_size, self.spec.max_size) for image in images]
         batches = shape_batches(sizes, self.batch_size)
         found: list[dict[str, np.ndarray]] = [{}] * len(images)
+        ran = []
         staged = self.stager.submit(self.stage, [images[i] for i in batches[0]])
         for number, indices in enumerate(batches):
             inputs = self.staged_inputs(staged, [images[i] for i in indices])
             if number + 1 < len(batches):
                 staged = self.stager.submit(self.stage, [images[i] for i in batches[number + 1]])
+            started = time.perf_counter()
             for i, detections in zip(indices, self.runner(inputs)):
                 found[i] = detections
-        return found
+            ran.append(ModelBatch(indices, time.perf_counter() - started, batch_padding([sizes[i] for i in indices])))
+        return found, ran
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Ray Data's call: decoded rows (app.decode.DECODED_SCHEMA) in, result rows out, one for one."""
+        """Ray Data's call: decoded rows (app.decode.DECODED_SCHEMA) in, result rows out, one for one,
+        with the measurements of app.metrics beside them."""
         rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
-        table = result_rows(batch, rows, self.detect(decode.pixels(batch, rows)), self.label_names)
-        return table.append_column(WORKER_COLUMN, pa.array([self.worker] * table.num_rows, pa.string()))
+        found, ran = self.detect_batches(decode.pixels(batch, rows))
+        table = result_rows(batch, rows, found, self.label_names)
+        model_seconds = np.full(batch.num_rows, np.nan)
+        batch_images, padding = np.full(batch.num_rows, np.nan), np.full(batch.num_rows, np.nan)
+        for model_batch in ran:
+            positions = rows[model_batch.indices]
+            model_seconds[positions] = model_batch.seconds / len(positions)
+            batch_images[positions[0]], padding[positions[0]] = len(positions), model_batch.padding
+        measurements = {
+            WORKER_COLUMN: pa.array([self.worker] * batch.num_rows, pa.string()),
+            INPUT_BYTES_COLUMN: batch.column("input_bytes"),
+            DECODE_SECONDS_COLUMN: batch.column("decode_seconds"),
+            MODEL_SECONDS_COLUMN: pa.array(model_seconds, from_pandas=True),
+            BATCH_IMAGES_COLUMN: pa.array(batch_images, from_pandas=True),
+            BATCH_PADDING_COLUMN: pa.array(padding, from_pandas=True),
+        }
+        for name, column in measurements.items():
+            table = table.append_column(name, column)
+        return table

@@ -17,9 +17,10 @@ import ray
 from app import console, storage
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
 from app.decode import DecodeOptions, decode_images
-from app.detector import WORKER_COLUMN, Detector
+from app.detector import Detector
 from app.device import DEVICE_ERROR_MARKER
 from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
+from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume
 from app.output.lease import OutputLease
@@ -212,7 +213,8 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
     budget = RetryBudget.remote(cfg.data.read_retry_budget)
-    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget)
+    metric_tags = {"run": cfg.metrics.run, "model": spec.name}
+    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget, metric_tags)
     progress = Progress(
         cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
         done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
@@ -220,8 +222,16 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
         max_error_fraction=cfg.data.max_error_fraction,
     )
     writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
-    with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress:
-        executed = commit(detected, writer, lease, plan, progress, on_rows)
+
+    def run_state() -> dict[str, float]:
+        inputs_so_far, done, failed = progress.counts()
+        return {"inputs": inputs_so_far, "done": done, "failed": failed, "max_error_fraction": cfg.data.max_error_fraction,
+                "read_retries": ray.get(budget.retries.remote()), "lease_heartbeats": lease.heartbeats,
+                "last_commit": writer.last_commit_time()}
+
+    metrics = RunMetrics(metric_tags, run_state)
+    with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress, metrics:
+        executed = commit(detected, writer, lease, plan, progress, on_rows, metrics)
     executed.tally = tally
     executed.read_retries = ray.get(budget.retries.remote())
     executed.peak_actors = dict(sorted(progress.peak_actors().items()))
@@ -237,11 +247,12 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: Optional[resume.OutputScan],
-           plan: Plan, output: storage.Location, detector: type[Detector], budget: ray.actor.ActorHandle
-           ) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
+           plan: Plan, output: storage.Location, detector: type[Detector], budget: ray.actor.ActorHandle,
+           metric_tags: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
     of every input seen) → read and decode (CPU tasks, retrying reads under the run's retry `budget`) →
-    detect (actor pool). Also the tally, and the counts of the rows earlier runs committed (rows and errors)."""
+    detect (actor pool, its actors alive in the metrics with `metric_tags`). Also the tally, and the
+    counts of the rows earlier runs committed (rows and errors)."""
     tally = None
     if todo is not None:
         images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
@@ -278,6 +289,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
             precision=cfg.inference.precision.value,
             batch_size=plan.batch_size,
             cpu_fallback=cfg.inference.cpu_fallback,
+            metric_tags=metric_tags,
         ),
         compute=ray.data.ActorPoolStrategy(size=plan.resources.num_actors, max_tasks_in_flight_per_actor=plan.calls_per_actor),
         num_gpus=plan.resources.num_gpus,
@@ -307,17 +319,19 @@ def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, d
 
 
 def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan, progress: Progress,
-           on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
+           on_rows: Optional[Callable[[pa.Table], None]], metrics: RunMetrics) -> Executed:
     """Commit the result rows as they stream in. The driver is the only writer: rows are committed
     exactly once even when Ray retries tasks or restarts actors on other nodes. Rows of inputs that
-    storage kept failing to read (kind TRANSIENT) are kept aside, not committed, so a rerun reads them."""
+    storage kept failing to read (kind TRANSIENT) are kept aside, not committed, so a rerun reads them.
+    Each batch of rows is counted in the run's metrics, which then drops their measurement columns."""
     executed = Executed(gpus_per_actor=plan.resources.num_gpus)
     try:
         for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
             workers = set(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
             executed.workers |= workers
             lease.check()
-            rows = rows.drop_columns([WORKER_COLUMN])
+            metrics.record(rows)
+            rows = rows.drop_columns(list(MEASUREMENT_COLUMNS))
             transient = pc.fill_null(pc.equal(rows.column("error_kind"), dataset.TRANSIENT), False)
             if pc.any(transient).as_py():
                 executed.transient.append(rows.filter(transient).select(["path", "error"]))

@@ -97,15 +97,26 @@ class Progress:
             left = (total - done) / rate if rate > 0 else None
             eta = "done" if done >= total else (f"{duration(left)} left" if left is not None else "time left unknown")
         else:
-            try:
-                listed = self.listed_so_far() if self.listed_so_far else done
-            except Exception:  # the count is asked of a Ray actor; should that fail, the job's own error tells
-                listed = done
-            count = f"{done:,} of at least {max(listed, done):,} images (the listing goes on)"
+            count = f"{done:,} of at least {self.listed(done):,} images (the listing goes on)"
             eta = "time left unknown until the listing ends"
         failed = sum(errors.values())
         kinds = " (" + ", ".join(f"{kind}={n:,}" for kind, n in errors.items()) + ")" if failed else ""
         return f"progress: {count}, {rate:.2f} images/s, {eta}, errors: {failed:,}{kinds}"
+
+    def counts(self) -> tuple[int, int, int]:
+        """Inputs (all of them, or those listed so far), those with a committed row and the errors among
+        them, earlier runs' rows included."""
+        with self.lock:
+            done, failed = self.done_before + self.done, self.errors_before + sum(self.errors.values())
+        return (self.total if self.total is not None else self.listed(done)), done, failed
+
+    def listed(self, done: int) -> int:
+        """Inputs listed so far (at least those done), while the listing goes on."""
+        try:
+            listed = self.listed_so_far() if self.listed_so_far else done
+        except Exception:  # the count is asked of a Ray actor; should that fail, the job's own error tells
+            listed = done
+        return max(listed, done)
 
     def peak_actors(self) -> Counter[str]:
         """The most detector actors that made rows within one interval, by device kind (cpu, cuda)."""

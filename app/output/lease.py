@@ -45,6 +45,7 @@ class OutputLease:
         self.timeout_s, self.heartbeat_s, self.wait_s = timeout_s, heartbeat_s, wait_s
         self.path = output.join(LEASE_NAME)
         self.lost: Optional[str] = None
+        self.heartbeats = 0  # renewals so far
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -86,6 +87,7 @@ class OutputLease:
                     self.lost = f"run {holder.get('owner')} on {holder.get('host')} took output.path over"
                     return
                 write_json(self.output.filesystem, self.path, self.document())
+                self.heartbeats += 1
             except (OSError, ValueError) as error:  # a store's hiccup: the next heartbeat tries again
                 log.warning("could not renew the lease on output.path: %s", error)
 

@@ -54,6 +54,10 @@ class ResultWriter:
         self.sequence += 1
         self.last_commit = time.monotonic()
 
+    def last_commit_time(self) -> float:
+        """Unix time of the last commit (of the writer's start before the first)."""
+        return time.time() - (time.monotonic() - self.last_commit)
+
     def close(self) -> None:
         self.commit()
         self.output.filesystem.delete_dir(self.output.join(STAGING_DIR))
