@@ -119,7 +119,12 @@ def job(cfg) -> None:
         print_summary(run(cfg))
     except ConfigError as error:
         fail(ExitCode.USAGE, f"ray-detect: config error: {error}")
-    except (OutputInUse, LeaseLost) as error:
+    except OutputInUse as error:
+        if cfg.output.skip_if_in_use:  # a scheduled run while the previous one still goes: not a failure
+            print(f"ray-detect: skipped, output.skip_if_in_use=true: {error}")
+            return
+        fail(ExitCode.OUTPUT_IN_USE, f"ray-detect: output in use: {error}")
+    except LeaseLost as error:
         fail(ExitCode.OUTPUT_IN_USE, f"ray-detect: output in use: {error}")
     except DeviceUnavailable as error:
         fail(ExitCode.GPU_UNUSABLE, f"ray-detect: GPU unusable: {error}")

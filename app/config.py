@@ -111,6 +111,9 @@ class OutputConfig:
     # How long a run waits for another run's lease to go stale before it gives up (a retried job whose
     # driver died elsewhere); 0 gives up at once.
     lease_wait_s: float = 0.0
+    # A run that finds output.path held by a live run ends at once with exit code 0 and one line saying so,
+    # instead of exit code 5: for scheduled runs, where the previous run still going is no failure.
+    skip_if_in_use: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ import ray
 from app import inventory, listing, storage
 from app.config import AppConfig, ConfigError
 from app.output import dataset, resume
-from app.plan import MAX_LISTING_BLOCKS, STREAMED_BLOCK_FILES
+from app.plan import MAX_LISTING_BLOCKS, STREAMED_BLOCK_FILES, on_driver_node
 
 
 @dataclass
@@ -69,7 +69,7 @@ def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location,
     streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs, and the
     counts of the rows output.path holds already."""
     committed, index = resume.scan_output(output, in_ray=True)
-    tally = resume.InputTally.remote()
+    tally = resume.InputTally.options(scheduling_strategy=on_driver_node()).remote()
     todo = inputs.stream(cfg, tasks).map_batches(
         resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),

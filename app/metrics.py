@@ -11,6 +11,7 @@ however workers come and go; it also refreshes the run's gauges every REFRESH_S 
 actor reports itself alive (`detector_actors`) from a thread of its own.
 """
 
+import logging
 import threading
 import time
 from typing import Callable, Optional
@@ -18,6 +19,8 @@ from typing import Callable, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.util.metrics import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 # Columns the stages add to each row for the driver's metrics, dropped before the rows are committed:
 # who made the row, the bytes its file had, the seconds it took to read and decode, its share of its model
@@ -139,7 +142,10 @@ class RunMetrics:
 
     def _refresh_until_stopped(self) -> None:
         while not self._stop.wait(REFRESH_S):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as error:  # the run's own error tells; the metrics try again next time
+                log.warning("could not refresh the run's metrics: %s", error)
 
     def __enter__(self) -> "RunMetrics":
         self.refresh()

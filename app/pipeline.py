@@ -25,7 +25,7 @@ from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume
 from app.output.lease import OutputLease
 from app.output.writer import ResultWriter
-from app.plan import ClusterLimits, Plan, plan_run
+from app.plan import ClusterLimits, Plan, on_driver_node, plan_run
 from app.progress import Progress
 from app.retry import BUDGET_SPENT_MARKER, RetryBudget
 
@@ -212,7 +212,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
-    budget = RetryBudget.remote(cfg.data.read_retry_budget)
+    budget = RetryBudget.options(scheduling_strategy=on_driver_node()).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
     detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget, metric_tags)
     progress = Progress(

@@ -232,3 +232,12 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
         input_tasks=resources.decode_tasks or INPUT_TASKS,
         calls_per_actor=2 if resources.num_gpus or resources.num_actors == 1 else 1,
     )
+
+
+def on_driver_node():
+    """Where a run's bookkeeping actors live (the retry budget, the input tally): the driver's node, the
+    head in a RayJob, which is never a spot node that a preemption takes away with their counts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

@@ -43,7 +43,10 @@ CHART_DIR = REPO_ROOT / "charts" / "ray-detect"
 K8S_DIR = REPO_ROOT / "k8s"
 TOOLS_DIR = Path(os.environ.get("K8S_TOOLS_DIR", REPO_ROOT / ".tools"))  # as scripts/get-k8s-tools.sh
 TOOLS_SCRIPT = REPO_ROOT / "scripts" / "get-k8s-tools.sh"
-KUBERAY_CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
+KUBERAY_CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml", "ray.io_raycronjobs.yaml")
+PROMETHEUS_OPERATOR_CRD_FILES = ("monitoring.coreos.com_podmonitors.yaml", "monitoring.coreos.com_prometheusrules.yaml")
+# API groups whose objects are checked against their CRDs.
+CRD_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 
 # ObjectMeta fields a client may send (the API server fills in the rest and rejects them as unknown
 # only in status-like fields; uid, resourceVersion etc. are accepted, so they are listed too).
@@ -266,15 +269,23 @@ StrictValidator = jsonschema.validators.extend(
 )
 
 
+def prometheus_operator_crds_dir() -> Path:
+    """The prometheus-operator CRD folder: $PROMETHEUS_OPERATOR_CRDS_DIR, else ../shared/prometheus-operator-crds."""
+    return Path(os.environ.get("PROMETHEUS_OPERATOR_CRDS_DIR", REPO_ROOT.parent / "shared" / "prometheus-operator-crds"))
+
+
 def load_crd_schemas(crds_dir: Path | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-    """Strict JSON Schemas keyed by (apiVersion, kind), for every served version of the KubeRay CRDs."""
-    crds_dir = crds_dir or kuberay_crds_dir()
+    """Strict JSON Schemas keyed by (apiVersion, kind), for every served version of the KubeRay CRDs (from
+    crds_dir, else kuberay_crds_dir()) and of prometheus-operator's PodMonitor and PrometheusRule."""
+    files = [(crds_dir or kuberay_crds_dir(), name, "KUBERAY_CRDS_DIR", "KubeRay") for name in KUBERAY_CRD_FILES]
+    files += [(prometheus_operator_crds_dir(), name, "PROMETHEUS_OPERATOR_CRDS_DIR", "prometheus-operator")
+              for name in PROMETHEUS_OPERATOR_CRD_FILES]
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
-    for name in KUBERAY_CRD_FILES:
-        path = crds_dir / name
+    for folder, name, variable, project in files:
+        path = folder / name
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing: set KUBERAY_CRDS_DIR to a folder with the KubeRay CRDs (see the chart README)"
+                f"{path} is missing: set {variable} to a folder with the {project} CRDs (see the chart README)"
             )
         crd = yaml.load(path.read_text(), Loader=_YAML_LOADER)
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
@@ -324,7 +335,7 @@ def _cluster_templates(prefix: str, spec: dict[str, Any]) -> Iterator[tuple[str,
 
 
 def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(where, PodTemplateSpec) for every pod template of a RayCluster, RayJob or RayService.
+    """(where, PodTemplateSpec) for every pod template of a RayCluster, RayJob, RayCronJob or RayService.
 
     `where` reads like "RayJob/detect-run-1 submitter" or "RayCluster/detect head".
     """
@@ -340,6 +351,8 @@ def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             found.append((f"{name} submitter", spec["submitterPodTemplate"]))
     elif kind == "RayService":
         found += _cluster_templates(name, spec["rayClusterConfig"])
+    elif kind == "RayCronJob":
+        found += pod_templates({"kind": "RayJob", "metadata": obj["metadata"], "spec": spec["jobTemplate"]})
     return found
 
 
@@ -435,6 +448,7 @@ def autoscaler_violations(obj: dict[str, Any]) -> list[str]:
     """Restricted-profile violations of the autoscaler sidecar KubeRay adds to the head of a cluster
     with in-tree autoscaling (its securityContext comes from autoscalerOptions)."""
     spec = obj.get("spec", {})
+    spec = spec.get("jobTemplate") or spec  # a RayCronJob's
     cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
     if not cluster.get("enableInTreeAutoscaling"):
         return []
@@ -444,9 +458,9 @@ def autoscaler_violations(obj: dict[str, Any]) -> list[str]:
 
 
 def object_errors(obj: dict[str, Any], schemas: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    """Strict CRD errors of a KubeRay object and restricted-profile violations of its pod templates, as
-    'Kind/name: ...' lines; other objects have none."""
-    if not str(obj.get("apiVersion", "")).startswith("ray.io/"):
+    """Strict CRD errors of a KubeRay or prometheus-operator object and restricted-profile violations of its
+    pod templates, as 'Kind/name: ...' lines; other objects have none."""
+    if not str(obj.get("apiVersion", "")).startswith(CRD_GROUPS):
         return []
     meta = obj.get("metadata", {})
     name = f"{obj.get('kind')}/{meta.get('name') or meta.get('generateName')}"

@@ -25,6 +25,7 @@ from tests import k8s_validation as kv
 CHART = kv.CHART_DIR
 PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"
 SPOT_VALUES = CHART / "examples" / "values-gpu-spot.yaml"
+PLATFORM_VALUES = CHART / "examples" / "values-platform.yaml"
 INVALID_VALUES = Path(__file__).parent / "data" / "chart-values-invalid.yaml"
 CHECKOV_SKIPS = Path(__file__).parent / "checkov-skips.yaml"
 RELEASE, NAMESPACE = "detect", "ray-detect"
@@ -35,6 +36,8 @@ RENDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "default": ((), ()),
     "gpu-prod": ((str(PROD_VALUES),), ()),
     "dedicated-no-autoscaling": ((), ("job.cluster=dedicated", "autoscaling.enabled=false")),
+    "platform": ((str(PROD_VALUES), str(PLATFORM_VALUES)), ()),
+    "kueue": ((str(PROD_VALUES),), ("job.cluster=dedicated", "job.queueName=gpu-queue")),
 }
 
 
@@ -146,6 +149,8 @@ def test_helm_lint_strict(helm, values):
         ("default", ["ServiceAccount", "RayCluster", "RayJob"]),
         ("gpu-prod", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
         ("dedicated-no-autoscaling", ["ServiceAccount", "RayJob"]),
+        ("platform", ["NetworkPolicy", "ServiceAccount", "ConfigMap", "PodMonitor", "PrometheusRule", "RayCronJob"]),
+        ("kueue", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
     ],
 )
 def test_render_has_exactly_these_objects(helm, name, kinds):
@@ -221,11 +226,13 @@ def test_ray_auth_on_a_ray_too_old_for_it_fails(helm):
 
 
 @pytest.mark.parametrize("name", list(RENDERS))
-def test_ray_objects_validate_strictly_against_kuberay_crds(helm, crd_schemas, name):
-    ray_objects = [o for o in render(helm, name) if o["apiVersion"].startswith("ray.io/")]
-    assert ray_objects
-    for obj in ray_objects:
-        assert obj["apiVersion"] == "ray.io/v1"
+def test_ray_and_monitoring_objects_validate_strictly_against_their_crds(helm, crd_schemas, name):
+    """KubeRay's objects against KubeRay's CRDs (RayCronJob included), the PodMonitor and the
+    PrometheusRule against prometheus-operator's."""
+    objects = [o for o in render(helm, name) if o["apiVersion"].startswith(kv.CRD_GROUPS)]
+    assert objects
+    for obj in objects:
+        assert obj["apiVersion"] in ("ray.io/v1", "monitoring.coreos.com/v1")
         kv.validate_strict(obj, crd_schemas)
 
 
@@ -295,13 +302,22 @@ def test_every_object_and_pod_template_has_exactly_the_standard_labels(helm):
         "RayCluster": "cluster",
         "NetworkPolicy": "network-policy",
         "RayJob": "job",
+        "RayCronJob": "job",
+        "PodMonitor": "monitoring",
+        "PrometheusRule": "monitoring",
+        "ConfigMap": "monitoring",
     }
+    # What values add: the labels a Prometheus or Grafana selects by, the run name, the queue.
+    added = {"PodMonitor": {"release": "kube-prometheus-stack"}, "PrometheusRule": {"release": "kube-prometheus-stack"},
+             "ConfigMap": {"grafana_dashboard": "1"}}
     for name in RENDERS:
         objects = render(helm, name)
         for obj in objects:
-            expected = expected_labels(object_components[obj["kind"]])
-            if obj["kind"] == "RayJob":
-                expected["ray-detect/run-name"] = {"gpu-prod": "2026-01-15"}.get(name, "run-1")
+            expected = expected_labels(object_components[obj["kind"]]) | added.get(obj["kind"], {})
+            if obj["kind"] in ("RayJob", "RayCronJob"):
+                expected["ray-detect/run-name"] = {"gpu-prod": "2026-01-15", "kueue": "2026-01-15", "platform": "nightly"}.get(name, "run-1")
+            if name == "kueue" and obj["kind"] == "RayJob":
+                expected["kueue.x-k8s.io/queue-name"] = "gpu-queue"
             assert obj["metadata"]["labels"] == expected
         for where, template in all_pod_templates(objects):
             component = {"head": "head", "cpu-workers": "cpu-workers", "gpu-workers": "gpu-workers"}.get(
@@ -703,6 +719,67 @@ def test_cluster_maxima_come_before_the_users_head_env_and_a_users_entry_wins(he
 )
 def test_uncountable_cpus_or_gpus_fail_naming_the_key(helm, tmp_path, values, message):
     assert template_failure(values_error(helm, tmp_path, values)) == message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Monitoring, schedules and queues (examples/values-platform.yaml turns them all on but the queue)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_monitoring_objects_carry_the_repos_rules_and_dashboard_and_select_every_ray_pod(helm):
+    objects = render(helm, "platform")
+    monitor = only(objects, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "ray-detect", "app.kubernetes.io/instance": RELEASE},
+        "matchExpressions": [{"key": "ray.io/node-type", "operator": "Exists"}]}
+    assert [(e["portNumber"], e["interval"]) for e in monitor["spec"]["podMetricsEndpoints"]] == [(8080, "30s")]
+    # KubeRay labels the pods it makes ray.io/node-type=head|worker; the submitter, a Job's pod, has no such label.
+    rule = only(objects, "PrometheusRule")
+    assert rule["spec"] == {"groups": yaml.safe_load((CHART / "rules" / "ray-detect.rules.yaml").read_text())["groups"]}
+    dashboard = only(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Batch inference"}
+    assert dashboard["data"]["ray-detect.json"] == (CHART / "dashboards" / "ray-detect.json").read_text().rstrip("\n")
+
+
+def test_a_schedule_is_a_raycronjob_whose_runs_resume_and_skip_while_the_last_one_goes(helm):
+    objects = render(helm, "platform")
+    assert not [o for o in objects if o["kind"] == "RayJob"]
+    cron = only(objects, "RayCronJob")
+    name = cron["metadata"]["name"]
+    assert name == f"{RELEASE}-ray-detect" and len(f"rayjob-{name}-29000000") <= 47
+    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == ("0 2 * * *", "Europe/Berlin")
+    template = cron["spec"]["jobTemplate"]
+    assert template["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in template
+    assert entrypoint_overrides({"spec": template}) == [
+        "metrics.run=nightly", "data.path=s3://my-bucket/images", "output.path=s3://my-bucket/detections/nightly",
+        "model=fasterrcnn_resnet50_fpn_v2", "inference=gpu", "inference.batch_size=16", "output.skip_if_in_use=true"]
+
+
+def test_a_queue_name_labels_the_rayjob_for_kueue_and_creates_it_suspended(helm):
+    job = only(render(helm, "kueue"), "RayJob")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True and "rayClusterSpec" in job["spec"]
+    assert "suspend" not in only(render(helm, "gpu-prod"), "RayJob")["spec"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("job.queueName=gpu-queue",), "job.queueName needs job.cluster=dedicated: Kueue admits a RayJob together with the "
+                                   "cluster it creates, not a job on a shared RayCluster"),
+    (("job.cluster=dedicated", "job.queueName=gpu-queue", "job.schedule.cron=0 2 * * *"),
+     "job.queueName cannot be used with job.schedule: KubeRay 1.7's RayCronJob creates its RayJobs without labels, so "
+     "Kueue would never admit them"),
+])
+def test_a_queue_on_a_shared_cluster_or_with_a_schedule_fails_in_one_line(helm, sets, message):
+    assert template_failure(helm_error(helm, *[arg for item in sets for arg in ("--set", item)])) == message
+
+
+def test_monitoring_and_schedules_are_off_by_default(helm):
+    objects = render(helm, "default")
+    assert not [o for o in objects if o["kind"] in ("PodMonitor", "PrometheusRule", "ConfigMap", "RayCronJob")]
+    assert entrypoint_overrides(only(objects, "RayJob")) == [
+        "experiment=voc_animals", "output.path=s3://my-bucket/ray-detect/voc_animals"]
 
 
 def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):

@@ -55,6 +55,21 @@ def test_the_command_line_says_why_and_exits_5(tmp_path):
         f"ray-detect: output in use: output.path {tmp_path / 'out'} is in use by run run-elsewhere on other-pod (pid 7)")
 
 
+def test_a_scheduled_run_that_finds_the_output_in_use_skips_with_exit_code_0(tmp_path):
+    """output.skip_if_in_use (which the chart sets for a schedule): the run behind a live one says so in
+    one line and succeeds, touching nothing."""
+    write_images(tmp_path / "in", 1)
+    (tmp_path / "out").mkdir()
+    lease = {"owner": "last-night", "host": "head-pod", "pid": 7, "heartbeat": time.time()}
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(lease))
+    result = subprocess.run([sys.executable, "-m", "app", *FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
+                             "output.skip_if_in_use=true"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(
+        f"ray-detect: skipped, output.skip_if_in_use=true: output.path {tmp_path / 'out'} is in use by run last-night on head-pod (pid 7)")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [LEASE_NAME]
+
+
 def test_a_stale_lease_is_taken_over(local_ray, tmp_path, caplog):
     write_images(tmp_path / "in", 2)
     (tmp_path / "out").mkdir()
