@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -992,3 +993,11 @@ def test_every_value_and_section_has_a_comment():
         path = ".".join(k for _, k in stack)
         if path in values or path in sections:
             assert lines[number - 1].lstrip().startswith("#"), f"values.yaml:{number + 1} {path} has no comment"
+
+
+def test_the_dashboard_json_is_what_scripts_dashboard_py_writes():
+    """The chart's dashboard is built, not edited: the committed JSON is exactly the script's output."""
+    result = subprocess.run([sys.executable, str(kv.REPO_ROOT / "scripts" / "dashboard.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    dashboard = json.loads((CHART / "dashboards" / "ray-detect.json").read_text())
+    assert [variable["name"] for variable in dashboard["templating"]["list"]] == ["datasource", "run"]

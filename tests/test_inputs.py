@@ -1,5 +1,6 @@
 """Where a run's inputs come from, through the whole pipeline on a local Ray instance: odd trees, a tree
-listed in parts by Ray tasks (with resume after a crash), and manifests in each local format."""
+listed in parts by Ray tasks (with resume after a crash), and manifests (each local format through the
+input stage, which is all that differs between them)."""
 
 import gzip
 import os
@@ -12,6 +13,7 @@ import pytest
 
 from app import inventory, listing
 from app.config import ConfigError
+from app.inputs import open_inputs
 from app.output.dataset import MANIFEST_NAME
 from app.pipeline import run
 from tests.conftest import (
@@ -103,10 +105,11 @@ def write_gzipped_csv_without_header(tmp_path, paths):
     return target
 
 
-@pytest.mark.parametrize("write", [write_parquet, write_csv_with_header, write_gzipped_csv_without_header])
-def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path, write):
+def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path):
+    """The whole pipeline on a manifest (a gzipped CSV without a header; the Parquet manifest runs it in
+    the resume test below, and every format gives the same input rows: the test after this one)."""
     paths = manifest_inputs(tmp_path)
-    manifest = write(tmp_path, paths)
+    manifest = write_gzipped_csv_without_header(tmp_path, paths)
     overrides = [*FAST_MODEL, f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"]
     summary = run(compose_config(overrides))
     rows = rows_of(tmp_path / "out")
@@ -115,6 +118,24 @@ def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path, write):
     assert (summary.inputs, summary.processed, summary.ok) == (4, 4, 3)
     again = run(compose_config(overrides))
     assert (again.inputs, again.processed) == (4, 0)
+
+
+@pytest.mark.parametrize("write", [write_parquet, write_csv_with_header, write_gzipped_csv_without_header])
+def test_each_manifest_format_gives_the_same_input_rows(local_ray, tmp_path, write):
+    """The input stage the pipeline runs on a manifest (app.inputs: the manifest read by Ray tasks,
+    turned into input rows), in each local format: the same local image paths and no error yet (the
+    missing file fails when read, the text file is left out); the sizes the manifest lists, none where it
+    lists none. The rest of the pipeline sees only these rows, so each format's run is the one above."""
+    paths = manifest_inputs(tmp_path)
+    manifest = write(tmp_path, paths)
+    cfg = compose_config([*FAST_MODEL, f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"])
+    inputs = open_inputs(cfg)
+    assert inputs.table is None and inputs.source.uri_prefix == ""  # streamed, local paths
+    rows = sorted(inputs.stream(cfg, tasks=1).take_all(), key=lambda row: paths.index(row["path"]))
+    listed_sizes = write is not write_csv_with_header
+    sizes = [os.path.getsize(path) for path in paths[:3]] + [0]
+    assert [(row["path"], row["size"], row["error_kind"], row["error"]) for row in rows] == [
+        (path, size if listed_sizes else None, None, None) for path, size in zip(paths[:4], sizes)]
 
 
 def test_a_manifest_without_a_path_column_is_refused_before_work(tmp_path):
