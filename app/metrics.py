@@ -37,7 +37,7 @@ MEASUREMENT_COLUMNS = (WORKER_COLUMN, INPUT_BYTES_COLUMN, DECODE_SECONDS_COLUMN,
 
 # Seconds between refreshes of the gauges (Ray drops a gauge not set again within two of its export
 # intervals, 10 s each by default).
-REFRESH_S = 5.0
+REFRESH_S = 2.0
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_IMAGES_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 PADDING_BUCKETS = [0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
