@@ -140,15 +140,18 @@ class RunMetrics:
         for name, value in values.items():
             self.gauges[name].set(value, self.tags)
 
+    def refresh_or_warn(self) -> None:
+        try:
+            self.refresh()
+        except Exception as error:  # a run's own error tells what went wrong; the metrics try again later
+            log.warning("could not refresh the run's metrics: %s", error)
+
     def _refresh_until_stopped(self) -> None:
         while not self._stop.wait(REFRESH_S):
-            try:
-                self.refresh()
-            except Exception as error:  # the run's own error tells; the metrics try again next time
-                log.warning("could not refresh the run's metrics: %s", error)
+            self.refresh_or_warn()
 
     def __enter__(self) -> "RunMetrics":
-        self.refresh()
+        self.refresh_or_warn()
         self._thread = threading.Thread(target=self._refresh_until_stopped, name="run-metrics", daemon=True)
         self._thread.start()
         return self
@@ -157,7 +160,7 @@ class RunMetrics:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.refresh()
+        self.refresh_or_warn()
 
 
 class ActorAlive:

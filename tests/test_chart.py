@@ -879,7 +879,7 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
                 (tmp_path / f"{count:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml").write_text(
                     yaml.safe_dump(doc)
                 )
-    assert count == 16
+    assert count == 31  # 16 from default, gpu-prod and dedicated-no-autoscaling; 9 from platform; 6 from kueue
     proc = subprocess.run(
         [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--output", "json",
          "--quiet", "--compact", "--skip-download"],

@@ -167,7 +167,8 @@ def test_every_dashboard_query_returns_what_the_runs_did(observed):
     queries = {title + (f" [{legend}]" if legend else ""): series(expr) for title, legend, expr in dashboard_queries()}
     answers = {title: {labels: points[-1] for labels, points in values.items()} for title, values in queries.items()}
     plain = {title: sorted(values.values()) for title, values in answers.items()}
-    assert plain["Progress"] == [1.0]
+    # Progress reached 1.0 with the rerun (its last point may come before the two gauges' last scrape).
+    assert [max(points) for points in queries["Progress"].values()] == [1.0]
     assert plain["Images done"] == plain["Inputs"] == [summary.inputs]
     assert plain["Time left"] == [0.0]
     assert by("outcome", answers["Errors by kind [{{outcome}}]"]) == {**summary.errors_by_kind, "transient": observed.first.transient}
