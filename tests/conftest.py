@@ -225,3 +225,22 @@ def assert_detections(rows: dict[str, dict], expected: dict[str, dict]) -> None:
                           and abs(other[2] - detection[2]) <= 1e-6 and np.allclose(other[3], detection[3], rtol=0, atol=0.01)), None)
             assert match is not None, (path, detection, found)
             found.pop(match)
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Leave at once once pytest has reported: the interpreter's own teardown, with Ray's and its metrics'
+    native threads still around after the last `ray.shutdown()`, once ended in a segmentation fault after
+    every test had run (exit code 139 instead of pytest's)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
