@@ -323,7 +323,7 @@ def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease,
     """Commit the result rows as they stream in. The driver is the only writer: rows are committed
     exactly once even when Ray retries tasks or restarts actors on other nodes. Rows of inputs that
     storage kept failing to read (kind TRANSIENT) are kept aside, not committed, so a rerun reads them.
-    Each batch of rows is counted in the run's metrics, which then drops their measurement columns."""
+    Each batch of rows is counted in the run's metrics, then loses its measurement columns."""
     executed = Executed(gpus_per_actor=plan.resources.num_gpus)
     try:
         for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
