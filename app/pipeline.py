@@ -255,7 +255,8 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
     counts of the rows earlier runs committed (rows and errors)."""
     tally = None
     if todo is not None:
-        images = ray.data.from_arrow([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
+        # from_blocks takes each block's size from the table here; from_arrow would run a task per block for it.
+        images = ray.data.from_blocks([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
     else:
         images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks)
     resize = cfg.inference.resize_on_cpu

@@ -127,8 +127,8 @@ def plan_resources(
     elif num_gpus:
         num_cpus = 1.0  # one CPU feeds a GPU
     elif fixed_actors:
-        # A given number of actors shares the cluster's CPUs.
-        num_cpus = max(1.0, min(largest_node_cpus, cluster_cpus // fixed_actors))
+        # A given number of actors shares the cluster's CPUs, less those of the input stage.
+        num_cpus = max(1.0, min(largest_node_cpus, (cluster_cpus - input_cpus) // fixed_actors))
     else:
         num_cpus = float(max(1, min(MAX_CPU_THREADS_PER_ACTOR, int(largest_node_cpus) // 2)))
     if fixed_actors:

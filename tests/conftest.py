@@ -18,9 +18,13 @@ os.environ.pop("RAY_ADDRESS", None)
 
 # The tests' model: the light one, from a checkpoint made once per machine (light_checkpoint): every
 # image gets model.max_detections boxes (score threshold 0), with scores and boxes that depend on the image.
+# One detector actor: a run's start is mostly its actors' start (a process importing torch and torchvision),
+# and two of them on this machine's two cores start about 2 s later than one. The tests of how many
+# actors a run starts, where, and how they share the work override it (inference.num_actors=auto).
 LIGHT = "fasterrcnn_mobilenet_v3_large_320_fpn"
 LIGHT_CHECKPOINT = Path(tempfile.gettempdir()) / "ray-detect-tests" / "light-calibrated-v1.pt"
-FAST_MODEL = [f"model={LIGHT}", f"model.weights={LIGHT_CHECKPOINT}", "model.score_threshold=0", "model.max_detections=3"]
+FAST_MODEL = [f"model={LIGHT}", f"model.weights={LIGHT_CHECKPOINT}", "model.score_threshold=0", "model.max_detections=3",
+              "inference.num_actors=1"]
 
 
 def jpeg_bytes(width=64, height=48, color=(200, 40, 40), **save_args) -> bytes:
@@ -98,10 +102,17 @@ def light_checkpoint() -> Path:
     return LIGHT_CHECKPOINT
 
 
+# The modules with a test that uses local_ray: they run first, one after another, on one Ray instance.
+LOCAL_RAY_MODULES: set[str] = set()
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda skip where torch cannot use a GPU (scripts/gpu-check.sh runs them where it can)."""
+    """The modules that use local_ray first (otherwise in their order), so that one Ray instance serves
+    them all; tests marked cuda skip where torch cannot use a GPU (scripts/gpu-check.sh runs them there)."""
     import torch
 
+    LOCAL_RAY_MODULES.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
+    items.sort(key=lambda item: item.module.__name__ not in LOCAL_RAY_MODULES)
     if torch.cuda.is_available():
         return
     for item in items:
@@ -115,15 +126,26 @@ def tests_model():
     return light_checkpoint()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def local_ray():
-    """A local Ray instance with a fixed CPU count, shared by one test module's pipelines (modules that
-    start their own multi-node cluster need Ray free)."""
+    """A local Ray instance with a fixed CPU count, started by the first test that asks for it and shared
+    by the modules of LOCAL_RAY_MODULES (starting Ray takes seconds). ray_free_for_other_modules shuts it
+    down before the first module that starts Ray its own way (a multi-node cluster, a Ray with other
+    settings or environment)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+    return ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_free_for_other_modules(request):
+    """No Ray instance of the tests' own up when a module outside LOCAL_RAY_MODULES starts."""
+    import ray
+
+    if request.module.__name__ not in LOCAL_RAY_MODULES and ray.is_initialized():
+        ray.shutdown()
 
 
 def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -233,6 +255,9 @@ _exit_status = 0
 def pytest_sessionfinish(session, exitstatus):
     global _exit_status
     _exit_status = int(exitstatus)
+    import ray
+
+    ray.shutdown()  # local_ray's, when the last module used it
 
 
 def pytest_unconfigure(config):

@@ -18,10 +18,41 @@ import yaml
 from ray.cluster_utils import AutoscalingCluster
 from ray.util.state import list_actors, list_nodes
 
+from app.detector import Detector
 from app.pipeline import run
 from tests.conftest import FAST_MODEL, compose_config, write_images
 
-IDLE_TIMEOUT_S = 15
+IDLE_TIMEOUT_S = 6
+BARRIER = "detector-barrier"
+ACTORS = 2  # the GPU nodes the cluster may add: RAY_DETECT_MAX_GPUS
+
+
+@ray.remote(num_cpus=0)
+class Barrier:
+    """Counts the detector actors that reached it."""
+
+    def __init__(self):
+        self.arrived = 0
+
+    def arrive(self) -> None:
+        self.arrived += 1
+
+    def count(self) -> int:
+        return self.arrived
+
+
+class BarrierDetector(Detector):
+    """The app's detector, loading its model only once ACTORS actors have reached the barrier (the named
+    actor BARRIER): none of the run's images is detected before the last actor is up, however long the
+    autoscaler takes to start their nodes (after 300 s it goes on, for the test to say what was missing)."""
+
+    def load_model(self, spec):
+        barrier = ray.get_actor(BARRIER)
+        ray.get(barrier.arrive.remote())
+        deadline = time.monotonic() + 300
+        while ray.get(barrier.count.remote()) < ACTORS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return super().load_model(spec)
 
 
 def write_fake_provider_defaults() -> None:
@@ -93,18 +124,23 @@ def detector_actor_nodes(earlier_actors: set[str]) -> list[str]:
 
 
 def test_a_run_grows_onto_every_gpu_the_cluster_may_add_and_gives_them_back(autoscaling_cluster, tmp_path, monkeypatch):
-    # Enough work, in small calls (batch 2, 8 images a call), to outlast the second GPU node's start.
-    write_images(tmp_path / "in", 200)
-    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
-    overrides = [*FAST_MODEL, "ray.address=auto", "inference.cpu_fallback=true", "inference.batch_size=2", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    """From no GPU node up, the run asks for a GPU actor per GPU the cluster may add; the autoscaler starts
+    a node for each, and each actor detects some of the images (BarrierDetector holds them back until
+    every actor is up)."""
+    write_images(tmp_path / "in", 16)
+    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", str(ACTORS))
+    overrides = [*FAST_MODEL, "ray.address=auto", "inference.num_actors=auto", "inference.cpu_fallback=true", "inference.batch_size=2",
+                 f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
     assert alive_gpu_nodes() == []
-    summary = run(compose_config(overrides))
-    assert (summary.inputs, summary.ok, summary.errors) == (200, 200, 0)
-    assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (2, 2, 2.0)
+    barrier = Barrier.options(name=BARRIER).remote()
+    summary = run(compose_config(overrides), detector=BarrierDetector)
+    assert ray.get(barrier.count.remote()) == ACTORS
+    assert (summary.inputs, summary.ok, summary.errors) == (16, 16, 0)
+    assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (ACTORS, ACTORS, float(ACTORS))
     # Both actors made rows (the summary counts the actors and nodes its rows came from), on two GPU nodes.
     gpu_nodes = {node.node_id for node in list_nodes(limit=100) if node.resources_total.get("GPU")}
     actor_nodes = detector_actor_nodes(set())
-    assert len(set(actor_nodes)) == 2 and set(actor_nodes) <= gpu_nodes
+    assert len(set(actor_nodes)) == ACTORS and set(actor_nodes) <= gpu_nodes
     # Nothing holds the GPU nodes once the run is over: the autoscaler removes them when idle.
     deadline = time.monotonic() + IDLE_TIMEOUT_S + 60
     while alive_gpu_nodes() and time.monotonic() < deadline:
@@ -118,7 +154,7 @@ def test_without_the_hint_auto_stays_on_the_cpus_that_are_up(autoscaling_cluster
     write_images(tmp_path / "in", 12)
     monkeypatch.delenv("RAY_DETECT_MAX_GPUS", raising=False)
     earlier = {a.actor_id for a in list_actors(limit=1000)}
-    cfg = compose_config([*FAST_MODEL, "ray.address=auto", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    cfg = compose_config([*FAST_MODEL, "ray.address=auto", "inference.num_actors=auto", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
     summary = run(cfg)
     assert (summary.ok, summary.detector_gpus) == (12, 0.0)
     head = next(node.node_id for node in list_nodes(limit=100) if node.is_head_node)

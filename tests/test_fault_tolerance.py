@@ -43,14 +43,14 @@ def detector_nodes() -> set[str]:
 
 
 def test_preemption_soak_nodes_replaced_and_the_driver_killed(tmp_path):
-    """Spot nodes, short: a run of 120 images whose driver is its own process attached to a multi-node
-    cluster on this machine (as a RayJob's driver is). Twice, once more files are committed, a worker node
-    that holds a detector actor is removed and a fresh one added; then the driver is SIGKILLed mid-run: what
+    """Spot nodes, short: a run of 100 images whose driver is its own process attached to a multi-node
+    cluster on this machine (as a RayJob's driver is). Once some files are committed, a worker node that
+    holds a detector actor is removed and a fresh one added; then the driver is SIGKILLed mid-run: what
     it committed holds each path once and no manifest. The command run again processes exactly the inputs
     without a row and writes the manifest. Exactly one row per input, each holding what the model gives on
     its pixels (rows of the killed run and of the rerun alike): what an undisturbed run commits. (The
     benchmark's chaos suite runs the long soak: 2,000 images, 5 removals.)"""
-    count = 120
+    count = 100
     paths = write_images(tmp_path / "in", count)
     with connected_cluster(1, dict(num_cpus=2), dict(num_cpus=2)) as (cluster, workers):
         overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=4",
@@ -59,19 +59,15 @@ def test_preemption_soak_nodes_replaced_and_the_driver_killed(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         driver = subprocess.Popen([sys.executable, "-m", "app", *overrides], env=env, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        removed = []
         try:
-            for _ in range(2):
-                seen = len(committed_parts(tmp_path / "out"))
-                wait_for(lambda: len(committed_parts(tmp_path / "out")) >= seen + 2, 300, "more committed files")
-                wait_for(lambda: detector_nodes() & {node.node_id for node in workers}, 300, "a detector actor on a worker node")
-                victim = next(node for node in workers if node.node_id in detector_nodes())
-                cluster.remove_node(victim)
-                workers = [node for node in workers if node is not victim] + [cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2)]
-                removed.append(victim.node_id)
-                assert driver.poll() is None, "the run ended before the nodes were replaced"
+            wait_for(lambda: len(committed_parts(tmp_path / "out")) >= 2, 300, "committed files")
+            wait_for(lambda: detector_nodes() & {node.node_id for node in workers}, 300, "a detector actor on a worker node")
+            victim = next(node for node in workers if node.node_id in detector_nodes())
+            cluster.remove_node(victim)
+            cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2)
+            assert driver.poll() is None, "the run ended before the node was replaced"
             seen = len(committed_parts(tmp_path / "out"))
-            wait_for(lambda: len(committed_parts(tmp_path / "out")) >= seen + 2, 300, "files after the last replacement")
+            wait_for(lambda: len(committed_parts(tmp_path / "out")) >= seen + 2, 300, "files after the replacement")
             assert driver.poll() is None, "the run ended before its driver was killed"
         finally:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -83,7 +79,6 @@ def test_preemption_soak_nodes_replaced_and_the_driver_killed(tmp_path):
         cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
                               "output.rows_per_file=4", "inference.batch_size=2", "output.lease_wait_s=0"])
         summary = run(cfg)
-    assert len(set(removed)) == 2
     assert (summary.inputs, summary.ok, summary.errors, summary.errors_by_kind, summary.processed) == (count, count, 0, {}, count - len(before))
     table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(table.column("path").to_pylist()) == sorted(str(path) for path in paths)

@@ -23,7 +23,9 @@ from tests.conftest import FAST_MODEL, compose_config, write_images
 
 
 def test_a_second_run_on_a_live_output_is_refused_and_the_first_completes(tmp_path):
-    paths = write_images(tmp_path / "in", 40)
+    """The second run, in this process, is refused as soon as the first has taken the lease: the first
+    holds it from before it starts Ray until its last commit, seconds later, however few its images."""
+    paths = write_images(tmp_path / "in", 4)
     overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "ray.num_cpus=2"]
     first = subprocess.Popen([sys.executable, "-m", "app", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60

@@ -15,9 +15,11 @@ from tests.conftest import (
     write_mixed_inputs,
 )
 
+# Images of a clean run: enough for progress lines while it goes (every progress.interval_s=0.2).
+IMAGES = 30
 # A progress line while the run goes: count, percent, the last interval's rate, the time left, errors.
 MID_RUN = re.compile(
-    r"^progress: \d+ of 60 images \(\d+\.\d%\), \d+\.\d\d images/s, (\d+ s|\d+ min \d\d s) left, errors: 0$"
+    rf"^progress: \d+ of {IMAGES} images \(\d+\.\d%\), \d+\.\d\d images/s, (\d+ s|\d+ min \d\d s) left, errors: 0$"
 )
 # Anything at warning or error level: Python's warnings and logging, Ray's C++ log lines ("[... E 123 123]").
 ALARM = re.compile(r"Warning\b|\bWARNING\b|\bERROR\b|^\[[^\]]* [WE] \d+ \d+\]|Traceback")
@@ -27,7 +29,7 @@ def run_job(cwd, *overrides, address=None):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if address:
         env["RAY_ADDRESS"] = address
-    command = [sys.executable, "-m", "app", *FAST_MODEL, "data.path=in", "output.path=out", "progress.interval_s=0.2", *overrides]
+    command = [sys.executable, "-m", "app", *FAST_MODEL, "inference.num_actors=auto", "data.path=in", "output.path=out", "progress.interval_s=0.2", *overrides]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -37,29 +39,39 @@ def check_clean_log(result, ray_lines):
     lines = result.stdout.splitlines()
     progress = [line for line in lines if line.startswith("progress: ")]
     assert any(MID_RUN.match(line) for line in progress), progress
-    assert progress[-1].startswith("progress: 60 of 60 images (100.0%), ")
+    assert progress[-1].startswith(f"progress: {IMAGES} of {IMAGES} images (100.0%), ")
     assert progress[-1].endswith(" images/s, done, errors: 0")
-    assert "ray-detect: 60 images (60 ok, 0 errors: none), " in result.stdout
-    # The model's 60 images take more work per actor than decoding them per task slot.
+    assert f"ray-detect: {IMAGES} images ({IMAGES} ok, 0 errors: none), " in result.stdout
+    # The model's images take more work per actor than decoding them per task slot.
     assert "ray-detect: slowest stage: Detector (work per worker: Detector " in result.stdout
-    own = ("progress: ", "ray-detect: ", "60 of 60 images to process from ", "detector stage: ")
+    own = ("progress: ", "ray-detect: ", f"{IMAGES} of {IMAGES} images to process from ", "detector stage: ")
     assert [line for line in lines if not line.startswith(own)] == []
     assert [line for line in result.stderr.splitlines() if not any(ray_line in line for ray_line in ray_lines)] == []
     assert [line for line in lines + result.stderr.splitlines() if ALARM.search(line)] == []
 
 
 def test_a_clean_run_on_a_local_ray_logs_progress_and_summary_and_nothing_alarming(tmp_path):
-    write_images(tmp_path / "in", 60)
+    """The command on a new folder, then again: the second run finds every row written and says so."""
+    write_images(tmp_path / "in", IMAGES)
     result = run_job(tmp_path, "ray.num_cpus=2")
     check_clean_log(result, ["INFO worker.py", "Started a local Ray instance."])
     assert re.search(r"^ray-detect: detector actors used: 2, on 1 node\(s\), holding 0 GPU\(s\); devices: cpu x2; "
                      r"at most at once: cpu [12]$", result.stdout, re.MULTILINE)
+    assert f"; {IMAGES} processed by this run in " in result.stdout
+    assert f"ray-detect: results in {tmp_path / 'out'} (manifest: {tmp_path / 'out'}/_manifest.json)" in result.stdout
+    assert pq.read_table(tmp_path / "out").num_rows == IMAGES
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]  # Hydra wrote nothing of its own
+    again = run_job(tmp_path, "ray.num_cpus=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"ray-detect: {IMAGES} images ({IMAGES} ok, 0 errors: none), " in again.stdout
+    assert "; 0 processed by this run in " in again.stdout
+    assert "detector actors used" not in again.stdout
 
 
 def test_a_clean_run_attached_to_a_cluster_reads_the_same(tmp_path):
     """As in a RayJob: the job attaches through RAY_ADDRESS to a running two-node cluster, and the
     actors' and tasks' output reaches the driver's log (log_to_driver)."""
-    write_images(tmp_path / "in", 60)
+    write_images(tmp_path / "in", IMAGES)
     with connected_cluster(1, {"num_cpus": 2}) as (cluster, _):
         result = run_job(tmp_path, address=cluster.address)
     check_clean_log(result, ["INFO worker.py", "Connecting to existing Ray cluster at address"])

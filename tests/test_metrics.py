@@ -64,7 +64,7 @@ def observed(tmp_path_factory) -> Observed:
     """The runs, done once, with the Prometheus that scraped them (still up: the driver's counters live
     as long as this process's Ray)."""
     files = {f"img_{i:03d}.jpg": gradient_jpeg(96, 72, i) for i in range(GOOD)} | {name: data for name, (data, _) in BAD.items()}
-    overrides = [*FAST_MODEL, f"data.path=s3://{BUCKET}/in", f"output.path=s3://{BUCKET}/out", f"metrics.run={RUN}",
+    overrides = [*FAST_MODEL, "inference.num_actors=auto", f"data.path=s3://{BUCKET}/in", f"output.path=s3://{BUCKET}/out", f"metrics.run={RUN}",
                  "data.read_attempts=2", "inference.batch_size=4", "output.lease_heartbeat_s=1", "output.lease_timeout_s=2"]
     with moto_behind_proxy(BUCKET) as (proxy, client):
         for name, data in files.items():
@@ -166,7 +166,9 @@ def test_every_dashboard_query_returns_what_the_runs_did(observed):
         """The query as Grafana sends it for this run, over the runs (or until `end`): each series' values
         (NaN left out)."""
         expr = expr.replace("$run", RUN).replace("$__rate_interval", "1m")
-        values = prometheus.query_range(expr, started, end or time.time())
+        # One step (1 s) past the end: the range's last point then falls after the last scrape the
+        # fixture waited for, however soon after it this runs.
+        values = prometheus.query_range(expr, started, (end or time.time()) + 1)
         numbers = {labels: [value for value in points if value == value] for labels, points in values.items()}  # NaN != NaN
         return {labels: points for labels, points in numbers.items() if points}
 

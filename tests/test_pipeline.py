@@ -222,23 +222,6 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_command_line_on_a_new_folder(tmp_path):
-    write_images(tmp_path / "photos", 3)
-    result = run_cli(*FAST_MODEL, f"data.path={tmp_path / 'photos'}", "output.path=out", "ray.num_cpus=2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ray-detect: 3 images (3 ok, 0 errors: none), " in result.stdout
-    assert "; 3 processed by this run in " in result.stdout
-    # Three images make one block: the plan starts one actor for it.
-    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 0 GPU(s); devices: cpu x1; at most at once: cpu 1\n" in result.stdout
-    assert f"ray-detect: results in {tmp_path / 'out'} (manifest: {tmp_path / 'out'}/_manifest.json)" in result.stdout
-    assert read_results(tmp_path / "out").num_rows == 3
-    assert sorted(os.listdir(tmp_path)) == ["out", "photos"]  # Hydra wrote nothing of its own
-    again = run_cli(*FAST_MODEL, f"data.path={tmp_path / 'photos'}", "output.path=out", "ray.num_cpus=2", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "; 0 processed by this run in " in again.stdout
-    assert "detector actors used" not in again.stdout
-
-
 def test_command_line_config_error_is_one_line(tmp_path):
     result = run_cli("inference.batch_size=0", cwd=tmp_path)
     assert result.returncode == 2

@@ -33,7 +33,7 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     on the CPU, and the summary and the manifest say so. With CUDA the actor runs on the GPU, no warning."""
     cluster, gpu_node = gpu_cluster
     write_images(tmp_path / "in", 40)
-    cfg = compose_config([*FAST_MODEL, "inference.cpu_fallback=true", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    cfg = compose_config([*FAST_MODEL, "inference.num_actors=auto", "inference.cpu_fallback=true", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
     summary = run(cfg)
     assert (summary.inputs, summary.ok) == (40, 40)
     assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (1, 1, 1.0)
@@ -62,7 +62,7 @@ def test_cpu_actors_fill_both_nodes_and_all_get_work(gpu_cluster, tmp_path):
     cluster, gpu_node = gpu_cluster
     earlier = {a.actor_id for a in list_actors(limit=1000)}
     write_images(tmp_path / "in", 24)
-    overrides = [*FAST_MODEL, "inference.num_gpus=0", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    overrides = [*FAST_MODEL, "inference.num_actors=auto", "inference.num_gpus=0", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
     summary = run(compose_config(overrides))
     assert (summary.inputs, summary.ok) == (24, 24)
 

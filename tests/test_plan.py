@@ -5,6 +5,9 @@ import pytest
 from app.plan import ClusterLimits, Plan, Resources, plan_run
 from tests.conftest import FAST_MODEL, compose_config
 
+# The tests' model at the app's default pool size (auto), which is what is planned here.
+MODEL = [*FAST_MODEL, "inference.num_actors=auto"]
+
 CPU_NODE = [{"CPU": 2.0}]
 DECODE_MEMORY = 256 * 1024**2 + 16 * 320 * 640 * 3  # a decode task's base, and 16 images at model size
 
@@ -13,7 +16,7 @@ DECODE_MEMORY = 256 * 1024**2 + 16 * 320 * 640 * 3  # a decode task's base, and 
 def test_no_more_actors_or_decode_tasks_than_blocks(files, actors, block_rows):
     """A block goes to one decode task and one actor: a small input gets no idle ones (and Ray Data no
     pool larger than its inputs, which it warns of)."""
-    plan = plan_run(compose_config(["data.path=x", "output.path=y", *FAST_MODEL]), CPU_NODE, True, ClusterLimits(), files)
+    plan = plan_run(compose_config(["data.path=x", "output.path=y", *MODEL]), CPU_NODE, True, ClusterLimits(), files)
     assert plan == Plan(
         resources=Resources(num_gpus=0.0, num_actors=actors, num_cpus_per_actor=1.0, decode_cpus=0.0, decode_tasks=actors),
         batch_size=4, block_rows=block_rows, rows_per_call=block_rows if block_rows > 4 else 4, decode_batch=block_rows,
@@ -22,7 +25,7 @@ def test_no_more_actors_or_decode_tasks_than_blocks(files, actors, block_rows):
 
 
 def test_a_gpu_cluster_with_two_files_gets_one_actor_and_one_decode_task():
-    cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
+    cfg = compose_config(["data.path=x", "output.path=y", *MODEL])
     plan = plan_run(cfg, [{"CPU": 16.0, "GPU": 4.0}], True, ClusterLimits(), 2)
     assert plan.resources == Resources(num_gpus=1.0, num_actors=1, num_cpus_per_actor=1.0, decode_cpus=1.0, decode_tasks=1)
     assert (plan.batch_size, plan.block_rows, plan.calls_per_actor) == (32, 16, 2)
@@ -31,9 +34,18 @@ def test_a_gpu_cluster_with_two_files_gets_one_actor_and_one_decode_task():
 
 
 def test_streamed_inputs_keep_the_whole_pool_and_a_cpu_for_the_input_stage():
-    cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
+    cfg = compose_config(["data.path=x", "output.path=y", *MODEL])
     plan = plan_run(cfg, [{"CPU": 8.0}], True, ClusterLimits(), None)
     # 8 CPUs: actors of 4 threads, one fewer than the two that would fit, for the repartition's CPU;
     # decode tasks take the CPUs left, as many as those allow, and input tasks INPUT_TASKS at once.
     assert plan.resources == Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=4.0, decode_cpus=1.0, decode_tasks=None)
     assert (plan.block_rows, plan.rows_per_call, plan.decode_batch, plan.input_tasks) == (1024, 16, 16, 4)
+
+
+@pytest.mark.parametrize("cpus, threads", [(2.0, 1.0), (8.0, 7.0)])
+def test_a_fixed_pool_on_streamed_inputs_leaves_the_input_stage_its_cpu(cpus, threads):
+    """inference.num_actors=1 on streamed inputs: the actor's threads stop one CPU short of the node, the
+    repartition's (taking them all, it would wait for that CPU while the actor waits for its inputs)."""
+    cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
+    assert plan_run(cfg, [{"CPU": cpus}], True, ClusterLimits(), None).resources.num_cpus_per_actor == threads
+    assert plan_run(cfg, [{"CPU": cpus}], True, ClusterLimits(), 1000).resources.num_cpus_per_actor == cpus
