@@ -6,6 +6,7 @@ fails at composition, naming the key, before Ray starts.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,9 @@ SAMPLES_DIR = Path(__file__).parent / "samples"
 # The value of the inference settings that the job resolves against the cluster (app.plan).
 AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
+# A URI holding a secret before its host: scheme://user:password@... (pyarrow and fsspec accept it; the
+# password may hold a slash, as AWS secret keys do), not scheme://host:port/path@...
+CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]+:(?!\d+/)[^@]*@")
 
 
 @dataclass
@@ -219,3 +223,9 @@ def check_config(cfg: AppConfig) -> None:
         value = getattr(cfg.inference, key)
         if value != AUTO:
             parse_number(f"inference.{key}", value, 1 if key == "num_actors" else 0)
+    for key, value in (("data.path", cfg.data.path), ("data.manifest", cfg.data.manifest), ("output.path", cfg.output.path),
+                       ("model.weights", cfg.model.weights)):
+        if value and CREDENTIALS_IN_URI.match(value):
+            # The value is not repeated: the settings, the manifest, the RayJob and the log would all hold it.
+            raise ConfigError(f"{key} holds credentials (user:password@ in its URI); give them to the storage "
+                              "client through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")

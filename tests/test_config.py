@@ -168,6 +168,23 @@ def test_bad_values_fail_in_one_line(override, message):
     assert str(caught.value) == message
 
 
+@pytest.mark.parametrize("key", ["data.path", "data.manifest", "output.path", "model.weights"])
+def test_a_uri_with_credentials_is_refused_without_repeating_them(key):
+    """pyarrow would take s3://KEY:SECRET@bucket/...; the run would then record the secret in its settings,
+    manifest and log. A secret with a slash (as AWS secrets may have) is caught too."""
+    overrides = {"data.path": "in", "output.path": "out", key: "s3://AKIAEXAMPLE:se/cr+et@bucket/prefix"}
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config([f"{name}={value}" for name, value in overrides.items()]))
+    assert str(caught.value) == (f"{key} holds credentials (user:password@ in its URI); give them to the storage client "
+                                 "through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/a:b@c.jpg", "s3://bucket/prefix", "gs://bucket/x", "/data/a:b@c", "https://host:8080/w.pt",
+                                 "https://host:8080/a@b.pt"])
+def test_uris_without_credentials_pass(uri):
+    check_config(compose_config(["data.path=in", "output.path=out", f"data.manifest={uri}"]))
+
+
 @pytest.mark.parametrize(
     "overrides,cluster,expected",
     [

@@ -1,4 +1,4 @@
-"""A full output volume: output.path on a real small filesystem (a tmpfs of 96 KiB this test mounts) that
+"""A full output volume: output.path on a real small filesystem (a tmpfs of 64 KiB this test mounts) that
 fills mid-run. The run stops with OutputFull (exit code 10 from the command line, tests/test_cli.py) and
 one line naming the file, the bytes it needed and those free; every committed file is whole, nothing
 half-written is left, and after the volume grows a rerun completes with one row per input."""
@@ -18,10 +18,10 @@ IMAGES = 40
 
 @pytest.fixture
 def small_volume(tmp_path):
-    """A tmpfs of 96 KiB mounted at tmp_path/out, and a function that resizes it."""
+    """A tmpfs of 64 KiB mounted at tmp_path/out, and a function that resizes it."""
     mount_point = tmp_path / "out"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
 
