@@ -41,7 +41,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -713,8 +712,10 @@ def first_result(overrides: list[str]) -> float:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux reports it in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size in bytes: Linux's VmHWM. Not getrusage's ru_maxrss, which in
+    a process started by fork and exec also counts the forking parent's size (bench's own, torch loaded)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def in_fresh_process(function, *arguments):

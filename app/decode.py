@@ -108,17 +108,46 @@ def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], optio
     return data
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) as 8-bit RGB."""
-    if image.mode == "RGB":
-        return image
+# Rows of a 16- or 32-bit grayscale image scaled to 8 bits at a time: the float32 band stays a few MB
+# however large the image is.
+GRAY_BAND_ROWS = 64
+
+
+def to_8bit_gray(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grayscale image (modes I;16*, I, F) as 8-bit grayscale (L), scaled, not clipped as
+    Pillow's convert would: values over 255 are read as 16-bit, 0..65535 to 0..255. A band of rows at a
+    time in float32, so that besides the image only its 8-bit copy is full-size (1 byte a pixel)."""
+    scale = np.float32(255 / 65535 if image.getextrema()[1] > 255 else 1)
+    gray = np.empty((image.height, image.width), np.uint8)
+    for top in range(0, image.height, GRAY_BAND_ROWS):
+        bottom = min(top + GRAY_BAND_ROWS, image.height)
+        band = np.array(image.crop((0, top, image.width, bottom)), dtype=np.float32)
+        band *= scale
+        np.clip(band, 0, 255, out=band)
+        gray[top:bottom] = np.rint(band, out=band)
+    return Image.fromarray(gray, mode="L")
+
+
+def to_rgb(image: Image.Image, size: Optional[tuple[int, int]] = None) -> Image.Image:
+    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) as 8-bit RGB, resized to `size` if given.
+    Each step closes the image it replaces, freeing its pixels at once (the caller's image included), so
+    that at most two full-size images exist at a time. Grayscale is resized before it becomes RGB, while
+    it takes 1 byte a pixel (Pillow keeps RGB, RGBA and CMYK in 4)."""
     if image.mode.startswith("I") or image.mode == "F":
-        # 16- and 32-bit grayscale: Pillow's convert would clip to 255, so rescale to 8 bits first.
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
-        gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
-        image = Image.fromarray(gray, mode="L")
-    return image.convert("RGB")
+        image = replaced(image, to_8bit_gray(image))
+    if image.mode == "L" and size is not None and size != image.size:
+        image = replaced(image, image.resize(size, Image.Resampling.BILINEAR))
+    if image.mode != "RGB":
+        image = replaced(image, image.convert("RGB"))
+    if size is not None and size != image.size:
+        image = replaced(image, image.resize(size, Image.Resampling.BILINEAR))
+    return image
+
+
+def replaced(old: Image.Image, new: Image.Image) -> Image.Image:
+    """`new`, once `old`'s pixels are freed."""
+    old.close()
+    return new
 
 
 def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
@@ -146,9 +175,8 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
             # never below that size: a 12 MP photo decodes a quarter of its pixels or fewer.
             stored = size if (width, height) == image.size else size[::-1]
             image.draft(None, stored)
-        image = to_rgb(ImageOps.exif_transpose(image))
-        if size is not None and size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when the image needs no turn
+        image = to_rgb(image, size)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(CORRUPT_IMAGE, f"cannot decode: {error}") from error
     return image, width, height

@@ -44,6 +44,11 @@ MAX_GPUS_VARIABLE = "RAY_DETECT_MAX_GPUS"
 MAX_CPUS_VARIABLE = "RAY_DETECT_MAX_CPUS"
 # A decode worker's own memory (Python, pyarrow, Pillow) before any image, as Ray Data measures it.
 DECODE_TASK_BASE_MEMORY = 256 * 1024**2
+# Memory a decode takes a pixel of its image, at most: two full-size images at once, of 4 bytes a pixel
+# (Pillow keeps RGB, RGBA, CMYK and 32-bit grayscale in 4): the image and its RGB conversion or its
+# EXIF turn; each step frees the image before it (app.decode.to_rgb). A 16-bit grayscale PNG takes
+# under 4 (tests/test_decode.py).
+DECODE_BYTES_PER_PIXEL = 8
 
 
 
@@ -184,6 +189,14 @@ def decoded_image_bytes(cfg: AppConfig) -> int:
 
 
 
+def decode_task_memory(cfg: AppConfig) -> int:
+    """What a decode task may hold at once: the worker's own memory, the images it decoded so far at
+    model size, and the largest file allowed while it is decoded (its bytes, and its pixels through the
+    decode's steps, DECODE_BYTES_PER_PIXEL)."""
+    largest = cfg.data.max_file_bytes + DECODE_BYTES_PER_PIXEL * cfg.data.max_image_pixels
+    return DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg) + largest
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a run maps its stages onto the cluster."""
@@ -228,7 +241,7 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
         decode_batch=min(block_rows, FILES_PER_DECODE_BATCH),
         # The decode task's memory, declared so Ray can plan it. As the detector declares none, this also
         # keeps Ray from fusing decoding into the actors, where it would run serially with the model.
-        decode_memory=DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg),
+        decode_memory=decode_task_memory(cfg),
         input_tasks=resources.decode_tasks or INPUT_TASKS,
         calls_per_actor=2 if resources.num_gpus or resources.num_actors == 1 else 1,
     )

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 from PIL import Image, ImageFont
 
 from app import cli, storage
+from app.decode import DecodeOptions
 from app.output import reader
 
 PROG = "ray-detect report"
@@ -133,14 +134,15 @@ def compute_stats(rows: list[dict]) -> Stats:
     return stats
 
 
-def draw_preview(row: dict, selection: Selection, max_side: int) -> tuple[bytes, int]:
-    """The row's image, shrunk to max_side, with its kept boxes drawn; JPEG bytes and the box count.
+def draw_preview(row: dict, selection: Selection, max_side: int, limits: DecodeOptions) -> tuple[bytes, int]:
+    """The row's image, shrunk to max_side, with its kept boxes drawn; JPEG bytes and the box count. The
+    image is read under the job's `limits`: it may have changed since.
 
     The image is shrunk before drawing so that lines and text keep their size on large photos."""
     import torch  # imported here, so that argument errors are reported without loading torch
     from torchvision.utils import draw_bounding_boxes
 
-    image = reader.read_image(row["path"])
+    image = reader.read_image(row["path"], limits)
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -167,7 +169,7 @@ def draw_preview(row: dict, selection: Selection, max_side: int) -> tuple[bytes,
 
 
 def write_previews(
-    rows: list[dict], selection: Selection, out: storage.Location, max_side: int
+    rows: list[dict], selection: Selection, out: storage.Location, max_side: int, limits: DecodeOptions
 ) -> list[Preview]:
     folder = out.join(PREVIEW_DIR)
     if out.filesystem.get_file_info(folder).type == pafs.FileType.Directory:
@@ -181,7 +183,7 @@ def write_previews(
         else:
             name = f"{number:04d}_{reader.file_stem(row['path'])}.jpg"
             try:
-                data, preview.boxes = draw_preview(row, selection, max_side)
+                data, preview.boxes = draw_preview(row, selection, max_side, limits)
             except Exception as error:  # a moved or changed image must not stop the report
                 preview.problem = f"no preview: {type(error).__name__}: {error}"
                 print(f"{PROG}: {row['path']}: {preview.problem}", file=sys.stderr)
@@ -277,7 +279,7 @@ def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: 
         out.filesystem.create_dir(out.path, recursive=True)
     except OSError as error:
         raise reader.ResultsError(f"cannot write to --out {out_uri}: {error}") from None
-    previews = write_previews(selection.choose(rows), selection, out, max_side)
+    previews = write_previews(selection.choose(rows), selection, out, max_side, results.image_limits())
     page = render_html(results, compute_stats(rows), previews, selection)
     index = out.join("index.html")
     reader.write_bytes(out, index, page.encode())

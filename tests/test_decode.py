@@ -2,6 +2,8 @@
 and one error row (with its kind) for each kind of bad file."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +64,36 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
     image, _, _ = decode(data, NO_RESIZE)
     assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+# A decode in a fresh process: the growth of its peak RSS (VmHWM, reset through /proc/self/clear_refs once
+# the file is read) in bytes, and what it decoded.
+MEASURE_DECODE = """
+import sys
+from app.decode import DecodeOptions, decode
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+data = open(sys.argv[1], "rb").read()
+open("/proc/self/clear_refs", "w").write("5")
+rss = status("VmRSS:")
+image, width, height = decode(data, DecodeOptions(64 * 2**20, 40_000_000, 800, 1333))
+print(status("VmHWM:") - rss, width, height, *image.size, *image.getpixel((1279, 0)))
+"""
+
+
+def test_a_40_megapixel_16_bit_png_decodes_in_under_4_bytes_a_pixel(tmp_path):
+    """The bound: the 16-bit image (2 bytes a pixel) and its 8-bit copy (1) are the only full-size arrays;
+    up to 1 more for the PNG decoder and the float32 bands (measured: about 3.2). Float64 temporaries took
+    about 25 bytes a pixel, a gigabyte for this file of 40 KB. Measured by RSS in a fresh process: Pillow
+    allocates outside Python's allocator, where tracemalloc does not see it."""
+    ramp = np.linspace(0, 65535, 8000).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.tile(ramp, (5000, 1))).save(path)
+    assert Image.open(path).mode == "I;16" and path.stat().st_size < 100_000
+    result = subprocess.run([sys.executable, "-c", MEASURE_DECODE, str(path)], capture_output=True, text=True, check=True)
+    growth, *decoded = map(int, result.stdout.split())
+    assert decoded == [8000, 5000, 1280, 800, 255, 255, 255]
+    assert growth < 4 * 40_000_000, f"{growth / 40e6:.2f} bytes a pixel"
 
 
 def test_exif_orientation_is_applied():

@@ -9,7 +9,9 @@ from tests.conftest import FAST_MODEL, compose_config
 MODEL = [*FAST_MODEL, "inference.num_actors=auto"]
 
 CPU_NODE = [{"CPU": 2.0}]
-DECODE_MEMORY = 256 * 1024**2 + 16 * 320 * 640 * 3  # a decode task's base, and 16 images at model size
+# A decode task's base, 16 images at model size, and the largest file allowed (64 MiB) with its 40 million
+# pixels at 8 bytes each while it is decoded.
+DECODE_MEMORY = 256 * 1024**2 + 16 * 320 * 640 * 3 + 64 * 1024**2 + 8 * 40_000_000
 
 
 @pytest.mark.parametrize("files, actors, block_rows", [(1, 1, 4), (3, 1, 4), (5, 2, 4), (40, 2, 5)])

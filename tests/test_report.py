@@ -43,8 +43,8 @@ def error_row(path, kind, message):
     }
 
 
-def write_results(folder, rows, weights="none", class_names=None, filesystem=None):
-    """A results directory as `python -m app` leaves it: Parquet data files and the manifest."""
+def write_results(folder, rows, weights="none", class_names=None, filesystem=None, settings=None):
+    """A results directory as `python -m app` leaves it: Parquet data files, the manifest and the settings."""
     filesystem = filesystem or pafs.LocalFileSystem()
     folder = str(folder)
     filesystem.create_dir(folder, recursive=True)
@@ -62,7 +62,7 @@ def write_results(folder, rows, weights="none", class_names=None, filesystem=Non
         stream.write(json.dumps(manifest).encode())
     # What else a run leaves there, which readers must skip: its settings and a crashed run's staging.
     with filesystem.open_output_stream(f"{folder}/_settings.json") as stream:
-        stream.write(b"{}")
+        stream.write(json.dumps(settings or {}).encode())
     filesystem.create_dir(f"{folder}/_staging/old", recursive=True)
     pq.write_table(table.slice(0, 1), f"{folder}/_staging/old/part-old-000000.parquet", filesystem=filesystem)
     return folder
@@ -118,6 +118,25 @@ def test_min_score_leaves_weaker_boxes_undrawn(results_dir, tmp_path):
     assert close(preview[100, 41], report.label_color(17))
     assert close(preview[25, 11], GRAY, 6)  # the 0.42 dog box is not drawn
     assert "a.jpg · 1 box</figcaption>" in page and "b.jpg · 3 boxes</figcaption>" in page
+
+
+def test_previews_read_images_under_the_jobs_limits(tmp_path, capsys):
+    """Images replaced since the run by ones over the job's limits (its settings) are not decoded: a file
+    over data.max_file_bytes is not read past the limit, an image over data.max_image_pixels is not
+    decoded; their previews say why, and the report goes on."""
+    noisy = tmp_path / "images" / "noisy.jpg"
+    noisy.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(noisy, quality=95)
+    wide = gray_image(tmp_path / "images" / "wide.jpg", 400, 300)
+    assert wide.stat().st_size < 10_000 < noisy.stat().st_size
+    settings = {"data.max_file_bytes": 10_000, "data.max_image_pixels": 100_000}
+    folder = write_results(tmp_path / "results", [ok_row(noisy), ok_row(wide, width=400, height=300)], settings=settings)
+    report.main([folder, "--out", str(tmp_path / "report")])
+    assert capsys.readouterr().err.splitlines() == [
+        f"ray-detect report: {noisy}: no preview: ImageError: file is over data.max_file_bytes=10000 bytes",
+        f"ray-detect report: {wide}: no preview: ImageError: 400x300 is 120000 pixels, over data.max_image_pixels=100000",
+    ]
+    assert previews_in((tmp_path / "report" / "index.html").read_text()) == []
 
 
 def test_index_holds_the_exact_counts(results_dir, tmp_path, capsys):

@@ -13,11 +13,14 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from app import storage
-from app.decode import DecodeOptions, decode
+from app.config import DataConfig
+from app.decode import DecodeOptions, decode, read_file
 from app.output.dataset import (
     MANIFEST_NAME,
     RESULT_SCHEMA,
+    SETTINGS_NAME,
     read_committed,
+    read_json,
     read_manifest,
 )
 
@@ -31,11 +34,21 @@ class ResultsError(Exception):
 
 @dataclass
 class Results:
-    """A results directory: where it is, its manifest and its rows (sorted by path)."""
+    """A results directory: where it is, its manifest, its settings and its rows (sorted by path)."""
 
     location: storage.Location
     manifest: dict
     table: pa.Table
+    settings: dict
+
+    def image_limits(self) -> DecodeOptions:
+        """The limits the job read its images under (data.max_file_bytes, data.max_image_pixels), for
+        reading them again; the defaults for a dataset whose settings do not say."""
+        defaults = DataConfig(path="")
+        return DecodeOptions(
+            max_file_bytes=self.settings.get("data.max_file_bytes", defaults.max_file_bytes),
+            max_image_pixels=self.settings.get("data.max_image_pixels", defaults.max_image_pixels),
+        )
 
     @property
     def uri(self) -> str:
@@ -62,9 +75,10 @@ def open_results(uri: str) -> Results:
             raise ResultsError(f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run")
         # Only the committed part-*.parquet files: not _staging/, _settings.json or anything else there.
         table = read_committed(location, RESULT_SCHEMA.names).sort_by("path")
+        settings = read_json(location.filesystem, location.join(SETTINGS_NAME)) or {}
     except (OSError, ValueError, pa.ArrowException) as error:
         raise ResultsError(f"cannot read results in {uri}: {error}") from None
-    return Results(location, manifest, table)
+    return Results(location, manifest, table, settings)
 
 
 def output_location(results: Results, uri: str, option: str = "--out") -> storage.Location:
@@ -136,12 +150,12 @@ def _folder(uri: str) -> storage.Location:
     return storage.resolve(uri)
 
 
-def read_bytes(uri: str) -> bytes:
-    """The bytes of a local file or a file behind a URI (one filesystem per folder, reused)."""
+def read_bytes(uri: str, limits: DecodeOptions) -> bytes:
+    """The bytes of a local file or a file behind a URI (one filesystem per folder, reused), refused
+    (app.decode.ImageError) over limits.max_file_bytes."""
     folder, slash, name = uri.rpartition("/")
     location = _folder(folder or (slash or "."))
-    with location.filesystem.open_input_stream(location.join(name)) as stream:
-        return stream.read()
+    return read_file(location.filesystem, location.join(name), None, limits)
 
 
 def write_bytes(location: storage.Location, path: str, data: bytes) -> None:
@@ -149,11 +163,7 @@ def write_bytes(location: storage.Location, path: str, data: bytes) -> None:
         stream.write(data)
 
 
-# Pixels of an image to preview, at most: the job decoded it under data.max_image_pixels already.
-PREVIEW_MAX_PIXELS = 2**31
-
-
-def read_image(uri: str) -> Image.Image:
-    """An input image as the job saw it (app.decode): EXIF orientation applied, 8-bit RGB, original size."""
-    data = read_bytes(uri)
-    return decode(data, DecodeOptions(max_file_bytes=len(data), max_image_pixels=PREVIEW_MAX_PIXELS))[0]
+def read_image(uri: str, limits: DecodeOptions) -> Image.Image:
+    """An input image as the job saw it (app.decode): EXIF orientation applied, 8-bit RGB, original size;
+    read and decoded under the job's limits (Results.image_limits), since the file may have changed."""
+    return decode(read_bytes(uri, limits), limits)[0]
