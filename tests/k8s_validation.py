@@ -356,6 +356,48 @@ def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def token_readers(objects: list[dict[str, Any]]) -> list[str]:
+    """"<where> <container>" for every container of the objects' pods that can read a Kubernetes API token:
+    all containers of a pod whose token the kubelet mounts (its automountServiceAccountToken, else its
+    ServiceAccount's when that is among the objects, else true: Kubernetes' default), and every container
+    that mounts a projected serviceAccountToken volume or anything at the token's usual path. A head with
+    enableInTreeAutoscaling also runs the autoscaler sidecar KubeRay adds, which mounts
+    autoscalerOptions.volumeMounts."""
+    automount = {o["metadata"]["name"]: o.get("automountServiceAccountToken", True) for o in objects if o["kind"] == "ServiceAccount"}
+    readers = []
+    for obj in objects:
+        for where, template in pod_templates(obj):
+            spec = template["spec"]
+            containers = list(spec["containers"])
+            cluster = _cluster_spec_of_head(obj, where)
+            if cluster is not None and cluster.get("enableInTreeAutoscaling"):
+                options = cluster.get("autoscalerOptions", {})
+                containers.append({"name": "autoscaler", "volumeMounts": options.get("volumeMounts", [])})
+            mounted = spec.get("automountServiceAccountToken", automount.get(spec.get("serviceAccountName", "default"), True))
+            token_volumes = {
+                volume["name"] for volume in spec.get("volumes", [])
+                if any("serviceAccountToken" in source for source in volume.get("projected", {}).get("sources", []))
+            }
+            for container in containers:
+                mounts = container.get("volumeMounts", [])
+                if mounted or any(m["name"] in token_volumes or m["mountPath"].startswith(SERVICE_ACCOUNT_DIR) for m in mounts):
+                    readers.append(f"{where} {container['name']}")
+    return readers
+
+
+def _cluster_spec_of_head(obj: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The RayCluster spec whose head pod `where` names, or None for any other pod."""
+    if not where.endswith(" head"):
+        return None
+    spec = obj["spec"]
+    if obj["kind"] == "RayCronJob":
+        spec = spec["jobTemplate"]
+    return spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+
+
 def as_pod(where: str, template: dict[str, Any], namespace: str) -> dict[str, Any]:
     """A stand-alone Pod from a pod template (for tools that skip custom resources), named after `where`."""
     slug = re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-")
@@ -481,8 +523,10 @@ def object_errors(obj: dict[str, Any], schemas: dict[tuple[str, str], dict[str, 
 ARGOCD_REQUIRED_SYNC_OPTIONS = ("CreateNamespace=true",)
 
 
-def application_errors(app: dict[str, Any], kustomizations: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """What is wrong with an Argo CD Application deploying one of our kustomizations (empty: nothing).
+def application_errors(app: dict[str, Any], kustomizations: dict[str, list[dict[str, Any]]],
+                       project: dict[str, Any]) -> list[str]:
+    """What is wrong with an Argo CD Application deploying one of our kustomizations (empty: nothing),
+    in the AppProject `project`, which must allow its repository, its destination and every kind it deploys.
 
     kustomizations maps each folder, relative to the repository ("k8s/overlays/dev"), to its objects.
     """
@@ -492,8 +536,20 @@ def application_errors(app: dict[str, Any], kustomizations: dict[str, list[dict[
     if path not in kustomizations:
         return [f"{name}: source.path {path!r} is not one of {sorted(kustomizations)}"]
     namespaces = {o["metadata"].get("namespace") for o in kustomizations[path]}
-    if namespaces != {spec.get("destination", {}).get("namespace")}:
+    destination = spec.get("destination", {})
+    if namespaces != {destination.get("namespace")}:
         errors.append(f"{name}: destination.namespace differs from the overlay's namespaces {sorted(namespaces)}")
+    allowed = project.get("spec", {})
+    if spec.get("project") != project["metadata"]["name"]:
+        errors.append(f"{name}: project must be {project['metadata']['name']!r}, not {spec.get('project')!r}")
+    if spec.get("source", {}).get("repoURL") not in allowed.get("sourceRepos", []):
+        errors.append(f"{name}: the project does not allow repoURL {spec.get('source', {}).get('repoURL')!r}")
+    if {"server": destination.get("server"), "namespace": destination.get("namespace")} not in allowed.get("destinations", []):
+        errors.append(f"{name}: the project does not allow destination {destination.get('namespace')!r}")
+    kinds = {(o["apiVersion"].rpartition("/")[0] if "/" in o["apiVersion"] else "", o["kind"]) for o in kustomizations[path]}
+    whitelisted = {(k["group"], k["kind"]) for k in allowed.get("namespaceResourceWhitelist", [])}
+    for group, kind in sorted(kinds - whitelisted):
+        errors.append(f"{name}: the project does not allow kind {kind} (group {group!r})")
     sync = spec.get("syncPolicy", {})
     if sync.get("automated", {}) != {"prune": True, "selfHeal": True}:
         errors.append(f"{name}: syncPolicy.automated must be {{prune: true, selfHeal: true}}")
@@ -525,11 +581,13 @@ def validate_k8s(root: Path = K8S_DIR) -> tuple[list[str], list[str]]:
         objects = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
         report.append(f"{where}: {', '.join(o['kind'] for o in objects)}")
         errors += [f"{where}: {e}" for obj in objects for e in object_errors(obj, schemas)]
-    for manifest in sorted((root / "argocd").glob("*.yaml")):
+    project = yaml.safe_load((root / "argocd" / "project.yaml").read_text())
+    report.append(f"k8s/argocd/project.yaml: AppProject {project['metadata']['name']}")
+    for manifest in sorted((root / "argocd").glob("ray-detect-*.yaml")):
         where = manifest.relative_to(REPO_ROOT).as_posix()
         app = yaml.safe_load(manifest.read_text())
         report.append(f"{where}: Application -> {app.get('spec', {}).get('source', {}).get('path')}")
-        errors += [f"{where}: {e}" for e in application_errors(app, rendered)]
+        errors += [f"{where}: {e}" for e in application_errors(app, rendered, project)]
     return report, errors
 
 

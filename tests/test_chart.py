@@ -147,9 +147,9 @@ def test_helm_lint_strict(helm, values):
 @pytest.mark.parametrize(
     "name, kinds",
     [
-        ("default", ["ServiceAccount", "RayCluster", "RayJob"]),
+        ("default", ["NetworkPolicy", "ServiceAccount", "RayCluster", "RayJob"]),
         ("gpu-prod", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
-        ("dedicated-no-autoscaling", ["ServiceAccount", "RayJob"]),
+        ("dedicated-no-autoscaling", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
         ("platform", ["NetworkPolicy", "ServiceAccount", "ConfigMap", "PodMonitor", "PrometheusRule", "RayCronJob"]),
         ("kueue", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
     ],
@@ -784,20 +784,57 @@ def test_monitoring_and_schedules_are_off_by_default(helm):
 
 
 def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):
-    policy = only(render(helm, "gpu-prod"), "NetworkPolicy")["spec"]
+    """On by default: Ray's ports from the release's pods, the dashboard from the operator's namespace, the
+    metrics port from Prometheus's once the PodMonitor is on; out: the release, DNS, HTTPS and the API server."""
+    policy = only(render(helm), "NetworkPolicy")["spec"]
     release_pods = {"matchLabels": {"app.kubernetes.io/name": "ray-detect", "app.kubernetes.io/instance": RELEASE}}
     assert policy["podSelector"] == release_pods
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    assert policy["ingress"] == [
-        {"from": [{"podSelector": release_pods}]},
-        {
-            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],
-            "ports": [{"protocol": "TCP", "port": 8265}],
-        },
-    ]
+    operator = {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],
+        "ports": [{"protocol": "TCP", "port": 8265}],
+    }
+    assert policy["ingress"] == [{"from": [{"podSelector": release_pods}]}, operator]
     assert policy["egress"][0] == {"to": [{"podSelector": release_pods}]}
     assert [p["port"] for p in policy["egress"][1]["ports"]] == [53, 53]
     assert policy["egress"][2] == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+    scraped = only(render(helm, "platform", ("monitoring.podMonitor.prometheusNamespace=observability",)), "NetworkPolicy")
+    assert scraped["spec"]["ingress"] == [{"from": [{"podSelector": release_pods}]}, operator, {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}],
+        "ports": [{"protocol": "TCP", "port": 8080}],
+    }]
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_only_the_autoscaler_can_read_a_kubernetes_token(helm, name):
+    """No pod gets the kubelet's token; the head's autoscaler sidecar alone mounts a short-lived projected
+    one (where autoscaling is on): not the ray-head container, which runs the job's driver, the dashboard
+    and the Jobs API, nor the workers or the submitter. (The pods share no process namespace: the
+    restricted-profile test.)"""
+    objects = render(helm, name)
+    heads = [where for obj in objects for where, _ in kv.pod_templates(obj) if where.endswith(" head")]
+    assert len(heads) == 1
+    autoscaling = name != "dedicated-no-autoscaling"
+    assert kv.token_readers(objects) == ([f"{heads[0]} autoscaler"] if autoscaling else [])
+    if autoscaling:
+        head = next(t for obj in objects for where, t in kv.pod_templates(obj) if where == heads[0])
+        assert next(v for v in head["spec"]["volumes"] if v["name"] == "autoscaler-token")["projected"]["sources"] == [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        ]
+
+
+def test_an_existing_service_account_must_be_named(helm):
+    """With serviceAccount.create=false the pods run as the account named, never silently as the
+    namespace's default one; still no token but the autoscaler's."""
+    assert template_failure(helm_error(helm, "--set", "serviceAccount.create=false")) == (
+        "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create=false (the pods would run "
+        "as the namespace's default account)")
+    objects = render(helm, extra_sets=("serviceAccount.create=false", "serviceAccount.name=detector"))
+    assert "ServiceAccount" not in [o["kind"] for o in objects]
+    assert {t["spec"]["serviceAccountName"] for _, t in all_pod_templates(objects)} == {"detector"}
+    assert kv.token_readers(objects) == ["RayCluster/detect-ray-detect head autoscaler"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -821,7 +858,6 @@ def test_every_pod_template_meets_the_restricted_profile(helm, name):
     objects = render(helm, name)
     templates = all_pod_templates(objects)
     assert len(templates) == 4  # head, cpu-workers, gpu-workers, submitter
-    autoscaling = name != "dedicated-no-autoscaling"
     for where, template in templates:
         spec = template["spec"]
         assert spec["securityContext"] == {
@@ -831,7 +867,7 @@ def test_every_pod_template_meets_the_restricted_profile(helm, name):
             "fsGroup": 100,
             "seccompProfile": {"type": "RuntimeDefault"},
         }, where
-        for key in ("hostNetwork", "hostPID", "hostIPC", "initContainers", "ephemeralContainers"):
+        for key in ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace", "initContainers", "ephemeralContainers"):
             assert key not in spec, (where, key)
         assert len(spec["containers"]) == 1
         for container in spec["containers"]:
@@ -845,8 +881,7 @@ def test_every_pod_template_meets_the_restricted_profile(helm, name):
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["dshm"]["emptyDir"]["sizeLimit"]
         assert all("hostPath" not in v for v in spec["volumes"])
         assert spec["serviceAccountName"] == "detect-ray-detect"
-        # Only the head mounts a token, and only for the autoscaler.
-        assert spec["automountServiceAccountToken"] is (where.endswith(" head") and autoscaling), where
+        assert spec["automountServiceAccountToken"] is False, where  # the autoscaler mounts its own
     account = only(objects, "ServiceAccount")
     assert account["automountServiceAccountToken"] is False
     for obj in objects:
@@ -879,7 +914,7 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
                 (tmp_path / f"{count:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml").write_text(
                     yaml.safe_dump(doc)
                 )
-    assert count == 31  # 16 from default, gpu-prod and dedicated-no-autoscaling; 9 from platform; 6 from kueue
+    assert count == 33  # 6 each from default, gpu-prod and dedicated-no-autoscaling; 9 from platform; 6 from kueue
     proc = subprocess.run(
         [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--output", "json",
          "--quiet", "--compact", "--skip-download"],
@@ -894,9 +929,6 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
     unexpected = sorted(f for f in failed if f[0] not in skips)
     assert unexpected == [], "checkov failures not in tests/checkov-skips.yaml"
     assert sorted({check for check, _ in failed}) == sorted(skips), "a listed check no longer fails: remove it"
-    # The NetworkPolicy of the gpu-prod render covers its pods: CKV2_K8S_6 flags only the renders without one.
-    no_policy = sorted(resource.split(".")[-1] for check, resource in failed if check == "CKV2_K8S_6")
-    assert len(no_policy) == 8 and not [pod for pod in no_policy if pod.startswith("rayjob-gpu-prod")]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -254,6 +254,21 @@ def test_rayjob_overrides_compose_against_the_app_config(rayjob):
 # ---------------------------------------------------------------------------------------------------
 
 
+PROJECT = yaml.safe_load((K8S / "argocd" / "project.yaml").read_text())
+
+
+def test_argocd_project_allows_this_repository_and_the_environments_only():
+    """Not Argo CD's `default` project, which allows any repository, namespace and kind."""
+    assert (PROJECT["kind"], PROJECT["metadata"]["name"], PROJECT["metadata"]["namespace"]) == ("AppProject", "ray-detect", "argocd")
+    spec = PROJECT["spec"]
+    assert spec["sourceRepos"] == ["https://github.com/ray-detect/ray-detect.git"]
+    assert spec["destinations"] == [{"server": "https://kubernetes.default.svc", "namespace": ns} for ns in sorted(ENVIRONMENTS.values())]
+    assert spec["clusterResourceWhitelist"] == [{"group": "", "kind": "Namespace"}]
+    assert spec["namespaceResourceWhitelist"] == [
+        {"group": "", "kind": "ServiceAccount"}, {"group": "networking.k8s.io", "kind": "NetworkPolicy"},
+        {"group": "ray.io", "kind": "RayCluster"}]
+
+
 @pytest.mark.parametrize("env", list(ENVIRONMENTS))
 def test_argocd_application_syncs_its_overlay(env, rendered):
     app = yaml.safe_load((K8S / "argocd" / f"ray-detect-{env}.yaml").read_text())
@@ -271,8 +286,9 @@ def test_argocd_application_syncs_its_overlay(env, rendered):
     # The autoscaler's replica changes must not be reverted by selfHeal.
     assert spec["ignoreDifferences"] == [{"group": "ray.io", "kind": "RayCluster", "jqPathExpressions": [
         ".spec.workerGroupSpecs[].replicas", ".spec.workerGroupSpecs[].scaleStrategy"]}]
+    assert spec["project"] == "ray-detect"
     in_repo = {f"k8s/{folder}": objs for folder, objs in rendered.items()}
-    assert kv.application_errors(app, in_repo) == []
+    assert kv.application_errors(app, in_repo, PROJECT) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +305,7 @@ def test_validate_script_renders_and_checks_everything():
         "k8s/overlays/dev: ServiceAccount, NetworkPolicy, RayCluster",
         "k8s/overlays/prod: ServiceAccount, NetworkPolicy, RayCluster",
         "k8s/rayjob.yaml: RayJob",
+        "k8s/argocd/project.yaml: AppProject ray-detect",
         "k8s/argocd/ray-detect-dev.yaml: Application -> k8s/overlays/dev",
         "k8s/argocd/ray-detect-prod.yaml: Application -> k8s/overlays/prod",
         "k8s: valid",
@@ -324,15 +341,22 @@ def test_checks_report_typos_unrestricted_pods_and_stray_applications(rayjob, cr
     ]
     in_repo = {f"k8s/{folder}": objs for folder, objs in rendered.items()}
     stray = {"metadata": {"name": "x"}, "spec": {"source": {"path": "k8s/overlays/staging"}}}
-    assert kv.application_errors(stray, in_repo) == [
+    assert kv.application_errors(stray, in_repo, PROJECT) == [
         "Application/x: source.path 'k8s/overlays/staging' is not one of "
         "['k8s/base', 'k8s/overlays/dev', 'k8s/overlays/prod']"
     ]
-    lax = {"metadata": {"name": "y"}, "spec": {"source": {"path": "k8s/overlays/dev"},
-                                               "destination": {"namespace": "default"},
+    lax = {"metadata": {"name": "y"}, "spec": {"project": "default",
+                                               "source": {"path": "k8s/overlays/dev", "repoURL": "https://example.com/fork.git"},
+                                               "destination": {"server": "https://kubernetes.default.svc", "namespace": "default"},
                                                "syncPolicy": {"automated": {"prune": True}}}}
-    assert kv.application_errors(lax, in_repo) == [
+    narrow = {**PROJECT, "spec": {**PROJECT["spec"], "namespaceResourceWhitelist": [{"group": "ray.io", "kind": "RayCluster"}]}}
+    assert kv.application_errors(lax, in_repo, narrow) == [
         "Application/y: destination.namespace differs from the overlay's namespaces ['ray-detect-dev']",
+        "Application/y: project must be 'ray-detect', not 'default'",
+        "Application/y: the project does not allow repoURL 'https://example.com/fork.git'",
+        "Application/y: the project does not allow destination 'default'",
+        "Application/y: the project does not allow kind ServiceAccount (group '')",
+        "Application/y: the project does not allow kind NetworkPolicy (group 'networking.k8s.io')",
         "Application/y: syncPolicy.automated must be {prune: true, selfHeal: true}",
         "Application/y: syncOptions lack CreateNamespace=true",
     ]

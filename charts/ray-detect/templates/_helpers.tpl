@@ -46,13 +46,40 @@ a 6-character suffix to name the RayCluster it creates), so the fullname part is
 {{- printf "%s-%s" $prefix $run }}
 {{- end }}
 
-{{/* The ServiceAccount every pod of the release runs as. */}}
+{{/* The ServiceAccount every pod of the release runs as: never the namespace's "default" by omission. */}}
 {{- define "ray-detect.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "ray-detect.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create=false (the pods would run as the namespace's default account)" .Values.serviceAccount.name }}
 {{- end }}
+{{- end }}
+
+{{/*
+The autoscaler's Kubernetes token. No container of the release gets the kubelet's automounted token: the
+head pod carries this projected volume (a short-lived token of the release's ServiceAccount, which
+KubeRay's Role lets patch pods and RayClusters, with the cluster's CA and the namespace, the files the
+kubelet would mount), and only the autoscaler sidecar mounts it, through autoscalerOptions.volumeMounts,
+at the path Ray's autoscaler reads (again every minute, so the rotated token is picked up). The ray-head
+container (driver, dashboard, Jobs API) cannot read it.
+*/}}
+{{- define "ray-detect.autoscalerTokenVolume" -}}
+- name: autoscaler-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
 {{- end }}
 
 {{/*
@@ -208,8 +235,8 @@ metadata:
   {{- end }}
 spec:
   serviceAccountName: {{ include "ray-detect.serviceAccountName" $ctx }}
-  {{- /* Only the head's autoscaler sidecar talks to the Kubernetes API. */}}
-  automountServiceAccountToken: {{ and .head $values.autoscaling.enabled }}
+  {{- /* Only the head's autoscaler sidecar talks to the Kubernetes API (ray-detect.autoscalerTokenVolume). */}}
+  automountServiceAccountToken: false
   securityContext:
     {{- include "ray-detect.podSecurityContext" $ctx | nindent 4 }}
   {{- with $values.imagePullSecrets }}
@@ -276,6 +303,9 @@ spec:
         {{- end }}
   volumes:
     {{- include "ray-detect.baseVolumes" . | nindent 4 }}
+    {{- if and .head $values.autoscaling.enabled }}
+    {{- include "ray-detect.autoscalerTokenVolume" . | nindent 4 }}
+    {{- end }}
     {{- with $group.volumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -503,6 +533,11 @@ autoscalerOptions:
   {{- /* KubeRay injects the autoscaler as a sidecar of the head: it must be restricted-compliant too. */}}
   securityContext:
     {{- include "ray-detect.containerSecurityContext" . | nindent 4 }}
+  # The only Kubernetes token of the release's pods (ray-detect.autoscalerTokenVolume).
+  volumeMounts:
+    - name: autoscaler-token
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
 {{- end }}
 {{- if $values.rayAuth.enabled }}
 {{- if semverCompare "<2.52.0-0" $values.rayVersion }}
