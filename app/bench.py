@@ -613,27 +613,27 @@ def input_stage(args, base: Path) -> dict:
     """The input stage alone, as the app runs it for inputs too large for the driver to list (a tree of
     --tree-files files, manifests of --manifest-paths paths, and a resume where a manifest's every path
     already has its row): time to the first block of inputs to decode, time to the last, and the
-    driver's peak RSS above its size once Ray is up. Each case runs in a fresh process. Paths in the
-    manifests name files that do not exist: nothing is decoded."""
-    cases = {}
+    driver's peak RSS above its size at the case's start. The cases run in turn in one fresh process,
+    on one Ray. Paths in the manifests name files that do not exist: nothing is decoded. Then the app
+    itself on the largest manifest, to its first result."""
     tree = base / "tree"
     for start in range(0, args.tree_files, 1000):
         folder = tree / f"d{start // 1000:05d}"
         folder.mkdir(parents=True)
         for i in range(start, min(start + 1000, args.tree_files)):
             (folder / f"f{i:08d}.jpg").touch()
-    cases[f"tree of {args.tree_files} files"] = in_fresh_process(measure_input_stage, [f"data.path={tree}", f"output.path={base / 'out-tree'}"])
-    shutil.rmtree(tree, ignore_errors=True)
+    named = {f"tree of {args.tree_files} files": [f"data.path={tree}", f"output.path={base / 'out-tree'}"]}
     for count in args.manifest_paths:
         manifest = write_manifest(base / f"manifest-{count}", count)
-        cases[f"manifest of {count} paths"] = in_fresh_process(
-            measure_input_stage, [f"data.manifest={manifest}", f"output.path={base / f'out-{count}'}"])
+        named[f"manifest of {count} paths"] = [f"data.manifest={manifest}", f"output.path={base / f'out-{count}'}"]
     count = max(args.manifest_paths)
+    resume = [f"data.manifest={base / f'manifest-{count}'}", f"output.path={base / 'out-resume'}"]
+    write_committed(base / "out-resume", base / f"manifest-{count}", compose_config([*model_overrides(args.memory_model, args), *resume]))
+    named[f"resume: {count} paths, every one committed"] = resume
+    cases = in_fresh_process(measure_input_stages, named)
+    shutil.rmtree(tree, ignore_errors=True)
     cases[f"manifest of {count} paths"]["first_result_s"] = first_result(
         [*model_overrides(args.memory_model, args), f"data.manifest={base / f'manifest-{count}'}", f"output.path={base / 'out-first'}"])
-    overrides = [f"data.manifest={base / f'manifest-{count}'}", f"output.path={base / 'out-resume'}"]
-    write_committed(base / "out-resume", base / f"manifest-{count}", compose_config([*model_overrides(args.memory_model, args), *overrides]))
-    cases[f"resume: {count} paths, every one committed"] = in_fresh_process(measure_input_stage, overrides)
     return cases
 
 
@@ -664,10 +664,20 @@ def write_committed(output: Path, manifest: Path, cfg) -> None:
         pq.write_table(pa.table(columns, schema=RESULT_SCHEMA), output / f"part-bench-{number:06d}.parquet")
 
 
+def measure_input_stages(cases: dict[str, list[str]]) -> dict[str, dict]:
+    """measure_input_stage for each case's overrides, in turn, on one Ray."""
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        return {name: measure_input_stage(overrides) for name, overrides in cases.items()}
+    finally:
+        ray.shutdown()
+
+
 def measure_input_stage(overrides: list[str]) -> dict:
+    """One case of the inputs suite; its peak RSS counts from its start (the peak reset first)."""
     import psutil
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    reset_peak_rss()
     idle = psutil.Process().memory_info().rss
     cfg = compose_config(overrides)
     started = time.monotonic()
@@ -682,7 +692,6 @@ def measure_input_stage(overrides: list[str]) -> dict:
         rows += batch.num_rows
     seconds = time.monotonic() - started
     inputs_seen = ray.get(tally.total.remote())
-    ray.shutdown()
     return {
         "inputs": inputs_seen, "todo": rows, "first_block_s": round(first or seconds, 2), "seconds": round(seconds, 2),
         "driver_peak_above_idle_mb": round((peak_rss() - idle) / 1e6, 1), "driver_peak_mb": round(peak_rss() / 1e6, 1),
@@ -709,6 +718,12 @@ def first_result(overrides: list[str]) -> float:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (VmHWM) again from its current size (Linux 4.0 and newer)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def peak_rss() -> int:

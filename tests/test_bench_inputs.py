@@ -1,4 +1,4 @@
-"""The benchmark's inputs suite at a small scale. Its own module: each case starts Ray in a fresh process,
+"""The benchmark's inputs suite at a small scale. Its own module: the suite starts Ray in a fresh process,
 which needs no other Ray instance up on the machine (the other bench tests share one)."""
 
 from app import bench
@@ -12,8 +12,8 @@ MANIFEST_PATHS = 21_000
 
 
 def test_input_stage_suite(tmp_path):
-    """The inputs suite at a small scale, each case in a fresh process with its own Ray: a tree and a
-    manifest larger than the driver lists itself are streamed; the resume finds every path done."""
+    """The inputs suite at a small scale, its cases in turn in a fresh process with its own Ray: a tree and
+    a manifest larger than the driver lists itself are streamed; the resume finds every path done."""
     assert min(TREE_FILES, MANIFEST_PATHS) > DRIVER_LISTING_ENTRIES
     results = bench.main(["inputs", "--tree-files", str(TREE_FILES), "--manifest-paths", str(MANIFEST_PATHS), "--out", ""])
     cases = results["inputs"]

@@ -22,11 +22,13 @@ from app.storage import resolve
 from tests.conftest import FAST_MODEL, compose_config, write_images
 
 
-def test_a_second_run_on_a_live_output_is_refused_and_the_first_completes(tmp_path):
-    """The second run, in this process, is refused as soon as the first has taken the lease: the first
-    holds it from before it starts Ray until its last commit, seconds later, however few its images."""
+def test_a_second_run_on_a_live_output_is_refused_and_the_first_completes(local_ray, tmp_path):
+    """The second run, in this process, is refused as soon as the first (the command line, attached to
+    this process's Ray) has taken the lease: the first holds it from before it connects to Ray until its
+    last commit, seconds later, however few its images."""
     paths = write_images(tmp_path / "in", 4)
-    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "ray.num_cpus=2"]
+    address = local_ray.get_runtime_context().gcs_address
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", f"ray.address={address}"]
     first = subprocess.Popen([sys.executable, "-m", "app", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not (tmp_path / "out" / LEASE_NAME).exists():

@@ -1,5 +1,6 @@
 """The log is the interface: the job's output read as a RayJob's user reads it (stdout and stderr captured,
-not a terminal), on a local Ray the job starts and on a multi-node cluster it attaches to."""
+not a terminal), on a local Ray the job starts (here) and on a multi-node cluster it attaches to
+(tests/test_placement.py, with the cluster's placement)."""
 
 import os
 import re
@@ -10,7 +11,6 @@ import pyarrow.parquet as pq
 
 from tests.conftest import (
     FAST_MODEL,
-    connected_cluster,
     write_images,
     write_mixed_inputs,
 )
@@ -66,15 +66,6 @@ def test_a_clean_run_on_a_local_ray_logs_progress_and_summary_and_nothing_alarmi
     assert f"ray-detect: {IMAGES} images ({IMAGES} ok, 0 errors: none), " in again.stdout
     assert "; 0 processed by this run in " in again.stdout
     assert "detector actors used" not in again.stdout
-
-
-def test_a_clean_run_attached_to_a_cluster_reads_the_same(tmp_path):
-    """As in a RayJob: the job attaches through RAY_ADDRESS to a running two-node cluster, and the
-    actors' and tasks' output reaches the driver's log (log_to_driver)."""
-    write_images(tmp_path / "in", IMAGES)
-    with connected_cluster(1, {"num_cpus": 2}) as (cluster, _):
-        result = run_job(tmp_path, address=cluster.address)
-    check_clean_log(result, ["INFO worker.py", "Connecting to existing Ray cluster at address"])
 
 
 def test_broken_files_show_in_progress_and_summary_and_too_many_exit_3(tmp_path):

@@ -16,6 +16,8 @@ from ray.util.state import list_actors, list_tasks
 
 from app.pipeline import run
 from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
+from tests.test_log import IMAGES as LOG_IMAGES
+from tests.test_log import check_clean_log, run_job
 
 CUDA_WORKS = torch.cuda.is_available()
 NEEDS_AN_UNUSABLE_GPU = pytest.mark.skipif(
@@ -56,15 +58,16 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     assert {t.node_id for t in decode_tasks} == {cpu_node_id}
 
 
-def test_cpu_actors_fill_both_nodes_and_all_get_work(gpu_cluster, tmp_path):
-    """Without the GPU, auto planning gives each 1-thread actor one CPU: two on the 2-CPU head, one on
-    the worker. The images are cut into blocks small enough that every actor detects some."""
+def test_a_job_attached_to_the_cluster_puts_cpu_actors_on_both_nodes_and_logs_cleanly(gpu_cluster, tmp_path):
+    """As in a RayJob: the command attaches through RAY_ADDRESS, and the actors' and tasks' output reaches
+    its log (log_to_driver), which holds the app's lines and nothing alarming (tests/test_log.py). Without
+    the GPU (inference.num_gpus=0), auto planning gives each 1-thread actor one CPU: two on the 2-CPU head,
+    one on the worker; the images are cut into blocks small enough that every actor detects some."""
     cluster, gpu_node = gpu_cluster
     earlier = {a.actor_id for a in list_actors(limit=1000)}
-    write_images(tmp_path / "in", 24)
-    overrides = [*FAST_MODEL, "inference.num_actors=auto", "inference.num_gpus=0", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
-    summary = run(compose_config(overrides))
-    assert (summary.inputs, summary.ok) == (24, 24)
+    write_images(tmp_path / "in", LOG_IMAGES)
+    result = run_job(tmp_path, "inference.num_gpus=0", address=cluster.address)
+    check_clean_log(result, ["INFO worker.py", "Connecting to existing Ray cluster at address"])
 
     actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
     assert len(actors) == 3

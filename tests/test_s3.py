@@ -3,6 +3,7 @@ credentials from the environment only, as the AWS SDK chain reads them."""
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from tests.conftest import (
 )
 
 BUCKET = "detect-test"
+# The stand-in endpoint's keys, distinctive enough to be searched for in what a run writes and logs.
+KEY_ID, SECRET_KEY = "AKIAPLANTED7ZQ2XVD9K", "planted/secret+7Zq2xVd9kW4mN8pR"
 
 
 def free_port() -> int:
@@ -50,7 +53,7 @@ def s3_endpoint():
     )
     endpoint = f"http://127.0.0.1:{port}"
     # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
-    env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
+    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
     with environment(env):
         deadline = time.monotonic() + 30
         while True:
@@ -169,3 +172,37 @@ def test_a_parquet_manifest_on_s3_lists_s3_images(s3_endpoint):
     assert {p: (row["error_kind"], row["width"]) for p, row in rows.items()} == {
         **{f"s3://{BUCKET}/listed/{i}.jpg": (None, 50 + i) for i in range(3)}, f"s3://{BUCKET}/listed/missing.jpg": ("unreadable", None)}
     assert (summary.inputs, summary.ok) == (4, 3)
+
+
+def test_no_secret_in_any_file_a_run_writes_nor_in_its_log(s3_endpoint):
+    """The command line, attached to this module's Ray, whose workers hold the same environment. Secrets
+    reach the run two ways: the storage keys in the environment, and a value the config takes from the
+    environment through ${oc.env:...} (here metrics.run, which only labels metrics). Neither appears in
+    any object the run leaves under output.path (rows, settings, manifest) nor in its stdout or stderr:
+    the manifest records the interpolation as written. A URI with user:password@ is refused with exit
+    code 2 before any work, in a line that names the key and not the secret."""
+    for i in range(3):
+        s3_endpoint.put_object(Bucket=BUCKET, Key=f"secret-in/{i}.jpg", Body=jpeg_bytes(60 + i, 40))
+    planted = {"RUN_LABEL_SECRET": "planted-env-value-Q8w3Lp0x"}
+    command = [sys.executable, "-m", "app", *FAST_MODEL, f"ray.address={ray.get_runtime_context().gcs_address}",
+               f"output.path=s3://{BUCKET}/out/secret", "metrics.run=${oc.env:RUN_LABEL_SECRET}"]
+    result = subprocess.run([*command, f"data.path=s3://{BUCKET}/secret-in"], env={**os.environ, **planted},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ray-detect: 3 images (3 ok, 0 errors: none), " in result.stdout
+    keys = [o["Key"] for o in s3_endpoint.list_objects_v2(Bucket=BUCKET, Prefix="out/secret/")["Contents"]]
+    assert len([key for key in keys if key.endswith(".parquet")]) == 1
+    written = {key: s3_endpoint.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
+    manifest = json.loads(written[f"out/secret/{MANIFEST_NAME}"])
+    assert manifest["config"]["metrics"]["run"] == "${oc.env:RUN_LABEL_SECRET}"
+    for secret in (KEY_ID, SECRET_KEY, planted["RUN_LABEL_SECRET"]):
+        assert [key for key, data in written.items() if secret.encode() in data] == []
+        assert secret not in result.stdout + result.stderr
+
+    in_uri = f"s3://{KEY_ID}:{SECRET_KEY}@{BUCKET}/secret-in"
+    refused = subprocess.run([*command, f"data.path={in_uri}"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1] == (
+        "ray-detect: config error: data.path holds credentials (user:password@ in its URI); give them to the storage "
+        "client through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
+    assert SECRET_KEY not in refused.stdout + refused.stderr

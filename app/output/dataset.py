@@ -233,7 +233,9 @@ def write_manifest(cfg: AppConfig, spec: "ModelSpec", summary: "Summary", output
 
     document = {
         "complete": True,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        # As written: an interpolation such as ${oc.env:...} stays one, so no value from the environment
+        # lands here; the values the rows depend on are in the settings.
+        "config": OmegaConf.to_container(cfg, resolve=False),
         "versions": {
             "app": app.__version__,
             "ray": ray.__version__,
