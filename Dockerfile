@@ -23,7 +23,10 @@ LABEL org.opencontainers.image.title="ray-detect" \
 # COPY --chown creates owned by ray (pip builds in the source tree).
 USER 1000:100
 WORKDIR /home/ray
+# Every torch.load in the image reads tensors only, never pickled code: torchvision's own loading of its
+# pretrained weights included (it asks for weights_only=False).
 ENV TORCH_HOME=/home/ray/.cache/torch \
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     RAY_USAGE_STATS_ENABLED=0
 
@@ -49,14 +52,15 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('ray-detect/pyp
 ARG BAKE_WEIGHTS=true
 ARG MODELS="fasterrcnn_resnet50_fpn_v2 fasterrcnn_resnet50_fpn fasterrcnn_mobilenet_v3_large_fpn fasterrcnn_mobilenet_v3_large_320_fpn"
 RUN if [ "$BAKE_WEIGHTS" = "true" ]; then \
-      python -c "import sys; from torchvision.models import get_model_weights; [get_model_weights(name).DEFAULT.get_state_dict(progress=False) for name in sys.argv[1].split()]" "$MODELS"; \
+      python -c "import sys; from torchvision.models import get_model_weights; [get_model_weights(name).DEFAULT.get_state_dict(progress=False, check_hash=True) for name in sys.argv[1].split()]" "$MODELS"; \
     fi
 
 # 3. The app, without dependencies (layer 1 has them). With weights baked, check that the app finds
-#    each file where it looks, so a path mismatch fails the build instead of a pod.
+#    each file where it looks, so a path mismatch fails the build instead of a pod, and that each file's
+#    SHA-256 is the one torchvision publishes in its name (the download checked it too: check_hash).
 COPY --chown=1000:100 README.md ray-detect/
 COPY --chown=1000:100 app/ ray-detect/app/
 RUN pip install --no-cache-dir --no-deps ./ray-detect \
     && if [ "$BAKE_WEIGHTS" = "true" ]; then \
-      python -c "import os, sys; from app.model import pretrained_weights_file; missing = [name for name in sys.argv[1].split() if not os.path.isfile(pretrained_weights_file(name))]; sys.exit('ray-detect image: weights missing from TORCH_HOME for: ' + ' '.join(missing) if missing else 0)" "$MODELS"; \
+      python -c "import sys; from app.model import baked_weights_problem; sys.exit(baked_weights_problem(sys.argv[1].split()))" "$MODELS"; \
     fi

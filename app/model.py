@@ -4,6 +4,7 @@ Weights are resolved on the driver before any work starts, so a run that cannot 
 with one clear paragraph instead of failing inside every actor.
 """
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass, replace
@@ -56,15 +57,46 @@ def pretrained_weights_file(name: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
+def published_sha256_prefix(url: str) -> str:
+    """The start of a weights file's SHA-256 that torchvision publishes in its name (torch.hub's
+    convention: name-<hex digits>.pth)."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    if not match:
+        raise ValueError(f"{url} carries no SHA-256 in its name")
+    return match.group(1)
+
+
+def matches_published_hash(path: str, url: str) -> bool:
+    """Whether the file at `path` is the one torchvision published at `url`, by its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest().startswith(published_sha256_prefix(url))
+
+
+def baked_weights_problem(names: list[str]) -> Optional[str]:
+    """What is wrong with the pretrained weights of these models in TORCH_HOME, for the image's build to
+    stop on (None: each is there and is the file torchvision published)."""
+    missing = [name for name in names if not os.path.isfile(pretrained_weights_file(name))]
+    if missing:
+        return f"ray-detect image: weights missing from TORCH_HOME for: {' '.join(missing)}"
+    altered = [name for name in names if not matches_published_hash(pretrained_weights_file(name), get_model_weights(name).DEFAULT.url)]
+    if altered:
+        return f"ray-detect image: weights in TORCH_HOME differ from torchvision's published SHA-256 for: {' '.join(altered)}"
+    return None
+
+
 def ensure_pretrained_weights(name: str) -> None:
-    """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them if they are not."""
+    """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them (their SHA-256
+    checked against the one published in the file's name) if they are not."""
     target = pretrained_weights_file(name)
     if os.path.exists(target):
         return
     url = get_model_weights(name).DEFAULT.url
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, target, progress=False)
+        torch.hub.download_url_to_file(url, target, hash_prefix=published_sha256_prefix(url), progress=False)
     except Exception as error:  # URLError, HTTPError, timeouts, disk errors: all mean "not available"
         raise WeightsError(
             f"model.weights=DEFAULT needs torchvision's pretrained weights for {name}, which are not in "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import sys
 import time
@@ -117,15 +118,22 @@ def check_overrides(overrides: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def connect(kubeconfig: Optional[str], context: Optional[str]):
-    """A CustomObjectsApi from the kubeconfig ($KUBECONFIG or ~/.kube/config unless given), else the
-    in-cluster service account."""
+def connect(kubeconfig: Optional[str], context: Optional[str]) -> tuple[Any, str]:
+    """A CustomObjectsApi, and which credentials it uses, in words: the kubeconfig's (--kubeconfig, else
+    $KUBECONFIG or ~/.kube/config) context (--context, else its current one), else the in-cluster
+    service account."""
     # kubernetes comes with the submit extra: imported where used, so that importing this module works
     # without it and app.cli can report it missing in one line.
     from kubernetes import client, config
+    from kubernetes.config import kube_config
 
+    path = kubeconfig or os.path.expanduser(kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
     try:
         api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
+        contexts, current = config.list_kube_config_contexts(config_file=kubeconfig)
+        chosen = next(c for c in contexts if c["name"] == (context or current["name"]))
+        return client.CustomObjectsApi(api_client), (
+            f"kubeconfig {path}, context {chosen['name']} (user {chosen['context'].get('user')})")
     except (config.ConfigException, OSError) as kubeconfig_error:
         if kubeconfig or context:
             raise SubmitError(
@@ -138,8 +146,7 @@ def connect(kubeconfig: Optional[str], context: Optional[str]):
                 f"no Kubernetes configuration: {kubeconfig_error} (set KUBECONFIG or pass --kubeconfig)",
                 ExitCode.KUBERNETES,
             ) from kubeconfig_error
-        api_client = client.ApiClient()
-    return client.CustomObjectsApi(api_client)
+        return client.CustomObjectsApi(client.ApiClient()), f"this pod's service account (in-cluster; no kubeconfig at {path})"
 
 
 def _status_body(error) -> dict[str, Any]:
@@ -258,7 +265,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.dry_run:
         out.write(yaml.safe_dump(job, sort_keys=False))
         return ExitCode.OK
-    api = connect(args.kubeconfig, args.context)
+    api, credentials = connect(args.kubeconfig, args.context)
+    print(f"{PREFIX}: credentials: {credentials}", file=out, flush=True)
     created = create(api, job)
     name = created["metadata"]["name"]
     print(f"{PREFIX}: created rayjob {args.namespace}/{name}", file=out, flush=True)

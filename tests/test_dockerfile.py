@@ -7,6 +7,7 @@ running the Dockerfile's own Python snippets against a temporary TORCH_HOME inst
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -190,13 +191,18 @@ def test_weights_are_baked_for_every_model_unless_the_build_arg_says_no():
     args = dict(a.split("=", 1) for keyword, a in steps if keyword == "ARG")
     assert args["BAKE_WEIGHTS"] == "true"
     assert args["MODELS"].strip('"').split() == list(MODEL_NAMES)
-    env = " ".join(a for keyword, a in steps if keyword == "ENV")
-    assert "TORCH_HOME=/home/ray/.cache/torch" in env
+    assert image_environment()["TORCH_HOME"] == "/home/ray/.cache/torch"
     bake = [a for keyword, a in steps if keyword == "RUN" and "get_state_dict" in a]
     assert len(bake) == 1 and bake[0].startswith('if [ "$BAKE_WEIGHTS" = "true" ]; then')
+    assert "get_state_dict(progress=False, check_hash=True)" in bake[0]  # a download is checked by its SHA-256
     # The bake step comes before the source is copied, so a code change does not download them again.
     order = [a for keyword, a in steps if keyword in ("RUN", "COPY")]
     assert order.index(bake[0]) < next(i for i, a in enumerate(order) if "app/" in a)
+
+
+def image_environment() -> dict[str, str]:
+    """The variables the Dockerfile's ENV instructions set."""
+    return dict(pair.split("=", 1) for keyword, a in instructions() if keyword == "ENV" for pair in a.split())
 
 
 def python_snippets() -> dict[str, str]:
@@ -209,7 +215,8 @@ def python_snippets() -> dict[str, str]:
 def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
     """The bake step (torchvision's cache) and the app (app.model) agree on every file's place, and the
     app builds its model from a baked file: the bake program, without network, finds files pre-placed
-    where torchvision caches them, the check program then finds them through app.model, and
+    where torchvision caches them, the check program then finds them through app.model (and refuses
+    them: they are not torchvision's files), and
     app.model.build_model with model.weights=DEFAULT loads the light model's file. That file holds a
     real state dict of the light model (random weights from another seed than the app's random init, so
     that equal tensors can only come from the file); the three other models' files hold empty ones,
@@ -246,20 +253,33 @@ def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
         "print('loaded:', spec.weights, equal, len(loaded))\n"
         "counters = sorted(key for key in saved if key.endswith('.num_batches_tracked'))\n"
         "print('extra:', counters == sorted(set(saved) - set(loaded)), len(counters) > 0)\n"
+        "torch.save({'code': print}, os.path.join(torch.hub.get_dir(), 'code.pt'))\n"
+        "try:\n"
+        "    torch.load(os.path.join(torch.hub.get_dir(), 'code.pt'), weights_only=False)\n"
+        "    print('pickled code: loaded')\n"
+        "except Exception as refused:\n"
+        "    print('pickled code:', type(refused).__name__)\n"
     )
     models, light = " ".join(MODEL_NAMES), "fasterrcnn_mobilenet_v3_large_320_fpn"
+    # Under the image's environment (TORCH_FORCE_WEIGHTS_ONLY_LOAD: torch.load reads tensors only).
+    image = {**image_environment(), "TORCH_HOME": str(torch_home)}
+    assert image["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
     done = subprocess.run([sys.executable, "-c", program, models, light],
-                          env={**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)},
+                          env={**os.environ, **image, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")
-    empty, baked, loaded, extra = done.stdout.splitlines()
-    assert (empty, baked) == (f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}", "baked: 0")
+    empty, baked, loaded, extra, code = done.stdout.splitlines()
+    # The files stand in for torchvision's: in place, but not the files it published, which the build's
+    # check tells by their SHA-256 (test_a_weights_file_is_checked_against_the_hash_in_its_name).
+    assert (empty, baked) == (f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}",
+                              f"baked: ray-detect image: weights in TORCH_HOME differ from torchvision's published SHA-256 for: {models}")
     # Every tensor of the model equal to the file's (how many there are is torchvision's business); the
     # file's only extra entries are BatchNorm's batch counters, which the frozen BatchNorm layers of a
     # model built for pretrained weights do not have.
     weights, equal, total = loaded.split()[1:]
     assert (weights, equal) == ("DEFAULT", total) and int(total) > 0
     assert extra == "extra: True True"
+    assert code == "pickled code: UnpicklingError"  # even where the caller asks for weights_only=False
     assert sorted(p.name for p in (torch_home / "hub" / "checkpoints").iterdir()) == [
         "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth",
         "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",
@@ -319,3 +339,20 @@ def test_gitops_renders_use_this_image_and_ray_version(kustomize_renders):
         assert cluster["spec"]["rayVersion"] == RAY_VERSION, folder
         images = {c["image"] for _, t in kv.pod_templates(cluster) for c in t["spec"]["containers"]}
         assert images == {f"{IMAGE_REPOSITORY}:{APP_VERSION}"}, folder
+
+
+def test_a_weights_file_is_checked_against_the_hash_in_its_name(tmp_path):
+    """torchvision names each weights file after the start of its SHA-256 (torch.hub's convention); the
+    image's build checks every baked file against it, and a download at run time is checked the same way."""
+    from app.model import matches_published_hash, published_sha256_prefix
+
+    data = b"weights of a model"
+    url = f"https://download.pytorch.org/models/model-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    path = tmp_path / "model.pth"
+    path.write_bytes(data)
+    assert published_sha256_prefix(url) == hashlib.sha256(data).hexdigest()[:8]
+    assert matches_published_hash(str(path), url)
+    path.write_bytes(data + b" altered")
+    assert not matches_published_hash(str(path), url)
+    with pytest.raises(ValueError, match="^https://example.com/model.pth carries no SHA-256 in its name$"):
+        published_sha256_prefix("https://example.com/model.pth")

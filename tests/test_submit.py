@@ -243,6 +243,7 @@ def test_create_posts_the_dry_run_object(stand_in):
     name = f"ray-detect-run-{GENERATED_SUFFIX}"
     assert (code, err) == (0, "")
     assert out == (
+        f"ray-detect submit: credentials: kubeconfig {kubeconfig}, context stand-in (user tester)\n"
         f"ray-detect submit: created rayjob ray-detect/{name}\n"
         f"ray-detect submit: follow it with: kubectl -n ray-detect get rayjob {name} -w\n"
     )
@@ -269,7 +270,7 @@ def test_wait_follows_the_status_until_success(stand_in):
                                 *OVERRIDES)
     job = f"team-a/ray-detect-run-{GENERATED_SUFFIX}"
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert out.splitlines()[1:] == [
         f"ray-detect submit: created rayjob {job}",
         f"ray-detect submit: {job}: Initializing",
         f"ray-detect submit: {job}: Running (job PENDING)",
@@ -305,7 +306,7 @@ def test_wait_exits_7_when_the_job_fails(stand_in, final, line):
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), "--name", "run-9", "--wait", "--poll-interval",
                                 "0.01", *OVERRIDES)
     assert code == ExitCode.JOB_FAILED == 7
-    assert out.splitlines()[:2] == [
+    assert out.splitlines()[1:3] == [
         "ray-detect submit: created rayjob ray-detect/run-9",
         "ray-detect submit: ray-detect/run-9: Running (job RUNNING)",
     ]
@@ -348,7 +349,8 @@ def test_api_errors_are_one_line_with_exit_6(stand_in, code, error, line):
     script, kubeconfig = stand_in
     script.create_error = (code, error)
     exit_code, out, err = run_submit("--kubeconfig", str(kubeconfig), "--name", "run-9", "--wait", *OVERRIDES)
-    assert (exit_code, out, err) == (ExitCode.KUBERNETES, "", f"ray-detect submit: {line}\n")
+    credentials = f"ray-detect submit: credentials: kubeconfig {kubeconfig}, context stand-in (user tester)\n"
+    assert (exit_code, out, err) == (ExitCode.KUBERNETES, credentials, f"ray-detect submit: {line}\n")
     assert exit_code == 6
     assert [r["method"] for r in script.requests] == ["POST"]
 
@@ -362,12 +364,31 @@ def test_unreachable_api_server_is_one_line(tmp_path):
         port = probe.getsockname()[1]
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), *OVERRIDES)
-    assert (code, out) == (ExitCode.KUBERNETES, "")
+    assert (code, out) == (ExitCode.KUBERNETES, f"ray-detect submit: credentials: kubeconfig {kubeconfig}, context stand-in (user tester)\n")
     # After the app's words, urllib3's (through the kubernetes client).
     assert err == (
         f"ray-detect submit: cannot reach the Kubernetes API at http://127.0.0.1:{port}: HTTPConnection(host='127.0.0.1', "
         f"port={port}): Failed to establish a new connection: [Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}\n"
     )
+
+
+def test_without_a_kubeconfig_it_says_it_uses_the_pods_service_account(tmp_path, monkeypatch):
+    """No kubeconfig where the client looks: in a pod, the service account's token. There is no pod here:
+    the client's in-cluster files and environment are stood in for (a token file, a CA file, an API
+    address where nothing listens), so the request fails after the credentials are named."""
+    from kubernetes.config import incluster_config, kube_config
+
+    (tmp_path / "token").write_text(TOKEN)
+    (tmp_path / "ca.crt").write_text("a CA bundle, never read: nothing listens at the address")
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "absent"))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")
+    code, out, err = run_submit(*OVERRIDES)
+    assert code == ExitCode.KUBERNETES
+    assert out == f"ray-detect submit: credentials: this pod's service account (in-cluster; no kubeconfig at {tmp_path / 'absent'})\n"
+    assert err.startswith("ray-detect submit: cannot reach the Kubernetes API at https://127.0.0.1:1: ")
 
 
 def test_a_missing_kubeconfig_is_one_line(tmp_path):
