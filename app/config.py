@@ -97,6 +97,43 @@ class InferenceConfig:
     resize_on_cpu: bool = True
 
 
+class MergeMethod(str, Enum):
+    """How detections of one object found by overlapping tiles become one: nms keeps the highest-scoring
+    box, nmm (greedy non-maximum merging) merges the matching boxes into their union."""
+
+    nms = "nms"
+    nmm = "nmm"
+
+
+class MatchMetric(str, Enum):
+    """When two boxes are one object: their intersection over their union (iou), or over the smaller
+    box's area (ios: a box cut by a tile's edge matches the whole one)."""
+
+    iou = "iou"
+    ios = "ios"
+
+
+@dataclass
+class TilingConfig:
+    """Sliced detection of large images (the `tiling` group: none or tiles). With tiles, an image larger
+    than a tile is detected in overlapping tiles at full resolution, and their detections are merged
+    (app.tiling). Every key but `enabled` is set by tiling=tiles and must stay unset with tiling=none."""
+
+    enabled: bool = False
+    # Side of the square tiles, in image pixels (tiling=tiles: the model's input size, model.min_size).
+    tile_size: Optional[int] = None
+    # Fraction of a tile that neighbouring tiles share, at least 0 and below 1.
+    overlap: Optional[float] = None
+    # Also detect the whole image at the model's input size (for objects larger than a tile).
+    full_image: Optional[bool] = None
+    merge: Optional[MergeMethod] = None
+    match_metric: Optional[MatchMetric] = None
+    # Boxes whose match_metric is at least this are one object.
+    match_threshold: Optional[float] = None
+    # Merge only boxes of the same label; false merges across labels (the higher score's label wins).
+    class_aware: Optional[bool] = None
+
+
 @dataclass
 class OutputConfig:
     # Directory or URI of the Parquet dataset.
@@ -152,6 +189,7 @@ class AppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
@@ -219,6 +257,7 @@ def check_config(cfg: AppConfig) -> None:
         )
     if not cfg.progress.interval_s > 0:
         raise ConfigError(f"progress.interval_s={cfg.progress.interval_s} must be above 0")
+    check_tiling(cfg.tiling)
     for key in ("num_gpus", "num_actors", "num_cpus_per_actor"):
         value = getattr(cfg.inference, key)
         if value != AUTO:
@@ -229,3 +268,21 @@ def check_config(cfg: AppConfig) -> None:
             # The value is not repeated: the settings, the manifest, the RayJob and the log would all hold it.
             raise ConfigError(f"{key} holds credentials (user:password@ in its URI); give them to the storage "
                               "client through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
+
+
+def check_tiling(tiling: TilingConfig) -> None:
+    keys = [name for name in TilingConfig.__dataclass_fields__ if name != "enabled"]
+    if not tiling.enabled:
+        for key in keys:
+            if getattr(tiling, key) is not None:
+                raise ConfigError(f"tiling.{key}={getattr(tiling, key)} is set but tiling is off: add tiling=tiles")
+        return
+    for key in keys:
+        if getattr(tiling, key) is None:
+            raise ConfigError(f"tiling.{key} must be set with tiling=tiles")
+    if tiling.tile_size < 32:
+        raise ConfigError(f"tiling.tile_size={tiling.tile_size} must be at least 32")
+    if not 0 <= tiling.overlap < 1:
+        raise ConfigError(f"tiling.overlap={tiling.overlap} must be at least 0 and below 1")
+    if not 0 <= tiling.match_threshold <= 1:
+        raise ConfigError(f"tiling.match_threshold={tiling.match_threshold} must be between 0 and 1")

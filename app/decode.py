@@ -27,6 +27,7 @@ from app.output.dataset import (
     UNREADABLE,
 )
 from app.retry import RetryBudgetSpent, is_transient, with_retries
+from app.tiling import TilingOptions, tile_grid
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -36,6 +37,10 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.binary()),  # HWC uint8 RGB at pixel_height x pixel_width (read back by `pixels`)
         ("pixel_width", pa.int32()),
         ("pixel_height", pa.int32()),
+        # A tiled image (tiling=tiles): its HWC uint8 RGB at full size (width x height), and its tiles as
+        # [x1, y1, x2, y2, ...] (app.tiling.tile_grid); `pixels` then holds the whole-image pass, if any.
+        ("scene", pa.large_binary()),  # 64-bit offsets: a scene may pass 2 GiB
+        ("tiles", pa.list_(pa.int32())),
         ("error_kind", pa.string()),
         ("error", pa.string()),
         # For the run's metrics (app.metrics): the bytes read (null when the file was not read) and the
@@ -57,6 +62,8 @@ class DecodeOptions:
     max_size: Optional[int] = None
     # Tries of a read that fails for a reason that may pass (app.retry); 1 = no retry.
     read_attempts: int = 1
+    # tiling=tiles: an image larger than a tile is decoded at full size, with its tile grid.
+    tiling: Optional[TilingOptions] = None
 
 
 class ImageError(Exception):
@@ -150,8 +157,13 @@ def replaced(old: Image.Image, new: Image.Image) -> Image.Image:
     return new
 
 
-def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
-    """Decode bytes to an RGB image at model size; returns it with the original width and height."""
+# data.max_image_pixels is the decompression-bomb guard (open_image), not Pillow's 89 MP warning and
+# 179 MP error: tiled scenes go past them.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def open_image(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
+    """The image in `data`, not decoded yet, and its width and height after EXIF orientation."""
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
@@ -168,18 +180,57 @@ def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
         width, height = image.size
         if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
             width, height = height, width
-        size = None
-        if options.min_size is not None and options.max_size is not None:
-            size = model_input_size(width, height, options.min_size, options.max_size)
-            # A JPEG much larger than the model's size is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling),
-            # never below that size: a 12 MP photo decodes a quarter of its pixels or fewer.
-            stored = size if (width, height) == image.size else size[::-1]
-            image.draft(None, stored)
-        ImageOps.exif_transpose(image, in_place=True)  # no copy when the image needs no turn
-        image = to_rgb(image, size)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(CORRUPT_IMAGE, f"cannot decode: {error}") from error
     return image, width, height
+
+
+def to_oriented_rgb(image: Image.Image, size: Optional[tuple[int, int]]) -> Image.Image:
+    """An opened image decoded, turned by its EXIF orientation and made RGB at `size` (None: its own)."""
+    try:
+        if size is not None:
+            # A JPEG much larger than the model's size is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling),
+            # never below that size: a 12 MP photo decodes a quarter of its pixels or fewer.
+            turned = image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS
+            image.draft(None, size[::-1] if turned else size)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when the image needs no turn
+        return to_rgb(image, size)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(CORRUPT_IMAGE, f"cannot decode: {error}") from error
+
+
+def decode(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
+    """Decode bytes to an RGB image at model size; returns it with the original width and height."""
+    image, width, height = open_image(data, options)
+    return to_oriented_rgb(image, model_size(width, height, options)), width, height
+
+
+def model_size(width: int, height: int, options: DecodeOptions) -> Optional[tuple[int, int]]:
+    """The size an image is decoded at to be detected whole: the model's input size, or None (its own)."""
+    if options.min_size is None or options.max_size is None:
+        return None
+    return model_input_size(width, height, options.min_size, options.max_size)
+
+
+def decode_into(row: dict, data: bytes, options: DecodeOptions) -> None:
+    """Fill a DECODED_SCHEMA row with the image in `data`: its pixels at model size, or, when it is
+    tiled, its pixels at full size with its tile grid, and the whole-image pass at model size (if asked
+    for and resized on the CPU: on the device otherwise, from the full-size pixels)."""
+    image, row["width"], row["height"] = open_image(data, options)
+    size = model_size(row["width"], row["height"], options)
+    tiling = options.tiling
+    if tiling is None or not tiling.tiles(row["width"], row["height"]):
+        image = to_oriented_rgb(image, size)
+        row["pixels"], (row["pixel_width"], row["pixel_height"]) = image.tobytes(), image.size
+        image.close()
+        return
+    image = to_oriented_rgb(image, None)
+    row["tiles"] = tile_grid(image.width, image.height, tiling.tile_size, tiling.overlap).reshape(-1).tolist()
+    if tiling.full_image and size is not None:
+        with image.resize(size, Image.Resampling.BILINEAR) as whole:
+            row["pixels"], (row["pixel_width"], row["pixel_height"]) = whole.tobytes(), whole.size
+    row["scene"] = image.tobytes()
+    image.close()
 
 
 def decode_images(
@@ -201,9 +252,7 @@ def decode_images(
                 raise ImageError(kind, message)
             data = read_file(filesystem, path, size, options, raw_path, budget)
             row["input_bytes"] = len(data)
-            image, row["width"], row["height"] = decode(data, options)
-            row["pixels"] = image.tobytes()
-            row["pixel_width"], row["pixel_height"] = image.size
+            decode_into(row, data, options)
         except ImageError as error:
             row["error_kind"], row["error"] = error.kind, str(error)
         except RetryBudgetSpent:
@@ -216,16 +265,18 @@ def decode_images(
     return pa.table(rows, schema=DECODED_SCHEMA)
 
 
-def pixels(batch: pa.Table, rows: Sequence[int]) -> list[np.ndarray]:
+def pixels(batch: pa.Table, rows: Sequence[int], column: str = "pixels") -> list[np.ndarray]:
     """The decoded pixels of the given rows as HWC uint8 arrays: read-only views of the Arrow buffers,
-    nothing copied."""
+    nothing copied. `column` is "pixels" (pixel_width x pixel_height) or "scene" (width x height)."""
     starts, data = [], []
-    for chunk in batch.column("pixels").chunks:
+    for chunk in batch.column(column).chunks:
         _, offsets, values = chunk.buffers()
-        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets, offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
         values = np.frombuffer(values, np.uint8) if values is not None else np.zeros(0, np.uint8)
         starts.extend(zip(offsets[:-1], offsets[1:]))
         data.extend([values] * len(chunk))
-    widths = batch.column("pixel_width").to_numpy(zero_copy_only=False)
-    heights = batch.column("pixel_height").to_numpy(zero_copy_only=False)
+    prefix = "pixel_" if column == "pixels" else ""
+    widths = batch.column(prefix + "width").to_numpy(zero_copy_only=False)
+    heights = batch.column(prefix + "height").to_numpy(zero_copy_only=False)
     return [data[i][starts[i][0] : starts[i][1]].reshape(int(heights[i]), int(widths[i]), 3) for i in rows]

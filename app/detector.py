@@ -45,6 +45,7 @@ from app.metrics import (
 from app.model import ModelSpec, build_model
 from app.output.rows import result_rows
 from app.precision import AUTOCAST_DTYPES, mixed_precision
+from app.tiling import Detections, TilingOptions, merge_detections
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class Staged(NamedTuple):
 
 
 def to_device(images: Sequence[np.ndarray], device: torch.device, copy_stream: Optional[torch.cuda.Stream] = None) -> Staged:
-    """HWC uint8 images as CHW uint8 tensors on device.
+    """HWC uint8 images (or views of part of one: tiles) as CHW uint8 tensors on device.
 
     On CUDA the images are packed into one pinned host buffer and copied in one non-blocking transfer
     on copy_stream. On the CPU the tensors are views of the images: nothing is copied."""
@@ -190,7 +191,7 @@ def to_device(images: Sequence[np.ndarray], device: torch.device, copy_stream: O
     host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
     staging, offset = host.numpy(), 0
     for image, size in zip(images, sizes):
-        staging[offset : offset + size] = image.reshape(-1)
+        np.copyto(staging[offset : offset + size].reshape(image.shape), image)  # a tile is a view: one copy
         offset += size
     copy_stream = copy_stream or torch.cuda.current_stream(device)
     with torch.cuda.stream(copy_stream):
@@ -329,17 +330,20 @@ class Detector:
     (app.precision; for GPUs with tensor cores). batch_size is the most images per model call; a call of
     the actor holds several model batches, which are grouped by shape. An actor that holds a GPU torch
     cannot drive raises DeviceError before any image, unless cpu_fallback lets it run on the CPU.
-    metric_tags (the run's, app.metrics) has the actor report itself alive in the run's metrics."""
+    metric_tags (the run's, app.metrics) has the actor report itself alive in the run's metrics.
+    tiling (tiling=tiles) has it detect the tiles of the images the decode task tiled and merge their
+    detections (app.tiling); a model batch then holds tiles, which are all of one shape."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
-                 cpu_fallback: bool = False, metric_tags: Optional[dict[str, str]] = None):
+                 cpu_fallback: bool = False, metric_tags: Optional[dict[str, str]] = None,
+                 tiling: Optional[TilingOptions] = None):
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
         configure_cuda_allocator()
         self.device = choose_device(cpu_fallback)
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        self.spec, self.batch_size = spec, batch_size
+        self.spec, self.batch_size, self.tiling = spec, batch_size, tiling
         model, self.categories = self.load_model(spec)
         self.model = model.to(self.device)
         self.label_names = pa.array(self.categories, pa.string())
@@ -410,22 +414,85 @@ class Detector:
         """Ray Data's call: decoded rows (app.decode.DECODED_SCHEMA) in, result rows out, one for one,
         with the measurements of app.metrics beside them."""
         rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
-        found, ran = self.detect_batches(decode.pixels(batch, rows))
-        table = result_rows(batch, rows, found, self.label_names)
+        views = model_views(batch, rows, self.tiling)
+        found, ran = self.detect_batches([view.pixels for view in views])
+        detections = image_detections(views, found, self.tiling)
+        num_tiles = np.bincount([view.row for view in views], minlength=batch.num_rows)
+        table = result_rows(batch, rows, [detections[i] for i in rows], self.label_names, num_tiles)
+        # Each row's share of the model's seconds, and the model batches that began with one of its views.
+        view_rows = np.array([view.row for view in views], np.int64)
         model_seconds = np.full(batch.num_rows, np.nan)
-        batch_images, padding = np.full(batch.num_rows, np.nan), np.full(batch.num_rows, np.nan)
+        model_seconds[rows] = 0.0
+        batch_images: list[list[int]] = [[] for _ in range(batch.num_rows)]
+        padding: list[list[float]] = [[] for _ in range(batch.num_rows)]
         for model_batch in ran:
-            positions = rows[model_batch.indices]
-            model_seconds[positions] = model_batch.seconds / len(positions)
-            batch_images[positions[0]], padding[positions[0]] = len(positions), model_batch.padding
+            positions = view_rows[model_batch.indices]
+            np.add.at(model_seconds, positions, model_batch.seconds / len(positions))
+            batch_images[positions[0]].append(len(positions))
+            padding[positions[0]].append(model_batch.padding)
         measurements = {
             WORKER_COLUMN: pa.array([self.worker] * batch.num_rows, pa.string()),
             INPUT_BYTES_COLUMN: batch.column("input_bytes"),
             DECODE_SECONDS_COLUMN: batch.column("decode_seconds"),
             MODEL_SECONDS_COLUMN: pa.array(model_seconds, from_pandas=True),
-            BATCH_IMAGES_COLUMN: pa.array(batch_images, from_pandas=True),
-            BATCH_PADDING_COLUMN: pa.array(padding, from_pandas=True),
+            BATCH_IMAGES_COLUMN: pa.array([values or None for values in batch_images], pa.list_(pa.int32())),
+            BATCH_PADDING_COLUMN: pa.array([values or None for values in padding], pa.list_(pa.float64())),
         }
         for name, column in measurements.items():
             table = table.append_column(name, column)
         return table
+
+
+class View(NamedTuple):
+    """One model input of a decoded row: its image at model size, or a tile of its full-size pixels, or
+    the whole image of a tiled row. Its boxes go into the image's pixels times `scale`, plus `offset`."""
+
+    row: int  # the row's position in its batch
+    pixels: np.ndarray
+    scale: tuple[float, float]  # the image's pixels per pixel of the view, across and down
+    offset: tuple[int, int]  # the view's top-left corner in the image's pixels
+
+
+def model_views(batch: pa.Table, rows: np.ndarray, tiling: Optional[TilingOptions]) -> list[View]:
+    """The model inputs of a decoded batch's `rows` (those without an error), row by row. An untiled
+    image is one view. A tiled one is its tiles, cropped from its full-size pixels without a copy, then,
+    with tiling.full_image, the whole image: at model size, or at full size for the model to resize on
+    the device when inference.resize_on_cpu is off."""
+    valid = {name: batch.column(name).is_valid().to_numpy(zero_copy_only=False) for name in ("pixels", "scene")}
+    with_pixels, with_scene = rows[valid["pixels"][rows]], rows[valid["scene"][rows]]
+    images = dict(zip(with_pixels.tolist(), decode.pixels(batch, with_pixels)))
+    scenes = dict(zip(with_scene.tolist(), decode.pixels(batch, with_scene, "scene")))
+    tiles = batch.column("tiles")
+    widths, heights = (batch.column(name).to_numpy(zero_copy_only=False) for name in ("width", "height"))
+
+    def whole(i: int, image: np.ndarray) -> View:
+        return View(i, image, (widths[i] / image.shape[1], heights[i] / image.shape[0]), (0, 0))
+
+    views = []
+    for i in rows.tolist():
+        if i not in scenes:
+            views.append(whole(i, images[i]))
+            continue
+        scene = scenes[i]
+        for x1, y1, x2, y2 in np.array(tiles[i].as_py(), np.int64).reshape(-1, 4).tolist():
+            views.append(View(i, scene[y1:y2, x1:x2], (1.0, 1.0), (x1, y1)))
+        if tiling.full_image:
+            views.append(whole(i, images.get(i, scene)))
+    return views
+
+
+def image_detections(views: list[View], found: list[dict[str, np.ndarray]], tiling: Optional[TilingOptions]) -> dict[int, Detections]:
+    """The detections of each row's image in its pixels, by row: its views' boxes scaled (in float32, as
+    torchvision scales them) and moved into the image, merged (app.tiling) when the image was tiled."""
+    by_row: dict[int, list[Detections]] = {}
+    for view, detections in zip(views, found):
+        boxes = detections["boxes"]
+        if view.scale != (1.0, 1.0):
+            boxes = boxes * np.array(view.scale * 2, np.float32)
+        boxes = boxes.astype(np.float64) + np.array(view.offset * 2, np.float64)
+        by_row.setdefault(view.row, []).append(Detections(boxes, detections["scores"], detections["labels"]))
+    merged = {}
+    for row, parts in by_row.items():
+        joined = Detections(*(np.concatenate(column) for column in zip(*parts)))
+        merged[row] = merge_detections(joined, tiling) if tiling is not None and len(parts) > 1 else joined
+    return merged

@@ -119,7 +119,10 @@ class RunMetrics:
         self.inc(self.input_bytes, pc.sum(rows.column(INPUT_BYTES_COLUMN)).as_py())
         for column, histogram_ in ((DECODE_SECONDS_COLUMN, self.decode_seconds), (MODEL_SECONDS_COLUMN, self.model_seconds),
                                    (BATCH_IMAGES_COLUMN, self.batch_images), (BATCH_PADDING_COLUMN, self.batch_padding)):
-            for value in rows.column(column).drop_null().to_pylist():
+            values = rows.column(column)
+            if pa.types.is_list(values.type):  # the model batches that began with the row's image
+                values = pc.list_flatten(values)
+            for value in values.drop_null().to_pylist():
                 histogram_.observe(value, self.tags)
         busy = pa.table({"device": rows.column(WORKER_COLUMN), "seconds": rows.column(MODEL_SECONDS_COLUMN)})
         for group in busy.drop_null().group_by("device").aggregate([("seconds", "sum")]).to_pylist():

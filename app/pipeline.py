@@ -28,6 +28,7 @@ from app.output.writer import ResultWriter
 from app.plan import ClusterLimits, Plan, on_driver_node, plan_run
 from app.progress import Progress
 from app.retry import BUDGET_SPENT_MARKER, RetryBudget
+from app.tiling import TilingOptions
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
     else:
         images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks)
     resize = cfg.inference.resize_on_cpu
+    tiling = TilingOptions.from_config(cfg.tiling)
     decoded = images.map_batches(
         decode_images,
         batch_format="pyarrow",
@@ -273,6 +275,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
                 min_size=cfg.model.min_size if resize else None,
                 max_size=cfg.model.max_size if resize else None,
                 read_attempts=cfg.data.read_attempts,
+                tiling=tiling,
             ),
             budget=budget,
         ),
@@ -291,6 +294,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
             batch_size=plan.batch_size,
             cpu_fallback=cfg.inference.cpu_fallback,
             metric_tags=metric_tags,
+            tiling=tiling,
         ),
         compute=ray.data.ActorPoolStrategy(size=plan.resources.num_actors, max_tasks_in_flight_per_actor=plan.calls_per_actor),
         num_gpus=plan.resources.num_gpus,

@@ -47,7 +47,8 @@ DECODE_TASK_BASE_MEMORY = 256 * 1024**2
 # Memory a decode takes a pixel of its image, at most: two full-size images at once, of 4 bytes a pixel
 # (Pillow keeps RGB, RGBA, CMYK and 32-bit grayscale in 4): the image and its RGB conversion or its
 # EXIF turn; each step frees the image before it (app.decode.to_rgb). A 16-bit grayscale PNG takes
-# under 4 (tests/test_decode.py).
+# under 4 (tests/test_decode.py). A tiled scene: the image and its RGB bytes (3) at once, under 8 in all
+# (tests/test_tiling.py).
 DECODE_BYTES_PER_PIXEL = 8
 
 
@@ -182,19 +183,26 @@ def rows_per_call(block_rows: int, batch_size: int) -> int:
 
 
 def decoded_image_bytes(cfg: AppConfig) -> int:
-    """Upper bound of one decoded image's pixels at model size; a 12 MP photo when not resizing."""
+    """Upper bound of one decoded row's pixels: the image at model size (a 12 MP photo when not
+    resizing); with tiling, also a scene of data.max_image_pixels at full size."""
     if cfg.inference.resize_on_cpu:
-        return cfg.model.min_size * cfg.model.max_size * 3
-    return 12_000_000 * 3
+        whole = cfg.model.min_size * cfg.model.max_size * 3
+    else:
+        whole = 12_000_000 * 3
+    return whole + (3 * cfg.data.max_image_pixels if cfg.tiling.enabled else 0)
 
+
+def files_per_decode_call(cfg: AppConfig) -> int:
+    """Files decoded per call of the decode function; with tiling one, each call's row a whole scene."""
+    return 1 if cfg.tiling.enabled else FILES_PER_DECODE_BATCH
 
 
 def decode_task_memory(cfg: AppConfig) -> int:
-    """What a decode task may hold at once: the worker's own memory, the images it decoded so far at
-    model size, and the largest file allowed while it is decoded (its bytes, and its pixels through the
+    """What a decode task may hold at once: the worker's own memory, the images it decoded so far in
+    this call, and the largest file allowed while it is decoded (its bytes, and its pixels through the
     decode's steps, DECODE_BYTES_PER_PIXEL)."""
     largest = cfg.data.max_file_bytes + DECODE_BYTES_PER_PIXEL * cfg.data.max_image_pixels
-    return DECODE_TASK_BASE_MEMORY + FILES_PER_DECODE_BATCH * decoded_image_bytes(cfg) + largest
+    return DECODE_TASK_BASE_MEMORY + files_per_decode_call(cfg) * decoded_image_bytes(cfg) + largest
 
 
 @dataclass(frozen=True)
@@ -237,8 +245,10 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
         resources=resources,
         batch_size=batch,
         block_rows=block_rows,
-        rows_per_call=rows_per_call(block_rows, batch),
-        decode_batch=min(block_rows, FILES_PER_DECODE_BATCH),
+        # A tiled scene is many model batches by itself, and a call of one row takes its block as it is:
+        # rows of several scenes would be copied into one batch.
+        rows_per_call=1 if cfg.tiling.enabled else rows_per_call(block_rows, batch),
+        decode_batch=min(block_rows, files_per_decode_call(cfg)),
         # The decode task's memory, declared so Ray can plan it. As the detector declares none, this also
         # keeps Ray from fusing decoding into the actors, where it would run serially with the model.
         decode_memory=decode_task_memory(cfg),

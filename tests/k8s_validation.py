@@ -11,7 +11,8 @@ unless its rules only compare with ``oldSelf`` (which applies to updates alone).
 
 Pod templates are also checked against the Pod Security Standards "restricted" profile
 (``restricted_violations``), and every kustomization under ``k8s/`` can be rendered with
-``kubectl kustomize --enable-helm`` (``kustomize_build``).
+``kubectl kustomize --enable-helm`` (``kustomize_build``); those of ``k8s/registry/`` pull the released chart
+from a registry and are left to tests/test_release.py.
 
 Also a command line, exiting 1 on any error:
 
@@ -180,9 +181,14 @@ class KustomizeError(RuntimeError):
     """kubectl kustomize exited non-zero; the message is its stderr."""
 
 
-def kustomization_dirs(root: Path = K8S_DIR) -> list[Path]:
-    """Every folder under root holding a kustomization.yaml, sorted."""
-    return sorted(path.parent for path in root.rglob("kustomization.yaml"))
+def kustomization_dirs(root: Path = K8S_DIR, remote: bool = False) -> list[Path]:
+    """Every folder under root holding a kustomization.yaml that renders the local chart, sorted; with
+    remote=True, those that pull the chart from a registry instead (k8s/registry/: they need the registry,
+    so tests/test_release.py renders them from one on loopback)."""
+    return sorted(
+        path.parent for path in root.rglob("kustomization.yaml")
+        if any("repo" in chart for chart in yaml.safe_load(path.read_text()).get("helmCharts", [])) == remote
+    )
 
 
 def kustomize_build(directory: Path, kubectl: Path | None = None, helm3: Path | None = None) -> list[dict[str, Any]]:

@@ -22,7 +22,9 @@ from app.detector import (
     PresizedTransform,
     SplittingRunner,
     batch_padding,
+    image_detections,
     is_out_of_memory,
+    model_views,
     shape_batches,
     to_device,
 )
@@ -44,21 +46,25 @@ SPEC = ModelSpec(
 )
 
 
-def test_result_rows_scale_boxes_to_original_pixels_and_keep_every_row():
+def test_views_and_result_rows_scale_boxes_to_original_pixels_and_keep_every_row():
     """Hand-made detections for two images (500x375 shown to the model at 1066x800; 40x30 at 80x60)
-    and one error row between them."""
+    and one error row between them: each image one view, its boxes scaled into its original pixels."""
     batch = pa.Table.from_pylist([
-        dict(path="a.jpg", width=500, height=375, pixels=b"", pixel_width=1066, pixel_height=800, error_kind=None, error=None),
-        dict(path="bad.jpg", width=None, height=None, pixels=None, pixel_width=None, pixel_height=None,
-             error_kind="corrupt_image", error="cannot decode"),
-        dict(path="b.jpg", width=40, height=30, pixels=b"", pixel_width=80, pixel_height=60, error_kind=None, error=None),
+        dict(path="a.jpg", width=500, height=375, pixels=bytes(1066 * 800 * 3), pixel_width=1066, pixel_height=800),
+        dict(path="bad.jpg", error_kind="corrupt_image", error="cannot decode"),
+        dict(path="b.jpg", width=40, height=30, pixels=bytes(80 * 60 * 3), pixel_width=80, pixel_height=60),
     ], schema=DECODED_SCHEMA)
+    views = model_views(batch, np.array([0, 2]), tiling=None)
+    assert [(view.row, view.pixels.shape, view.scale, view.offset) for view in views] == [
+        (0, (800, 1066, 3), (500 / 1066, 375 / 800), (0, 0)), (2, (60, 80, 3), (0.5, 0.5), (0, 0))]
     found = [
         {"boxes": np.array([[106.6, 80.0, 1066.0, 800.0], [0.0, 0.0, 10.66, 8.0]], np.float32),
          "scores": np.array([0.9, 0.25], np.float32), "labels": np.array([17, 1])},
         {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64)},
     ]
-    table = result_rows(batch, np.array([0, 2]), found, pa.array(["bg", "person"] + ["x"] * 15 + ["cat"]))
+    detections = image_detections(views, found, tiling=None)
+    table = result_rows(batch, np.array([0, 2]), [detections[0], detections[2]], pa.array(["bg", "person"] + ["x"] * 15 + ["cat"]),
+                        num_tiles=np.array([1, 0, 1]))
     assert table.schema == RESULT_SCHEMA
     rows = table.to_pylist()
     np.testing.assert_allclose(rows[0]["boxes"], [[50.0, 37.5, 500.0, 375.0], [0.0, 0.0, 5.0, 3.75]], rtol=1e-6)
@@ -66,6 +72,7 @@ def test_result_rows_scale_boxes_to_original_pixels_and_keep_every_row():
     assert [row["labels"] for row in rows] == [[17, 1], [], []]
     assert [row["label_names"] for row in rows] == [["cat", "person"], [], []]
     assert [row["num_detections"] for row in rows] == [2, 0, 0]
+    assert [row["num_tiles"] for row in rows] == [1, 0, 1]
     assert [(row["path"], row["width"], row["error_kind"]) for row in rows] == [
         ("a.jpg", 500, None), ("bad.jpg", None, "corrupt_image"), ("b.jpg", 40, None)]
     assert [row["boxes"] for row in rows[1:]] == [[], []]
@@ -150,8 +157,8 @@ def test_detector_on_a_batch(detector):
     # than MAX_BATCH_PADDING: two model batches of one image, with no padding.
     sizes = [model_input_size(320, 240, 320, 640), model_input_size(200, 320, 320, 640)]
     assert sizes == [(426, 320), (320, 512)] and shape_batches(sizes, 2) == [[1], [0]]
-    assert out.column("_batch_images").to_pylist() == [1, 1, None]
-    assert out.column("_batch_padding").to_pylist() == [0.0, 0.0, None]
+    assert out.column("_batch_images").to_pylist() == [[1], [1], None]
+    assert out.column("_batch_padding").to_pylist() == [[0.0], [0.0], None]
     rows = out.drop_columns(list(MEASUREMENT_COLUMNS)).to_pylist()
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "bad2.jpg"]
     assert [(row["width"], row["height"]) for row in rows] == [(640, 480), (400, 640), (None, None)]

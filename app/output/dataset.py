@@ -44,6 +44,9 @@ RESULT_SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int64())),
         ("label_names", pa.list_(pa.string())),
         ("num_detections", pa.int32()),
+        # Model inputs the image took: 1 untiled; with tiling=tiles its tiles, plus 1 for the whole-image
+        # pass; 0 on error. Null in rows written before the column existed.
+        ("num_tiles", pa.int32()),
         ("error_kind", pa.string()),  # null on success; one of the kinds below
         ("error", pa.string()),
     ]
@@ -150,7 +153,10 @@ def settings(cfg: AppConfig, weights: str) -> dict:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["weights"] = weights
     inputs = {"data.manifest": storage.absolute(cfg.data.manifest)} if cfg.data.manifest else {}
+    # Tiling's keys only when it is on: the settings of an untiled run are those of the versions before it.
+    tiling = OmegaConf.to_container(cfg.tiling, resolve=True, enum_to_str=True) if cfg.tiling.enabled else {}
     return {
+        **{f"tiling.{key}": value for key, value in tiling.items() if key != "enabled"},
         **inputs,
         "data.path": storage.absolute(cfg.data.path),
         "data.max_file_bytes": cfg.data.max_file_bytes,

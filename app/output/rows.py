@@ -4,25 +4,20 @@ import numpy as np
 import pyarrow as pa
 
 from app.output.dataset import RESULT_SCHEMA
+from app.tiling import Detections
 
 
-def result_rows(batch: pa.Table, rows: np.ndarray, found: list[dict[str, np.ndarray]], label_names: pa.Array) -> pa.Table:
+def result_rows(batch: pa.Table, rows: np.ndarray, found: list[Detections], label_names: pa.Array,
+                num_tiles: np.ndarray) -> pa.Table:
     """RESULT_SCHEMA rows for a decoded batch (app.decode.DECODED_SCHEMA): the detections `found` in the
-    images of `rows` (boxes in model pixels, scores, label ids; the other rows are error rows), their
-    boxes scaled to original pixels and their labels named from `label_names`."""
+    images of `rows` (boxes in the images' pixels, scores, label ids; the other rows are error rows), their
+    labels named from `label_names`, and the model inputs each row took (`num_tiles`, by batch position)."""
     counts = np.zeros(batch.num_rows, np.int32)
-    counts[rows] = [len(detections["labels"]) for detections in found]
+    counts[rows] = [len(detections.labels) for detections in found]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    boxes = np.concatenate([d["boxes"] for d in found]) if found else np.zeros((0, 4), np.float32)
-    scores = np.concatenate([d["scores"] for d in found]) if found else np.zeros(0, np.float32)
-    labels = np.concatenate([d["labels"] for d in found]) if found else np.zeros(0, np.int64)
-    # Model pixels to original pixels: each detection scaled by its image's original / model size.
-    size = {key: batch.column(key).to_numpy(zero_copy_only=False)[rows].astype(np.float64)
-            for key in ("width", "height", "pixel_width", "pixel_height")}
-    scale_x = (size["width"] / size["pixel_width"]).astype(np.float32)
-    scale_y = (size["height"] / size["pixel_height"]).astype(np.float32)
-    scale = np.repeat(np.stack([scale_x, scale_y, scale_x, scale_y], axis=1), counts[rows], axis=0)
-    boxes = (boxes * scale).astype(np.float32)
+    boxes = np.concatenate([d.boxes for d in found]).astype(np.float32) if found else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([d.scores for d in found]).astype(np.float32) if found else np.zeros(0, np.float32)
+    labels = np.concatenate([d.labels for d in found]).astype(np.int64) if found else np.zeros(0, np.int64)
     coordinates = pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * len(boxes) + 1, 4, dtype=np.int32)), pa.array(boxes.reshape(-1)))
     columns = {
         "path": batch.column("path"),
@@ -33,6 +28,7 @@ def result_rows(batch: pa.Table, rows: np.ndarray, found: list[dict[str, np.ndar
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
         "label_names": pa.ListArray.from_arrays(offsets, label_names.take(pa.array(labels))),
         "num_detections": pa.array(counts),
+        "num_tiles": pa.array(num_tiles.astype(np.int32)),
         "error_kind": batch.column("error_kind"),
         "error": batch.column("error"),
     }
