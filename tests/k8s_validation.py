@@ -191,8 +191,8 @@ def kustomization_dirs(root: Path = K8S_DIR, remote: bool = False) -> list[Path]
     )
 
 
-def kustomize_build(directory: Path, kubectl: Path | None = None, helm3: Path | None = None) -> list[dict[str, Any]]:
-    """`kubectl kustomize --enable-helm` a folder and return its objects.
+def kustomize_text(directory: Path, kubectl: Path | None = None, helm3: Path | None = None) -> str:
+    """What `kubectl kustomize --enable-helm` prints for a folder.
 
     Helm v3 is required: kustomize asks `helm version -c`, which Helm v4 removed. The chart lives outside
     the kustomization root, hence `--load-restrictor LoadRestrictionsNone` (Argo CD: kustomize.buildOptions).
@@ -206,7 +206,12 @@ def kustomize_build(directory: Path, kubectl: Path | None = None, helm3: Path | 
     )
     if proc.returncode != 0:
         raise KustomizeError(proc.stderr.strip())
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return proc.stdout
+
+
+def kustomize_build(directory: Path, kubectl: Path | None = None, helm3: Path | None = None) -> list[dict[str, Any]]:
+    """`kubectl kustomize --enable-helm` a folder (see kustomize_text) and return its objects."""
+    return [doc for doc in yaml.safe_load_all(kustomize_text(directory, kubectl, helm3)) if doc]
 
 
 # ---------------------------------------------------------------------------------------------------
