@@ -115,9 +115,9 @@ def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], optio
     return data
 
 
-# Rows of a 16- or 32-bit grayscale image scaled to 8 bits at a time: the float32 band stays a few MB
-# however large the image is.
-GRAY_BAND_ROWS = 64
+# Rows of a large image converted at a time (16-bit grayscale to 8 bits, a scene to its RGB bytes): a
+# band stays a few MB however large the image is.
+BAND_ROWS = 64
 
 
 def to_8bit_gray(image: Image.Image) -> Image.Image:
@@ -126,8 +126,8 @@ def to_8bit_gray(image: Image.Image) -> Image.Image:
     time in float32, so that besides the image only its 8-bit copy is full-size (1 byte a pixel)."""
     scale = np.float32(255 / 65535 if image.getextrema()[1] > 255 else 1)
     gray = np.empty((image.height, image.width), np.uint8)
-    for top in range(0, image.height, GRAY_BAND_ROWS):
-        bottom = min(top + GRAY_BAND_ROWS, image.height)
+    for top in range(0, image.height, BAND_ROWS):
+        bottom = min(top + BAND_ROWS, image.height)
         band = np.array(image.crop((0, top, image.width, bottom)), dtype=np.float32)
         band *= scale
         np.clip(band, 0, 255, out=band)
@@ -149,6 +149,17 @@ def to_rgb(image: Image.Image, size: Optional[tuple[int, int]] = None) -> Image.
     if size is not None and size != image.size:
         image = replaced(image, image.resize(size, Image.Resampling.BILINEAR))
     return image
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as one HWC uint8 array, copied a band of rows at a time: Pillow's tobytes
+    would hold them twice (it joins its output's chunks), with the image beside them."""
+    array = np.empty((image.height, image.width, 3), np.uint8)
+    for top in range(0, image.height, BAND_ROWS):
+        bottom = min(top + BAND_ROWS, image.height)
+        with image.crop((0, top, image.width, bottom)) as band:
+            array[top:bottom] = np.asarray(band)
+    return array
 
 
 def replaced(old: Image.Image, new: Image.Image) -> Image.Image:
@@ -229,7 +240,7 @@ def decode_into(row: dict, data: bytes, options: DecodeOptions) -> None:
     if tiling.full_image and size is not None:
         with image.resize(size, Image.Resampling.BILINEAR) as whole:
             row["pixels"], (row["pixel_width"], row["pixel_height"]) = whole.tobytes(), whole.size
-    row["scene"] = image.tobytes()
+    row["scene"] = rgb_array(image)
     image.close()
 
 
@@ -262,7 +273,23 @@ def decode_images(
         row["decode_seconds"] = time.perf_counter() - started
         for name, value in row.items():
             rows[name].append(value)
-    return pa.table(rows, schema=DECODED_SCHEMA)
+    scenes = rows.pop("scene")
+    table = pa.table(rows, schema=DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("scene")))
+    return table.add_column(DECODED_SCHEMA.get_field_index("scene"), DECODED_SCHEMA.field("scene"), scene_column(scenes))
+
+
+def scene_column(scenes: list[Optional[np.ndarray]]) -> pa.Array:
+    """The scenes as the large binary column, a lone one without a copy (a decode call of tiling has one)."""
+    present = [scene.reshape(-1) for scene in scenes if scene is not None]
+    if not present:
+        return pa.nulls(len(scenes), pa.large_binary())
+    lengths = [0 if scene is None else scene.size for scene in scenes]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    data = present[0] if len(present) == 1 else np.concatenate(present)
+    valid = np.array([scene is not None for scene in scenes])
+    validity = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.large_binary(), len(scenes), [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
+                                 null_count=int((~valid).sum()))
 
 
 def pixels(batch: pa.Table, rows: Sequence[int], column: str = "pixels") -> list[np.ndarray]:

@@ -396,7 +396,9 @@ class Detector:
         if not images:
             return [], []
         sizes = [model_input_size(image.shape[1], image.shape[0], self.spec.min_size, self.spec.max_size) for image in images]
-        batches = shape_batches(sizes, self.batch_size)
+        # Tiled, a model batch holds inputs of one padded shape: a tile padded to another input's shape
+        # would be detected differently from the tile alone (as SAHI detects it).
+        batches = shape_batches(sizes, self.batch_size, 0.0 if self.tiling else MAX_BATCH_PADDING)
         found: list[dict[str, np.ndarray]] = [{}] * len(images)
         ran = []
         staged = self.stager.submit(self.stage, [images[i] for i in batches[0]])
