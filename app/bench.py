@@ -25,6 +25,8 @@ inputs      The input stage at scale: a tree of 1 million files, manifests of 1 
             and a resume of 10 million committed rows; time to the first block and the driver's memory.
 chaos       Faults injected into runs of --chaos-images images (app.chaos): worker nodes preempted and
             the driver killed, S3 throttled and down, the output volume full; one line per fault.
+tiles       Tiled detection of large generated scenes (app.bench_tiles): the app against SAHI's sliced
+            prediction loop, scenes/s and tiles/s, and how busy tiles keep a device stand-in.
 
 Memory is the peak, sampled every 0.5 s, of the resident set size (RSS) summed over this process and
 every process it started (Ray's GCS, raylet, agents and workers). Pages shared between processes
@@ -76,7 +78,7 @@ from app.listing import input_rows
 from app.model import ModelSpec, build_model, coco_categories
 from app.output import dataset
 from app.output.dataset import RESULT_SCHEMA, SETTINGS_NAME, write_json
-from app.plan import DEFAULT_BATCH_SIZES
+from app.plan import DEFAULT_BATCH_SIZES, STREAMED_BLOCK_FILES
 from app.precision import AUTOCAST_DTYPES, mixed_precision
 
 # psutil comes with the bench extra: it is imported where used, so that importing this module works
@@ -685,7 +687,7 @@ def measure_input_stage(overrides: list[str]) -> dict:
     assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
     output = dataset.locate(cfg)
     output.filesystem.create_dir(output.path, recursive=True)
-    todo, tally, _ = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1))
+    todo, tally, _ = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1), block_rows=STREAMED_BLOCK_FILES)
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
         first = first or time.monotonic() - started
@@ -820,10 +822,14 @@ def report(results: dict) -> str:
         lines.append(memory_line(results["memory"]))
     lines += [input_stage_line(name, case) for name, case in results.get("inputs", {}).items()]
     lines += chaos.lines(results.get("chaos", []))
+    if "tiles" in results:
+        from app import bench_tiles
+
+        lines += bench_tiles.lines(results["tiles"])
     return "\n".join(lines)
 
 
-SUITES = ("throughput", "standin", "decode", "memory", "inputs", "chaos")
+SUITES = ("throughput", "standin", "decode", "memory", "inputs", "chaos", "tiles")
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -837,7 +843,7 @@ def size_arg(text: str) -> tuple[int, int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help="throughput (default), standin, decode, memory, inputs, chaos or all")
+                        help="throughput (default), standin, decode, memory, inputs, chaos, tiles or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
@@ -863,6 +869,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="paths of the inputs suite's manifests; the largest is also resumed")
     parser.add_argument("--chaos-images", type=int, default=2000, help="images of the chaos suite's runs")
     parser.add_argument("--removals", type=int, default=5, help="worker nodes the chaos suite's preemption removes")
+    parser.add_argument("--tiles-model", default="fasterrcnn_mobilenet_v3_large_320_fpn", help="the tiles suite's model")
+    parser.add_argument("--tiles-counts", nargs=2, type=int, default=[2, 5], help="the two scene counts of the tiles suite")
+    parser.add_argument("--tiles-sizes", nargs="+", type=size_arg, metavar="WxH",
+                        help="sizes of the tiles suite's scenes, in turn (default: 4000x3000 3000x4000 6000x4000)")
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between runs")
     parser.add_argument("--workdir", help="where inputs and outputs go (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON result file")
@@ -875,6 +885,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.modes = list(GPU_MODES if DEVICE.type == "cuda" else CPU_MODES)
     if args.bare_batch_sizes is None and DEVICE.type == "cpu":
         args.bare_batch_sizes = [1, 2, 4]
+    if args.tiles_counts[0] >= args.tiles_counts[1]:
+        parser.error("--tiles-counts: the second count must be larger")
     if args.counts and args.counts[0] >= args.counts[1]:
         parser.error("--counts: the second count must be larger")
     return args
@@ -906,6 +918,10 @@ def main(argv=None) -> dict:
         if "chaos" in suites:
             images = input_folder(base, "chaos", args.chaos_images, args)
             results["chaos"] = chaos.chaos(images, args.chaos_images, args.removals, base)
+        if "tiles" in suites:
+            from app import bench_tiles  # imported here: it builds on this module's harness
+
+            results["tiles"] = bench_tiles.tiles(args, base)
     finally:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)

@@ -12,7 +12,7 @@ import ray
 from app import inventory, listing, storage
 from app.config import AppConfig, ConfigError
 from app.output import dataset, resume
-from app.plan import MAX_LISTING_BLOCKS, STREAMED_BLOCK_FILES, on_driver_node
+from app.plan import MAX_LISTING_BLOCKS, on_driver_node
 
 
 @dataclass
@@ -62,10 +62,10 @@ def open_inputs(cfg: AppConfig) -> Inputs:
     return Inputs(listed.tree.location, listed=listed)
 
 
-def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location,
-                  tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, resume.OutputScan]:
+def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int,
+                  block_rows: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, resume.OutputScan]:
     """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
-    with a row dropped by tasks too (app.output.resume), cut into blocks of STREAMED_BLOCK_FILES by Ray Data's
+    with a row dropped by tasks too (app.output.resume), cut into blocks of `block_rows` by Ray Data's
     streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs, and the
     counts of the rows output.path holds already."""
     committed, index = resume.scan_output(output, in_ray=True)
@@ -74,7 +74,7 @@ def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location,
         resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
     )
-    return todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES), tally, committed
+    return todo.repartition(target_num_rows_per_block=block_rows), tally, committed
 
 
 def listed_todo(inputs: Inputs, output: storage.Location) -> tuple[pa.Table, resume.OutputScan]:

@@ -259,7 +259,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         # from_blocks takes each block's size from the table here; from_arrow would run a task per block for it.
         images = ray.data.from_blocks([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
     else:
-        images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks)
+        images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks, plan.block_rows)
     resize = cfg.inference.resize_on_cpu
     tiling = TilingOptions.from_config(cfg.tiling)
     decoded = images.map_batches(

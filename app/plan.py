@@ -21,6 +21,10 @@ MAX_INPUT_BLOCKS = 500
 # driver keeps about 3 KB per block it has seen (Ray Data's bookkeeping): 64-file blocks made its memory
 # grow by 400 MB from 1 to 10 million inputs, 1,024-file blocks keep it flat.
 STREAMED_BLOCK_FILES = 1024
+# The same with tiling: a scene is about a hundred model inputs, and a block goes to one actor, so that
+# blocks of 1,024 scenes would leave one actor working for long after the others ran out; 64 still grows
+# the driver by under 50 MB a million scenes.
+STREAMED_TILED_BLOCK_FILES = 64
 # Tasks listing inputs or reading a manifest at once, when decode tasks are bounded by CPUs alone.
 INPUT_TASKS = 4
 # Blocks the parts of a large tree are cut into, at most (a block is listed by one task).
@@ -231,7 +235,12 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
     streamed = listed_files is None
     resources = plan_resources(cfg.inference, nodes, local, limits, input_cpus=1.0 if streamed else 0.0)
     batch = model_batch_size(cfg, resources)
-    block_rows = STREAMED_BLOCK_FILES if streamed else files_per_block(listed_files, resources.num_actors, batch)
+    tiled = cfg.tiling.enabled
+    if streamed:
+        block_rows = STREAMED_TILED_BLOCK_FILES if tiled else STREAMED_BLOCK_FILES
+    else:
+        # A tiled scene fills model batches by itself: blocks as small as one scene spread them over the actors.
+        block_rows = files_per_block(listed_files, resources.num_actors, 1 if tiled else batch)
     if not streamed:
         # A block goes to one decode task and one actor: no more of either than there are blocks (more
         # would idle, and Ray Data warns of a pool larger than its inputs).

@@ -76,6 +76,33 @@ def test_stand_in_suite(local_ray, monkeypatch, tmp_path):
     assert results["report"].splitlines()[1].startswith("device stand-in at 20.0 ms/image (50.0 images/s), app with one actor")
 
 
+def test_tiles_suite(local_ray, monkeypatch, tmp_path):
+    """SAHI's loop at batch sizes 1 and 8 and the app on one and two small scenes (400x300, 300x400 in
+    320-px tiles: 2 tiles each), then the stand-in; every figure is recomputed from its parts."""
+    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
+    results = bench.main(["tiles", "--tiles-counts", "1", "2", "--tiles-sizes", "400x300", "300x400", "--stand-in-ms", "5",
+                          "--pause", "0", "--out", ""])
+    tiles = results["tiles"]
+    assert (tiles["tile_size"], tiles["tiles"], tiles["tiles_per_scene"]) == (320, [2, 4], 2.0)
+    assert [(run["mode"], run["images"]) for run in tiles["runs"]] == [
+        (mode, count) for mode in ("sahi@1", "sahi@8", "app") for count in (1, 2)]
+    sahi = {(run["mode"], run["images"]): run["detections"] for run in tiles["runs"] if run["mode"].startswith("sahi")}
+    # The same loop whatever SAHI's batch size: the same detections, a few per scene (3 per tile, merged).
+    assert sahi[("sahi@1", 1)] == sahi[("sahi@8", 1)] and sahi[("sahi@1", 2)] == sahi[("sahi@8", 2)]
+    assert 0 < sahi[("sahi@1", 1)] <= 6 and all(run["detections"] > 0 for run in tiles["runs"])
+    for summary in tiles["modes"].values():
+        rate = summary["marginal_images_per_s"]
+        assert summary["marginal_tiles_per_s"] == (round(rate * 2.0, 2) if rate else None)
+    rates = {mode: summary["marginal_images_per_s"] for mode, summary in tiles["modes"].items()}
+    best = max(rates["sahi@1"] or 0, rates["sahi@8"] or 0)
+    assert tiles["app_over_sahi"] == (round(rates["app"] / best, 3) if rates["app"] and best else None)
+    standin = tiles["standin"]
+    assert [(run["images"], run["detections"] > 0) for run in standin["runs"]] == [(1, True), (2, True)]
+    extra = standin["runs"][1]["seconds"] - standin["runs"][0]["seconds"]
+    assert standin["busy_fraction"] == (round(2 * 0.005 / extra, 3) if extra > 0 else None)
+    assert results["report"].splitlines()[1].startswith("tiles, fasterrcnn_mobilenet_v3_large_320_fpn on cpu, 2 tiles of 320 px a scene: sahi@1 ")
+
+
 def test_decode_suite(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "DECODE_CASES", {"small": [(200, 150)], "large": [(1600, 1200)]})
     results = bench.main(["decode", "--workdir", str(tmp_path), "--out", ""])
@@ -136,7 +163,8 @@ def test_report_of_every_suite():
     "argv,message",
     [
         (["--counts", "5", "5"], "--counts: the second count must be larger"),
-        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs, chaos or all"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs, chaos, tiles or all"),
+        (["--tiles-counts", "3", "2"], "--tiles-counts: the second count must be larger"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
     ],
 )

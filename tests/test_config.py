@@ -22,7 +22,7 @@ from app.plan import (
 from tests.conftest import compose_config
 
 CONF = Path(__file__).parent.parent / "app" / "conf"
-GROUPS = ["data", "model", "inference", "output"]
+GROUPS = ["data", "model", "inference", "tiling", "output"]
 
 
 def options(group):
@@ -59,6 +59,12 @@ OPTIONS = {
     "inference=auto": {"inference.num_gpus": "auto", "inference.num_actors": "auto"},
     "inference=cpu": {"inference.num_gpus": "0"},
     "inference=gpu": {"inference.num_gpus": "1", "inference.num_cpus_per_actor": "1"},
+    "tiling=none": {"tiling.enabled": False},
+    "tiling=tiles": {
+        "tiling.enabled": True, "tiling.tile_size": 800, "tiling.overlap": 0.2, "tiling.full_image": True, "tiling.merge": "nmm",
+        "tiling.match_metric": "ios", "tiling.match_threshold": 0.5, "tiling.class_aware": True,
+        "data.max_image_pixels": 250_000_000, "data.max_file_bytes": 256 * 2**20,
+    },
     "output=parquet": {"output.path": "results"},
     "experiment=local_cpu": {**LIGHT, "inference.num_gpus": "0"},
     "experiment=voc_animals": {

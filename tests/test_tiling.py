@@ -21,6 +21,7 @@ from sahi.predict import get_sliced_prediction
 from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
+from app.bench_tiles import scene_pixels
 from app.config import ConfigError, MatchMetric, MergeMethod, check_config
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import Detector, image_detections, model_views
@@ -39,25 +40,6 @@ TILE = 320
 NMS_IOU = ["tiling=tiles", "tiling.merge=nms", "tiling.match_metric=iou", "tiling.full_image=false"]
 
 
-def scene(width: int, height: int, seed: int) -> np.ndarray:
-    """A large generated scene: a soft gradient with noise, strewn with small objects (rectangles and
-    discs of 8 to 40 pixels), as aerial views are."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 200 // width, y * 200 // height, (x + y) * 100 // (width + height) + 50], axis=-1)
-    pixels = pixels + rng.integers(0, 30, (height, width, 3))
-    for _ in range(width * height // 4000):
-        size = rng.integers(8, 40)
-        left, top = rng.integers(0, width - size), rng.integers(0, height - size)
-        colour = rng.integers(0, 256, 3)
-        if rng.random() < 0.5:
-            pixels[top : top + size, left : left + size] = colour
-        else:
-            inside = (y[top : top + size, left : left + size] - top - size / 2) ** 2 + (x[top : top + size, left : left + size] - left - size / 2) ** 2
-            pixels[top : top + size, left : left + size][inside < (size / 2) ** 2] = colour
-    return pixels.clip(0, 255).astype(np.uint8)
-
-
 # Two scenes, a landscape and a portrait one, saved as PNG so that SAHI reads the very pixels we decode.
 SCENES = {"field.png": (1100, 750, 1), "harbour.png": (700, 1000, 2)}
 
@@ -66,7 +48,7 @@ SCENES = {"field.png": (1100, 750, 1), "harbour.png": (700, 1000, 2)}
 def scenes(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("scenes")
     for name, (width, height, seed) in SCENES.items():
-        Image.fromarray(scene(width, height, seed)).save(folder / name)
+        Image.fromarray(scene_pixels(width, height, seed)).save(folder / name)
     return {name: folder / name for name in SCENES}
 
 
@@ -229,7 +211,7 @@ def test_a_48_megapixel_scene_decodes_in_under_8_bytes_a_pixel(tmp_path):
     decoded image (4 bytes a pixel) and the scene's RGB bytes (3) are the full-size arrays; the tiles are
     cropped later, in the detector, as views. Measured by RSS in a fresh process (about 7.1)."""
     path = tmp_path / "survey.jpg"
-    Image.fromarray(np.tile(scene(800, 600, 3), (10, 10, 1))).save(path, quality=90)
+    Image.fromarray(np.tile(scene_pixels(800, 600, 3), (10, 10, 1))).save(path, quality=90)
     result = subprocess.run([sys.executable, "-c", MEASURE_SCENE_DECODE, str(path)], capture_output=True, text=True, check=True)
     growth, width, height, scene_bytes, tiles = map(int, result.stdout.split())
     assert (width, height, scene_bytes, tiles) == (8000, 6000, 8000 * 6000 * 3, 13 * 10)
