@@ -51,3 +51,15 @@ def test_a_fixed_pool_on_streamed_inputs_leaves_the_input_stage_its_cpu(cpus, th
     cfg = compose_config(["data.path=x", "output.path=y", *FAST_MODEL])
     assert plan_run(cfg, [{"CPU": cpus}], True, ClusterLimits(), None).resources.num_cpus_per_actor == threads
     assert plan_run(cfg, [{"CPU": cpus}], True, ClusterLimits(), 1000).resources.num_cpus_per_actor == cpus
+
+
+def test_a_tiled_run_spreads_scenes_over_the_actors_one_per_call():
+    """With tiling a scene is many model batches: two scenes go to two actors in blocks of one, each
+    decode call takes one file, each actor call one scene, and a decode task declares a scene of
+    data.max_image_pixels (250 million with tiling) at 3 bytes a pixel beside the largest file's decode."""
+    cfg = compose_config(["data.path=x", "output.path=y", *MODEL, "tiling=tiles"])
+    plan = plan_run(cfg, CPU_NODE, True, ClusterLimits(), 2)
+    assert (plan.resources.num_actors, plan.block_rows, plan.rows_per_call, plan.decode_batch) == (2, 1, 1, 1)
+    assert plan.decode_memory == 256 * 1024**2 + (320 * 640 * 3 + 3 * 250_000_000) + 256 * 1024**2 + 8 * 250_000_000
+    assert plan_run(cfg, CPU_NODE, True, ClusterLimits(), 1000).block_rows == 16
+    assert plan_run(cfg, CPU_NODE, True, ClusterLimits(), None).block_rows == 64
