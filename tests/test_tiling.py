@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,6 +22,7 @@ from sahi.predict import get_sliced_prediction
 from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
+from app import report
 from app.bench_tiles import scene_pixels
 from app.config import ConfigError, MatchMetric, MergeMethod, check_config
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
@@ -167,8 +169,6 @@ def test_tiles_default_to_the_model_input_size_with_sahis_merge_and_a_higher_pix
 
 def decoded(paths: list[Path], options: DecodeOptions) -> list[dict]:
     listed = pa.Table.from_pylist([dict(path=str(path), size=path.stat().st_size) for path in paths], schema=INPUT_SCHEMA)
-    import pyarrow.fs as pafs
-
     table = decode_images(listed, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=options)
     assert table.schema == DECODED_SCHEMA
     return table.to_pylist()
@@ -332,6 +332,10 @@ def test_a_tiled_run_writes_one_row_per_image_with_sahis_detections_and_resumes(
     assert rows[photo.name]["num_tiles"] == 1 and np.allclose(rows[photo.name]["boxes"], untiled["boxes"], rtol=0, atol=0.01)
     assert (rows["broken.png"]["error_kind"], rows["broken.png"]["num_tiles"]) == ("corrupt_image", 0)
     assert run(compose_config(overrides)).processed == 0
+    # The report reads the scenes under the run's limits (250 MP with tiling) and draws their boxes.
+    report.main([str(tmp_path / "out"), "--out", str(tmp_path / "report")])
+    previews = sorted((tmp_path / "report" / report.PREVIEW_DIR).iterdir())
+    assert len(previews) == 3 and max(Image.open(previews[0]).size) == 800
     with pytest.raises(ConfigError) as caught:
         run(compose_config(overrides + ["tiling.overlap=0.3"]))
     assert str(caught.value) == (f"output.path {tmp_path / 'out'} holds results made with tiling.overlap=0.2, not 0.3; "
