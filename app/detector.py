@@ -187,22 +187,33 @@ def to_device(images: Sequence[np.ndarray], device: torch.device, copy_stream: O
             # Decoded pixels are read-only views of Arrow buffers; the model only reads them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return Staged([torch.from_numpy(image).permute(2, 0, 1) for image in images])
-    sizes = [image.size for image in images]
-    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
-    staging, offset = host.numpy(), 0
-    for image, size in zip(images, sizes):
-        np.copyto(staging[offset : offset + size].reshape(image.shape), image)  # a tile is a view: one copy
-        offset += size
+    host = torch.empty(sum(image.size for image in images), dtype=torch.uint8, pin_memory=True)
     copy_stream = copy_stream or torch.cuda.current_stream(device)
     with torch.cuda.stream(copy_stream):
-        flat = host.to(device, non_blocking=True)
+        flat = packed(images, host).to(device, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(copy_stream)
+    return Staged(unpacked(flat, [image.shape for image in images]), copied)
+
+
+def packed(images: Sequence[np.ndarray], buffer: torch.Tensor) -> torch.Tensor:
+    """The images copied one after another into a flat uint8 buffer (a tile, a view of its scene, in one
+    copy); returns the buffer."""
+    staging, offset = buffer.numpy(), 0
+    for image in images:
+        np.copyto(staging[offset : offset + image.size].reshape(image.shape), image)
+        offset += image.size
+    return buffer
+
+
+def unpacked(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The HWC images of a flat buffer `packed` filled, as CHW views of it."""
     tensors, offset = [], 0
-    for image, size in zip(images, sizes):
-        tensors.append(flat[offset : offset + size].view(image.shape).permute(2, 0, 1))
+    for shape in shapes:
+        size = math.prod(shape)
+        tensors.append(flat[offset : offset + size].view(shape).permute(2, 0, 1))
         offset += size
-    return Staged(tensors, copied)
+    return tensors
 
 
 def to_host(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:

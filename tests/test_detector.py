@@ -25,8 +25,10 @@ from app.detector import (
     image_detections,
     is_out_of_memory,
     model_views,
+    packed,
     shape_batches,
     to_device,
+    unpacked,
 )
 from app.device import choose_device, nvidia_driver_version
 from app.listing import list_inputs
@@ -440,10 +442,26 @@ def test_to_device_on_the_cpu_views_the_pixels_as_chw():
         assert tensor.data_ptr() == image.ctypes.data  # a view: nothing was copied
 
 
+def test_tiles_views_of_a_scene_pack_into_the_staging_buffer_and_unpack_as_chw():
+    """The CUDA staging's packing, on the CPU (the pinned buffer and the copy need CUDA): tiles, which are
+    strided views of their scene, each land whole in one flat buffer, and come back out as CHW views of it."""
+    scene = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    tiles = [scene[0:16, 0:16], scene[0:16, 34:50], scene[24:40, 10:26], scene]
+    buffer = packed(tiles, torch.empty(sum(tile.size for tile in tiles), dtype=torch.uint8))
+    assert buffer[: 16 * 16 * 3].numpy().tolist() == scene[0:16, 0:16].reshape(-1).tolist()
+    tensors = unpacked(buffer, [tile.shape for tile in tiles])
+    assert [tuple(tensor.shape) for tensor in tensors] == [(3, 16, 16)] * 3 + [(3, 40, 50)]
+    for tensor, tile in zip(tensors, tiles):
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), tile)
+        assert buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + buffer.numel()  # views of the buffer
+
+
 @pytest.mark.cuda
 def test_to_device_on_cuda_matches_the_cpu():
-    """Pixels packed into a pinned buffer, copied on a side stream, then used on the default stream."""
+    """Pixels packed into a pinned buffer, copied on a side stream, then used on the default stream; a
+    tile (a strided view of its scene) too."""
     images = [np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(images[0][8:40, 16:48])
     on_gpu = to_device(images, torch.device("cuda"), torch.cuda.Stream()).ready()
     on_cpu = to_device(images, torch.device("cpu")).ready()
     assert all(g.device.type == "cuda" and torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
