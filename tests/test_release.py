@@ -425,7 +425,7 @@ def test_the_docs_verify_the_identity_the_release_workflow_signs_with():
     """cosign's keyless certificate names https://github.com/<repo>/<workflow path>@<tag ref>."""
     identity = f"identity=https://github.com/ray-detect/ray-detect/.github/workflows/release.yml@refs/tags/v{APP_VERSION}\n"
     assert (WORKFLOWS / "release.yml").is_file()
-    for readme in [ROOT / "README.md", kv.CHART_DIR / "README.md"]:
+    for readme in [ROOT / "docs" / "kubernetes.md", kv.CHART_DIR / "README.md"]:
         text = readme.read_text()
         assert identity in text and "issuer=https://token.actions.githubusercontent.com\n" in text, readme
         assert (f"cosign verify ghcr.io/ray-detect/charts/ray-detect:{CHART_VERSION} "
