@@ -33,7 +33,7 @@ PROG = "ray-detect"
 
 
 class ExitCode(IntEnum):
-    """The exit codes of every command (the README's "Exit codes" table)."""
+    """The exit codes of every command (the "Exit codes" table of docs/cli.md)."""
 
     OK = 0
     FAILURE = 1  # anything unexpected (a traceback says what)

@@ -29,7 +29,7 @@ class DataConfig:
     # Local directory (searched recursively), glob, single file, or URI (s3://, gs://, any fsspec protocol).
     path: str = MISSING
     # A list of the images instead of listing data.path: a Parquet or CSV file or folder with a `path`
-    # column, or an S3 Inventory report's manifest.json (see the README). data.path is then not read.
+    # column, or an S3 Inventory report's manifest.json (see docs/inputs.md). data.path is then not read.
     manifest: Optional[str] = None
     # File extensions treated as images, matched case-insensitively; other files are ignored.
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
@@ -75,7 +75,7 @@ class Precision(str, Enum):
 
 @dataclass
 class InferenceConfig:
-    # Images per model call; null = the model's default on the device the actors run on (see the README).
+    # Images per model call; null = the model's default on the device the actors run on (see docs/performance.md).
     batch_size: Optional[int] = None
     # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
     num_gpus: str = "auto"

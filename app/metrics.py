@@ -44,7 +44,7 @@ PADDING_BUCKETS = [0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
 RUN_TAGS = ("run", "model")
 OK = "ok"
 
-# name: (type, unit, help). The README's metrics table lists the same.
+# name: (type, unit, help). docs/monitoring.md's metrics table lists the same.
 METRICS = {
     "detect_images": ("counter", "images", "Images this run finished, by outcome: ok, an error kind, or transient (left for a rerun)"),
     "detect_detections": ("counter", "detections", "Detections in the images this run finished"),

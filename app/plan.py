@@ -32,7 +32,7 @@ MAX_LISTING_BLOCKS = 256
 # torch threads per detector actor on CPU, at most: more, smaller actors keep more cores busy.
 MAX_CPU_THREADS_PER_ACTOR = 4
 # Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
-# heavy models gain nothing from batching (measured: see the README); on a GPU batches keep it busy (the
+# heavy models gain nothing from batching (measured: see docs/benchmark.md); on a GPU batches keep it busy (the
 # sizes the accelerator issue measured the models alone at on an H100; not measured here).
 DEFAULT_BATCH_SIZES = {
     "fasterrcnn_resnet50_fpn_v2": {"cpu": 1, "gpu": 8},

@@ -137,8 +137,8 @@ def test_half_precision_detections_match_float32_ones_within_the_stated_bound(de
 
     Why these numbers: the geometry is float32 under every precision, so the detections differ only
     through the layers' rounding, 2^-9 of a value in bfloat16 (8 significant bits) and 2^-12 in float16
-    (11). The tests' model has random weights, and its 100 detections score within about 0.03 of each
-    other: the rounding reorders some near-ties among candidates, and a reordered candidate suppresses
+    (11). The tests' model is a seeded light model (BatchNorm calibrated on the bundled photos,
+    tests/conftest.py), and its 100 detections score within about 0.03 of each other: the rounding reorders some near-ties among candidates, and a reordered candidate suppresses
     a different neighbour in NMS. That is what the rest of the share is made of, more of it in bfloat16.
     Measured on the CPU: 81-88% of detections (bfloat16) and 95-96% (float16) have twins, and all of the
     top five. With the whole model under autocast (before app.precision), 48-51% and 71-82%, and 1 to 4 of
