@@ -25,7 +25,7 @@ import hydra
 import app.conf  # noqa: F401  (registers the typed config schema)
 
 if TYPE_CHECKING:
-    from app.pipeline import Summary
+    from app.summary import Summary
 
 log = logging.getLogger(__name__)
 

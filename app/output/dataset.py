@@ -32,7 +32,7 @@ from app.config import AppConfig, ConfigError
 
 if TYPE_CHECKING:
     from app.model import ModelSpec
-    from app.pipeline import Summary
+    from app.summary import Summary
 
 RESULT_SCHEMA = pa.schema(
     [

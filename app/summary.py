@@ -1,0 +1,41 @@
+"""What a run did (`Summary`): the job's result, printed by the command line and written into the
+dataset's manifest. Its own module, so that both import it without importing each other."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Summary:
+    """What a run did; also the counts in the manifest."""
+
+    output_path: str
+    inputs: int
+    processed: int  # images that went through the model in this run (the rest were already committed)
+    ok: int
+    errors: int
+    detections: int
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    # Reads this run tried again after a fault that may pass, and inputs left unread after theirs
+    # (not committed: a rerun reads them; listed in _transient.parquet).
+    read_retries: int = 0
+    transient: int = 0
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+    weights: str = ""
+    warnings: list[str] = field(default_factory=list)
+    # The detector actors this run used, the nodes they ran on, the GPUs they held, and their devices
+    # (cuda:<GPU model> or cpu: actors).
+    detector_actors: int = 0
+    detector_nodes: int = 0
+    detector_gpus: float = 0.0
+    detector_devices: dict[str, int] = field(default_factory=dict)
+    # The most detector actors that made rows within one progress interval, by device kind (cpu, cuda).
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    # Seconds of work per worker (task slot or actor) of each stage, by its function's name; the stage
+    # with the most is the slowest, the one that sets the run's pace.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def slowest_stage(self) -> Optional[str]:
+        return max(self.stage_seconds, key=self.stage_seconds.get) if self.stage_seconds else None
