@@ -1,6 +1,8 @@
 """Shared fixtures: composed configs, generated images, local Ray instances and clusters."""
 
 import contextlib
+import hashlib
+import inspect
 import io
 import os
 import tempfile
@@ -16,15 +18,65 @@ from app.config import compose_config  # noqa: F401  (the tests import it from h
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
-# The tests' model: the light one, from a checkpoint made once per machine (light_checkpoint): every
-# image gets model.max_detections boxes (score threshold 0), with scores and boxes that depend on the image.
+# The tests' model: the light one, from a checkpoint made once per machine (light_checkpoint, in a file
+# named by checkpoint_key, a digest of what makes it): every image gets model.max_detections boxes (score
+# threshold 0), with scores and boxes that depend on the image.
 # One detector actor: a run's start is mostly its actors' start (a process importing torch and torchvision),
 # and two of them on this machine's two cores start about 2 s later than one. The tests of how many
 # actors a run starts, where, and how they share the work override it (inference.num_actors=auto).
 LIGHT = "fasterrcnn_mobilenet_v3_large_320_fpn"
-LIGHT_CHECKPOINT = Path(tempfile.gettempdir()) / "ray-detect-tests" / "light-calibrated-v1.pt"
+
+
+def light_checkpoint() -> Path:
+    """The tests' model weights: the light model's seeded random init, with its BatchNorm statistics
+    measured on the bundled photos (one pass of the backbone in training mode, as training would set
+    them). Random init alone does not detect by image: with BatchNorm's initial statistics the backbone's
+    activations shrink to about 1e-9, every box of every image scores alike, and which boxes are kept is
+    a matter of ties. Written once, atomically, where every test process (and Ray worker) finds it."""
+    if LIGHT_CHECKPOINT.exists():
+        return LIGHT_CHECKPOINT
+    import torch
+
+    from app.config import SAMPLES_DIR
+    from app.model import ModelSpec, build_model
+
+    model, _ = build_model(ModelSpec(name=LIGHT, weights="none", score_threshold=0.0, min_size=320, max_size=640))
+    photos = [Image.open(path).convert("RGB").resize((426, 320)) for path in sorted(SAMPLES_DIR.glob("*.jpg"))]
+    batch, _ = model.transform([torch.from_numpy(np.array(photo)).permute(2, 0, 1).float().div(255) for photo in photos])
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # the running statistics become those of the one pass below
+    with torch.no_grad():
+        model.backbone.train()(batch.tensors)
+    LIGHT_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    partial = LIGHT_CHECKPOINT.with_suffix(f".{os.getpid()}.part")
+    torch.save({"model": model.eval().state_dict()}, partial)
+    partial.replace(LIGHT_CHECKPOINT)
+    return LIGHT_CHECKPOINT
+
+
+def checkpoint_key() -> str:
+    """A digest of what makes the tests' checkpoint: light_checkpoint's code, the model's name, the
+    photos it calibrates on, and the torch and torchvision that build it. A change to any of them makes
+    a new file, where a fixed name would reuse a stale one."""
+    from importlib.metadata import version
+
+    from app.config import SAMPLES_DIR
+
+    digest = hashlib.sha256(inspect.getsource(light_checkpoint).encode() + LIGHT.encode())
+    for path in sorted(SAMPLES_DIR.glob("*.jpg")):
+        digest.update(path.read_bytes())
+    for package in ("torch", "torchvision"):
+        digest.update(version(package).encode())
+    return digest.hexdigest()[:16]
+
+
+LIGHT_CHECKPOINT = Path(tempfile.gettempdir()) / "ray-detect-tests" / f"light-calibrated-{checkpoint_key()}.pt"
 FAST_MODEL = [f"model={LIGHT}", f"model.weights={LIGHT_CHECKPOINT}", "model.score_threshold=0", "model.max_detections=3",
               "inference.num_actors=1"]
+
+
 
 
 def jpeg_bytes(width=64, height=48, color=(200, 40, 40), **save_args) -> bytes:
@@ -71,35 +123,6 @@ def connected_cluster(head_cpus: int, *workers: dict):
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def light_checkpoint() -> Path:
-    """The tests' model weights: the light model's seeded random init, with its BatchNorm statistics
-    measured on the bundled photos (one pass of the backbone in training mode, as training would set
-    them). Random init alone does not detect by image: with BatchNorm's initial statistics the backbone's
-    activations shrink to about 1e-9, every box of every image scores alike, and which boxes are kept is
-    a matter of ties. Written once, atomically, where every test process (and Ray worker) finds it."""
-    if LIGHT_CHECKPOINT.exists():
-        return LIGHT_CHECKPOINT
-    import torch
-
-    from app.config import SAMPLES_DIR
-    from app.model import ModelSpec, build_model
-
-    model, _ = build_model(ModelSpec(name=LIGHT, weights="none", score_threshold=0.0, min_size=320, max_size=640))
-    photos = [Image.open(path).convert("RGB").resize((426, 320)) for path in sorted(SAMPLES_DIR.glob("*.jpg"))]
-    batch, _ = model.transform([torch.from_numpy(np.array(photo)).permute(2, 0, 1).float().div(255) for photo in photos])
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # the running statistics become those of the one pass below
-    with torch.no_grad():
-        model.backbone.train()(batch.tensors)
-    LIGHT_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    partial = LIGHT_CHECKPOINT.with_suffix(f".{os.getpid()}.part")
-    torch.save({"model": model.eval().state_dict()}, partial)
-    partial.replace(LIGHT_CHECKPOINT)
-    return LIGHT_CHECKPOINT
 
 
 # The modules with a test that uses local_ray: they run first, one after another, on one Ray instance.
