@@ -1,5 +1,6 @@
 """The detector UDF called directly on small batches, with a random-init model (no weights here)."""
 
+import itertools
 import logging
 import threading
 
@@ -37,7 +38,7 @@ from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
 from app.output.rows import result_rows
 from app.pipeline import model_spec
-from tests.conftest import compose_config, light_checkpoint
+from tests.conftest import FAST_MODEL, compose_config, light_checkpoint, model_detections
 
 SPEC = ModelSpec(
     name="fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -298,22 +299,25 @@ def test_detector_rows_are_torchvisions_detections_in_original_pixels(photos, ch
         assert row["label_names"] == [categories[label] for label in want["labels"]]
 
 
-def test_the_score_threshold_keeps_exactly_the_detections_at_or_above_it(photos, checkpoint):
-    """The same two photos through a detector without a threshold and one with a threshold halfway
-    between two of the first image's scores (where the gap is widest among its 3rd to 30th): the second
-    keeps exactly the first's detections scoring at or above it, in the same order, on both images."""
+def test_the_score_threshold_drops_the_detections_at_or_below_it(photos, checkpoint):
+    """The same two photos through a detector without a threshold and one whose threshold is exactly the
+    score of one of the first image's detections (the one just below the widest gap among its 3rd to
+    31st): that detection is dropped (model.score_threshold: "at or below it are dropped"; torchvision
+    keeps scores above), and the second keeps exactly the first's detections scoring above it, in the same
+    order, on both images."""
     batch = decoded_files(photos, 320, 640).slice(0, 2)
     weights = f"model.weights={checkpoint}"
     unthresholded = Detector(light_spec(weights, "model.score_threshold=0"), num_threads=2)(batch).to_pylist()
     assert [row["num_detections"] for row in unthresholded] == [100, 100]  # max_detections' default
-    scores = np.array(unthresholded[0]["scores"])
+    scores = np.array(unthresholded[0]["scores"], np.float32)
     assert np.all(np.diff(scores) <= 0)  # highest first
     gap = int(np.argmax(scores[2:30] - scores[3:31])) + 2
-    threshold = float((scores[gap] + scores[gap + 1]) / 2)
-    thresholded = Detector(light_spec(weights, f"model.score_threshold={threshold}"), num_threads=2)(batch).to_pylist()
-    assert thresholded[0]["num_detections"] == gap + 1
+    threshold = float(scores[gap + 1])  # a float32 score, exactly
+    assert scores[gap] > threshold
+    thresholded = Detector(light_spec(weights, f"model.score_threshold={threshold!r}"), num_threads=2)(batch).to_pylist()
+    assert thresholded[0]["num_detections"] == gap + 1 and threshold not in thresholded[0]["scores"]
     for row, everything in zip(thresholded, unthresholded):
-        keep = [i for i, score in enumerate(everything["scores"]) if score >= threshold]
+        keep = [i for i, score in enumerate(everything["scores"]) if score > threshold]
         assert row["num_detections"] == len(keep)
         assert row["scores"] == [everything["scores"][i] for i in keep]
         assert row["boxes"] == [everything["boxes"][i] for i in keep]
@@ -822,3 +826,21 @@ def test_the_next_batch_is_staged_while_the_model_runs():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="^precision 'fp8' is not one of fp32, fp16, bf16$"):
         Detector(SPEC, num_threads=1, precision="fp8")
+
+
+def test_the_tests_model_detects_differently_in_each_sample_image():
+    """The premise of every row comparison in the tests: FAST_MODEL's detections depend on the image. For
+    every pair of bundled photos, the best detection's score differs by more than 1e-4 and its box, as a
+    fraction of the image's sides, by more than 0.05 in some coordinate."""
+    cfg = compose_config([*FAST_MODEL, "output.path=unused"])
+    paths = sorted(SAMPLES_DIR.glob("*.jpg"))
+    found = model_detections(cfg, paths)
+    best = {}
+    for path in paths:
+        width, height = Image.open(path).size
+        detections = found[str(path)]
+        assert len(detections["boxes"]) == 3
+        best[path.name] = (detections["scores"][0], np.array(detections["boxes"][0]) / [width, height, width, height])
+    assert len(best) == 4
+    for (one, (score, box)), (other, (other_score, other_box)) in itertools.combinations(best.items(), 2):
+        assert abs(score - other_score) > 1e-4 and np.abs(box - other_box).max() > 0.05, (one, other)
