@@ -86,16 +86,30 @@ def overrides(model: str) -> list[str]:
             "tiling.full_image=false", f"tiling.overlap={OVERLAP}"]
 
 
+def sahi_model(model: torch.nn.Module, confidence_threshold: float, device: str):
+    """SAHI's wrapper of a torchvision model. Picking its device, SAHI sets CUDA_VISIBLE_DEVICES for the
+    whole process (-1 for the CPU): the variable is put back, so that what runs after it in this process,
+    and the Ray workers it starts, still see the machine's GPUs."""
+    from sahi.models.torchvision import TorchVisionDetectionModel
+
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        return TorchVisionDetectionModel(model=model, confidence_threshold=confidence_threshold, device=device)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def run_sahi(folder: Path, cfg, out: Path, batch_size: int) -> Run:
     """SAHI's sliced prediction over the folder's files in a loop, as its users write it: the model
     built once, torch on every core, settings as the app's."""
-    from sahi.models.torchvision import TorchVisionDetectionModel
     from sahi.predict import get_sliced_prediction
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = model_spec(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TorchVisionDetectionModel(model=build_model(spec)[0], confidence_threshold=spec.score_threshold, device=device)
+    model = sahi_model(build_model(spec)[0], spec.score_threshold, "cuda" if torch.cuda.is_available() else "cpu")
     tiling, started, first, detections = cfg.tiling, time.monotonic(), None, 0
     with torch.inference_mode():
         for path in sorted(folder.iterdir()):

@@ -4,6 +4,7 @@ and its sliced prediction with the same model on generated scenes, in the detect
 
 import dataclasses
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from sahi.models.torchvision import TorchVisionDetectionModel
 from sahi.postprocess.backends import set_postprocess_backend
 from sahi.postprocess.combine import GreedyNMMPostprocess, NMSPostprocess
 from sahi.predict import get_sliced_prediction
@@ -23,7 +23,7 @@ from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
 from app import report
-from app.bench_tiles import scene_pixels
+from app.bench_tiles import sahi_model, scene_pixels
 from app.config import ConfigError, MatchMetric, MergeMethod, check_config
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import Detector, image_detections, model_views
@@ -225,14 +225,16 @@ def sahi_rows(path: Path, cfg, standard_pass: bool) -> list[tuple]:
     """SAHI's get_sliced_prediction of the image with the run's model and tiling settings, one thread."""
     spec = model_spec(cfg)
     model, _ = build_model(spec)
-    sahi_model = TorchVisionDetectionModel(model=model, confidence_threshold=spec.score_threshold, device="cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    sahi = sahi_model(model, spec.score_threshold, "cpu")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible  # SAHI's -1 for the CPU does not leak
     tiling = cfg.tiling
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             result = get_sliced_prediction(
-                np.array(Image.open(path).convert("RGB")), sahi_model, slice_height=tiling.tile_size, slice_width=tiling.tile_size,
+                np.array(Image.open(path).convert("RGB")), sahi, slice_height=tiling.tile_size, slice_width=tiling.tile_size,
                 overlap_height_ratio=tiling.overlap, overlap_width_ratio=tiling.overlap, perform_standard_pred=standard_pass,
                 postprocess_type="NMS" if tiling.merge.value == "nms" else "GREEDYNMM", postprocess_match_metric=tiling.match_metric.value.upper(),
                 postprocess_match_threshold=tiling.match_threshold, postprocess_class_agnostic=not tiling.class_aware,
