@@ -43,14 +43,14 @@ def detector_nodes() -> set[str]:
 
 
 def test_preemption_soak_nodes_replaced_and_the_driver_killed(tmp_path):
-    """Spot nodes, short: a run of 100 images whose driver is its own process attached to a multi-node
+    """Spot nodes, short: a run of 72 images whose driver is its own process attached to a multi-node
     cluster on this machine (as a RayJob's driver is). Once some files are committed, a worker node that
     holds a detector actor is removed and a fresh one added; then the driver is SIGKILLed mid-run: what
     it committed holds each path once and no manifest. The command run again processes exactly the inputs
     without a row and writes the manifest. Exactly one row per input, each holding what the model gives on
     its pixels (rows of the killed run and of the rerun alike): what an undisturbed run commits. (The
     benchmark's chaos suite runs the long soak: 2,000 images, 5 removals.)"""
-    count = 100
+    count = 72
     paths = write_images(tmp_path / "in", count)
     with connected_cluster(1, dict(num_cpus=2), dict(num_cpus=2)) as (cluster, workers):
         overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=4",

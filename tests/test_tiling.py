@@ -266,8 +266,8 @@ def detector_rows(paths: list[Path], cfg) -> list[dict]:
     return detector(pa.Table.from_pylist(decoded(paths, options), schema=DECODED_SCHEMA)).to_pylist()
 
 
+# SAHI's NMS with IoU (the comparison) is checked on both scenes by the run's test below.
 @pytest.mark.parametrize("name,overrides,standard_pass", [
-    ("field.png", NMS_IOU, False),
     ("harbour.png", ["tiling=tiles", "tiling.full_image=false"], False),  # SAHI's default merge: greedy NMM, IoS 0.5, per label
     ("field.png", ["tiling=tiles", "tiling.full_image=false", "tiling.class_aware=false", "tiling.overlap=0.4"], False),
     # With the whole-image pass resized by the model on the device, as SAHI's standard prediction is.
