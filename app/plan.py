@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from app.config import AUTO, AppConfig, ConfigError, InferenceConfig, parse_number
+from app.config import AUTO, AppConfig, ConfigError, InferenceConfig, ModelConfig, parse_number
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +173,11 @@ def files_per_block(num_files: int, num_actors: int, batch_size: int) -> int:
     return max(1, min(FILES_PER_DECODE_BATCH, balanced), math.ceil(num_files / MAX_INPUT_BLOCKS))
 
 
-def model_batch_size(cfg: AppConfig, resources: Resources) -> int:
+def model_batch_size(inference: InferenceConfig, model: ModelConfig, resources: Resources) -> int:
     """inference.batch_size, or the model's default on the device the actors run on."""
-    if cfg.inference.batch_size is not None:
-        return cfg.inference.batch_size
-    return DEFAULT_BATCH_SIZES[cfg.model.name]["gpu" if resources.num_gpus else "cpu"]
+    if inference.batch_size is not None:
+        return inference.batch_size
+    return DEFAULT_BATCH_SIZES[model.name]["gpu" if resources.num_gpus else "cpu"]
 
 
 def rows_per_call(block_rows: int, batch_size: int) -> int:
@@ -234,7 +234,7 @@ def plan_run(cfg: AppConfig, nodes: list[dict[str, float]], local: bool, limits:
     Data's streaming repartition, a task that takes a CPU (plan_resources leaves it one)."""
     streamed = listed_files is None
     resources = plan_resources(cfg.inference, nodes, local, limits, input_cpus=1.0 if streamed else 0.0)
-    batch = model_batch_size(cfg, resources)
+    batch = model_batch_size(cfg.inference, cfg.model, resources)
     tiled = cfg.tiling.enabled
     if streamed:
         block_rows = STREAMED_TILED_BLOCK_FILES if tiled else STREAMED_BLOCK_FILES

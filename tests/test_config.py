@@ -299,7 +299,8 @@ def test_files_per_block(files, actors, batch_size, expected):
     ],
 )
 def test_batch_size_defaults_per_model_and_device(overrides, num_gpus, expected):
-    assert model_batch_size(compose_config(overrides), Resources(num_gpus, 1, 1.0)) == expected
+    cfg = compose_config(overrides)
+    assert model_batch_size(cfg.inference, cfg.model, Resources(num_gpus, 1, 1.0)) == expected
 
 
 @pytest.mark.parametrize(
