@@ -1,0 +1,117 @@
+{{/*
+Jobs: the entrypoint that runs the app and the RayJob spec (a RayCronJob's jobTemplate is the same).
+*/}}
+
+{{/*
+Quote one word for the POSIX shell that runs the entrypoint: wrap in single quotes, and write each single
+quote inside as '\'' (close, escaped quote, reopen).
+*/}}
+{{- define "ray-detect.shellQuote" -}}
+{{- printf "'%s'" (replace "'" "'\\''" .) }}
+{{- end }}
+
+{{/*
+"python -m app 'override' ...": the RayJob's entrypoint. With the PodMonitor on, the chart adds
+metrics.run=<job.runName> (the run label of the app's metrics) unless an override sets it; for a schedule,
+output.skip_if_in_use=true: a scheduled run that finds the previous one still going ends at once, successfully.
+*/}}
+{{- define "ray-detect.entrypoint" -}}
+{{- $overrides := .Values.job.overrides }}
+{{- $set := list }}
+{{- range $overrides }}
+{{- $set = append $set (regexReplaceAll "=.*" . "") }}
+{{- end }}
+{{- if and .Values.monitoring.podMonitor.enabled (not (has "metrics.run" $set)) }}
+{{- $overrides = prepend $overrides (printf "metrics.run=%s" .Values.job.runName) }}
+{{- end }}
+{{- if and .Values.job.schedule.cron (not (has "output.skip_if_in_use" $set)) }}
+{{- $overrides = append $overrides "output.skip_if_in_use=true" }}
+{{- end }}
+{{- $words := list "python" "-m" "app" }}
+{{- range $overrides }}
+{{- $words = append $words (include "ray-detect.shellQuote" .) }}
+{{- end }}
+{{- join " " $words }}
+{{- end }}
+
+{{/*
+The RayJob's spec: the app's entrypoint on the chart's RayCluster (job.cluster=shared) or on one of its own
+(dedicated). A RayCronJob's jobTemplate is the same spec. With job.queueName, created suspended for Kueue.
+*/}}
+{{- define "ray-detect.rayJobSpec" -}}
+{{- $job := .Values.job }}
+{{- $labels := include "ray-detect.labels" (dict "ctx" . "component" "job" "standalone" $job.standalone) }}
+{{- if and $job.queueName (ne $job.cluster "dedicated") }}
+{{- fail "job.queueName needs job.cluster=dedicated: Kueue admits a RayJob together with the cluster it creates, not a job on a shared RayCluster" }}
+{{- end -}}
+entrypoint: {{ include "ray-detect.entrypoint" . | quote }}
+{{- if $job.queueName }}
+# Kueue admits the job: it is created suspended, and Kueue starts it once its queue has room.
+suspend: true
+{{- end }}
+# A Kubernetes Job runs `ray job submit` against the head's dashboard and follows the logs.
+submissionMode: K8sJobMode
+{{- if eq $job.cluster "dedicated" }}
+# The RayJob creates its own RayCluster from this spec and removes it when the job ends.
+shutdownAfterJobFinishes: {{ $job.shutdownAfterJobFinishes }}
+{{- if $job.shutdownAfterJobFinishes }}
+ttlSecondsAfterFinished: {{ $job.ttlSecondsAfterFinished }}
+{{- end }}
+rayClusterSpec:
+  {{- include "ray-detect.rayClusterSpec" . | nindent 2 }}
+{{- else }}
+# Runs on the chart's long-lived RayCluster, which outlives the job.
+clusterSelector:
+  ray.io/cluster: {{ include "ray-detect.clusterName" . }}
+{{- end }}
+{{- with $job.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+backoffLimit: {{ $job.backoffLimit }}
+submitterPodTemplate:
+  metadata:
+    labels:
+      {{- $labels | nindent 6 }}
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ include "ray-detect.serviceAccountName" . }}
+    # The submitter only talks to the Ray dashboard, never to the Kubernetes API.
+    automountServiceAccountToken: false
+    securityContext:
+      {{- include "ray-detect.podSecurityContext" . | nindent 6 }}
+    {{- with .Values.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.priorityClassName }}
+    priorityClassName: {{ . }}
+    {{- end }}
+    {{- with $job.submitter.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $job.submitter.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $job.submitter.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      # KubeRay fills in the `ray job submit` command and the dashboard address (and the Ray token).
+      - name: ray-job-submitter
+        image: {{ include "ray-detect.image" (dict "ctx" . "image" .Values.head.image) }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        env:
+          - name: RAY_USAGE_STATS_ENABLED
+            value: "0"
+        resources:
+          {{- toYaml $job.submitter.resources | nindent 10 }}
+        securityContext:
+          {{- include "ray-detect.containerSecurityContext" . | nindent 10 }}
+        volumeMounts:
+          {{- include "ray-detect.baseVolumeMounts" . | nindent 10 }}
+    volumes:
+      {{- include "ray-detect.baseVolumes" $job.submitter | nindent 6 }}
+{{- end }}
