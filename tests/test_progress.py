@@ -121,16 +121,25 @@ def test_a_warning_once_as_soon_as_too_many_images_failed(caplog):
     ]
 
 
+def wait_until(condition, deadline_s: float = 60) -> None:
+    """Polls condition until it holds; the deadline is generous, only there to fail a hung thread."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, "the progress thread did not report in time"
+        time.sleep(0.01)
+
+
 def test_lines_are_logged_at_the_interval_and_at_the_end(caplog):
-    """The reporting thread on a real clock, with a short interval; the output is not a terminal."""
+    """The reporting thread on a real clock, with a short interval; the output is not a terminal. The test waits
+    for two interval lines (60 s at most, a generous deadline, not a timing bound), then the end adds the last."""
     out = io.StringIO()
     with caplog.at_level(logging.INFO, logger="app.progress"):
         with Progress(0.05, total=10, out=out) as progress:
             progress.add(rows(4), set())
-            time.sleep(0.2)
+            wait_until(lambda: len(caplog.records) >= 2)
             progress.add(rows(6, errors=("empty_file",)), set())
     lines = [record.getMessage() for record in caplog.records]
-    assert len(lines) >= 3  # at least 0.2 s of 0.05 s intervals: a bound, as the thread's timing varies
+    assert len(lines) >= 3
     assert lines[0].startswith("progress: 4 of 10 images (40.0%), ")
     assert lines[-1].startswith("progress: 10 of 10 images (100.0%), ")
     assert lines[-1].endswith(", done, errors: 1 (empty_file=1)")
@@ -146,7 +155,7 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_between_log_lines(caplog):
     with caplog.at_level(logging.INFO, logger="app.progress"):
         with Progress(60, total=10, out=out) as progress:
             progress.add(rows(4), set())
-            time.sleep(1.3)  # one redraw a second
+            wait_until(lambda: "progress: 4 of 10" in out.getvalue())  # one redraw a second
     redraws = out.getvalue().split("\r\x1b[K")
     assert redraws[0] == "" and redraws[-1] == ""  # each redraw starts by clearing the line; the last clears it
     assert redraws[1].startswith("progress: 4 of 10 images (40.0%), ")
