@@ -683,11 +683,11 @@ def measure_input_stage(overrides: list[str]) -> dict:
     idle = psutil.Process().memory_info().rss
     cfg = compose_config(overrides)
     started = time.monotonic()
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg.data)
     assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
     output = dataset.locate(cfg)
     output.filesystem.create_dir(output.path, recursive=True)
-    todo, tally, _ = streamed_todo(cfg, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1), block_rows=STREAMED_BLOCK_FILES)
+    todo, tally, _ = streamed_todo(cfg.data, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1), block_rows=STREAMED_BLOCK_FILES)
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
         first = first or time.monotonic() - started

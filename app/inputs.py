@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import ray
 
 from app import inventory, listing, storage
-from app.config import AppConfig, ConfigError
+from app.config import ConfigError, DataConfig
 from app.output import dataset, resume
 from app.plan import MAX_LISTING_BLOCKS, on_driver_node
 
@@ -30,12 +30,12 @@ class Inputs:
         """The input rows, when the driver listed them all."""
         return self.listed.found if self.listed is not None and self.listed.complete else None
 
-    def stream(self, cfg: AppConfig, tasks: int) -> ray.data.Dataset:
+    def stream(self, data: DataConfig, tasks: int) -> ray.data.Dataset:
         """The input rows as a Ray Dataset, produced by up to `tasks` tasks at a time (needs Ray). Like
         decoding, listing takes no CPU of Ray's accounting, so that it runs beside detector actors that
         hold every CPU."""
         if self.manifest is not None:
-            suffixes = listing.image_suffixes(cfg.data.extensions)
+            suffixes = listing.image_suffixes(data.extensions)
             return self.manifest.dataset(tasks).map_batches(
                 inventory.manifest_rows, batch_format="pyarrow", num_cpus=0,
                 compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs=dict(manifest=self.manifest, suffixes=suffixes))
@@ -48,21 +48,21 @@ class Inputs:
         return listed
 
 
-def open_inputs(cfg: AppConfig) -> Inputs:
+def open_inputs(data: DataConfig) -> Inputs:
     """Read data.manifest's head, or list data.path as far as the driver lists (app.listing)."""
     try:
-        if cfg.data.manifest:
-            manifest = inventory.open_manifest(cfg.data.manifest)
+        if data.manifest:
+            manifest = inventory.open_manifest(data.manifest)
             return Inputs(manifest.images, manifest=manifest)
-        listed = listing.list_inputs(cfg.data.path, list(cfg.data.extensions))
+        listed = listing.list_inputs(data.path, list(data.extensions))
     except (storage.StorageError, OSError) as error:
         raise ConfigError(str(error)) from None
     if listed.complete and not listed.found.num_rows:
-        raise no_images(cfg)
+        raise no_images(data)
     return Inputs(listed.tree.location, listed=listed)
 
 
-def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, tasks: int,
+def streamed_todo(data: DataConfig, inputs: Inputs, output: storage.Location, tasks: int,
                   block_rows: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, resume.OutputScan]:
     """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
     with a row dropped by tasks too (app.output.resume), cut into blocks of `block_rows` by Ray Data's
@@ -70,7 +70,7 @@ def streamed_todo(cfg: AppConfig, inputs: Inputs, output: storage.Location, task
     counts of the rows output.path holds already."""
     committed, index = resume.scan_output(output, in_ray=True)
     tally = resume.InputTally.options(scheduling_strategy=on_driver_node()).remote()
-    todo = inputs.stream(cfg, tasks).map_batches(
+    todo = inputs.stream(data, tasks).map_batches(
         resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
     )
@@ -88,7 +88,7 @@ def listed_todo(inputs: Inputs, output: storage.Location) -> tuple[pa.Table, res
     return todo, resume.OutputScan(rows=table.num_rows - todo.num_rows, errors_by_kind=errors)
 
 
-def no_images(cfg: AppConfig) -> ConfigError:
-    extensions = ", ".join(cfg.data.extensions)
-    where = f"data.manifest {cfg.data.manifest} lists" if cfg.data.manifest else f"data.path {cfg.data.path} holds"
+def no_images(data: DataConfig) -> ConfigError:
+    extensions = ", ".join(data.extensions)
+    where = f"data.manifest {data.manifest} lists" if data.manifest else f"data.path {data.path} holds"
     return ConfigError(f"{where} no image files (extensions: {extensions})")

@@ -133,7 +133,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
     """
     started = time.monotonic()
     check_config(cfg)
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg.data)
     spec = model_spec(cfg)
     output = dataset.locate(cfg)
     lease = OutputLease(output, uuid.uuid4().hex[:12], cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s,
@@ -156,7 +156,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
             executed = execute(cfg, spec, inputs, todo, before, plan, output, lease, detector, on_rows)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
-            raise no_images(cfg)
+            raise no_images(cfg.data)
         summary = summarize(output, total, executed, started, spec)
         left = pa.concat_tables(executed.transient) if executed.transient else None
         dataset.record_transient(output, left)
@@ -224,7 +224,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         # from_blocks takes each block's size from the table here; from_arrow would run a task per block for it.
         images = ray.data.from_blocks([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
     else:
-        images, tally, before = streamed_todo(cfg, inputs, output, plan.input_tasks, plan.block_rows)
+        images, tally, before = streamed_todo(cfg.data, inputs, output, plan.input_tasks, plan.block_rows)
     resize = cfg.inference.resize_on_cpu
     tiling = TilingOptions.from_config(cfg.tiling)
     decoded = images.map_batches(

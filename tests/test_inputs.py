@@ -129,9 +129,9 @@ def test_each_manifest_format_gives_the_same_input_rows(local_ray, tmp_path, wri
     paths = manifest_inputs(tmp_path)
     manifest = write(tmp_path, paths)
     cfg = compose_config([*FAST_MODEL, f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"])
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg.data)
     assert inputs.table is None and inputs.source.uri_prefix == ""  # streamed, local paths
-    rows = sorted(inputs.stream(cfg, tasks=1).take_all(), key=lambda row: paths.index(row["path"]))
+    rows = sorted(inputs.stream(cfg.data, tasks=1).take_all(), key=lambda row: paths.index(row["path"]))
     listed_sizes = write is not write_csv_with_header
     sizes = [os.path.getsize(path) for path in paths[:3]] + [0]
     assert [(row["path"], row["size"], row["error_kind"], row["error"]) for row in rows] == [
