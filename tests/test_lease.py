@@ -85,13 +85,21 @@ def test_a_stale_lease_is_taken_over(local_ray, tmp_path, caplog):
     assert not (tmp_path / "out" / LEASE_NAME).exists()
 
 
+def wait_until(condition, deadline_s: float = 60) -> None:
+    """Polls condition until it holds; the deadline is generous, only there to fail a hung heartbeat thread."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, "the lease's heartbeat thread did not act in time"
+        time.sleep(0.01)
+
+
 def test_a_run_whose_lease_was_taken_over_stops(tmp_path):
     output = resolve(str(tmp_path / "out"))
     lease = OutputLease(output, "slow-run", timeout_s=1.0, heartbeat_s=0.05)
     lease.acquire()
     lease.check()  # still ours
     (tmp_path / "out" / LEASE_NAME).write_text(json.dumps({"owner": "new-run", "host": "other-pod", "pid": 9, "heartbeat": time.time()}))
-    time.sleep(0.3)
+    wait_until(lambda: lease.lost)  # the heartbeat thread notices
     with pytest.raises(LeaseLost, match="^run new-run on other-pod took output.path over$"):
         lease.check()
     lease.release()
@@ -129,7 +137,10 @@ def test_the_local_create_is_exclusive(tmp_path):
 
 
 def test_a_run_may_wait_for_a_dead_runs_lease_to_go_stale(tmp_path):
-    """A retried job whose driver died on another machine: its lease stops beating and goes stale."""
+    """A retried job whose driver died on another machine: its lease stops beating and goes stale. The time bound
+    stays: how long the run waits (until the heartbeat is timeout_s old, not wait_s) is what this test proves;
+    heartbeats are wall-clock times in a shared file, so the lease reads the real clock. The upper bound (3 s for
+    about 1 s of waiting) leaves room for a busy machine."""
     (tmp_path / "out").mkdir()
     dead = {"owner": "dead-run", "host": "other-pod", "pid": 7, "heartbeat": time.time() - 0.5}
     (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(dead))
@@ -152,10 +163,10 @@ def test_a_heartbeat_that_fails_is_tried_again(tmp_path, caplog):
     lease.acquire()
     good = (tmp_path / "out" / LEASE_NAME).read_text()
     (tmp_path / "out" / LEASE_NAME).write_text("{not json")
-    time.sleep(0.2)
-    assert "could not renew the lease on output.path: " in caplog.text
+    wait_until(lambda: "could not renew the lease on output.path: " in caplog.text)
     (tmp_path / "out" / LEASE_NAME).write_text(good)
-    time.sleep(0.2)
+    renewed = lease.heartbeats
+    wait_until(lambda: lease.heartbeats > renewed)
     lease.check()
     assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["heartbeat"] > json.loads(good)["heartbeat"]
     lease.release()
