@@ -11,17 +11,17 @@ How it keeps the device busy:
   pinned buffer, one non-blocking copy on a copy stream) while the device runs the current batch.
 - The model takes uint8 pixels at its input size: they become floats on the device, and torchvision's
   transform does not resize them a second time (`PixelModel`).
-- Detections come back to the host in three copies per model batch (`to_host`).
+- Detections come back to the host in three copies per model batch (app.staging holds both copies).
 - Under fp16/bf16 the model's layers run in half precision and its box geometry in float32 (app.precision).
-Running out of device memory splits the batch in halves and retries them instead of failing the actor.
+Running out of device memory splits the batch in halves and retries them instead of failing the actor
+(app.out_of_memory).
 """
 
 import logging
 import math
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +43,10 @@ from app.metrics import (
     ActorAlive,
 )
 from app.model import ModelSpec, build_model
+from app.out_of_memory import SplittingRunner, is_out_of_memory, release_cuda_memory
 from app.output.rows import result_rows
 from app.precision import AUTOCAST_DTYPES, mixed_precision
+from app.staging import Staged, to_device, to_host
 from app.tiling import Detections, TilingOptions, merge_detections
 
 log = logging.getLogger(__name__)
@@ -159,163 +161,6 @@ class PixelModel(torch.nn.Module):
         # A multiplication by the reciprocal: CUDA computes a division by a scalar that way, so every
         # device turns the same pixels into the same floats.
         return self.model([image.float().mul_(1 / 255) for image in images])
-
-
-class Staged(NamedTuple):
-    """A model batch's images on the device, and the event its copy completes (CUDA only)."""
-
-    tensors: list[torch.Tensor]
-    copied: Optional[torch.cuda.Event] = None
-
-    def ready(self) -> list[torch.Tensor]:
-        """The tensors, safe to use on the current stream."""
-        if self.copied is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(self.copied)
-            for tensor in self.tensors:
-                tensor.record_stream(stream)  # their memory is not reused before this stream is done
-        return self.tensors
-
-
-def to_device(images: Sequence[np.ndarray], device: torch.device, copy_stream: Optional[torch.cuda.Stream] = None) -> Staged:
-    """HWC uint8 images (or views of part of one: tiles) as CHW uint8 tensors on device.
-
-    On CUDA the images are packed into one pinned host buffer and copied in one non-blocking transfer
-    on copy_stream. On the CPU the tensors are views of the images: nothing is copied."""
-    if device.type != "cuda":
-        with warnings.catch_warnings():
-            # Decoded pixels are read-only views of Arrow buffers; the model only reads them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return Staged([torch.from_numpy(image).permute(2, 0, 1) for image in images])
-    host = torch.empty(sum(image.size for image in images), dtype=torch.uint8, pin_memory=True)
-    copy_stream = copy_stream or torch.cuda.current_stream(device)
-    with torch.cuda.stream(copy_stream):
-        flat = packed(images, host).to(device, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(copy_stream)
-    return Staged(unpacked(flat, [image.shape for image in images]), copied)
-
-
-def packed(images: Sequence[np.ndarray], buffer: torch.Tensor) -> torch.Tensor:
-    """The images copied one after another into a flat uint8 buffer (a tile, a view of its scene, in one
-    copy); returns the buffer."""
-    staging, offset = buffer.numpy(), 0
-    for image in images:
-        np.copyto(staging[offset : offset + image.size].reshape(image.shape), image)
-        offset += image.size
-    return buffer
-
-
-def unpacked(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
-    """The HWC images of a flat buffer `packed` filled, as CHW views of it."""
-    tensors, offset = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        tensors.append(flat[offset : offset + size].view(shape).permute(2, 0, 1))
-        offset += size
-    return tensors
-
-
-def to_host(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
-    """Each image's boxes, scores (float32, also from half-precision outputs) and labels on the host, in
-    three copies for the whole batch."""
-    counts = [len(output["labels"]) for output in outputs]
-    flat = {
-        key: torch.cat([output[key] for output in outputs]).to("cpu", torch.float32 if key != "labels" else torch.int64).numpy()
-        for key in ("boxes", "scores", "labels")
-    }
-    splits = np.cumsum(counts)[:-1]
-    per_key = {key: np.split(values, splits) for key, values in flat.items()}
-    return [{key: per_key[key][i] for key in per_key} for i in range(len(outputs))]
-
-
-# Out-of-memory errors that are not torch.cuda.OutOfMemoryError, by their text: a CUDA allocation outside
-# torch's caching allocator (a pinned host buffer, a library's handle), and cuBLAS or cuDNN failing to
-# allocate their workspace (cuDNN 9 names it ..._ALLOCATION_FAILED, older ones ..._ALLOC_FAILED).
-OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                       "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
-                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
-# After an out-of-memory error caps the model batch, this many model calls in a row that fit double the cap.
-CALLS_BEFORE_RAISING_THE_CAP = 16
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)
-
-
-class SplittingRunner:
-    """Calls `model` on a list of inputs; when it runs out of device memory, splits the list in halves
-    and runs each half, down to single inputs. After an out-of-memory error on n inputs, later calls
-    take at most n // 2 at a time, so one tight batch does not cost an error on every batch after it.
-    The cap is not for ever: after CALLS_BEFORE_RAISING_THE_CAP model calls in a row that fit, it doubles
-    (and is lifted once it reaches the largest list seen); a raised cap that runs out of memory again
-    doubles the number of calls the next raise waits for, so a cap at the edge is tried ever more rarely.
-    A single input that still runs out of memory after the cache is released and it is tried once more
-    raises: nothing smaller can be tried."""
-
-    def __init__(self, model: Callable[[list], list], release_memory: Callable[[], None] = lambda: None):
-        self.model = model
-        self.release_memory = release_memory
-        self.limit: Optional[int] = None  # most inputs per model call, set by an out-of-memory error
-        self.splits = 0
-        self.largest = 0  # the most inputs one call of the runner was given
-        self.patience = CALLS_BEFORE_RAISING_THE_CAP  # model calls that must fit before the cap doubles
-        self.fitted = 0  # model calls that fitted since the last out-of-memory error or raise
-        self.raised = False  # whether the cap was raised since the last out-of-memory error
-
-    def __call__(self, inputs: list) -> list:
-        self.largest = max(self.largest, len(inputs))
-        results = []
-        start = 0
-        while start < len(inputs):
-            step = self.limit or len(inputs)
-            results.extend(self.run(inputs[start : start + step]))
-            start += step
-        return results
-
-    def run(self, inputs: list, retried: bool = False) -> list:
-        try:
-            results = self.model(inputs)
-        except Exception as error:
-            if not is_out_of_memory(error) or (len(inputs) == 1 and retried):
-                raise
-            # Handled below, outside the except block: the error's traceback holds the failed call's tensors.
-            failed = str(error)
-        else:
-            self.fit()
-            return results
-        self.release_memory()
-        self.fitted = 0
-        if self.raised:
-            self.patience, self.raised = self.patience * 2, False
-        if len(inputs) == 1:
-            log.warning("out of device memory on a single image; retrying it once: %s", failed)
-            return self.run(inputs, retried=True)
-        self.splits += 1
-        half = len(inputs) // 2
-        self.limit = half if self.limit is None else min(self.limit, half)
-        log.warning("out of device memory on a batch of %d images; splitting it in halves: %s", len(inputs), failed)
-        return self.run(inputs[:half]) + self.run(inputs[half:])
-
-    def fit(self) -> None:
-        """A model call fitted: count it towards raising the cap."""
-        if self.limit is None:
-            return
-        self.fitted += 1
-        if self.fitted < self.patience:
-            return
-        self.limit, self.fitted, self.raised = self.limit * 2, 0, True
-        if self.limit >= self.largest:
-            self.limit = None
-        log.info("%d model calls in a row fitted in device memory; model batches now take %s images", self.patience,
-                 f"at most {self.limit}" if self.limit else "any number of")
-
-
-def release_cuda_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class ModelBatch(NamedTuple):

@@ -17,27 +17,16 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from app.config import SAMPLES_DIR
 from app.decode import model_input_size
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
-from app.detector import (
-    Detector,
-    PixelModel,
-    PresizedTransform,
-    SplittingRunner,
-    batch_padding,
-    image_detections,
-    is_out_of_memory,
-    model_views,
-    packed,
-    shape_batches,
-    to_device,
-    unpacked,
-)
+from app.detector import Detector, PixelModel, PresizedTransform, batch_padding, image_detections, model_views, shape_batches
 from app.device import choose_device, nvidia_driver_version
 from app.listing import list_inputs
 from app.metrics import MEASUREMENT_COLUMNS
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
 from app.output.dataset import RESULT_SCHEMA
+from app.out_of_memory import SplittingRunner, is_out_of_memory
 from app.output.rows import result_rows
 from app.pipeline import model_spec
+from app.staging import packed, to_device, unpacked
 from tests.conftest import FAST_MODEL, compose_config, light_checkpoint, model_detections
 
 SPEC = ModelSpec(
