@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import get_model_weights
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from app.config import SAMPLES_DIR
+from app import device
+from app.config import SAMPLES_DIR, MatchMetric, MergeMethod
 from app.decode import model_input_size
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import Detector, PixelModel, PresizedTransform, batch_padding, image_detections, model_views, shape_batches
@@ -27,6 +28,7 @@ from app.out_of_memory import SplittingRunner, is_out_of_memory
 from app.output.rows import result_rows
 from app.pipeline import model_spec
 from app.staging import packed, to_device, unpacked
+from app.tiling import TilingOptions, tile_grid
 from tests.conftest import FAST_MODEL, compose_config, light_checkpoint, model_detections
 
 SPEC = ModelSpec(
@@ -498,11 +500,82 @@ def test_a_gpu_actor_finds_what_the_model_finds_on_the_cpu():
     for row, want in zip(rows, reference_detections(images)):
         assert row["num_detections"] > 0 and len(want["labels"]) > 0
         total += len(want["labels"])
-        boxes = np.array(row["boxes"]) / 2  # the originals are twice the model input
-        for box, score, label in zip(want["boxes"], want["scores"], want["labels"]):
-            close = (np.abs(boxes - box).max(axis=1) < 0.5) & (np.abs(np.array(row["scores"]) - score) < 1e-3)
-            matched += bool(np.any(close & (np.array(row["labels"]) == label)))
+        # The originals are twice the model input.
+        matched += twins(want, {"boxes": np.array(row["boxes"]) / 2, "scores": row["scores"], "labels": row["labels"]})
     assert matched >= 0.7 * total, f"{matched} of {total} CPU detections found on the GPU"
+
+
+def twins(want: dict, got: dict, pixels: float = 0.5, score: float = 1e-3) -> int:
+    """How many of want's detections (boxes, scores, labels) have a twin in got: the same label, every box
+    coordinate within `pixels` and the score within `score`."""
+    boxes, scores, labels = (np.asarray(got[key]) for key in ("boxes", "scores", "labels"))
+    found = 0
+    for box, box_score, label in zip(*(np.asarray(want[key]) for key in ("boxes", "scores", "labels"))):
+        close = (np.abs(boxes - box).max(axis=1) < pixels) & (np.abs(scores - box_score) < score) & (labels == label)
+        found += bool(np.any(close))
+    return found
+
+
+def detector_on(device_type: str, monkeypatch, *args, **kwargs) -> Detector:
+    """A Detector on the CPU or, as if Ray had given it the GPU, on CUDA."""
+    monkeypatch.setattr(device, "assigned_gpu_ids", lambda: [0] if device_type == "cuda" else [])
+    detector = Detector(*args, **kwargs)
+    assert detector.device.type == device_type
+    return detector
+
+
+@pytest.mark.cuda
+def test_a_tiled_scene_on_the_gpu_finds_what_it_finds_on_the_cpu(tmp_path, monkeypatch, checkpoint):
+    """Tiles are strided views of their scene's full-size pixels; on the GPU each is packed into the pinned
+    staging buffer (on the CPU they are used in place). A 1100x750 scene cut into 320-px tiles plus the
+    whole-image pass, through the tiled detector on CUDA and on the CPU, tests' checkpoint: the same
+    number of model inputs and the merged detections alike, to the tolerance that CUDA's rounding allows
+    (a tile misplaced or a stride wrong would match next to none)."""
+    Image.open(SAMPLES_DIR / "chelsea.jpg").convert("RGB").resize((1100, 750)).save(tmp_path / "scene.png")
+    tiling = TilingOptions(320, 0.2, True, MergeMethod.nmm, MatchMetric.ios, 0.5, True)
+    inputs = list_inputs(str(tmp_path), ["png"]).found
+    batch = decode_images(inputs, filesystem=pafs.LocalFileSystem(), uri_prefix="",
+                          options=DecodeOptions(10**8, 10**8, 320, 640, tiling=tiling))
+    spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=20")
+    rows = {}
+    for device_type in ("cpu", "cuda"):
+        (rows[device_type],) = detector_on(device_type, monkeypatch, spec, num_threads=2, batch_size=4, tiling=tiling)(batch).to_pylist()
+    assert rows["cuda"]["num_tiles"] == rows["cpu"]["num_tiles"] == len(tile_grid(1100, 750, 320, 0.2)) + 1
+    want, got = rows["cpu"], rows["cuda"]
+    assert want["num_detections"] > 20  # the tiles' detections, merged
+    matched = twins(want, got, pixels=1.0)
+    assert matched >= 0.8 * want["num_detections"], f"{matched} of {want['num_detections']} CPU detections found on the GPU"
+
+
+@pytest.mark.cuda
+def test_a_batch_the_gpu_has_no_memory_for_is_split_and_every_image_keeps_its_detections(monkeypatch, checkpoint):
+    """A real CUDA out-of-memory error, not a stand-in: this process's share of the GPU is capped (torch's
+    per-process memory fraction) at what the model and about three images' model calls need, then eight
+    images of one shape go into one model batch. The runner splits it, every image gets its detections,
+    and they are the ones each image gets in a model batch of its own, to CUDA's rounding."""
+    spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=20",
+                      "model.min_size=800", "model.max_size=1333")
+    detector = detector_on("cuda", monkeypatch, spec, num_threads=2, batch_size=8)
+    photo = np.asarray(Image.open(SAMPLES_DIR / "chelsea.jpg").convert("RGB").resize((1333, 800)))
+    images = [np.ascontiguousarray(np.roll(photo, 40 * k, axis=1)) for k in range(8)]  # one shape, different pixels
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    resting = torch.cuda.memory_allocated()
+    alone = [detector.detect([image])[0] for image in images]
+    one_image = torch.cuda.max_memory_allocated() - resting
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 3 * one_image) / total)
+    try:
+        together, ran = detector.detect_batches(images)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert detector.runner.splits >= 1, f"8 images fitted in {3 * one_image / 2**20:.0f} MiB above the model"
+    assert sorted(i for batch in ran for i in batch.indices) == list(range(8)) and len(ran) == 1  # one model batch, split inside
+    for k, (want, got) in enumerate(zip(alone, together)):
+        assert len(got["labels"]) == len(want["labels"]) == 20, k
+        assert twins(want, got) >= 18, k
 
 
 class DetectorActor:
