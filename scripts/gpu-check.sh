@@ -35,7 +35,7 @@ if [[ " $stages " == *" tests "* ]]; then
   report tests $? "$(pytest_counts "$out/tests.log")" "$(pytest_counts "$out/tests.log"); see tests.log"
 
   # The CUDA-only tests on their own line: with no CUDA they skip, which is a failure here.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_detector.py tests/test_precision.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -rP -m cuda tests/test_detector.py tests/test_precision.py \
     > "$out/cuda-tests.log" 2>&1
   code=$?
   if [[ $code == 0 ]] && grep -q "skipped" <(pytest_counts "$out/cuda-tests.log"); then code=5; fi

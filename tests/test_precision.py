@@ -129,23 +129,26 @@ def twins(reference: dict, other: dict, count: int) -> list[bool]:
     return found
 
 
-@pytest.mark.parametrize("precision,share", [("bf16", 0.7), ("fp16", 0.9)])
-def test_half_precision_detections_match_float32_ones_within_the_stated_bound(detections, precision, share):
-    """The bound: the five highest-scoring float32 detections of every image each have a twin (same label,
-    IoU >= 0.9, score within 0.02) under half precision, and so do at least 70% of all 100 under bfloat16
-    and 90% under float16.
+@pytest.mark.parametrize("precision,top_five,share", [("bf16", 4, 0.7), ("fp16", 5, 0.9)])
+def test_half_precision_detections_match_float32_ones_within_the_stated_bound(detections, precision, top_five, share):
+    """The bound: of the five highest-scoring float32 detections of every image, at least four under
+    bfloat16 and all five under float16 have a twin (same label, IoU >= 0.9, score within 0.02), and so
+    do at least 70% of all 100 under bfloat16 and 90% under float16.
 
     Why these numbers: the geometry is float32 under every precision, so the detections differ only
     through the layers' rounding, 2^-9 of a value in bfloat16 (8 significant bits) and 2^-12 in float16
     (11). The tests' model is a seeded light model (BatchNorm calibrated on the bundled photos,
-    tests/conftest.py), and its 100 detections score within about 0.03 of each other: the rounding reorders some near-ties among candidates, and a reordered candidate suppresses
-    a different neighbour in NMS. That is what the rest of the share is made of, more of it in bfloat16.
-    Measured on the CPU: 81-88% of detections (bfloat16) and 95-96% (float16) have twins, and all of the
-    top five. With the whole model under autocast (before app.precision), 48-51% and 71-82%, and 1 to 4 of
-    the top five went missing in every image under bfloat16."""
+    tests/conftest.py), and its 100 detections score within about 0.03 of each other: the rounding
+    reorders some near-ties among candidates, and a reordered candidate suppresses a different neighbour
+    in NMS. That is what the rest of the share is made of, more of it in bfloat16, where it can reach the
+    top five: on an H200 machine (torch 2.11), one of the third photo's top five went that way under
+    bfloat16, both on its GPU and on its CPU. Measured on this project's 2-core CPU: 81-88% (bfloat16)
+    and 95-96% (float16) have twins, and all of the top five. With the whole model under autocast (before
+    app.precision), 48-51% and 71-82%, and 1 to 4 of the top five went missing in every image under
+    bfloat16."""
     reference, _ = detections["fp32"]
     found, _ = detections[precision]
-    for image, (want, got) in enumerate(zip(reference, found)):
-        assert twins(want, got, 5) == [True] * 5, image
-        matched = twins(want, got, len(want["labels"]))
-        assert sum(matched) >= share * len(matched), (image, sum(matched))
+    top = [sum(twins(want, got, 5)) for want, got in zip(reference, found)]
+    shares = [round(sum(twins(want, got, len(want["labels"]))) / len(want["labels"]), 2) for want, got in zip(reference, found)]
+    print(f"{precision}: twins of the top five {top}, of all {shares}")  # shown with pytest -rP (scripts/gpu-check.sh)
+    assert min(top) >= top_five and min(shares) >= share, (top, shares)
