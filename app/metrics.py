@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from app.background import BackgroundLoop
+
 log = logging.getLogger(__name__)
 
 # Columns the stages add to each row for the driver's metrics, dropped before the rows are committed:
@@ -104,8 +106,7 @@ class RunMetrics:
         self.gauges = {name: gauge(name) for name in ("detect_inputs", "detect_images_done", "detect_images_failed",
                                                        "detect_max_error_fraction", "detect_last_commit_timestamp_seconds")}
         self.counted = {"read_retries": 0, "lease_heartbeats": 0}  # what the counters of `state` hold so far
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.refreshing = BackgroundLoop("run-metrics", self._refresh_until_stopped)
 
     def record(self, rows: pa.Table) -> None:
         """Count a batch of rows (with MEASUREMENT_COLUMNS) that the driver is about to commit or set aside."""
@@ -149,20 +150,17 @@ class RunMetrics:
         except Exception as error:  # a run's own error tells what went wrong; the metrics try again later
             log.warning("could not refresh the run's metrics: %s", error)
 
-    def _refresh_until_stopped(self) -> None:
-        while not self._stop.wait(REFRESH_S):
+    def _refresh_until_stopped(self, stopping: threading.Event) -> None:
+        while not stopping.wait(REFRESH_S):
             self.refresh_or_warn()
 
     def __enter__(self) -> "RunMetrics":
         self.refresh_or_warn()
-        self._thread = threading.Thread(target=self._refresh_until_stopped, name="run-metrics", daemon=True)
-        self._thread.start()
+        self.refreshing.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.refreshing.stop()
         self.refresh_or_warn()
 
 

@@ -135,11 +135,11 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
     check_config(cfg)
     inputs = open_inputs(cfg.data)
     spec = model_spec(cfg)
-    output = dataset.locate(cfg)
+    output = dataset.locate(cfg.output)
     lease = OutputLease(output, uuid.uuid4().hex[:12], cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s,
                         cfg.output.lease_wait_s)
     with lease:
-        dataset.prepare(cfg, output, dataset.settings(cfg, spec.weights))
+        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights))
         todo, before = listed_todo(inputs, output) if inputs.table is not None else (None, None)
         if todo is not None and not todo.num_rows and dataset.read_manifest(output) is not None:
             log.info("every input already has its row in %s: nothing to do", cfg.output.path)

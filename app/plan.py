@@ -1,5 +1,8 @@
 """Planning a run: what the detector stage asks Ray for, how inputs are cut into blocks, and how many
-images go to each call. Plain arithmetic on the config and the cluster's resources: no Ray, no torch."""
+images go to each call. Plain arithmetic on the config and the cluster's resources: no Ray, no torch.
+The parts that size one resource take their section (plan_resources the inference section,
+model_batch_size the inference and model sections); plan_run and the decode task's sizes take the whole
+config, as they weigh four of its sections (inference, model, data, tiling) against each other."""
 
 import logging
 import math

@@ -18,6 +18,8 @@ from typing import Callable, Optional, TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from app.background import BackgroundLoop
+
 log = logging.getLogger(__name__)
 
 # Seconds between redraws of the live line on a terminal.
@@ -60,8 +62,7 @@ class Progress:
         self.started = self.last_time = clock()
         self.last_done = 0
         self.live = out.isatty()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.reporting = BackgroundLoop("progress", self._report)
 
     def add(self, rows: pa.Table, workers: set[str]) -> None:
         kinds = pc.value_counts(rows.column("error_kind").drop_null()).to_pylist()
@@ -124,9 +125,9 @@ class Progress:
             peak = self.peak_workers if len(self.peak_workers) >= len(self.workers_now) else self.workers_now
             return Counter(worker.rsplit("/", 1)[-1].split(":", 1)[0] for worker in peak)
 
-    def _report(self) -> None:
+    def _report(self, stopping: threading.Event) -> None:
         next_line = self.clock() + self.interval_s
-        while not self._stop.wait(LIVE_INTERVAL_S if self.live else max(0.0, next_line - self.clock())):
+        while not stopping.wait(LIVE_INTERVAL_S if self.live else max(0.0, next_line - self.clock())):
             if self.clock() >= next_line:
                 next_line += self.interval_s
                 self._clear_live()
@@ -141,14 +142,11 @@ class Progress:
             self.out.flush()
 
     def __enter__(self) -> "Progress":
-        self._thread = threading.Thread(target=self._report, name="progress", daemon=True)
-        self._thread.start()
+        self.reporting.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.reporting.stop()
         self._clear_live()
         if exc[0] is None:
             log.info(self.line(final=True))

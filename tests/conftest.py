@@ -222,8 +222,9 @@ def write_mixed_inputs(folder: Path) -> dict[str, object]:
 
 def model_detections(cfg, paths, read_bytes=lambda path: Path(path).read_bytes()) -> dict[str, dict]:
     """What the configured model detects in each image, computed here, one image at a time, on the pixels
-    the job decodes: boxes mapped to original pixels, scores, labels and label names, by path. One torch
-    thread, as in a detector actor on a 2-core node, so that the floats are the actor's."""
+    the job decodes (at model size, or as they are with inference.resize_on_cpu=false, for the model to
+    resize): boxes mapped to original pixels, scores, labels and label names, by path. One torch thread,
+    as in a detector actor on a 2-core node, so that the floats are the actor's."""
     import torch
 
     from app.decode import DecodeOptions, decode
@@ -231,7 +232,9 @@ def model_detections(cfg, paths, read_bytes=lambda path: Path(path).read_bytes()
     from app.model import build_model
     from app.pipeline import model_spec
 
-    options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size, cfg.model.max_size)
+    resize = cfg.inference.resize_on_cpu
+    options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size if resize else None,
+                            cfg.model.max_size if resize else None)
     model, names = build_model(model_spec(cfg))
     model = PixelModel(model)
     threads = torch.get_num_threads()

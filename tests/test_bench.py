@@ -8,14 +8,15 @@ import time
 import pytest
 import torch
 
-from app import bench, chaos
+from app import bench
+from app.bench import chaos, decode, harness, standin, throughput
 from app.config import compose_config
 
 
 def test_marginal_rate_cancels_the_fixed_cost():
-    small = bench.Timing("app", 10, 25.0, 21.0, 100.0, 150.0, 5)
-    large = bench.Timing("app", 30, 35.0, 21.5, 120.0, 170.0, 15)
-    result = bench.marginal(small, large)
+    small = harness.Timing("app", 10, 25.0, 21.0, 100.0, 150.0, 5)
+    large = harness.Timing("app", 30, 35.0, 21.5, 120.0, 170.0, 15)
+    result = harness.marginal(small, large)
     assert result == {
         "marginal_images_per_s": 2.0, "startup_s": 20.0, "first_result_s": 21.0,
         "overall_images_per_s": round(30 / 35, 4), "peak_rss_mb": 120.0, "detections_per_image": 0.5,
@@ -23,7 +24,7 @@ def test_marginal_rate_cancels_the_fixed_cost():
 
 
 def test_generated_images_are_distinct_jpegs_of_the_sizes_in_turn(tmp_path):
-    paths = bench.write_jpegs(tmp_path, 3, [(50, 40), (30, 60)])
+    paths = harness.write_jpegs(tmp_path, 3, [(50, 40), (30, 60)])
     assert [p.name for p in paths] == ["img_000000.jpg", "img_000001.jpg", "img_000002.jpg"]
     assert len({p.read_bytes() for p in paths}) == 3
     from PIL import Image
@@ -32,17 +33,17 @@ def test_generated_images_are_distinct_jpegs_of_the_sizes_in_turn(tmp_path):
 
 
 def test_default_sizes_mix_orientations_like_pascal_voc():
-    landscape = [size for size in bench.VOC_LIKE_SIZES if size[0] > size[1]]
-    assert (len(landscape), len(bench.VOC_LIKE_SIZES)) == (6, 8)
+    landscape = [size for size in harness.VOC_LIKE_SIZES if size[0] > size[1]]
+    assert (len(landscape), len(harness.VOC_LIKE_SIZES)) == (6, 8)
 
 
 def test_ratios_take_the_best_bare_batch_size():
     rates = {"bare@1": 2.0, "bare@2": 2.5, "bare@4": 1.5, "tutorial": 1.0, "app": 2.25}
-    assert bench.ratios(rates) == {"app_over_tutorial": 2.25, "app_over_bare": 0.9}
+    assert throughput.ratios(rates) == {"app_over_tutorial": 2.25, "app_over_bare": 0.9}
 
 
 def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)  # keep the shared test Ray for every run
+    monkeypatch.setattr(harness.ray, "shutdown", lambda: None)  # keep the shared test Ray for every run
     out = tmp_path / "results.json"
     results = bench.main([
         "throughput", "--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--modes", "model", "bare", "dataloader", "app",
@@ -52,21 +53,26 @@ def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     result = results["throughput"]["fasterrcnn_mobilenet_v3_large_320_fpn"]
     # The light model's default batch on this machine's device (CPU 4; where CUDA works, the GPU's 32).
-    expected = ([1, 2], 32, "cuda") if bench.DEVICE.type == "cuda" else ([1, 2], 4, "cpu")
+    expected = ([1, 2], 32, "cuda") if harness.DEVICE.type == "cuda" else ([1, 2], 4, "cpu")
     assert (result["counts"], result["batch_size"], result["device"]) == expected
     modes = ["model", "bare@1", "bare@2", "dataloader", "app"]
     assert [(run["mode"], run["images"]) for run in result["runs"]] == [(mode, n) for mode in modes for n in (1, 2)]
     # The same model on the same images: --max-detections (5) each; threshold 0 keeps random-init ones.
     assert {run["detections"] for run in result["runs"]} == {5, 10}
+    # Every figure recomputed from its parts: each mode's summary from its two runs, the ratios from the rates.
+    runs = {mode: [harness.Timing(**run) for run in result["runs"] if run["mode"] == mode] for mode in modes}
+    assert result["modes"] == {mode: harness.marginal(*runs[mode]) for mode in modes}
     assert list(result["ratios"]) == ["app_over_model", "app_over_dataloader", "app_over_bare"]
-    assert all(run["peak_rss_mb"] > 0 and run["first_result_s"] > 0 for run in result["runs"])
+    assert result["ratios"] == throughput.ratios({mode: summary["marginal_images_per_s"] for mode, summary in result["modes"].items()})
+    assert all(0 < run["first_result_s"] <= run["seconds"] for run in result["runs"])
+    assert all(run["peak_rss_mb"] >= run["peak_driver_rss_mb"] > 0 for run in result["runs"])  # the sum holds the driver
     assert "marginal ratios: app/model = " in results["report"]
 
 
 
 def test_stand_in_suite(local_ray, monkeypatch, tmp_path):
     """The app with the device stand-in at 20 ms per image: one actor, batch 8; then the host time."""
-    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(harness.ray, "shutdown", lambda: None)
     results = bench.main(["standin", "--counts", "8", "24", "--stand-in-ms", "20", "--pause", "0", "--out", ""])
     standin = results["standin"]
     assert [(run["images"], run["detections"]) for run in standin["runs"]] == [(8, 40), (24, 120)]
@@ -79,7 +85,7 @@ def test_stand_in_suite(local_ray, monkeypatch, tmp_path):
 def test_tiles_suite(local_ray, monkeypatch, tmp_path):
     """SAHI's loop at batch sizes 1 and 8 and the app on one and two small scenes (400x300, 300x400 in
     320-px tiles: 2 tiles each), then the stand-in; every figure is recomputed from its parts."""
-    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(harness.ray, "shutdown", lambda: None)
     results = bench.main(["tiles", "--tiles-counts", "1", "2", "--tiles-sizes", "400x300", "300x400", "--stand-in-ms", "5",
                           "--pause", "0", "--out", ""])
     tiles = results["tiles"]
@@ -104,7 +110,7 @@ def test_tiles_suite(local_ray, monkeypatch, tmp_path):
 
 
 def test_decode_suite(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "DECODE_CASES", {"small": [(200, 150)], "large": [(1600, 1200)]})
+    monkeypatch.setattr(decode, "DECODE_CASES", {"small": [(200, 150)], "large": [(1600, 1200)]})
     results = bench.main(["decode", "--workdir", str(tmp_path), "--out", ""])
     assert list(results["decode"]) == ["small", "large"]
     assert all(rates["reduced"] > 0 and rates["full"] > 0 for rates in results["decode"].values())
@@ -112,7 +118,7 @@ def test_decode_suite(monkeypatch, tmp_path):
 
 
 def test_stand_in_model_holds_the_time_and_returns_boxes_inside_each_image():
-    model = bench.StandInModel(0.05)
+    model = standin.StandInModel(0.05)
     started = time.monotonic()
     outputs = model([torch.zeros(3, 100, 200, dtype=torch.uint8), torch.zeros(3, 50, 40, dtype=torch.uint8)])
     assert time.monotonic() - started >= 0.1
@@ -122,12 +128,12 @@ def test_stand_in_model_holds_the_time_and_returns_boxes_inside_each_image():
 
 
 def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(harness.ray, "shutdown", lambda: None)
     folder = tmp_path / "in"
-    bench.write_jpegs(folder, 3, [(64, 48)])
+    harness.write_jpegs(folder, 3, [(64, 48)])
     cfg = compose_config(["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0"])
-    detections, first, _ = bench.run_tutorial(folder, cfg, tmp_path / "out", 4)
-    assert detections == bench.run_bare(folder, cfg, tmp_path / "out", 4).detections > 0
+    detections, first, _ = throughput.run_tutorial(folder, cfg, tmp_path / "out", 4)
+    assert detections == throughput.run_bare(folder, cfg, tmp_path / "out", 4).detections > 0
     assert first > 0
 
 

@@ -358,8 +358,9 @@ def test_a_missing_extra_is_one_line(command, module, extra, monkeypatch, capsys
 
 def test_the_extras_are_imported_only_where_used():
     """So that `python -m app.evaluate` and the rest reach app.cli, which names the missing extra."""
-    for path, extra_module in (("app/evaluate.py", "pycocotools"), ("app/submit.py", "kubernetes"), ("app/bench.py", "psutil")):
-        tree = ast.parse((REPO / path).read_text())
+    bench = [(path, module) for path in sorted((REPO / "app" / "bench").glob("*.py")) for module in ("psutil", "sahi", "moto")]
+    for path, extra_module in ((REPO / "app/evaluate.py", "pycocotools"), (REPO / "app/submit.py", "kubernetes"), *bench):
+        tree = ast.parse(path.read_text())
         top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
         top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
         assert extra_module not in top_level, path

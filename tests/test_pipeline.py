@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import ConfigError
+from app.config import SAMPLES_DIR, ConfigError
 from app.model import ModelSpec
 from app.output import dataset
 from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
@@ -180,6 +180,26 @@ def test_resume_with_other_settings_is_refused(local_ray, tmp_path):
         f"output.path {tmp_path / 'out'} holds results made with model.score_threshold=0.0, not 0.9; "
         "choose another output.path or pass output.overwrite=true to replace them"
     )
+
+
+def test_with_resize_on_cpu_false_the_model_resizes_the_original_pixels(local_ray, tmp_path):
+    """inference.resize_on_cpu=false through a whole run: the bundled photos (landscape and portrait, none
+    at the model's size) are decoded as they are and the model resizes them on its device. Each row holds
+    what the model finds on the original pixels, which is not what it finds on pixels resized on the CPU
+    (Pillow's and torch's resizing differ), and the output's settings record the choice. One image a model
+    batch, as the reference computes them: a square photo batched with a landscape one is padded to its
+    shape, which changes what the model finds in it."""
+    photos = sorted(SAMPLES_DIR.glob("*.jpg"))
+    overrides = [*FAST_MODEL, f"data.path={SAMPLES_DIR}", f"output.path={tmp_path / 'out'}", "inference.batch_size=1"]
+    cfg = compose_config([*overrides, "inference.resize_on_cpu=false"])
+    summary = run(cfg)
+    assert (summary.inputs, summary.ok, summary.errors) == (4, 4, 0)
+    rows = {row["path"]: row for row in read_results(tmp_path / "out").to_pylist()}
+    on_device = model_detections(cfg, photos)
+    assert_detections(rows, on_device)
+    on_cpu = model_detections(compose_config(overrides), photos)
+    assert [path for path in on_device if on_device[path]["scores"] != on_cpu[path]["scores"]] == [str(p) for p in photos]
+    assert json.loads((tmp_path / "out" / SETTINGS_NAME).read_text())["inference.resize_on_cpu"] is False
 
 
 def test_too_many_errors_fail_after_everything_is_written(local_ray, tmp_path):

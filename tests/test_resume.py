@@ -68,9 +68,9 @@ def test_a_run_refuses_to_resume_an_output_made_with_other_settings(change, key,
     settings = {"data.path": f"{tmp_path}/photos", "output.path": f"{tmp_path}/out",
                 "model": "fasterrcnn_mobilenet_v3_large_fpn", "model.weights": "none"}
     first = compose_config([f"{name}={value}" for name, value in settings.items()])
-    output = dataset.locate(first)
+    output = dataset.locate(first.output)
     output.filesystem.create_dir(output.path)
-    dataset.prepare(first, output, dataset.settings(first, "none"))
+    dataset.prepare(first.output, output, dataset.settings(first, "none"))
     committed_file(tmp_path / "out" / "part-first-000000.parquet", [dict(path=f"{tmp_path}/photos/img_000.jpg", num_detections=0)])
     held = snapshot(tmp_path / "out")
     assert sorted(held) == ["_settings.json", "part-first-000000.parquet"]

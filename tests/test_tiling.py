@@ -23,7 +23,7 @@ from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
 from app import report
-from app.bench_tiles import sahi_model, scene_pixels
+from app.bench.tiles import sahi_model, scene_pixels
 from app.config import ConfigError, MatchMetric, MergeMethod, check_config
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
 from app.detector import Detector, image_detections, model_views

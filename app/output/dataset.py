@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from omegaconf import OmegaConf
 
 from app import storage
-from app.config import AppConfig, ConfigError
+from app.config import AppConfig, ConfigError, OutputConfig
 
 if TYPE_CHECKING:
     from app.model import ModelSpec
@@ -134,20 +134,21 @@ def read_json(filesystem: pafs.FileSystem, path: str) -> Optional[dict]:
         return json.loads(stream.read())
 
 
-def locate(cfg: AppConfig) -> storage.Location:
+def locate(section: OutputConfig) -> storage.Location:
     """output.path as a filesystem location: a folder, or nothing yet."""
     try:
-        output = storage.resolve(cfg.output.path)
+        output = storage.resolve(section.path)
         info = output.filesystem.get_file_info(output.path)
     except (storage.StorageError, OSError) as error:
-        raise ConfigError(f"output.path {cfg.output.path} cannot be used: {error}") from None
+        raise ConfigError(f"output.path {section.path} cannot be used: {error}") from None
     if info.type == pafs.FileType.File:
-        raise ConfigError(f"output.path {cfg.output.path} is a file, not a directory")
+        raise ConfigError(f"output.path {section.path} is a file, not a directory")
     return output
 
 
 def settings(cfg: AppConfig, weights: str) -> dict:
-    """The settings the result rows depend on: a run resumes an output.path only if they are equal.
+    """The settings the result rows depend on: a run resumes an output.path only if they are equal. (They
+    come from four of the config's sections: it takes the whole config, as write_manifest does.)
     `weights` are the ones actually used, so a demo that fell back to random ones is not resumed with
     real ones."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -167,11 +168,11 @@ def settings(cfg: AppConfig, weights: str) -> dict:
     }
 
 
-def prepare(cfg: AppConfig, output: storage.Location, wanted: dict) -> None:
+def prepare(section: OutputConfig, output: storage.Location, wanted: dict) -> None:
     """Prepare output.path, whose lease this run holds: a new dataset, or the resumption of one made with
     the settings `wanted`. Files a crashed run left in staging are discarded; committed rows are kept."""
     entries = [entry for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path)) if entry.base_name != LEASE_NAME]
-    if cfg.output.overwrite:
+    if section.overwrite:
         for entry in entries:
             if entry.type == pafs.FileType.Directory:
                 output.filesystem.delete_dir(entry.path)
@@ -181,13 +182,13 @@ def prepare(cfg: AppConfig, output: storage.Location, wanted: dict) -> None:
     previous = read_json(output.filesystem, output.join(SETTINGS_NAME))
     if previous is None and entries:
         raise ConfigError(
-            f"output.path {cfg.output.path} holds files that are not ray-detect results; "
+            f"output.path {section.path} holds files that are not ray-detect results; "
             f"choose another output.path or pass output.overwrite=true to replace its contents"
         )
     if previous is not None and previous != wanted:
         key = next(key for key in sorted(set(wanted) | set(previous)) if wanted.get(key) != previous.get(key))
         raise ConfigError(
-            f"output.path {cfg.output.path} holds results made with {key}={previous.get(key)!r}, not "
+            f"output.path {section.path} holds results made with {key}={previous.get(key)!r}, not "
             f"{wanted.get(key)!r}; choose another output.path or pass output.overwrite=true to replace them"
         )
     output.filesystem.delete_dir_contents(output.join(STAGING_DIR), missing_dir_ok=True)

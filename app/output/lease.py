@@ -23,6 +23,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from app.background import BackgroundLoop
 from app.output.dataset import LEASE_NAME, json_bytes, read_json, write_json
 from app.storage import Location
 
@@ -46,8 +47,7 @@ class OutputLease:
         self.path = output.join(LEASE_NAME)
         self.lost: Optional[str] = None
         self.heartbeats = 0  # renewals so far
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.heartbeating = BackgroundLoop("output-lease", self._beat)
 
     def document(self) -> dict:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
@@ -76,11 +76,10 @@ class OutputLease:
                 )
             log.info("output.path is held by %s, silent for %.0f s: waiting for its lease to go stale", description, age)
             time.sleep(min(self.heartbeat_s, stale_in))
-        self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
-        self._thread.start()
+        self.heartbeating.start()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+    def _beat(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.heartbeat_s):
             try:
                 holder = read_json(self.output.filesystem, self.path) or {}
                 if holder.get("owner") != self.owner:
@@ -111,9 +110,7 @@ class OutputLease:
             raise LeaseLost(self.lost)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.heartbeating.stop()
         holder = read_json(self.output.filesystem, self.path) or {}
         if holder.get("owner") == self.owner:
             self.output.filesystem.delete_file(self.path)

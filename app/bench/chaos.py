@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import pyarrow.dataset as pads
 
+from app.bench.harness import input_folder
+
 log = logging.getLogger(__name__)
 
 # The light model with random weights, three detections an image: faults are about rows, not accuracy.
@@ -230,8 +232,10 @@ def output_full(images: Path, base: Path, inputs: int) -> Optional[Outcome]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def chaos(images: Path, inputs: int, removals: int, base: Optional[Path] = None) -> list[dict]:
-    """Every fault of the suite on the `inputs` images in `images`; the outcomes as dicts."""
+def run(args, base: Path) -> list[dict]:
+    """Every fault of the suite on --chaos-images images; the outcomes as dicts."""
+    inputs, removals = args.chaos_images, args.removals
+    images = input_folder(base, "chaos", inputs, args)
     base = Path(tempfile.mkdtemp(prefix="chaos-", dir=base))
     outcomes = [preemption(images, base, inputs, removals), *s3_faults(images, inputs), output_full(images, base, inputs)]
     for outcome in outcomes:

@@ -9,7 +9,7 @@ so score threshold 0 with 3 detections per tile gives each tile a few detections
           at its batch_size N (1, its default, and 8; the best stands for "sahi");
   app     app.pipeline.run() with tiling=tiles on a local Ray, its defaults otherwise.
 Each runs at two scene counts; the marginal rate (extra scenes / extra seconds) cancels start-up.
-Then the app with the device stand-in (app.bench.StandInModel, --stand-in-ms per tile) on one actor
+Then the app with the device stand-in (app.bench.standin.StandInModel, --stand-in-ms per tile) on one actor
 planned like a GPU actor: the stand-in's busy fraction is tiles x ms per tile / marginal seconds.
 """
 
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.bench import Run, marginal, run_app, stand_in_detector, timed
+from app.bench.harness import Run, marginal, run_app, timed
+from app.bench.standin import stand_in_detector
 from app.config import compose_config
 from app.model import build_model
 from app.pipeline import model_spec
@@ -125,7 +126,7 @@ def run_sahi(folder: Path, cfg, out: Path, batch_size: int) -> Run:
     return Run(detections, first)
 
 
-def tiles(args, base: Path) -> dict:
+def run(args, base: Path) -> dict:
     """The suite: SAHI and the app at two scene counts each, interleaved; then the stand-in run."""
     cfg_overrides = overrides(args.tiles_model)
     tile_size = compose_config(cfg_overrides).tiling.tile_size
