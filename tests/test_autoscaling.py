@@ -160,13 +160,3 @@ def test_without_the_hint_auto_stays_on_the_cpus_that_are_up(autoscaling_cluster
     head = next(node.node_id for node in list_nodes(limit=100) if node.is_head_node)
     assert set(detector_actor_nodes(earlier)) == {head}
     assert alive_gpu_nodes() == []
-
-
-def test_a_fixed_pool_size_is_kept(autoscaling_cluster, tmp_path, monkeypatch):
-    write_images(tmp_path / "in", 12)
-    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", "2")
-    earlier = {a.actor_id for a in list_actors(limit=1000)}
-    overrides = [*FAST_MODEL, "ray.address=auto", "inference.cpu_fallback=true", "inference.num_actors=1", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
-    assert run(compose_config(overrides)).ok == 12
-    actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
-    assert len(actors) == 1

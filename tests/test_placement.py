@@ -14,8 +14,7 @@ import pytest
 import torch
 from ray.util.state import list_actors, list_tasks
 
-from app.pipeline import run
-from tests.conftest import FAST_MODEL, compose_config, connected_cluster, write_images
+from tests.conftest import FAST_MODEL, connected_cluster, write_images
 from tests.test_log import IMAGES as LOG_IMAGES
 from tests.test_log import check_clean_log, run_job
 
@@ -31,31 +30,37 @@ def gpu_cluster():
 
 
 def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
-    """Without CUDA the worker's GPU is a resource only: inference.cpu_fallback=true lets its actor run
-    on the CPU, and the summary and the manifest say so. With CUDA the actor runs on the GPU, no warning."""
+    """The command line attached to the cluster, as a RayJob's driver is. Without CUDA the worker's GPU is a
+    resource only: inference.cpu_fallback=true lets its actor run on the CPU, and the summary, the manifest
+    and the log say so; the actor's own warning reaches the driver's output (what `kubectl logs` shows of a
+    RayJob), once. With CUDA the actor runs on the GPU, no warning."""
     cluster, gpu_node = gpu_cluster
     write_images(tmp_path / "in", 40)
-    cfg = compose_config([*FAST_MODEL, "inference.num_actors=auto", "inference.cpu_fallback=true", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
-    summary = run(cfg)
-    assert (summary.inputs, summary.ok) == (40, 40)
-    assert (summary.detector_actors, summary.detector_nodes, summary.detector_gpus) == (1, 1, 1.0)
+    earlier = {a.actor_id for a in list_actors(limit=1000)}
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    args = [*FAST_MODEL, f"ray.address={cluster.address}", "inference.num_actors=auto", "inference.cpu_fallback=true",
+            f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    result = subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     device = f"cuda:{torch.cuda.get_device_name()}" if CUDA_WORKS else "cpu"
-    assert summary.detector_devices == {device: 1}
+    assert "ray-detect: 40 images (40 ok, 0 errors: none), " in result.stdout
+    assert (f"ray-detect: detector actors used: 1, on 1 node(s), holding 1 GPU(s); devices: {device} x1; at most at once: "
+            f"{device.split(':')[0]} 1\n") in result.stdout
     fallback = "GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)"
-    assert summary.warnings == ([] if CUDA_WORKS else [fallback])
+    assert result.stdout.count(fallback) == (0 if CUDA_WORKS else 1)
+    assert (result.stdout + result.stderr).count("; running on the CPU (inference.cpu_fallback=true)") == (0 if CUDA_WORKS else 1)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["detector_by_last_run"] == {"actors": 1, "nodes": 1, "gpus": 1.0, "devices": {device: 1}}
-    assert manifest["warnings"] == summary.warnings and manifest["versions"]["torch_cuda"] == torch.version.cuda
+    assert manifest["warnings"] == ([] if CUDA_WORKS else [fallback])
+    assert manifest["versions"]["torch_cuda"] == torch.version.cuda
 
-    gpu_node_id = gpu_node.node_id
-    cpu_node_id = cluster.head_node.node_id
-    actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name]
+    actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
     assert len(actors) == 1  # auto: one actor per GPU in the cluster
-    assert {a.node_id for a in actors} == {gpu_node_id}
+    assert {a.node_id for a in actors} == {gpu_node.node_id}
     decode_tasks = [t for t in list_tasks(limit=10000) if t.name.endswith("MapBatches(decode_images)")]
     # 40 files in blocks of 16, the most a decode call takes (the light model's GPU batch is 32)
     assert len(decode_tasks) == 3
-    assert {t.node_id for t in decode_tasks} == {cpu_node_id}
+    assert {t.node_id for t in decode_tasks} == {cluster.head_node.node_id}
 
 
 def test_a_job_attached_to_the_cluster_puts_cpu_actors_on_both_nodes_and_logs_cleanly(gpu_cluster, tmp_path):
@@ -99,20 +104,3 @@ def test_a_gpu_actor_that_cannot_use_its_gpu_stops_the_run(gpu_cluster, tmp_path
     )
     assert re.fullmatch(pattern, lines[0]), lines[0]
     assert not list((tmp_path / "out").glob("part-*.parquet"))
-
-
-@NEEDS_AN_UNUSABLE_GPU
-def test_with_the_fallback_the_command_line_completes_and_shows_the_actors_warning(gpu_cluster, tmp_path):
-    """On a cluster the actors' logs reach the driver's output (what `kubectl logs` shows of a RayJob):
-    here the fallback warning the actor on the GPU node logs."""
-    cluster, _ = gpu_cluster
-    write_images(tmp_path / "in", 6)
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    args = [*FAST_MODEL, f"ray.address={cluster.address}", "inference.cpu_fallback=true",
-            f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
-    result = subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert output.count("; running on the CPU (inference.cpu_fallback=true)") == 1
-    assert "ray-detect: detector actors used: 1, on 1 node(s), holding 1 GPU(s); devices: cpu x1; at most at once: cpu 1\n" in result.stdout
-    assert "GPUs were requested, but 1 of 1 detector actors ran on the CPU (inference.cpu_fallback=true)" in result.stdout
