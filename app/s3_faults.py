@@ -160,11 +160,11 @@ class FaultProxy:
 
 
 @contextlib.contextmanager
-def moto_behind_proxy(bucket: str):
+def moto_behind_proxy(bucket: str, keys: tuple[str, str] = ("test-key", "test-secret")):
     """moto's S3 server on loopback with `bucket` created, and a FaultProxy in front of it. The AWS
     variables point every client at the proxy while the context lasts (this process's, and those of Ray
-    workers started meanwhile). Yields the proxy and a boto3 client that talks to moto directly, never
-    faulted (for putting the test's objects)."""
+    workers started meanwhile), with `keys` (access key id, secret). Yields the proxy and a boto3 client
+    that talks to moto directly, never faulted (for putting the test's objects)."""
     import boto3
 
     with socket.socket() as sock:
@@ -174,7 +174,7 @@ def moto_behind_proxy(bucket: str):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proxy = FaultProxy(port)
     # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
-    env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_ENDPOINT_URL": proxy.endpoint,
+    env = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1], "AWS_ENDPOINT_URL": proxy.endpoint,
            "AWS_REGION": "us-east-1"}
     try:
         with environment(env):

@@ -1,7 +1,7 @@
 """Which read errors are retried (app.retry), the backoff, the per-file attempts and the run's budget, and
 the decode stage's verdict on a file whose reads keep failing. The errors are the texts pyarrow's S3
 filesystem raised against the fault-injecting endpoint of app/s3_faults.py (moto behind it); the
-end-to-end runs through that endpoint are in tests/test_s3_faults.py. Waits are recorded, not slept."""
+end-to-end runs through that endpoint are in tests/test_s3.py. Waits are recorded, not slept."""
 
 import errno
 

@@ -1,16 +1,19 @@
 """Reading from and writing to S3: a real S3 HTTP endpoint on loopback (moto's server mode), with
-credentials from the environment only, as the AWS SDK chain reads them."""
+credentials from the environment only, as the AWS SDK chain reads them. Every client reaches it through
+the fault-injecting proxy of app/s3_faults.py, which passes requests on untouched until a test sets its
+rules: then it answers chosen GETs of images with 503 SlowDown or 500 InternalError, the way S3 and
+networks fail. A fault that may pass is retried and never becomes a committed verdict on the image; a file
+that keeps failing has no row, and a rerun reads it. (Resets and timeouts are classified in
+tests/test_retry.py, from the errors pyarrow raised through the proxy.) One endpoint and one Ray serve
+the module."""
 
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 
-import boto3
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -19,10 +22,10 @@ import pytest
 import ray
 
 from app import listing
-from app.output.dataset import MANIFEST_NAME
+from app.output.dataset import MANIFEST_NAME, TRANSIENT_NAME
 from app.output.lease import create_exclusive
-from app.pipeline import run
-from app.s3_faults import environment
+from app.pipeline import InputsLeft, run
+from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, Rule, moto_behind_proxy
 from app.storage import resolve
 from tests.conftest import (
     FAST_MODEL,
@@ -36,40 +39,27 @@ from tests.conftest import (
 BUCKET = "detect-test"
 # The stand-in endpoint's keys, distinctive enough to be searched for in what a run writes and logs.
 KEY_ID, SECRET_KEY = "AKIAPLANTED7ZQ2XVD9K", "planted/secret+7Zq2xVd9kW4mN8pR"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The fault tests' bucket, and the images under its in/.
+FAULTS_BUCKET = "faults-test"
+IMAGES = 40
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
-    with environment(env):
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    server.kill()
-                    raise
-                time.sleep(0.3)
-        # Ray workers inherit the environment of the Ray instance, started after the variables are set.
+def s3_service():
+    """moto's server behind the proxy, with the keys set in the environment the way a user sets real ones,
+    and the Ray of this module's runs: started after the variables are set, its workers inherit them.
+    Yields the proxy and a boto3 client that talks to moto directly, never faulted."""
+    with moto_behind_proxy(BUCKET, keys=(KEY_ID, SECRET_KEY)) as (proxy, client):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
-        yield boto3.client("s3")
-        ray.shutdown()
-        server.kill()
+        try:
+            yield proxy, client
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def s3_endpoint(s3_service):
+    return s3_service[1]
 
 
 def test_read_and_write_s3(s3_endpoint):
@@ -206,3 +196,113 @@ def test_no_secret_in_any_file_a_run_writes_nor_in_its_log(s3_endpoint):
         "ray-detect: config error: data.path holds credentials (user:password@ in its URI); give them to the storage "
         "client through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
     assert SECRET_KEY not in refused.stdout + refused.stderr
+
+
+@pytest.fixture(scope="module")
+def faulty_s3(s3_service):
+    """The proxy, and IMAGES images under in/ of FAULTS_BUCKET, by URI."""
+    proxy, client = s3_service
+    client.create_bucket(Bucket=FAULTS_BUCKET)
+    images = {f"s3://{FAULTS_BUCKET}/in/img_{i:03d}.jpg": gradient_jpeg(64, 48, i) for i in range(IMAGES)}
+    for uri, data in images.items():
+        client.put_object(Bucket=FAULTS_BUCKET, Key=uri.removeprefix(f"s3://{FAULTS_BUCKET}/"), Body=data)
+    return proxy, images
+
+
+def overrides(output: str, *more: str) -> list[str]:
+    return [*FAST_MODEL, f"data.path=s3://{FAULTS_BUCKET}/in", f"output.path=s3://{FAULTS_BUCKET}/{output}", *more]
+
+
+def committed(output: str) -> dict[str, dict]:
+    location = resolve(f"s3://{FAULTS_BUCKET}/{output}")
+    files = [info.path for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
+             if info.base_name.startswith("part-")]
+    rows = [row for path in files for row in pq.read_table(path, filesystem=location.filesystem).to_pylist()]
+    by_path = {row["path"]: row for row in rows}
+    assert len(by_path) == len(rows), "a path has two rows"
+    return by_path
+
+
+def read_manifest(output: str) -> dict:
+    location = resolve(f"s3://{FAULTS_BUCKET}/{output}")
+    with location.filesystem.open_input_stream(location.join(MANIFEST_NAME)) as stream:
+        return json.loads(stream.read())
+
+
+def test_one_get_in_ten_failing_transiently_costs_retries_not_rows(faulty_s3):
+    """10% of the images' GETs answered 503 SlowDown or 500 InternalError (by a seeded draw): every
+    image ends with its detections, no row is an error, and the summary and the manifest count exactly
+    one retry per injected fault (pyarrow tries each image read once; app.retry retries)."""
+    proxy, images = faulty_s3
+    proxy.rules = [Rule(SLOW_DOWN, key=r"/in/img_.*\.jpg$", fraction=0.05, seed=1),
+                   Rule(INTERNAL_ERROR, key=r"/in/img_.*\.jpg$", fraction=0.05 / 0.95, seed=2)]
+    try:
+        summary = run(compose_config(overrides("out/ten-percent")))
+    finally:
+        injected = proxy.injected()
+        proxy.rules = []
+    assert sum(injected.values()) >= 2, injected  # the draw did inject faults (both kinds, by its seeds)
+    assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
+    assert summary.read_retries == sum(injected.values())
+    assert read_manifest("out/ten-percent")["read_retries_by_last_run"] == summary.read_retries
+    rows = committed("out/ten-percent")
+    assert_detections(rows, model_detections(compose_config(overrides("out/ten-percent")), images, images.get))
+
+
+def test_three_images_failing_every_get_are_left_for_a_rerun_which_reads_exactly_them(faulty_s3):
+    """Every GET of three images answered 503 SlowDown: after 3 attempts each (2 retries) they are left
+    unread, without a row, listed in _transient.parquet; the other 37 are committed, and the dataset is not
+    complete (no manifest). Once the fault clears, a plain rerun processes exactly those three."""
+    proxy, images = faulty_s3
+    chosen = [f"in/img_{i:03d}.jpg" for i in (5, 20, 33)]
+    proxy.rules = [Rule(SLOW_DOWN, key="|".join(f"/{FAULTS_BUCKET}/{key}$" for key in chosen))]
+    cfg = compose_config(overrides("out/forever", "data.read_attempts=3"))
+    try:
+        with pytest.raises(InputsLeft) as caught:
+            run(cfg)
+    finally:
+        injected = proxy.injected()
+        proxy.rules = []
+    uris = [f"s3://{FAULTS_BUCKET}/{key}" for key in chosen]
+    assert dict(injected) == {f"/{FAULTS_BUCKET}/{key}": 3 for key in chosen}
+    summary = caught.value.summary
+    assert (summary.inputs, summary.ok, summary.errors, summary.transient, summary.read_retries) == (IMAGES, 37, 0, 3, 6)
+    assert str(caught.value) == (
+        f"3 of {IMAGES} inputs were not read: storage kept failing for reasons that may pass, after 3 attempts each "
+        f"(listed in s3://{FAULTS_BUCKET}/out/forever/{TRANSIENT_NAME}); rerun to read them")
+    rows = committed("out/forever")
+    assert sorted(rows) == sorted(set(images) - set(uris))
+    location = resolve(f"s3://{FAULTS_BUCKET}/out/forever")
+    left = pq.read_table(location.join(TRANSIENT_NAME), filesystem=location.filesystem).to_pylist()
+    assert [row["path"] for row in sorted(left, key=lambda row: row["path"])] == uris
+    assert all(row["error"].startswith("still failing after 3 attempts: AWS Error") for row in left)
+    assert location.filesystem.get_file_info(location.join(MANIFEST_NAME)).type == pafs.FileType.NotFound
+
+    again = run(cfg)
+    assert (again.inputs, again.processed, again.ok, again.transient, again.read_retries) == (IMAGES, 3, IMAGES, 0, 0)
+    rows = committed("out/forever")
+    assert len(rows) == IMAGES
+    assert_detections(rows, model_detections(cfg, images, images.get))
+    assert location.filesystem.get_file_info(location.join(TRANSIENT_NAME)).type == pafs.FileType.NotFound
+    assert read_manifest("out/forever")["counts"]["inputs"] == IMAGES
+
+
+def test_a_run_whose_retry_budget_is_spent_stops_with_its_rows_committed_and_a_rerun_finishes(faulty_s3):
+    """A budget of 2 retries for the run, and one image failing every GET: its third attempt finds the
+    budget spent, the run stops with one line (exit code 9 from the command line) and commits the rows
+    that reached the driver before (how many depends on the stages' timing), never that image's; what a
+    rerun then does is the test above's."""
+    proxy, images = faulty_s3
+    proxy.rules = [Rule(SLOW_DOWN, key=rf"/{FAULTS_BUCKET}/in/img_007\.jpg$")]
+    cfg = compose_config(overrides("out/budget", "data.read_attempts=5", "data.read_retry_budget=2"))
+    try:
+        with pytest.raises(InputsLeft) as caught:
+            run(cfg)
+    finally:
+        proxy.rules = []
+    assert str(caught.value).startswith(
+        "the run's read retries (data.read_retry_budget) are spent: storage keeps failing (OSError: AWS Error")
+    assert str(caught.value).endswith("; rerun later to go on where this run stopped")
+    before = committed("out/budget")
+    assert len(before) < IMAGES and f"s3://{FAULTS_BUCKET}/in/img_007.jpg" not in before
+    assert all(row["error_kind"] is None for row in before.values())
