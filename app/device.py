@@ -14,10 +14,10 @@ from typing import Optional
 import ray
 import torch
 
+from app.detector_stage import DEVICE_ERROR_MARKER
+
 log = logging.getLogger(__name__)
 
-# Begins the message of a DeviceError, so that the driver finds it inside Ray's wrapping of the actor's error.
-DEVICE_ERROR_MARKER = "ray-detect device error:"
 NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 # What this project's image needs of a GPU node (the Dockerfile: CUDA 13.0, torch from PyPI).
 IMAGE_REQUIREMENTS = "compute capability 7.5 or newer (Turing and newer GPUs) and NVIDIA driver R580 or newer"

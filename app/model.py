@@ -1,19 +1,23 @@
 """Detection models by torchvision name, and the weights they load.
 
 Weights are resolved on the driver before any work starts, so a run that cannot get its weights stops
-with one clear paragraph instead of failing inside every actor.
+with one clear paragraph instead of failing inside every actor. torch and torchvision are imported by the
+functions that use them: the driver of a run with a checkpoint or random weights never loads them (about
+3 s and 600 MB), only the driver that checks torchvision's pretrained weights and the detector actors do.
 """
+
+from __future__ import annotations
 
 import hashlib
 import io
 import os
 from dataclasses import dataclass, replace
-from typing import Optional
-
-import torch
-from torchvision.models import get_model, get_model_weights
+from typing import TYPE_CHECKING, Optional
 
 from app import storage
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_NAMES = (
     "fasterrcnn_resnet50_fpn_v2",
@@ -49,10 +53,15 @@ class ModelSpec:
 
 def coco_categories(name: str) -> list[str]:
     """Label names of torchvision's pretrained weights for this model (index = label id)."""
+    from torchvision.models import get_model_weights
+
     return list(get_model_weights(name).DEFAULT.meta["categories"])
 
 
 def pretrained_weights_file(name: str) -> str:
+    import torch
+    from torchvision.models import get_model_weights
+
     url = get_model_weights(name).DEFAULT.url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
@@ -60,6 +69,8 @@ def pretrained_weights_file(name: str) -> str:
 def published_sha256_prefix(url: str) -> str:
     """The start of a weights file's SHA-256 that torchvision publishes in its name (torch.hub's
     convention: name-<hex digits>.pth)."""
+    import torch
+
     match = torch.hub.HASH_REGEX.search(os.path.basename(url))
     if not match:
         raise ValueError(f"{url} carries no SHA-256 in its name")
@@ -78,6 +89,8 @@ def matches_published_hash(path: str, url: str) -> bool:
 def baked_weights_problem(names: list[str]) -> Optional[str]:
     """What is wrong with the pretrained weights of these models in TORCH_HOME, for the image's build to
     stop on (None: each is there and is the file torchvision published)."""
+    from torchvision.models import get_model_weights
+
     missing = [name for name in names if not os.path.isfile(pretrained_weights_file(name))]
     if missing:
         return f"ray-detect image: weights missing from TORCH_HOME for: {' '.join(missing)}"
@@ -90,6 +103,9 @@ def baked_weights_problem(names: list[str]) -> Optional[str]:
 def ensure_pretrained_weights(name: str) -> None:
     """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them (their SHA-256
     checked against the one published in the file's name) if they are not."""
+    import torch
+    from torchvision.models import get_model_weights
+
     target = pretrained_weights_file(name)
     if os.path.exists(target):
         return
@@ -134,6 +150,8 @@ def load_checkpoint(uri: str) -> dict:
     """The dict a checkpoint file holds: a bare state dict, or a dict holding one under "model" or
     "state_dict" (torchvision's reference scripts save the former), optionally with "class_names";
     build_model takes the state dict out."""
+    import torch
+
     location = storage.resolve(uri)
     with location.filesystem.open_input_stream(location.path) as stream:
         checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
@@ -142,6 +160,9 @@ def load_checkpoint(uri: str) -> dict:
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
     """The model in eval mode, on CPU, and its label names (index = label id)."""
+    import torch
+    from torchvision.models import get_model
+
     options = dict(box_score_thresh=spec.score_threshold, box_detections_per_img=spec.max_detections,
                    min_size=spec.min_size, max_size=spec.max_size)
     if spec.weights == PRETRAINED:

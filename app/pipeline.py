@@ -17,8 +17,7 @@ import ray
 from app import console, storage
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
 from app.decode import DecodeOptions, decode_images
-from app.detector import Detector
-from app.device import DEVICE_ERROR_MARKER
+from app.detector_stage import DEVICE_ERROR_MARKER, DetectorStage
 from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
 from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
@@ -122,9 +121,10 @@ class Executed:
         return ray.get(self.tally.total.remote())
 
 
-def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[Callable[[pa.Table], None]] = None) -> Summary:
+def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Callable[[pa.Table], None]] = None) -> Summary:
     """Run the batch job described by cfg, or resume it on an output.path that holds part of its results.
-    `detector` is the actor class of the detector stage (the benchmark passes one with a stand-in model);
+    `detector` is the detector that each actor of the detector stage builds (app.detector.Detector when
+    None, imported in the actors alone; the benchmark passes one with a stand-in model);
     `on_rows` is called with each batch of result rows once the writer has it.
 
     Raises ConfigError before any work when cfg is wrong; InputsLeft when storage kept failing for some
@@ -171,7 +171,7 @@ def run(cfg: AppConfig, detector: type[Detector] = Detector, on_rows: Optional[C
 
 def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table],
             before: Optional[resume.OutputScan], plan: Plan, output: storage.Location, lease: OutputLease,
-            detector: type[Detector], on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
+            detector: Optional[type], on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
     """Run the stages on the cluster and commit their rows, reporting progress as they come. `todo` and
     `before` are the listed inputs to process and the counts of rows committed before (None when
     the inputs are streamed: the stages find both)."""
@@ -201,7 +201,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     executed.tally = tally
     executed.read_retries = ray.get(budget.retries.remote())
     executed.peak_actors = dict(sorted(progress.peak_actors().items()))
-    executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0), detector)
+    executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0))
     return executed
 
 
@@ -213,7 +213,7 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: Optional[resume.OutputScan],
-           plan: Plan, output: storage.Location, detector: type[Detector], budget: ray.actor.ActorHandle,
+           plan: Plan, output: storage.Location, detector: Optional[type], budget: ray.actor.ActorHandle,
            metric_tags: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
     of every input seen) → read and decode (CPU tasks, retrying reads under the run's retry `budget`) →
@@ -249,10 +249,11 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         memory=plan.decode_memory,
     )
     detected = decoded.map_batches(
-        detector,
+        DetectorStage,
         batch_format="pyarrow",
         batch_size=plan.rows_per_call,
         fn_constructor_kwargs=dict(
+            detector=detector,
             spec=spec,
             num_threads=int(max(1, plan.resources.num_cpus_per_actor)),
             precision=cfg.inference.precision.value,
@@ -268,13 +269,13 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
     return detected, tally, before
 
 
-def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float, detector: type) -> dict[str, float]:
+def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float) -> dict[str, float]:
     """Seconds of work per worker of each stage of an executed Dataset, from Ray Data's task statistics:
     the detector's over its actors, decoding's over the tasks it may run at once, the input stage's
     (listing, reading a manifest, dropping done inputs) over its tasks."""
     slots = {
         "decode_images": plan.resources.decode_tasks or max(1.0, cluster_cpus // max(plan.resources.decode_cpus, 1.0)),
-        detector.__name__: plan.resources.num_actors,
+        DetectorStage.__name__: plan.resources.num_actors,
     }
     seconds = {}
     summaries = [detected._get_stats_summary()]  # Ray Data has no public accessor

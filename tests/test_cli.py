@@ -194,7 +194,7 @@ SUMMARY = Summary(
     output_path="/data/out", inputs=10, processed=8, ok=7, errors=3, detections=21,
     errors_by_kind={"unreadable": 2, "too_large": 1}, wall_seconds=12.345, images_per_second=0.648,
     detector_actors=2, detector_nodes=1, detector_gpus=1.5, detector_devices={"cuda:NVIDIA H100": 2},
-    peak_actors={"cuda": 2}, stage_seconds={"Detector": 5.25, "FromArrow": 0.001, "decode_images": 0.84},
+    peak_actors={"cuda": 2}, stage_seconds={"DetectorStage": 5.25, "FromArrow": 0.001, "decode_images": 0.84},
 )
 SUMMARY_TEXT = (
     "ray-detect: 10 images (7 ok, 3 errors: unreadable=2, too_large=1), 21 detections; 8 processed by this run "
@@ -202,7 +202,7 @@ SUMMARY_TEXT = (
     "ray-detect: results in /data/out (manifest: /data/out/_manifest.json)\n"
     "ray-detect: detector actors used: 2, on 1 node(s), holding 1.5 GPU(s); devices: cuda:NVIDIA H100 x2; "
     "at most at once: cuda 2\n"
-    "ray-detect: slowest stage: Detector (work per worker: Detector 5.2 s, decode_images 0.8 s)\n"
+    "ray-detect: slowest stage: DetectorStage (work per worker: DetectorStage 5.2 s, decode_images 0.8 s)\n"
 )
 
 

@@ -43,7 +43,7 @@ def check_clean_log(result, ray_lines):
     assert progress[-1].endswith(" images/s, done, errors: 0")
     assert f"ray-detect: {IMAGES} images ({IMAGES} ok, 0 errors: none), " in result.stdout
     # The model's images take more work per actor than decoding them per task slot.
-    assert "ray-detect: slowest stage: Detector (work per worker: Detector " in result.stdout
+    assert "ray-detect: slowest stage: DetectorStage (work per worker: DetectorStage " in result.stdout
     own = ("progress: ", "ray-detect: ", f"{IMAGES} of {IMAGES} images to process from ", "detector stage: ")
     assert [line for line in lines if not line.startswith(own)] == []
     assert [line for line in result.stderr.splitlines() if not any(ray_line in line for ray_line in ray_lines)] == []

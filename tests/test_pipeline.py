@@ -248,6 +248,27 @@ def test_command_line_config_error_is_one_line(tmp_path):
     assert result.stderr.strip() == "ray-detect: config error: inference.batch_size=0 must be at least 1"
 
 
+def test_the_driver_of_a_run_with_a_checkpoint_runs_without_torch(local_ray, tmp_path):
+    """Only the detector actors need torch and torchvision (app.detector_stage): the command, attached to
+    this Ray as a RayJob's driver is, with both made unimportable in its process, runs to the end; its
+    manifest names the torch build the actors run (read without importing torch)."""
+    import importlib.metadata
+
+    import torch
+
+    write_images(tmp_path / "in", 2)
+    program = ("import runpy, sys\n"
+               "sys.modules['torch'] = sys.modules['torchvision'] = None  # an import of either fails\n"
+               "runpy.run_module('app', run_name='__main__', alter_sys=True)\n")
+    result = subprocess.run([sys.executable, "-c", program, *FAST_MODEL, f"ray.address={local_ray.get_runtime_context().gcs_address}",
+                             "data.path=in", "output.path=out"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ray-detect: 2 images (2 ok, 0 errors: none), 6 detections; " in result.stdout
+    versions = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["versions"]
+    assert (versions["torch"], versions["torch_cuda"], versions["torchvision"]) == (
+        torch.__version__, torch.version.cuda, importlib.metadata.version("torchvision"))
+
+
 def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(["data.path=photos", "model=fasterrcnn_mobilenet_v3_large_320_fpn"])

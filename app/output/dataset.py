@@ -16,9 +16,12 @@ Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers
 
 import contextlib
 import errno
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
+import types
 import uuid
 from typing import TYPE_CHECKING, Optional
 
@@ -230,14 +233,24 @@ def read_manifest(output: storage.Location) -> Optional[dict]:
     return read_json(output.filesystem, output.join(MANIFEST_NAME))
 
 
+def torch_build() -> types.ModuleType:
+    """torch's torch/version.py (its __version__ and the CUDA it was built for, `cuda`), loaded alone:
+    importing torch would cost the driver seconds and hundreds of MB that only the actors need
+    (app.detector_stage)."""
+    path = importlib.metadata.distribution("torch").locate_file("torch/version.py")
+    spec = importlib.util.spec_from_file_location("ray_detect_torch_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_manifest(cfg: AppConfig, spec: "ModelSpec", summary: "Summary", output: storage.Location) -> None:
     """Declare the dataset complete: what it holds, how it was made, and what the last run did."""
-    import ray  # the job's libraries, imported here so that the result commands can do without them
-    import torch
-    import torchvision
+    import ray  # the job's library, imported here so that the result commands can do without it
 
     import app
 
+    torch = torch_build()
     document = {
         "complete": True,
         # As written: an interpolation such as ${oc.env:...} stays one, so no value from the environment
@@ -247,8 +260,8 @@ def write_manifest(cfg: AppConfig, spec: "ModelSpec", summary: "Summary", output
             "app": app.__version__,
             "ray": ray.__version__,
             "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda,
-            "torchvision": torchvision.__version__,
+            "torch_cuda": torch.cuda,
+            "torchvision": importlib.metadata.version("torchvision"),
         },
         "model": {"name": spec.name, "weights": spec.weights, "random_init_fallback": spec.fallback_reason},
         "counts": {
