@@ -1,6 +1,8 @@
 """Shared fixtures: composed configs, generated images, local Ray instances and clusters."""
 
 import contextlib
+import copy
+import functools
 import hashlib
 import inspect
 import io
@@ -223,39 +225,53 @@ def write_mixed_inputs(folder: Path) -> dict[str, object]:
 def model_detections(cfg, paths, read_bytes=lambda path: Path(path).read_bytes()) -> dict[str, dict]:
     """What the configured model detects in each image, computed here, one image at a time, on the pixels
     the job decodes (at model size, or as they are with inference.resize_on_cpu=false, for the model to
-    resize): boxes mapped to original pixels, scores, labels and label names, by path. One torch thread,
-    as in a detector actor on a 2-core node, so that the floats are the actor's."""
-    import torch
-
-    from app.decode import DecodeOptions, decode
-    from app.detector import PixelModel
-    from app.model import build_model
+    resize): boxes mapped to original pixels, scores, labels and label names, by path."""
+    from app.decode import DecodeOptions
     from app.pipeline import model_spec
 
     resize = cfg.inference.resize_on_cpu
     options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size if resize else None,
                             cfg.model.max_size if resize else None)
-    model, names = build_model(model_spec(cfg))
-    model = PixelModel(model)
+    spec = model_spec(cfg)
+    return {str(path): copy.deepcopy(image_detections(spec, options, read_bytes(path))) for path in paths}
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model(spec):
+    """The model of `spec` as the detector runs it, and its label names; built once per spec."""
+    from app.detector import PixelModel
+    from app.model import build_model
+
+    model, names = build_model(spec)
+    return PixelModel(model), names
+
+
+@functools.lru_cache(maxsize=None)
+def image_detections(spec, options, data: bytes) -> dict:
+    """model_detections of one image's bytes, remembered: the tests' images repeat from test to test, and
+    the model, the decoding and the bytes (all in the key) make the detections. One torch thread, as in a
+    detector actor on a 2-core node, so that the floats are the actor's."""
+    import torch
+
+    from app.decode import decode
+
+    model, names = reference_model(spec)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    found = {}
     try:
-        for path in paths:
-            image, width, height = decode(read_bytes(path), options)
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-            with torch.inference_mode():
-                output = model([pixels])[0]
-            scale = torch.tensor([width / image.width, height / image.height] * 2, dtype=torch.float32)
-            found[str(path)] = {
-                "boxes": (output["boxes"] * scale).tolist(),
-                "scores": output["scores"].tolist(),
-                "labels": output["labels"].tolist(),
-                "label_names": [names[label] for label in output["labels"].tolist()],
-            }
+        image, width, height = decode(data, options)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        with torch.inference_mode():
+            output = model([pixels])[0]
     finally:
         torch.set_num_threads(threads)
-    return found
+    scale = torch.tensor([width / image.width, height / image.height] * 2, dtype=torch.float32)
+    return {
+        "boxes": (output["boxes"] * scale).tolist(),
+        "scores": output["scores"].tolist(),
+        "labels": output["labels"].tolist(),
+        "label_names": [names[label] for label in output["labels"].tolist()],
+    }
 
 
 def assert_detections(rows: dict[str, dict], expected: dict[str, dict]) -> None:
