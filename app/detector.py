@@ -1,7 +1,7 @@
-"""The detector stage: a Ray Data class UDF that loads the model once per actor; `Detector.detect` takes
-decoded pixels and returns detections (boxes in model pixels, scores, label ids). Its Ray Data call reads
-the pixels of a decoded batch (app.decode.pixels) and hands the detections to app.output.rows, which
-makes the result rows.
+"""The detector, built once in each actor of the detector stage (app.detector_stage), which hands it every
+batch: it loads the model; `Detector.detect` takes decoded pixels and returns detections (boxes in model
+pixels, scores, label ids). Its call reads the pixels of a decoded batch (app.decode.pixels) and hands the
+detections to app.output.rows, which makes the result rows.
 
 How it keeps the device busy:
 - The images of a call are grouped into model batches by shape (`shape_batches`): the model pads every

@@ -1,7 +1,7 @@
 """The detector stage as the driver sees it: the class Ray Data builds in each actor of the pool, and the
 marker of the actors' device errors. Nothing here imports torch: the detector (app.detector, torch and
 torchvision) is imported in the actors, so that the driver of a run with a checkpoint or random weights
-starts in about a second, not four, and stays about 600 MB smaller (app.model says when it does load them).
+starts about 3 s sooner and stays about 600 MB smaller (app.model says when it does load them).
 """
 
 from typing import Optional
