@@ -1,8 +1,8 @@
 """Reading from and writing to S3: a real S3 HTTP endpoint on loopback (moto's server mode), with
 credentials from the environment only, as the AWS SDK chain reads them. The runs reach it through the
 fault-injecting proxy of app/s3_faults.py (the tests put their objects into moto directly), which passes
-requests on untouched until a test sets its rules: then it answers chosen GETs of images with 503 SlowDown or 500 InternalError, the way S3 and
-networks fail. A fault that may pass is retried and never becomes a committed verdict on the image; a file
+requests on untouched until a test sets its rules: then it answers chosen GETs of images with 503
+SlowDown or 500 InternalError, the way S3 and networks fail. A fault that may pass is retried and never becomes a committed verdict on the image; a file
 that keeps failing has no row, and a rerun reads it. (Resets and timeouts are classified in
 tests/test_retry.py, from the errors pyarrow raised through the proxy.) One endpoint and one Ray serve
 the module."""
