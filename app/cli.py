@@ -46,6 +46,8 @@ class ExitCode(IntEnum):
     WAIT_TIMEOUT = 8  # submit --wait: --timeout passed; the RayJob goes on
     INPUTS_LEFT = 9  # run: storage kept failing for some inputs (faults that may pass); a rerun reads them
     OUTPUT_FULL = 10  # run: output.path's filesystem is full; the rows committed so far are kept
+    STORAGE_REFUSED = 11  # run: storage refuses the run (access denied, a rejected credential, a missing bucket)
+    STOPPED = 12  # run: SIGTERM; the rows finished before are committed and the lease released
 
 
 def fail(code: ExitCode, line: str) -> NoReturn:
@@ -90,6 +92,8 @@ def print_summary(summary: Summary) -> None:
         f"{summary.wall_seconds:.1f} s ({summary.images_per_second:.2f} images/s)\n"
         f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
     )
+    if summary.duplicates:
+        print(f"ray-detect: {summary.duplicates} input(s) listed more than once: one row each")
     if summary.read_retries or summary.transient:
         print(f"ray-detect: storage faults: {summary.read_retries} read(s) retried; {summary.transient} input(s) left "
               f"unread, without a row (a rerun reads them)")
@@ -113,7 +117,9 @@ def job(cfg) -> None:
     from app.config import ConfigError
     from app.output.dataset import OutputFull
     from app.output.lease import LeaseLost, OutputInUse
-    from app.pipeline import DeviceUnavailable, InputsLeft, TooManyErrors, run
+    from app.output.verdicts import StorageRefused
+    from app.commit import DeviceUnavailable, InputsLeft, Stopped
+    from app.pipeline import TooManyErrors, run
 
     try:
         print_summary(run(cfg))
@@ -130,6 +136,10 @@ def job(cfg) -> None:
         fail(ExitCode.GPU_UNUSABLE, f"ray-detect: GPU unusable: {error}")
     except OutputFull as error:
         fail(ExitCode.OUTPUT_FULL, f"ray-detect: output full: {error}")
+    except StorageRefused as error:
+        fail(ExitCode.STORAGE_REFUSED, f"ray-detect: storage refused: {error}")
+    except Stopped as error:
+        fail(ExitCode.STOPPED, f"ray-detect: stopped: {error}")
     except InputsLeft as error:
         if error.summary is not None:
             print_summary(error.summary)

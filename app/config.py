@@ -21,6 +21,9 @@ AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
 # A URI holding a secret before its host: scheme://user:password@... (pyarrow and fsspec accept it; the
 # password may hold a slash, as AWS secret keys do), not scheme://host:port/path@...
+# The error kinds of committed rows (app.output.dataset), which data.retry_errors may name.
+RETRYABLE_ERRORS = ("unreadable", "kept_failing", "empty_file", "too_large", "not_an_image", "too_many_pixels",
+                    "corrupt_image", "not_a_file")
 CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]+:(?!\d+/)[^@]*@")
 
 
@@ -37,14 +40,22 @@ class DataConfig:
     max_file_bytes: int = 64 * 1024 * 1024
     # Images with more pixels than this are not decoded (decompression-bomb guard); Pillow's own limit is 89M.
     max_image_pixels: int = 40_000_000
-    # Fail the run (after every row is written) when more than this fraction of the images are errors.
-    max_error_fraction: float = 1.0
+    # Fail the run (exit code 3, after every row is written) when more than this fraction of the images are
+    # errors: a run where most images fail has the wrong inputs or settings, not a few bad files. Lower it
+    # for curated data sets; 1.0 never fails.
+    max_error_fraction: float = 0.5
     # Tries of a file read that fails for a reason that may pass (throttling, 5xx, timeouts, resets), with
     # exponential backoff and full jitter between them; a file still failing gets no row, and a rerun reads it.
     read_attempts: int = 5
     # Read retries the whole run may spend; once they are spent, storage is failing for everyone and the
     # run stops (exit code 9) with its rows so far committed; a rerun goes on.
     read_retry_budget: int = 100_000
+    # A file left unread (storage kept failing for reasons that may pass) by this many runs in a row is
+    # committed as an error row of kind kept_failing, so that the output finishes.
+    transient_runs: int = 3
+    # Error kinds whose committed rows this run reads again and replaces (e.g. [unreadable] after fixing
+    # permissions, [kept_failing] after an outage); each image still ends with exactly one row.
+    retry_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -244,6 +255,12 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"data.read_attempts={cfg.data.read_attempts} must be at least 1")
     if cfg.data.read_retry_budget < 0:
         raise ConfigError(f"data.read_retry_budget={cfg.data.read_retry_budget} must be at least 0")
+    if cfg.data.transient_runs < 1:
+        raise ConfigError(f"data.transient_runs={cfg.data.transient_runs} must be at least 1")
+    unknown = [kind for kind in cfg.data.retry_errors if kind not in RETRYABLE_ERRORS]
+    if unknown:
+        raise ConfigError(f"data.retry_errors: {unknown[0]!r} is not an error kind rows are committed with "
+                          f"(one of {', '.join(RETRYABLE_ERRORS)})")
     if not 0 <= cfg.data.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
     if cfg.model.max_detections < 1:

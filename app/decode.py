@@ -21,12 +21,13 @@ from app.output.dataset import (
     CORRUPT_IMAGE,
     EMPTY_FILE,
     NOT_AN_IMAGE,
+    REFUSED,
     TOO_LARGE,
     TOO_MANY_PIXELS,
     TRANSIENT,
     UNREADABLE,
 )
-from app.retry import RetryBudgetSpent, is_transient, with_retries
+from app.retry import RetryBudgetSpent, is_refused, is_transient, with_retries
 from app.tiling import TilingOptions, tile_grid
 
 DECODED_SCHEMA = pa.schema(
@@ -91,7 +92,9 @@ def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], optio
               raw_path: Optional[bytes] = None, budget: Optional[ray.actor.ActorHandle] = None) -> bytes:
     """The file's bytes. `size` comes from the listing (None from a manifest without sizes); a local
     name that is not valid UTF-8 is opened by its bytes, `raw_path`. A read that fails for a reason that
-    may pass is tried options.read_attempts times, each retry taken from the run's budget (app.retry)."""
+    may pass is tried options.read_attempts times, each retry taken from the run's budget (app.retry).
+    Every failure is an ImageError: TRANSIENT when it may pass or the read itself was interrupted (never a
+    verdict), REFUSED when storage refused it (app.output.verdicts decides), UNREADABLE otherwise."""
     if size is not None and size > options.max_file_bytes:
         raise ImageError(TOO_LARGE, f"file is {size} bytes, over data.max_file_bytes={options.max_file_bytes}")
 
@@ -103,11 +106,17 @@ def read_file(filesystem: pafs.FileSystem, path: str, size: Optional[int], optio
             return stream.read(options.max_file_bytes + 1)
 
     try:
-        data = with_retries(read, options.read_attempts, budget)
+        data = with_retries(read, options.read_attempts, budget, path=path)
+    except RetryBudgetSpent:
+        raise
     except OSError as error:
-        if is_transient(error):
+        if is_transient(error, path):
             raise ImageError(TRANSIENT, f"still failing after {options.read_attempts} attempts: {error}") from error
+        if is_refused(error, path):
+            raise ImageError(REFUSED, str(error)) from error
         raise ImageError(UNREADABLE, str(error)) from error
+    except Exception as error:  # the read itself went wrong (the retry budget's actor died, ...), not the file
+        raise ImageError(TRANSIENT, f"the read was interrupted: {type(error).__name__}: {error}") from error
     if len(data) > options.max_file_bytes:
         raise ImageError(TOO_LARGE, f"file is over data.max_file_bytes={options.max_file_bytes} bytes")
     if not data:

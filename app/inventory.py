@@ -3,8 +3,10 @@
 Accepted: a Parquet or CSV file, or a folder of them, with a `path` column (and `size`, when known); a CSV
 without a header, whose first column is the path (and second the size); or an S3 Inventory report: its
 `manifest.json`, whose data files (CSV as AWS writes them, without a header and with URL-encoded keys,
-or Parquet) hold bucket and key columns. Paths are local paths or URIs of one filesystem, that of the
-first path; a relative local path is taken from the manifest's folder.
+or Parquet) hold bucket and key columns. A report of all versions lists a key once per version and per
+delete marker: only the rows of latest versions that are not delete markers are inputs, so each live key
+is one. Paths are local paths or URIs of one filesystem, that of the first path; a relative local path is
+taken from the manifest's folder.
 """
 
 import io
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -27,6 +30,9 @@ from app.storage import Location, StorageError, resolve
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz")
 INVENTORY_MANIFEST = "manifest.json"
+# Columns of a CSV read as text whatever they hold: paths, and the version columns of an S3 Inventory of
+# all versions (whose flags would otherwise be typed bool, or null in a file where none is set).
+CSV_TEXT_COLUMNS = ("path", "key", "Key", "bucket", "Bucket", "VersionId", "IsLatest", "IsDeleteMarker")
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class Manifest:
         if self.format == "parquet":
             return ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=0, concurrency=tasks)
         read = pacsv.ReadOptions(column_names=self.csv_columns) if self.csv_columns else pacsv.ReadOptions()
-        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in ("path", "key", "Key", "bucket", "Bucket")})
+        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in CSV_TEXT_COLUMNS})
         return ray.data.read_csv(paths, filesystem=filesystem, read_options=read, convert_options=convert, num_cpus=0, concurrency=tasks)
 
 
@@ -127,8 +133,33 @@ def images_location(first_path: str, manifest: Location) -> Location:
     return Location(pafs.LocalFileSystem(), "", "")
 
 
+def flag(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A true/false column as booleans: bool as it is; text "true" or "false" in any case, anything else null."""
+    if pa.types.is_boolean(column.type):
+        return column
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(column.cast(pa.string())))
+    unknown = pa.scalar(None, pa.bool_())
+    return pc.if_else(pc.equal(text, "true"), True, pc.if_else(pc.equal(text, "false"), False, unknown))
+
+
+def live_versions(batch: pa.Table) -> pa.Table:
+    """The rows of latest versions that are not delete markers, when the batch has S3 Inventory's version
+    columns (IsLatest and IsDeleteMarker in CSV, is_latest and is_delete_marker in Parquet); else all its
+    rows. A row without a flag's value is not dropped for it."""
+    names = {name.lower().replace("_", ""): name for name in batch.column_names}
+    keep = None
+    if "islatest" in names:
+        keep = pc.fill_null(flag(batch.column(names["islatest"])), True)
+    if "isdeletemarker" in names:
+        live = pc.invert(pc.fill_null(flag(batch.column(names["isdeletemarker"])), False))
+        keep = live if keep is None else pc.and_(keep, live)
+    return batch if keep is None else batch.filter(keep)
+
+
 def manifest_rows(batch: pa.Table, *, manifest: Manifest, suffixes: tuple[str, ...]) -> pa.Table:
-    """Ray Data UDF: rows of a manifest file in, input rows (app.listing.INPUT_SCHEMA) of its images out."""
+    """Ray Data UDF: rows of a manifest file in, input rows (app.listing.INPUT_SCHEMA) of its images out
+    (of an S3 Inventory of all versions, those of live keys only: live_versions)."""
+    batch = live_versions(batch)
     names = {name.lower(): name for name in batch.column_names}
     if "path" in names:
         paths = batch.column(names["path"]).to_pylist()

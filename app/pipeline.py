@@ -1,59 +1,39 @@
 """The batch job: prepare (check the config, find the inputs, take output.path) → plan (fit the stages to
 the cluster, app.plan) → execute (list/read → decode in CPU tasks → detect in an actor pool → commit
-Parquet on the driver) → summarise (count the committed rows, write the manifest)."""
+Parquet on the driver, app.commit) → summarise (count the committed rows, write the manifest)."""
 
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 
 from app import console, storage
+from app.commit import Executed, InputsLeft, commit, stop_on_sigterm
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
 from app.decode import DecodeOptions, decode_images
-from app.detector_stage import DEVICE_ERROR_MARKER, DetectorStage
+from app.detector_stage import DetectorStage
 from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
-from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
+from app.metrics import RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
-from app.output import dataset, resume
+from app.output import dataset, resume, rewrite
 from app.output.lease import OutputLease
+from app.output.verdicts import Verdicts, read_transient
 from app.output.writer import ResultWriter
 from app.plan import ClusterLimits, Plan, on_driver_node, plan_run
 from app.progress import Progress
-from app.retry import BUDGET_SPENT_MARKER, RetryBudget
+from app.retry import RetryBudget
 from app.summary import Summary
 from app.tiling import TilingOptions
 
 log = logging.getLogger(__name__)
-
-
-class DeviceUnavailable(Exception):
-    """A detector actor holds a GPU that torch cannot use (and inference.cpu_fallback is off); the
-    message is one line, from the actor."""
-
-
-class InputsLeft(Exception):
-    """Some inputs were not read because storage kept failing for reasons that may pass: after their
-    retries (data.read_attempts), or once the run's retries were spent (data.read_retry_budget). Their rows
-    are not committed, so a rerun reads them; raised after every other row is written."""
-
-    def __init__(self, message: str, summary: Optional["Summary"] = None):
-        super().__init__(message)
-        self.summary = summary
-
-
-def marked_error_in(error: BaseException, marker: str) -> Optional[str]:
-    """The message after `marker` inside an error Ray raised on the driver, if there is one."""
-    for line in str(error).splitlines():
-        if marker in line:
-            return line[line.index(marker) + len(marker):].strip()
-    return None
 
 
 class TooManyErrors(Exception):
@@ -88,37 +68,20 @@ def model_spec(cfg: AppConfig) -> ModelSpec:
 def connect_ray(cfg: AppConfig) -> bool:
     """Attach to the cluster in ray.address or RAY_ADDRESS (as in a RayJob), else start Ray locally.
 
-    Returns whether Ray runs locally (in this process's machine, without an autoscaler)."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        if not ray.is_initialized():
-            # The actors' and tasks' logs reach the driver's output: in a RayJob, the one log a user reads.
-            ray.init(address=cfg.ray.address, log_to_driver=True)
-        return False
+    Returns whether Ray runs locally (in this process's machine, without an autoscaler). ray.init's own
+    SIGTERM handler (exit at once) is replaced by the one the run had (stop_on_sigterm)."""
     if ray.is_initialized():
-        return len(ray.nodes()) == 1
-    console.quiet_local_ray_start()
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
-    return True
-
-
-@dataclass
-class Executed:
-    """What the execution of a run did: the images it processed, the detector actors that made rows (by
-    WORKER_COLUMN), the GPUs each held, the tally of streamed inputs, the most actors at work at once and
-    each stage's seconds of work per worker (see Summary)."""
-
-    processed: int = 0
-    # Rows of inputs whose reads kept failing transiently: path and error, not committed.
-    transient: list[pa.Table] = field(default_factory=list)
-    read_retries: int = 0
-    workers: set[str] = field(default_factory=set)
-    gpus_per_actor: float = 0.0
-    tally: Optional[ray.actor.ActorHandle] = None
-    peak_actors: dict[str, int] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    def inputs_seen(self) -> int:
-        return ray.get(self.tally.total.remote())
+        return not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and len(ray.nodes()) == 1
+    handler = signal.getsignal(signal.SIGTERM)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # The actors' and tasks' logs reach the driver's output: in a RayJob, the one log a user reads.
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        console.quiet_local_ray_start()
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Callable[[pa.Table], None]] = None) -> Summary:
@@ -136,14 +99,18 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
     inputs = open_inputs(cfg.data)
     spec = model_spec(cfg)
     output = dataset.locate(cfg.output)
+    dataset.check_ours(cfg.output, output)
     lease = OutputLease(output, uuid.uuid4().hex[:12], cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s,
                         cfg.output.lease_wait_s)
-    with lease:
+    with stop_on_sigterm(), lease:
         dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights))
+        writer = ResultWriter(output, lease.generation, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
+        if cfg.data.retry_errors:
+            remove_errors_to_retry(cfg, output, writer)
         todo, before = listed_todo(inputs, output) if inputs.table is not None else (None, None)
         if todo is not None and not todo.num_rows and dataset.read_manifest(output) is not None:
             log.info("every input already has its row in %s: nothing to do", cfg.output.path)
-            return check_errors(cfg, summarize(output, inputs.table.num_rows, Executed(), started, spec))
+            return check_errors(cfg, summarize(output, inputs.table.num_rows, Executed(), started, spec, writer))
         if todo is None:
             log.info("listing %s in Ray tasks as the run goes", cfg.data.manifest or cfg.data.path)
         else:
@@ -153,13 +120,12 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
             local = connect_ray(cfg)
             nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
             plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
-            executed = execute(cfg, spec, inputs, todo, before, plan, output, lease, detector, on_rows)
+            left_before = read_transient(output)
+            executed = execute(cfg, spec, inputs, todo, before, plan, lease, writer, detector, on_rows, left_before)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
             raise no_images(cfg.data)
-        summary = summarize(output, total, executed, started, spec)
-        left = pa.concat_tables(executed.transient) if executed.transient else None
-        dataset.record_transient(output, left)
+        summary = summarize(output, total, executed, started, spec, writer)
         if summary.transient:
             raise InputsLeft(
                 f"{summary.transient} of {summary.inputs} inputs were not read: storage kept failing for reasons that "
@@ -169,16 +135,32 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
         return check_errors(cfg, summary)
 
 
+def remove_errors_to_retry(cfg: AppConfig, output: storage.Location, writer: ResultWriter) -> None:
+    """data.retry_errors: the committed rows of those error kinds removed (app.output.rewrite), so that
+    their images are processed again. The manifest goes first: the dataset is not complete meanwhile."""
+    connect_ray(cfg)  # the committed files are read in Ray tasks
+    manifest = output.join(dataset.MANIFEST_NAME)
+    if output.filesystem.get_file_info(manifest).type != pafs.FileType.NotFound:
+        output.filesystem.delete_file(manifest)
+    removed = rewrite.remove_rows_of_kinds(output, writer, list(cfg.data.retry_errors))
+    log.info("data.retry_errors: %d committed rows of kinds %s removed; their images are read again", removed,
+             ", ".join(cfg.data.retry_errors))
+
+
 def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table],
-            before: Optional[resume.OutputScan], plan: Plan, output: storage.Location, lease: OutputLease,
-            detector: Optional[type], on_rows: Optional[Callable[[pa.Table], None]]) -> Executed:
-    """Run the stages on the cluster and commit their rows, reporting progress as they come. `todo` and
-    `before` are the listed inputs to process and the counts of rows committed before (None when
-    the inputs are streamed: the stages find both)."""
+            before: Optional[resume.OutputScan], plan: Plan, lease: OutputLease, writer: ResultWriter,
+            detector: Optional[type], on_rows: Optional[Callable[[pa.Table], None]], left_before: pa.Table) -> Executed:
+    """Run the stages on the cluster and commit their rows through `writer`, reporting progress as they
+    come. `todo` and `before` are the listed inputs to process and the counts of rows committed before
+    (None when the inputs are streamed: the stages find both); `left_before` the inputs earlier runs left
+    unread (app.output.verdicts)."""
+    output = writer.output
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
-    budget = RetryBudget.options(scheduling_strategy=on_driver_node()).remote(cfg.data.read_retry_budget)
+    # Restarted when it dies (its count then starts again), and its calls retried meanwhile.
+    budget = RetryBudget.options(scheduling_strategy=on_driver_node(), max_restarts=-1,
+                                 max_task_retries=-1).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
     detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget, metric_tags)
     progress = Progress(
@@ -187,8 +169,6 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
         listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
         max_error_fraction=cfg.data.max_error_fraction,
     )
-    writer = ResultWriter(output, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
-
     def run_state() -> dict[str, float]:
         inputs_so_far, done, failed = progress.counts()
         return {"inputs": inputs_so_far, "done": done, "failed": failed, "max_error_fraction": cfg.data.max_error_fraction,
@@ -196,9 +176,12 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
                 "last_commit": writer.last_commit_time()}
 
     metrics = RunMetrics(metric_tags, run_state)
+    verdicts = Verdicts(writer, inputs.source, left_before, cfg.data.transient_runs)
     with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress, metrics:
-        executed = commit(detected, writer, lease, plan, progress, on_rows, metrics)
+        executed = commit(detected, verdicts, lease, plan, progress, on_rows, metrics)
     executed.tally = tally
+    if tally is not None:
+        executed.duplicates += ray.get(tally.duplicates.remote())
     executed.read_retries = ray.get(budget.retries.remote())
     executed.peak_actors = dict(sorted(progress.peak_actors().items()))
     executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0))
@@ -289,47 +272,18 @@ def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float) -
     return dict(sorted(seconds.items()))
 
 
-def commit(detected: ray.data.Dataset, writer: ResultWriter, lease: OutputLease, plan: Plan, progress: Progress,
-           on_rows: Optional[Callable[[pa.Table], None]], metrics: RunMetrics) -> Executed:
-    """Commit the result rows as they stream in. The driver is the only writer: rows are committed
-    exactly once even when Ray retries tasks or restarts actors on other nodes. Rows of inputs that
-    storage kept failing to read (kind TRANSIENT) are kept aside, not committed, so a rerun reads them.
-    Each batch of rows is counted in the run's metrics, then loses its measurement columns."""
-    executed = Executed(gpus_per_actor=plan.resources.num_gpus)
-    try:
-        for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
-            workers = set(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
-            executed.workers |= workers
-            lease.check()
-            metrics.record(rows)
-            rows = rows.drop_columns(list(MEASUREMENT_COLUMNS))
-            transient = pc.fill_null(pc.equal(rows.column("error_kind"), dataset.TRANSIENT), False)
-            if pc.any(transient).as_py():
-                executed.transient.append(rows.filter(transient).select(["path", "error"]))
-                rows = rows.filter(pc.invert(transient))
-            writer.add(rows)
-            executed.processed += rows.num_rows
-            progress.add(rows, workers)
-            if on_rows is not None:
-                on_rows(rows)
-    except Exception as error:
-        reason = marked_error_in(error, DEVICE_ERROR_MARKER)
-        if reason is not None:
-            raise DeviceUnavailable(reason) from None
-        reason = marked_error_in(error, BUDGET_SPENT_MARKER)
-        if reason is None:
-            raise
-        writer.close()  # the rows made so far are committed: a rerun goes on from there
-        raise InputsLeft(reason) from None
-    writer.close()
-    return executed
-
-
-def summarize(output: storage.Location, inputs: int, executed: Executed, started: float, spec: ModelSpec) -> Summary:
+def summarize(output: storage.Location, inputs: int, executed: Executed, started: float, spec: ModelSpec,
+              writer: ResultWriter) -> Summary:
     """Count the committed rows, checking each input has exactly one, and what this run's detector
-    actors were."""
+    actors were. Several rows of one path (written by an older version, or left by a rewrite that
+    crashed midway) are repaired through `writer` first."""
     scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
-    transient = sum(table.num_rows for table in executed.transient)
+    if scan.rows != scan.unique_paths:
+        removed = rewrite.repair_duplicates(output, writer)
+        writer.close()
+        log.warning("%s held %d rows beyond one per path: removed", output.uri(output.path), removed)
+        scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
+    transient = executed.left.num_rows if executed.left is not None else 0
     if scan.rows != scan.unique_paths or scan.unique_paths + transient < inputs:
         raise RuntimeError(f"{output.uri(output.path)} holds {scan.rows} rows for {scan.unique_paths} paths and "
                            f"{inputs} inputs ({transient} left unread)")
@@ -347,6 +301,7 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
         errors_by_kind=dict(sorted(kinds.items())),
         read_retries=executed.read_retries,
         transient=transient,
+        duplicates=executed.duplicates,
         wall_seconds=round(wall, 3),
         images_per_second=round(processed / wall, 3) if wall > 0 else 0.0,
         weights=spec.weights,

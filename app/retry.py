@@ -2,8 +2,11 @@
 
 A read that fails for a reason that may pass (S3 throttling and 5xx answers, timeouts, reset or refused
 connections, a node-local I/O hiccup) is retried with exponential backoff and full jitter, as the AWS SDKs
-do: the n-th retry waits a random time between 0 and min(cap, base x 2^n). Anything else (not found,
-permission denied, a directory, bad bytes) is the input's own fault and is not retried.
+do: the n-th retry waits a random time between 0 and min(cap, base x 2^n). A read that storage refuses
+(not found, permission or access denied, a credential it rejects, a missing bucket) is not retried
+either: it is the file's fault or the whole run's, which app.output.verdicts tells apart. Anything else (a
+directory, bad bytes) is the input's own fault. Errors are told apart by their type, errno, or the AWS
+SDK's error code and HTTP status, never by the file's name inside the message.
 
 Two budgets bound the retrying: attempts per file (data.read_attempts), and retries per run
 (data.read_retry_budget), kept by one actor that every decode task asks before it retries. A file that
@@ -32,12 +35,27 @@ TRANSIENT_ERRNOS = {
 }
 # What pyarrow's S3 errors say when the AWS SDK would retry them: an HTTP status of 429 or 5xx, the SDK's
 # names for throttling, service and network failures, curl's errors (resets, empty replies, timeouts).
+# Searched in the error's text with the file's own path taken out (`error_text`): a key named
+# "SlowDown.jpg" says nothing about the storage.
 TRANSIENT_TEXT = re.compile(
     r"HTTP status (429|5\d\d)|SLOW_DOWN|SlowDown|THROTTLING|Throttl|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|"
     r"REQUEST_TIMEOUT|RequestTimeout|NETWORK_CONNECTION|curlCode|Timeout was reached|Connection reset"
 )
+# pyarrow's S3 errors: "... AWS Error <CODE> [(HTTP status <N>)] during <Operation> operation: <message>".
+AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))? during (\w+) operation")
+# The AWS SDK's error codes of a storage that refuses this run, not one file: access denied, a credential
+# that is unknown, wrong, expired or signed with a skewed clock, a bucket that does not exist.
+REFUSED_CODES = {
+    "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "INVALID_TOKEN",
+    "MISSING_AUTHENTICATION_TOKEN", "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "REQUEST_EXPIRED",
+    "REQUEST_TIME_TOO_SKEWED", "NO_SUCH_BUCKET", "ALL_ACCESS_DISABLED", "ACCOUNT_PROBLEM",
+}
+REFUSED_STATUSES = {401, 403}
 # Errors about the input itself, whatever their text says.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_ERRORS = (IsADirectoryError, NotADirectoryError)
+# Errors that say the storage refused a read or found nothing there: the file's own fault, unless every
+# file is refused alike (app.output.verdicts tells which).
+REFUSED_ERRORS = (FileNotFoundError, PermissionError)
 
 T = TypeVar("T")
 
@@ -46,15 +64,43 @@ class RetryBudgetSpent(Exception):
     """The run's retries are spent: storage keeps failing. The message begins with BUDGET_SPENT_MARKER."""
 
 
-def is_transient(error: BaseException) -> bool:
-    """Whether an error reading a file may pass if the read is tried again."""
-    if isinstance(error, PERMANENT_ERRORS):
+def error_text(error: BaseException, path: str = "") -> str:
+    """The error's text without the path it is about, nor the path's key in its bucket (pyarrow's S3
+    errors name the key): a file's name may say anything."""
+    text = str(error)
+    for name in (path, path.partition("/")[2]):
+        if name:
+            text = text.replace(name, "")
+    return text
+
+
+def aws_error(error: BaseException, path: str = "") -> tuple[Optional[str], Optional[int]]:
+    """The AWS SDK's error code and HTTP status in a pyarrow S3 error, when it has them."""
+    found = AWS_ERROR.search(error_text(error, path))
+    if found is None:
+        return None, None
+    return found.group(1), int(found.group(2)) if found.group(2) else None
+
+
+def is_transient(error: BaseException, path: str = "") -> bool:
+    """Whether an error reading `path` may pass if the read is tried again."""
+    if isinstance(error, PERMANENT_ERRORS + REFUSED_ERRORS) or is_refused(error, path):
         return False
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
     if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
         return True
-    return bool(TRANSIENT_TEXT.search(str(error)))
+    return bool(TRANSIENT_TEXT.search(error_text(error, path)))
+
+
+def is_refused(error: BaseException, path: str = "") -> bool:
+    """Whether storage refused to read `path` or found nothing there: not found, permission or access
+    denied, a credential it does not accept, a missing bucket. A verdict on the file only once another
+    file reads fine (app.output.verdicts); otherwise the run's fault."""
+    if isinstance(error, REFUSED_ERRORS):
+        return True
+    code, status = aws_error(error, path)
+    return code in REFUSED_CODES or (code == "UNKNOWN" and status in REFUSED_STATUSES)
 
 
 def backoff_s(retry: int, draw: Callable[[], float] = random.random) -> float:
@@ -80,15 +126,15 @@ class RetryBudget:
 
 
 def with_retries(read: Callable[[], T], attempts: int, budget: Optional[ray.actor.ActorHandle] = None,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
-    """read(), tried up to `attempts` times while it fails transiently; each retry first takes one from
+                 sleep: Callable[[float], None] = time.sleep, path: str = "") -> T:
+    """read() (of `path`), tried up to `attempts` times while it fails transiently; each retry first takes one from
     the run's budget (none outside a run) and waits its backoff. Raises the last error when the attempts
     are spent, and RetryBudgetSpent when the run's budget is."""
     for retry in range(attempts):
         try:
             return read()
         except Exception as error:
-            if not is_transient(error) or retry + 1 == attempts:
+            if not is_transient(error, path) or retry + 1 == attempts:
                 raise
             if budget is not None and not ray.get(budget.take.remote()):
                 raise RetryBudgetSpent(

@@ -1,9 +1,11 @@
 """A fault-injecting S3 endpoint for tests: an HTTP proxy on loopback in front of a real S3 server
 (moto's), which passes every request through unless a rule picks it, and then answers it the way S3 or
-the network fails: 503 SlowDown, 500 InternalError, a reset connection, or a delay before passing it on.
+the network fails: 503 SlowDown, 500 InternalError, 403 AccessDenied or InvalidAccessKeyId (a revoked or
+wrong credential), 404 NoSuchBucket, a reset connection, or a delay before passing it on.
 
 A rule picks requests by method and key (a regular expression on the path, bucket included) and then by
-chance (`fraction`, from a seeded generator) or by count (`first`: the first N it matches, per key). Each
+chance (`fraction`, from a seeded generator) or by count (`first`: the first N it matches, per key;
+`after`: every one once N have matched, over all keys; `every`: every N-th of each key). Each
 rule counts the faults it injected, by key. `moto_behind_proxy` starts both, for the tests and the
 benchmark's chaos suite (moto comes with the test and bench extras).
 """
@@ -24,13 +26,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-SLOW_DOWN = 503
-INTERNAL_ERROR = 500
+SLOW_DOWN = "SlowDown"
+INTERNAL_ERROR = "InternalError"
+ACCESS_DENIED = "AccessDenied"
+INVALID_ACCESS_KEY = "InvalidAccessKeyId"
+NO_SUCH_BUCKET = "NoSuchBucket"
 RESET = "reset"
 DELAY = "delay"
+# S3's answers: HTTP status and message, by error code.
 ERROR_BODIES = {
-    SLOW_DOWN: ("SlowDown", "Please reduce your request rate."),
-    INTERNAL_ERROR: ("InternalError", "We encountered an internal error. Please try again."),
+    SLOW_DOWN: (503, "Please reduce your request rate."),
+    INTERNAL_ERROR: (500, "We encountered an internal error. Please try again."),
+    ACCESS_DENIED: (403, "Access Denied"),
+    INVALID_ACCESS_KEY: (403, "The AWS Access Key Id you provided does not exist in our records."),
+    NO_SUCH_BUCKET: (404, "The specified bucket does not exist"),
 }
 # Headers that belong to one hop of a connection, not to the request or response.
 HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
@@ -38,14 +47,16 @@ HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 @dataclass
 class Rule:
-    """Which requests fail and how: `fault` is SLOW_DOWN, INTERNAL_ERROR, RESET or DELAY (`delay_s`, then
-    passed on). `key` is a regular expression searched in the request's path (/bucket/key)."""
+    """Which requests fail and how: `fault` is an error code of ERROR_BODIES, RESET or DELAY (`delay_s`,
+    then passed on). `key` is a regular expression searched in the request's path (/bucket/key)."""
 
-    fault: object
+    fault: str
     methods: tuple[str, ...] = ("GET",)
     key: str = ".*"
     fraction: float = 1.0
     first: Optional[int] = None  # only the first N matching requests of each key
+    after: Optional[int] = None  # only once N matching requests (of any key) have passed
+    every: Optional[int] = None  # only every N-th matching request of each key: the 1st, the N+1-th, ...
     delay_s: float = 0.0
     seed: int = 0
     injected: Counter = field(default_factory=Counter)  # faults by path
@@ -59,6 +70,10 @@ class Rule:
             return False
         self.seen[path] += 1
         if self.first is not None and self.seen[path] > self.first:
+            return False
+        if self.after is not None and sum(self.seen.values()) <= self.after:
+            return False
+        if self.every is not None and (self.seen[path] - 1) % self.every:
             return False
         if self.fraction < 1.0 and self.random.random() >= self.fraction:
             return False
@@ -110,8 +125,8 @@ class FaultProxy:
                     chunks.append(self.rfile.read(size))
                     self.rfile.readline()
 
-            def send_error_response(self, status: int):
-                code, message = ERROR_BODIES[status]
+            def send_error_response(self, code: str):
+                status, message = ERROR_BODIES[code]
                 xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
                        f"<RequestId>fault-proxy</RequestId></Error>").encode()
                 self.send_response(status)

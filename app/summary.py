@@ -20,6 +20,8 @@ class Summary:
     # (not committed: a rerun reads them; listed in _transient.parquet).
     read_retries: int = 0
     transient: int = 0
+    # Input rows this run dropped because their path was listed before (a manifest naming it twice).
+    duplicates: int = 0
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     weights: str = ""

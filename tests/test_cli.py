@@ -25,7 +25,9 @@ from app import cli
 from app.config import ConfigError, compose_config
 from app.output.lease import LeaseLost, OutputInUse
 from app.output.dataset import OutputFull
-from app.pipeline import DeviceUnavailable, InputsLeft, Summary, TooManyErrors, model_spec
+from app.output.verdicts import StorageRefused
+from app.commit import DeviceUnavailable, InputsLeft, Stopped
+from app.pipeline import Summary, TooManyErrors, model_spec
 from tests.conftest import write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,7 +180,7 @@ def test_the_exit_code_table():
     assert {code.name: int(code) for code in cli.ExitCode} == {
         "OK": 0, "FAILURE": 1, "USAGE": 2, "TOO_MANY_ERRORS": 3, "GPU_UNUSABLE": 4, "OUTPUT_IN_USE": 5,
         "KUBERNETES": 6, "JOB_FAILED": 7, "WAIT_TIMEOUT": 8, "INPUTS_LEFT": 9,
-        "OUTPUT_FULL": 10,
+        "OUTPUT_FULL": 10, "STORAGE_REFUSED": 11, "STOPPED": 12,
     }
 
 
@@ -237,9 +239,13 @@ def test_print_summary(capsys):
          "ray-detect: output full: no space left on the filesystem of /out/_staging/r: part-r-000003.parquet needs "
          "5120 bytes, 1024 free; free some space (or choose another output.path) and rerun: the rows committed so far "
          "are kept"),
+        (StorageRefused("storage refused 10 reads in a row (AWS Error ACCESS_DENIED during HeadObject operation)"), 11, "",
+         "ray-detect: storage refused: storage refused 10 reads in a row (AWS Error ACCESS_DENIED during HeadObject "
+         "operation)"),
+        (Stopped("SIGTERM received"), 12, "", "ray-detect: stopped: SIGTERM received"),
     ],
     ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost", "inputs-left", "retry-budget-spent",
-         "output-full"],
+         "output-full", "storage-refused", "stopped"],
 )
 def test_how_the_job_stops(error, code, stdout, line, monkeypatch, capsys):
     def run(cfg):

@@ -13,7 +13,7 @@ import time
 import pyarrow.dataset as pads
 from ray.util.state import list_actors
 
-from app.output.dataset import MANIFEST_NAME, read_committed
+from app.output.dataset import MANIFEST_NAME, latest_readable_lease, lease_files, read_committed
 from app.pipeline import run
 from app.storage import resolve
 from tests.conftest import (
@@ -84,3 +84,37 @@ def test_preemption_soak_nodes_replaced_and_the_driver_killed(tmp_path):
     assert sorted(table.column("path").to_pylist()) == sorted(str(path) for path in paths)
     assert_detections({row["path"]: row for row in table.to_pylist()}, model_detections(cfg, paths))
     assert (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_sigterm_commits_what_is_finished_releases_the_lease_and_exits_12(local_ray, tmp_path):
+    """Kubernetes stopping the driver's pod (or `ray job stop`) sends SIGTERM: the command line, attached
+    to this process's Ray, commits the rows finished before it, releases its lease and exits with code 12
+    and one line, well within a grace period; the rerun processes exactly the rest."""
+    count = 24
+    paths = write_images(tmp_path / "in", count)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=2",
+                 "output.commit_interval_s=0", "inference.batch_size=2"]
+    address = local_ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "app", *overrides, f"ray.address={address}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(committed_parts(tmp_path / "out")) >= 2 or driver.poll() is not None, 300, "committed files")
+        assert driver.poll() is None, "the run ended before it was stopped"
+        driver.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 12, stderr[-3000:]
+    assert time.monotonic() - stopped_at < 30  # Kubernetes' default grace period
+    assert stderr.splitlines()[-1] == (
+        "ray-detect: stopped: SIGTERM received: the rows finished before it are committed; rerun to go on")
+    output = resolve(str(tmp_path / "out"))
+    before = read_committed(output, ["path"]).column("path").to_pylist()
+    assert 2 <= len(before) < count and len(set(before)) == len(before)
+    assert not (tmp_path / "out" / "_staging").exists() and not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert latest_readable_lease(output, lease_files(output))[1]["released"] is True
+
+    summary = run(compose_config(overrides))
+    assert (summary.inputs, summary.ok, summary.processed) == (count, count, count - len(before))
+    assert sorted(read_committed(output, ["path"]).column("path").to_pylist()) == sorted(str(path) for path in paths)

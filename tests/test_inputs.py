@@ -34,7 +34,7 @@ def rows_of(path):
 def test_an_odd_tree_gives_one_row_per_entry_and_a_rerun_adds_nothing(local_ray, tmp_path):
     odd_tree(tmp_path / "in")
     (tmp_path / "in" / os.fsdecode(b"bad\xffutf8.jpg")).write_bytes(jpeg_bytes(30, 20))
-    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "data.max_error_fraction=1"]  # nearly all are errors
     summary = run(compose_config(overrides))
     rows = {path[len(str(tmp_path / "in")) + 1 :]: row for path, row in rows_of(tmp_path / "out").items()}
     assert {name: row["error_kind"] for name, row in rows.items()} == {

@@ -15,7 +15,8 @@ import ray
 from app.config import compose_config
 from app.detector import MAX_BATCH_PADDING
 from app.metrics import METRICS
-from app.pipeline import InputsLeft, Summary, run
+from app.commit import InputsLeft
+from app.pipeline import Summary, run
 from app.s3_faults import SLOW_DOWN, Rule, moto_behind_proxy
 from tests.conftest import FAST_MODEL, gradient_jpeg, jpeg_bytes
 from tests.k8s_validation import CHART_DIR

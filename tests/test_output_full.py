@@ -3,13 +3,14 @@ fills mid-run. The run stops with OutputFull (exit code 10 from the command line
 one line naming the file, the bytes it needed and those free; every committed file is whole, nothing
 half-written is left, and after the volume grows a rerun completes with one row per input."""
 
+import json
 import re
 import subprocess
 
 import pyarrow.parquet as pq
 import pytest
 
-from app.output.dataset import LEASE_NAME, MANIFEST_NAME, STAGING_DIR, OutputFull
+from app.output.dataset import LEASE_DIR, MANIFEST_NAME, STAGING_DIR, OutputFull
 from app.pipeline import run
 from tests.conftest import FAST_MODEL, assert_detections, compose_config, model_detections, write_images
 
@@ -51,7 +52,8 @@ def test_a_full_output_volume_stops_the_run_cleanly_and_a_rerun_finishes(small_v
     rows = [row for path in committed for row in pq.read_table(path).to_pylist()]  # every committed file is whole
     assert 0 < len(rows) < IMAGES and len({row["path"] for row in rows}) == len(rows)
     assert [path.name for path in (out / STAGING_DIR).rglob("*") if path.is_file()] == []
-    assert not (out / MANIFEST_NAME).exists() and not (out / LEASE_NAME).exists()
+    assert not (out / MANIFEST_NAME).exists()
+    assert sorted(path.name for path in (out / LEASE_DIR).glob("*.json")) == ["0000000001.json"]  # released if it fitted
     assert not list(out.glob("*.partial"))
 
     resize("4m")
@@ -61,3 +63,5 @@ def test_a_full_output_volume_stops_the_run_cleanly_and_a_rerun_finishes(small_v
     assert sorted(final) == sorted(str(path) for path in paths)
     assert_detections(final, model_detections(cfg, paths))
     assert (out / MANIFEST_NAME).exists()
+    latest = json.loads((out / LEASE_DIR / "0000000002.json").read_text())
+    assert (latest["generation"], latest["released"]) == (2, True)

@@ -13,8 +13,9 @@ import pytest
 from app.config import SAMPLES_DIR, ConfigError
 from app.model import ModelSpec
 from app.output import dataset
-from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
+from app.output.dataset import LEASE_DIR, MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
 from app.pipeline import TooManyErrors, run
+from app.storage import resolve
 from tests.conftest import (
     FAST_MODEL,
     LIGHT_CHECKPOINT,
@@ -70,30 +71,47 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
     assert (manifest["complete"], manifest["max_error_fraction_exceeded"], manifest["processed_by_last_run"]) == (True, False, 8)
     # Readers see one dataset: data files at the top, nothing staged left behind.
     entries = sorted(os.listdir(tmp_path / "out"))
-    assert entries[:2] == [MANIFEST_NAME, SETTINGS_NAME]
-    assert len(entries) == 3 and entries[2].startswith("part-") and entries[2].endswith("-000000.parquet")
+    assert entries == [LEASE_DIR, MANIFEST_NAME, SETTINGS_NAME, "part-g0000000001-000000.parquet"]
+    assert os.listdir(tmp_path / "out" / LEASE_DIR) == ["0000000001.json"]  # the run's lease, released
     assert pq.ParquetDataset(str(tmp_path / "out")).read().num_rows == 8
 
 
-def test_refuses_an_output_path_holding_other_files(local_ray, tmp_path):
+def test_refuses_an_output_path_holding_other_files_and_overwrites_only_what_runs_wrote(local_ray, tmp_path):
+    """A folder of somebody else's files is refused, with output.overwrite=true too; so is an overwrite of an
+    output that holds the run's inputs. Overwriting a ray-detect output deletes what runs wrote there and
+    nothing else."""
     write_images(tmp_path / "in", 1)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.parquet").write_bytes(b"x")
-    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "old.parquet").write_bytes(b"x")
+    for overwrite, message in (("false", "holds files that are not ray-detect results; choose another output.path"),
+                               ("true", "is not a ray-detect output (it has no _settings.json): output.overwrite=true "
+                                        "replaces only results; choose another output.path")):
+        with pytest.raises(ConfigError) as caught:
+            run(compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'other'}",
+                                f"output.overwrite={overwrite}"]))
+        assert str(caught.value) == f"output.path {tmp_path / 'other'} {message}"
+    assert sorted(path.name for path in (tmp_path / "other").iterdir()) == ["old.parquet"]
+
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    assert run(compose_config(overrides)).processed == 1
+    (tmp_path / "out" / "notes.txt").write_text("the team's notes")
+    (tmp_path / "out" / "images").mkdir()
+    write_images(tmp_path / "out" / "images", 2)
     with pytest.raises(ConfigError) as caught:
-        run(cfg)
-    assert str(caught.value) == (
-        f"output.path {tmp_path / 'out'} holds files that are not ray-detect results; "
-        "choose another output.path or pass output.overwrite=true to replace its contents"
-    )
-    summary = run(compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.overwrite=true"]))
+        run(compose_config([*FAST_MODEL, f"data.path={tmp_path / 'out' / 'images'}", f"output.path={tmp_path / 'out'}",
+                            "output.overwrite=true"]))
+    assert str(caught.value) == (f"data.path {tmp_path / 'out' / 'images'} lies inside output.path {tmp_path / 'out'}: "
+                                 "output.overwrite=true is refused there; choose an output.path apart from the inputs")
+    summary = run(compose_config([*overrides, "output.overwrite=true"]))
     assert (summary.inputs, summary.processed) == (1, 1)
-    assert not (tmp_path / "out" / "old.parquet").exists()
-    assert read_results(tmp_path / "out").num_rows == 1
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the team's notes"
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2
+    assert dataset.read_committed(resolve(str(tmp_path / "out")), ["path"]).column("path").to_pylist() == [str(tmp_path / "in" / "img_000.jpg")]
 
 
 def snapshot(folder):
-    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(folder.iterdir())}
+    """The files in folder, but the lease folder, where each run adds its own lease."""
+    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(folder.iterdir()) if path.name != LEASE_DIR}
 
 
 def test_every_bad_and_odd_file_gives_one_row_twice_in_a_row(local_ray, tmp_path):

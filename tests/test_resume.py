@@ -8,7 +8,7 @@ import ray
 
 from app.config import ConfigError
 from app.output import dataset
-from app.output.dataset import RESULT_SCHEMA
+from app.output.dataset import LEASE_DIR, RESULT_SCHEMA
 from app.output.resume import contains, digests, scan_output
 from app.pipeline import run
 from app.storage import resolve
@@ -38,8 +38,10 @@ def test_scan_counts_rows_paths_errors_and_detections(tmp_path):
 
 
 def snapshot(folder) -> dict:
-    """Every entry under folder: its relative path and, for a file, its bytes."""
-    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in sorted(folder.rglob("*"))}
+    """Every entry under folder but the lease folder (where each run adds its lease): its relative path and,
+    for a file, its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in sorted(folder.rglob("*"))
+            if path.relative_to(folder).parts[0] != LEASE_DIR}
 
 
 def no_ray(*args, **kwargs):

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from app.decode import DecodeOptions, ImageError, decode_images, read_file
-from app.output.dataset import TRANSIENT, UNREADABLE
-from app.retry import BACKOFF_CAP_S, RetryBudget, RetryBudgetSpent, backoff_s, is_transient, with_retries
+from app.output.dataset import REFUSED, TRANSIENT, UNREADABLE
+from app.retry import BACKOFF_CAP_S, RetryBudget, RetryBudgetSpent, backoff_s, is_refused, is_transient, with_retries
 from tests.conftest import jpeg_bytes
 
 # pyarrow's messages for S3 faults (app/s3_faults.py against moto), one of each kind.
@@ -128,7 +128,57 @@ def test_a_file_still_failing_after_its_attempts_is_transient_and_a_lost_one_unr
     filesystem = FlakyFilesystem({}, {"b.jpg": 1}, OSError(ACCESS_DENIED))
     with pytest.raises(ImageError) as caught:
         read_file(filesystem, "b.jpg", None, OPTIONS)
-    assert (caught.value.kind, str(caught.value), filesystem.opened) == (UNREADABLE, ACCESS_DENIED, ["b.jpg"])
+    assert (caught.value.kind, str(caught.value), filesystem.opened) == (REFUSED, ACCESS_DENIED, ["b.jpg"])
+    filesystem = FlakyFilesystem({}, {"c.jpg": 1}, OSError(errno.EISDIR, "Is a directory"))
+    with pytest.raises(ImageError) as caught:
+        read_file(filesystem, "c.jpg", None, OPTIONS)
+    assert (caught.value.kind, str(caught.value)) == (UNREADABLE, "[Errno 21] Is a directory")
+
+
+# A key named like a throttling answer, and what pyarrow says when storage denies reading it.
+THROTTLING_NAME = "bkt/in/SlowDown Throttl HTTP status 503 AWS Error SLOW_DOWN during GetObject operation.jpg"
+DENIED_THROTTLING_NAME = (f"When reading information for key '{THROTTLING_NAME.partition('/')[2]}' in bucket 'bkt': AWS Error "
+                          "ACCESS_DENIED during HeadObject operation: No response body.")
+
+
+@pytest.mark.parametrize("error, path, refused", [
+    (OSError(ACCESS_DENIED), "bkt/private.jpg", True),
+    (OSError(DENIED_THROTTLING_NAME), THROTTLING_NAME, True),
+    (OSError("AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 operation: The AWS Access Key Id you provided does "
+             "not exist in our records."), "", True),
+    (OSError("AWS Error NO_SUCH_BUCKET during CreateMultipartUpload operation: The specified bucket does not exist"), "", True),
+    (OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject operation"), "", True),
+    (FileNotFoundError(errno.ENOENT, "Path does not exist 'bkt/nope.jpg'"), "bkt/nope.jpg", True),
+    (PermissionError(errno.EACCES, "Permission denied"), "", True),
+    (OSError(SLOW_DOWN_ON_HEAD), "bkt/x.jpg", False),
+    (OSError(RESET), "", False),
+    (IsADirectoryError(errno.EISDIR, "Is a directory"), "", False),
+])
+def test_what_storage_refuses_is_told_by_the_error_code_never_by_the_files_name(error, path, refused):
+    """Refused reads are not retried: a key named like a throttling answer and denied is refused, not
+    retried run after run; a 503 on a key named like a denial is still transient."""
+    assert (is_refused(error, path), is_transient(error, path)) == (refused, not refused and not isinstance(error, IsADirectoryError))
+
+
+def test_a_throttled_key_named_like_a_denial_is_transient():
+    path = "bkt/AWS Error ACCESS_DENIED during HeadObject operation.jpg"
+    error = OSError(f"When reading information for key '{path.partition('/')[2]}' in bucket 'bkt': AWS Error UNKNOWN "
+                    "(HTTP status 503) during HeadObject operation: No response body.")
+    assert (is_refused(error, path), is_transient(error, path)) == (False, True)
+
+
+def test_a_read_interrupted_by_the_retry_budgets_death_is_transient_never_a_verdict(local_ray):
+    """The budget's actor dies (killed, no restart) while a read waits on it: the file's row is TRANSIENT,
+    not committed, instead of a corrupt_image verdict. (In a run the actor is restarted and its calls
+    retried: tests/test_s3.py kills it mid-run.)"""
+    budget = RetryBudget.remote(10)
+    local_ray.kill(budget, no_restart=True)
+    filesystem = FlakyFilesystem({"a.jpg": jpeg_bytes()}, {"a.jpg": 1}, OSError(SLOW_DOWN_ON_GET))
+    batch = pa.table({"path": ["a.jpg"], "size": [None], "error_kind": pa.nulls(1, pa.string()),
+                      "error": pa.nulls(1, pa.string()), "raw_path": pa.nulls(1, pa.binary())})
+    (row,) = decode_images(batch, filesystem=filesystem, uri_prefix="", options=OPTIONS, budget=budget).to_pylist()
+    assert (row["error_kind"], row["error"].split(":")[0]) == (TRANSIENT, "the read was interrupted")
+    assert "ActorDiedError" in row["error"] or "RayActorError" in row["error"]
 
 
 def test_the_decode_stage_retries_each_file_on_its_own(monkeypatch):

@@ -10,6 +10,7 @@ the module."""
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -22,10 +23,11 @@ import pytest
 import ray
 
 from app import listing
-from app.output.dataset import MANIFEST_NAME, TRANSIENT_NAME
-from app.output.lease import create_exclusive
-from app.pipeline import InputsLeft, run
-from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, Rule, moto_behind_proxy
+from app.output.dataset import LEASE_DIR, MANIFEST_NAME, TRANSIENT_NAME, lease_path
+from app.output.lease import OutputLease, create_exclusive
+from app.commit import InputsLeft
+from app.pipeline import run
+from app.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from app.storage import resolve
 from tests.conftest import (
     FAST_MODEL,
@@ -85,8 +87,8 @@ def test_read_and_write_s3(s3_endpoint):
     assert_detections({path: rows[path] for path in images}, model_detections(compose_config(overrides), images, images.get))
     listing = s3_endpoint.list_objects_v2(Bucket=BUCKET, Prefix="out/run-1/")["Contents"]
     keys = sorted(obj["Key"] for obj in listing if not obj["Key"].endswith("/"))  # pyarrow's directory markers
-    assert keys[:2] == ["out/run-1/_manifest.json", "out/run-1/_settings.json"]
-    assert len(keys) == 4 and all(key.startswith("out/run-1/part-") for key in keys[2:])  # 4 + 2 rows
+    assert keys[:3] == ["out/run-1/_lease/0000000001.json", "out/run-1/_manifest.json", "out/run-1/_settings.json"]
+    assert len(keys) == 5 and all(key.startswith("out/run-1/part-g0000000001-") for key in keys[3:])  # 4 + 2 rows
 
     again = run(compose_config(overrides))
     assert (again.inputs, again.processed) == (6, 0)
@@ -129,6 +131,30 @@ def test_an_s3_inventory_report_gives_one_row_per_listed_image(s3_endpoint):
     assert run(compose_config(overrides)).processed == 0
 
 
+def test_an_s3_inventory_report_of_all_versions_gives_one_row_per_live_key(s3_endpoint):
+    """A report with IsLatest and IsDeleteMarker lists a key once per version and per delete marker: a key
+    of one version, one of two, and a deleted one (an older version and a delete marker) give two inputs."""
+    versions = [("a.jpg", "a1", "true", "false"), ("b.jpg", "b1", "false", "false"), ("b.jpg", "b2", "true", "false"),
+                ("c.jpg", "c1", "false", "false"), ("c.jpg", "c2", "true", "true")]
+    for key in ("a.jpg", "b.jpg"):
+        s3_endpoint.put_object(Bucket=BUCKET, Key=f"versioned/{key}", Body=jpeg_bytes(40, 30))
+    lines = "".join(f'"{BUCKET}","versioned/{key}","{version}","{latest}","{marker}","{"" if marker == "true" else 9}"\n'
+                    for key, version, latest, marker in versions)
+    s3_endpoint.put_object(Bucket=BUCKET, Key="reports/versions/all/data/0001.csv.gz", Body=gzip.compress(lines.encode()))
+    report = {"sourceBucket": BUCKET, "fileFormat": "CSV", "fileSchema": "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size",
+              "files": [{"key": "reports/versions/all/data/0001.csv.gz"}]}
+    s3_endpoint.put_object(Bucket=BUCKET, Key="reports/versions/all/2026-11-27T01-00Z/manifest.json", Body=json.dumps(report))
+    overrides = [*FAST_MODEL, f"data.manifest=s3://{BUCKET}/reports/versions/all/2026-11-27T01-00Z/manifest.json",
+                 f"output.path=s3://{BUCKET}/out/versions"]
+    summary = run(compose_config(overrides))
+    filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/versions")
+    rows = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=["path", "error_kind"]).to_pylist()
+    assert sorted((row["path"], row["error_kind"]) for row in rows) == [
+        (f"s3://{BUCKET}/versioned/a.jpg", None), (f"s3://{BUCKET}/versioned/b.jpg", None)]
+    assert (summary.inputs, summary.ok) == (2, 2)
+    assert run(compose_config(overrides)).processed == 0
+
+
 def test_a_prefix_listed_in_parts_finds_every_key_once(s3_endpoint, monkeypatch):
     monkeypatch.setattr(listing, "DRIVER_LISTING_ENTRIES", 2)
     expected = {f"parts/{folder}/img_{i}.jpg" for folder in "abc" for i in range(3)}
@@ -142,11 +168,20 @@ def test_a_prefix_listed_in_parts_finds_every_key_once(s3_endpoint, monkeypatch)
 
 
 def test_the_lease_is_created_with_a_conditional_write(s3_endpoint):
+    """Each generation's lease object is created with If-None-Match: *: a second create of the same key
+    fails and leaves the first as it was; a takeover creates the next generation beside it."""
     output = resolve(f"s3://{BUCKET}/out/leased")
-    assert create_exclusive(output, f"{BUCKET}/out/leased/_lease.json", {"owner": "a"})
-    assert not create_exclusive(output, f"{BUCKET}/out/leased/_lease.json", {"owner": "b"})
-    body = s3_endpoint.get_object(Bucket=BUCKET, Key="out/leased/_lease.json")["Body"].read()
-    assert json.loads(body) == {"owner": "a"}
+    key = f"out/leased/{LEASE_DIR}/0000000001.json"
+    assert lease_path(output, 1) == f"{BUCKET}/{key}"
+    assert create_exclusive(output, lease_path(output, 1), {"owner": "a"})
+    assert not create_exclusive(output, lease_path(output, 1), {"owner": "b"})
+    assert json.loads(s3_endpoint.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == {"owner": "a"}
+    taker = OutputLease(output, "taker", timeout_s=180, heartbeat_s=3600)
+    taker.acquire()  # generation 1 has no heartbeat: stale
+    taker.release()
+    taken = json.loads(s3_endpoint.get_object(Bucket=BUCKET, Key=key.replace("01.json", "02.json"))["Body"].read())
+    assert (taken["owner"], taken["generation"], taken["released"], taken["limits"]) == ("taker", 2, True, {"1": 0})
+    assert json.loads(s3_endpoint.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == {"owner": "a"}
 
 
 def test_a_parquet_manifest_on_s3_lists_s3_images(s3_endpoint):
@@ -306,3 +341,103 @@ def test_a_run_whose_retry_budget_is_spent_stops_with_its_rows_committed_and_a_r
     before = committed("out/budget")
     assert len(before) < IMAGES and f"s3://{FAULTS_BUCKET}/in/img_007.jpg" not in before
     assert all(row["error_kind"] is None for row in before.values())
+
+
+def test_a_denied_key_named_like_a_throttling_answer_is_one_unreadable_row_and_never_retried(s3_service):
+    """One object denied on its own (a private object) while its neighbours read fine: an unreadable row
+    with S3's answer. Its key reads like a throttling answer; the verdict comes from the error code, so it
+    is not retried, neither in the run nor by the next one."""
+    proxy, client = s3_service
+    odd = "deny/SlowDown Throttl HTTP status 503 AWS Error SLOW_DOWN during GetObject operation.jpg"
+    for key in ("deny/a.jpg", "deny/b.jpg", odd):
+        client.put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes(40, 30))
+    proxy.rules = [Rule(ACCESS_DENIED, methods=("GET", "HEAD"), key="/deny/SlowDown")]
+    cfg = compose_config([*FAST_MODEL, f"data.path=s3://{BUCKET}/deny", f"output.path=s3://{BUCKET}/out/deny"])
+    try:
+        summary = run(cfg)
+        again = run(cfg)
+    finally:
+        injected = proxy.injected()
+        proxy.rules = []
+    assert (summary.inputs, summary.ok, summary.errors_by_kind, summary.read_retries) == (3, 2, {"unreadable": 1}, 0)
+    assert (again.processed, again.read_retries, sum(injected.values())) == (0, 0, 1)
+    filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/deny")
+    rows = {row["path"]: row for row in pads.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pylist()}
+    assert rows[f"s3://{BUCKET}/{odd}"]["error"].endswith("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
+
+
+def test_a_credential_revoked_mid_run_stops_the_run_without_a_verdict_and_the_rerun_finishes(faulty_s3):
+    """Every request answered 403 AccessDenied once the run is under way (a rotated Secret, an expired
+    token): the command line stops with exit code 11 and a line naming the cause and never the secret;
+    no error row is committed, whatever the run could not read. With access back, a rerun gives every
+    image the model's detections."""
+    proxy, images = faulty_s3
+    proxy.rules = [Rule(ACCESS_DENIED, methods=("GET", "HEAD", "PUT", "POST", "DELETE"), after=30)]
+    command = [sys.executable, "-m", "app", *overrides("out/revoked"), f"ray.address={ray.get_runtime_context().gcs_address}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        injected = proxy.injected()
+        proxy.rules = []
+    assert result.returncode == 11, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"ray-detect: storage refused: storage refused \d+ reads in a row \(AWS Error ACCESS_DENIED during HeadObject "
+        rf"operation\), and (s3://{FAULTS_BUCKET}/in/img_\d{{3}}\.jpg, read fine by this run|s3://{FAULTS_BUCKET}, where "
+        r"they are), is refused too \(AWS Error ACCESS_DENIED during HeadObject operation\): no row was committed for "
+        r"them; restore access and rerun", result.stderr.splitlines()[-1]), result.stderr[-3000:]
+    assert SECRET_KEY not in result.stdout + result.stderr and sum(injected.values()) > 10
+    assert [row for row in committed("out/revoked").values() if row["error_kind"] is not None] == []
+
+    cfg = compose_config(overrides("out/revoked"))
+    again = run(cfg)
+    assert (again.inputs, again.ok, again.errors) == (IMAGES, IMAGES, 0)
+    assert_detections(committed("out/revoked"), model_detections(cfg, images, images.get))
+
+
+def test_faults_on_listing_heads_gets_commits_and_lease_renewals_cost_retries_not_rows(faulty_s3):
+    """The first HEAD of every key reset; the first GET of every image, of the listing and of each lease
+    document answered 503 SlowDown; one GET in ten slowed by half a second; the first PUT of the lease's
+    creation, of each of its renewals and of every committed file answered 503. Each is retried, by the
+    app (image reads, the lease's reads) or by the storage clients (the rest), and the run ends with every
+    image's detections."""
+    proxy, images = faulty_s3
+    proxy.rules = [Rule(RESET, methods=("HEAD",), first=1),
+                   Rule(SLOW_DOWN, methods=("GET",), key=rf"/in/img_\d+\.jpg$|^/{FAULTS_BUCKET}/?$|/_lease/\d+\.json$", first=1),
+                   Rule(DELAY, methods=("GET",), fraction=0.1, delay_s=0.5, seed=3),
+                   Rule(SLOW_DOWN, methods=("PUT",), key=r"/_lease/\d+\.json$", every=2),
+                   Rule(SLOW_DOWN, methods=("PUT",), key="/part-", first=1)]
+    cfg = compose_config(overrides("out/requests", "output.rows_per_file=8", "output.lease_heartbeat_s=0.5",
+                                   "output.lease_timeout_s=30"))
+    try:
+        summary = run(cfg)
+    finally:
+        faulted = {rule.fault + " " + "/".join(rule.methods): sum(rule.injected.values()) for rule in proxy.rules}
+        proxy.rules = []
+    assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
+    assert IMAGES <= summary.read_retries <= 2 * IMAGES  # each image's reset HEAD; its failed GET, unless S3's client retried it
+    assert faulted["reset HEAD"] >= IMAGES and faulted["SlowDown GET"] >= IMAGES + 2  # images, listing, lease
+    assert faulted["SlowDown PUT"] >= 2 + IMAGES // 8  # the lease's creation and renewals, each committed file once
+    assert_detections(committed("out/requests"), model_detections(cfg, images, images.get))
+
+
+def test_a_manifest_whose_reads_fail_once_and_that_lists_paths_twice_gives_one_row_per_image(faulty_s3):
+    """A CSV manifest on S3 naming 6 images, 3 of them twice: its first HEAD and GET answered 503 (the
+    storage clients retry), one row per image, the summary counting the 3 dropped; a second run processes
+    nothing."""
+    proxy, images = faulty_s3
+    chosen = sorted(images)[:6]
+    lines = "path\n" + "".join(f"{uri}\n" for uri in chosen + chosen[:3])
+    location = resolve(f"s3://{FAULTS_BUCKET}/lists/twice.csv")
+    with location.filesystem.open_output_stream(location.path) as stream:
+        stream.write(lines.encode())
+    proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "HEAD"), key="/lists/", first=1)]
+    cfg = compose_config([*FAST_MODEL, f"data.manifest=s3://{FAULTS_BUCKET}/lists/twice.csv",
+                          f"output.path=s3://{FAULTS_BUCKET}/out/twice"])
+    try:
+        summary = run(cfg)
+    finally:
+        injected = sum(proxy.injected().values())
+        proxy.rules = []
+    assert (summary.inputs, summary.ok, summary.duplicates, injected) == (6, 6, 3, 2)
+    assert sorted(committed("out/twice")) == chosen
+    assert (run(cfg).processed, read_manifest("out/twice")["counts"]["inputs"]) == (0, 6)

@@ -7,6 +7,12 @@ preemption   a multi-node Ray cluster on this machine (ray.cluster_utils.Cluster
 s3-throttle  S3 (moto's server) behind the fault-injecting proxy (app.s3_faults): 10% of the images' GETs
              answered 503 SlowDown or 500 InternalError;
 s3-down      every GET of three images failing, then a rerun once the fault clears;
+s3-requests  the first LIST, HEAD, GET and PUT of every key answered 503 SlowDown or reset (listing, image
+             reads, commits, the manifest, the lease and its renewals);
+s3-revoked   the credential revoked mid-run (every request answered 403 AccessDenied once a fifth of the
+             images were read): the run stops (exit code 11), then a rerun once access is back;
+duplicates   a manifest that lists every image twice;
+sigterm      the driver (a process of its own) sent SIGTERM mid-run, then the command run again;
 output-full  output.path on a tmpfs (needs root to mount it) that a ballast file fills mid-run; the
              ballast removed, a rerun.
 
@@ -25,8 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
-
-import pyarrow.dataset as pads
 
 from app.bench.harness import input_folder
 
@@ -57,12 +61,13 @@ class Outcome:
                 f"{rate / base:.2f}x the undisturbed run's {base:.2f}")
 
 
-def committed_paths(output: Path) -> list[str]:
-    """The path column of every committed row in a local output."""
-    files = [str(path) for path in output.glob("part-*.parquet")] if output.exists() else []
-    if not files:
-        return []
-    return pads.dataset(files, format="parquet").to_table(columns=["path"]).column("path").to_pylist()
+def committed_paths(output: "Path | str") -> list[str]:
+    """The path column of every committed row in an output (a local folder or a URI), as the app's readers
+    see them (app.output.dataset.committed_files)."""
+    from app.output.dataset import read_committed
+    from app.storage import resolve
+
+    return read_committed(resolve(str(output)), ["path"]).column("path").to_pylist()
 
 
 def counts(paths: list[str], inputs: int) -> tuple[int, int, int]:
@@ -160,29 +165,29 @@ def s3_run(output: str, *overrides: str) -> tuple[Optional[object], float]:
     import ray
 
     from app import pipeline
+    from app.commit import InputsLeft
     from app.config import compose_config
+    from app.output.verdicts import StorageRefused
 
     started = time.monotonic()
     try:
         summary = pipeline.run(compose_config([*MODEL, "data.path=s3://chaos/in", f"output.path=s3://chaos/{output}", *overrides]))
-    except pipeline.InputsLeft as error:
+    except InputsLeft as error:
         summary = error.summary
+    except StorageRefused:
+        summary = None
     finally:
         ray.shutdown()
     return summary, time.monotonic() - started
 
 
 def s3_faults(images: Path, inputs: int) -> list[Outcome]:
-    import pyarrow.fs as pafs
+    from app.s3_faults import ACCESS_DENIED, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule
 
-    from app.s3_faults import INTERNAL_ERROR, SLOW_DOWN, Rule
-    from app.storage import resolve
+    every_method = ("GET", "HEAD", "PUT", "POST", "DELETE")
 
     def rows_of(output: str) -> list[str]:
-        location = resolve(f"s3://chaos/{output}")
-        files = [info.path for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
-                 if info.base_name.startswith("part-")]
-        return pads.dataset(files, filesystem=location.filesystem, format="parquet").to_table(columns=["path"]).column("path").to_pylist()
+        return committed_paths(f"s3://chaos/{output}")
 
     with s3_behind_proxy(images) as proxy:
         _, undisturbed = s3_run("undisturbed")
@@ -198,7 +203,52 @@ def s3_faults(images: Path, inputs: int) -> list[Outcome]:
         again, again_s = s3_run("down", "data.read_attempts=3")
         down = Outcome("s3-down", inputs, injected, first.read_retries + again.read_retries, 2, *counts(rows_of("down"), inputs),
                        round(first_s + again_s, 2), round(undisturbed, 2))
-    return [throttle, down]
+        proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "PUT"), first=1), Rule(RESET, methods=("HEAD",), first=1)]
+        summary, seconds = s3_run("requests")
+        injected, proxy.rules = sum(proxy.injected().values()), []
+        requests = Outcome("s3-requests", inputs, injected, summary.read_retries, 1, *counts(rows_of("requests"), inputs),
+                           round(seconds, 2), round(undisturbed, 2))
+        # Each image read is a HEAD and a GET; a run's first few requests take its lease and list the images.
+        proxy.rules = [Rule(ACCESS_DENIED, methods=every_method, after=2 * (inputs // 5) + 8)]
+        stopped, first_s = s3_run("revoked", "output.lease_timeout_s=4", "output.lease_heartbeat_s=1")
+        injected, proxy.rules = sum(proxy.injected().values()), []
+        if stopped is not None:
+            raise RuntimeError("chaos: the run whose credential was revoked was not stopped")
+        again, again_s = s3_run("revoked", "output.lease_timeout_s=4", "output.lease_heartbeat_s=1", "output.lease_wait_s=10")
+        revoked = Outcome("s3-revoked", inputs, injected, again.read_retries, 2, *counts(rows_of("revoked"), inputs),
+                          round(first_s + again_s, 2), round(undisturbed, 2))
+    return [throttle, down, requests, revoked]
+
+
+def duplicates(images: Path, base: Path, inputs: int) -> Outcome:
+    """A CSV manifest that lists every image twice, in two halves."""
+    names = sorted(path.name for path in images.iterdir())
+    manifest = base / "twice.csv"
+    manifest.write_text("path\n" + "".join(f"{images / name}\n" for name in names * 2))
+    _, undisturbed = timed_run(app_command(f"data.path={images}", f"output.path={base / 'duplicates-undisturbed'}", "ray.num_cpus=2"))
+    code, seconds = timed_run(app_command(f"data.manifest={manifest}", f"output.path={base / 'duplicates'}", "ray.num_cpus=2"))
+    if code != 0:
+        raise RuntimeError(f"chaos: the run of a manifest listing every image twice exited with {code}")
+    return Outcome("duplicates", inputs, inputs, 0, 1, *counts(committed_paths(base / "duplicates"), inputs), round(seconds, 2),
+                   round(undisturbed, 2))
+
+
+def sigterm(images: Path, base: Path, inputs: int) -> Outcome:
+    """The driver stopped by SIGTERM once it committed a third of the files, then run again."""
+    output = base / "sigterm"
+    command = app_command(f"data.path={images}", f"output.path={output}", "ray.num_cpus=2")
+    _, undisturbed = timed_run(app_command(f"data.path={images}", f"output.path={base / 'sigterm-undisturbed'}", "ray.num_cpus=2"))
+    started = time.monotonic()
+    driver = subprocess.Popen(command, env=clean_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: parts(output) >= max(1, inputs // 16 // 3) or driver.poll() is not None, 600, "committed files")
+    driver.send_signal(signal.SIGTERM)
+    if driver.wait() != 12:
+        raise RuntimeError(f"chaos: the run sent SIGTERM exited with {driver.returncode}, not 12")
+    code, again = timed_run(command)
+    if code != 0:
+        raise RuntimeError(f"chaos: the rerun after SIGTERM exited with {code}")
+    return Outcome("sigterm", inputs, 1, 0, 2, *counts(committed_paths(output), inputs),
+                   round(time.monotonic() - started, 2), round(undisturbed, 2))
 
 
 def output_full(images: Path, base: Path, inputs: int) -> Optional[Outcome]:
@@ -237,7 +287,8 @@ def run(args, base: Path) -> list[dict]:
     inputs, removals = args.chaos_images, args.removals
     images = input_folder(base, "chaos", inputs, args)
     base = Path(tempfile.mkdtemp(prefix="chaos-", dir=base))
-    outcomes = [preemption(images, base, inputs, removals), *s3_faults(images, inputs), output_full(images, base, inputs)]
+    outcomes = [preemption(images, base, inputs, removals), *s3_faults(images, inputs), duplicates(images, base, inputs),
+                sigterm(images, base, inputs), output_full(images, base, inputs)]
     for outcome in outcomes:
         if outcome is not None:
             log.info(outcome.line())

@@ -4,7 +4,7 @@
   output.path, the manifest (which says the dataset is complete), reading committed rows.
 - rows: detections (and error rows) turned into result rows.
 - writer: committing rows file by file.
-- lease: one run at a time on an output.path.
+- lease: one run at a time on an output.path: numbered leases, and the fence against a run that lost its own.
 - resume: what an output.path already holds, counted by Ray tasks.
 - reader: a finished results directory, for the report, export and evaluate commands.
 """

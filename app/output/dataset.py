@@ -1,14 +1,19 @@
 """The output dataset: one Parquet row per input image, committed file by file, and the run manifest.
 
 Layout of output.path (the commit protocol):
-  part-<run>-<seq>.parquet  committed rows. Each file is written whole under _staging/ and then moved
-                            here in one step, so readers never see a half-written file (writer.py).
+  part-g<gen>-<seq>.parquet committed rows of the run holding lease generation <gen> (10 digits; older
+                            names without "g" count as generation 0). Each file is written whole under
+                            _staging/ and then moved here in one step, so readers never see a half-written
+                            file (writer.py). A file of a generation that was taken over, with a seq at or
+                            above the limit its successor recorded, is not part of the dataset: one
+                            function, `committed_files`, decides what is.
   _settings.json            what the rows depend on, written when the first run starts. A later run on
                             the same output.path resumes only with the same settings.
   _staging/                 files being written; anything left there by a crashed run is discarded.
   _manifest.json            written last, when every input has its row: a directory without it is an
                             incomplete run (`read_manifest` is the one place that decides).
-  _lease.json               the lease of the run writing here now, if any (lease.py).
+  _lease/<gen>.json         one lease file per generation (10 digits), never deleted: the highest is the
+                            current one, and it carries the limits of the generations taken over (lease.py).
   _transient.parquet        the inputs the last run could not read because storage kept failing for
                             reasons that may pass (path, error); they have no row, and a rerun reads them.
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
@@ -20,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import types
 import uuid
@@ -32,6 +38,7 @@ from omegaconf import OmegaConf
 
 from app import storage
 from app.config import AppConfig, ConfigError, OutputConfig
+from app.retry import with_retries
 
 if TYPE_CHECKING:
     from app.model import ModelSpec
@@ -65,13 +72,25 @@ CORRUPT_IMAGE = "corrupt_image"
 NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or folder named like an image: never opened
 # A read that kept failing for a reason that may pass (app.retry): never committed, so a rerun reads it again.
 TRANSIENT = "transient"
+# A read that storage refused (not found, access denied, a rejected credential, a missing bucket): never
+# committed as such. The driver commits it as UNREADABLE once another file reads fine, or stops the run
+# when storage refuses everything (app.output.verdicts).
+REFUSED = "refused"
+# A file whose reads failed for reasons that may pass in data.transient_runs runs in a row: committed, so
+# that the output finishes (data.retry_errors=[kept_failing] reads them again).
+KEPT_FAILING = "kept_failing"
 
 MANIFEST_NAME = "_manifest.json"
 TRANSIENT_NAME = "_transient.parquet"
 SETTINGS_NAME = "_settings.json"
 STAGING_DIR = "_staging"
-LEASE_NAME = "_lease.json"
+LEASE_DIR = "_lease"
 PART_PREFIX = "part-"
+# Tries of a read of the run's own small files (settings, manifest, lease) that fails for a reason that may pass.
+READ_ATTEMPTS = 5
+# part-g<generation>-<seq>.parquet, and _lease/<generation>.json
+PART_PATTERN = re.compile(rf"{PART_PREFIX}g(\d{{10}})-(\d+)\.parquet")
+LEASE_PATTERN = re.compile(r"(\d{10})\.json")
 
 
 class OutputFull(Exception):
@@ -130,11 +149,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def read_json(filesystem: pafs.FileSystem, path: str) -> Optional[dict]:
-    """The JSON document at path, or None when there is none."""
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read())
+    """The JSON document at path, or None when there is none. A read that fails for a reason that may pass
+    is tried again (app.retry): the S3 client does not retry a GET whose answer fails mid-body."""
+
+    def read() -> Optional[dict]:
+        if filesystem.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+
+    return with_retries(read, READ_ATTEMPTS, path=path)
 
 
 def locate(section: OutputConfig) -> storage.Location:
@@ -173,21 +197,21 @@ def settings(cfg: AppConfig, weights: str) -> dict:
 
 def prepare(section: OutputConfig, output: storage.Location, wanted: dict) -> None:
     """Prepare output.path, whose lease this run holds: a new dataset, or the resumption of one made with
-    the settings `wanted`. Files a crashed run left in staging are discarded; committed rows are kept."""
-    entries = [entry for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path)) if entry.base_name != LEASE_NAME]
-    if section.overwrite:
-        for entry in entries:
-            if entry.type == pafs.FileType.Directory:
-                output.filesystem.delete_dir(entry.path)
-            else:
-                output.filesystem.delete_file(entry.path)
-        entries = []
+    the settings `wanted`. Files a crashed run left in staging are discarded; committed rows are kept.
+    output.overwrite=true deletes what runs wrote there (never the lease, nor files of anybody else), and
+    refuses when output.path is not a ray-detect output or holds data.path."""
+    entries = [entry for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path)) if entry.base_name != LEASE_DIR]
     previous = read_json(output.filesystem, output.join(SETTINGS_NAME))
+    if section.overwrite and entries:
+        check_overwrite(section, output, previous, wanted)
+        for entry in entries:
+            if entry.type == pafs.FileType.Directory and entry.base_name == STAGING_DIR:
+                output.filesystem.delete_dir(entry.path)
+            elif entry.type == pafs.FileType.File and written_by_a_run(entry.base_name):
+                output.filesystem.delete_file(entry.path)
+        entries, previous = [], None
     if previous is None and entries:
-        raise ConfigError(
-            f"output.path {section.path} holds files that are not ray-detect results; "
-            f"choose another output.path or pass output.overwrite=true to replace its contents"
-        )
+        raise not_ours(section)
     if previous is not None and previous != wanted:
         key = next(key for key in sorted(set(wanted) | set(previous)) if wanted.get(key) != previous.get(key))
         raise ConfigError(
@@ -199,15 +223,107 @@ def prepare(section: OutputConfig, output: storage.Location, wanted: dict) -> No
         write_json(output.filesystem, output.join(SETTINGS_NAME), wanted)
 
 
-def committed_files(output: storage.Location) -> list[str]:
+def written_by_a_run(name: str) -> bool:
+    """Whether a file in output.path is one that runs write (a committed file, settings, manifest, list of
+    inputs left unread, or one replace_file was writing)."""
+    if name.endswith(".partial"):
+        name = name.rsplit(".", 2)[0]  # <name>.<random>.partial
+    return (name.startswith(PART_PREFIX) and name.endswith(".parquet")) or name in (SETTINGS_NAME, MANIFEST_NAME, TRANSIENT_NAME)
+
+
+def check_ours(section: OutputConfig, output: storage.Location) -> None:
+    """Raise ConfigError when output.path holds files but no ray-detect output (neither settings nor a
+    lease); checked before the run takes its lease, so that nothing is left in somebody else's folder."""
+    names = {entry.base_name for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))}
+    if names and not names & {SETTINGS_NAME, LEASE_DIR}:
+        raise not_ours(section)
+
+
+def not_ours(section: OutputConfig) -> ConfigError:
+    if section.overwrite:
+        return ConfigError(f"output.path {section.path} is not a ray-detect output (it has no {SETTINGS_NAME}): "
+                           f"output.overwrite=true replaces only results; choose another output.path")
+    return ConfigError(f"output.path {section.path} holds files that are not ray-detect results; choose another output.path")
+
+
+def check_overwrite(section: OutputConfig, output: storage.Location, previous: Optional[dict], wanted: dict) -> None:
+    """Raise ConfigError unless output.path may be overwritten: it holds a ray-detect output (its settings),
+    and not the run's own inputs."""
+    if previous is None:
+        raise not_ours(section)
+    inputs, here = wanted["data.path"], output.uri(output.path).rstrip("/")
+    if inputs == here or inputs.startswith(here + "/"):
+        raise ConfigError(f"data.path {inputs} lies inside output.path {section.path}: output.overwrite=true is refused "
+                          f"there; choose an output.path apart from the inputs")
+
+
+def part_name(generation: int, sequence: int) -> str:
+    return f"{PART_PREFIX}g{generation:010d}-{sequence:06d}.parquet"
+
+
+def part_files(output: storage.Location) -> dict[str, tuple[int, int]]:
+    """Every part-*.parquet file in output.path, counted or not, with its (generation, seq); a name from
+    before generations is generation 0."""
     entries = output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
-    return sorted(
-        entry.path
+    names = {entry.path: entry.base_name for entry in entries if entry.type == pafs.FileType.File
+             and entry.base_name.startswith(PART_PREFIX) and entry.base_name.endswith(".parquet")}
+    return {path: tuple(map(int, match.groups())) if (match := PART_PATTERN.fullmatch(name)) else (0, 0)
+            for path, name in names.items()}
+
+
+def lease_path(output: storage.Location, generation: int) -> str:
+    return output.join(LEASE_DIR, f"{generation:010d}.json")
+
+
+def lease_files(output: storage.Location) -> dict[int, pafs.FileInfo]:
+    """The lease files in _lease/, by generation."""
+    entries = output.filesystem.get_file_info(pafs.FileSelector(output.join(LEASE_DIR), allow_not_found=True))
+    return {
+        int(entry.base_name[:10]): entry
         for entry in entries
-        if entry.type == pafs.FileType.File
-        and entry.base_name.startswith(PART_PREFIX)
-        and entry.base_name.endswith(".parquet")
-    )
+        if entry.type == pafs.FileType.File and LEASE_PATTERN.fullmatch(entry.base_name)
+    }
+
+
+def read_lease(output: storage.Location, generation: int) -> Optional[dict]:
+    """A generation's lease document; None when there is none or it is empty or not a JSON object (its run
+    was killed while creating it, or the disk was full). A store's failure raises OSError."""
+    try:
+        document = read_json(output.filesystem, lease_path(output, generation))
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def latest_readable_lease(output: storage.Location, generations) -> tuple[int, Optional[dict]]:
+    """The highest of generations whose document can be read, and that document; (0, None) when none can."""
+    for generation in sorted(generations, reverse=True):
+        document = read_lease(output, generation)
+        if document is not None:
+            return generation, document
+    return 0, None
+
+
+def lease_limits(document: Optional[dict]) -> dict[int, int]:
+    """The limits a lease document carries: generation → the first seq of its files that does not count."""
+    return {int(generation): int(limit) for generation, limit in ((document or {}).get("limits") or {}).items()}
+
+
+def sorted_part_files(output: storage.Location) -> tuple[list[str], list[str]]:
+    """The part files, sorted into (committed, fenced): fenced are those a zombie writer moved in after its
+    generation was taken over (a seq at or above its generation's limit in the latest lease document).
+    The files are listed before the lease, so a file listed is of a generation whose lease file exists."""
+    files = part_files(output)
+    limits = lease_limits(latest_readable_lease(output, lease_files(output))[1])
+    committed, fenced = [], []
+    for path, (generation, sequence) in sorted(files.items()):
+        (committed if sequence < limits.get(generation, sequence + 1) else fenced).append(path)
+    return committed, fenced
+
+
+def committed_files(output: storage.Location) -> list[str]:
+    """The files that make the dataset: the one place that decides, for every reader."""
+    return sorted_part_files(output)[0]
 
 
 def read_committed(output: storage.Location, columns: list[str]) -> pa.Table:
@@ -217,15 +333,6 @@ def read_committed(output: storage.Location, columns: list[str]) -> pa.Table:
         return RESULT_SCHEMA.empty_table().select(columns)
     dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=output.filesystem, format="parquet")
     return dataset.to_table(columns=columns)
-
-
-def record_transient(output: storage.Location, left: Optional[pa.Table]) -> None:
-    """List the inputs a run left unread (path, error) in TRANSIENT_NAME, or remove the list when none are."""
-    path = output.join(TRANSIENT_NAME)
-    if left is not None and left.num_rows:
-        replace_file(output.filesystem, path, parquet_bytes(left))
-    elif output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
-        output.filesystem.delete_file(path)
 
 
 def read_manifest(output: storage.Location) -> Optional[dict]:

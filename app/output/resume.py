@@ -3,7 +3,8 @@
 Committed rows are read file by file in tasks; each path becomes a 16-byte BLAKE2b digest, and the sorted
 digests of all of them are one array in Ray's object store (16 bytes a row: 160 MB for 10 million rows),
 which the tasks that drop already-done inputs search. Two different paths share a 16-byte digest with a
-chance of about 10^-22 at 10^8 paths.
+chance of about 10^-22 at 10^8 paths. The driver keeps the paths that got their row in this run in a
+PathSet of such digests, so that a path listed twice gets one row.
 """
 
 import hashlib
@@ -35,6 +36,65 @@ def contains(index: np.ndarray, values: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), dtype=bool)
     where = np.searchsorted(index, values).clip(max=len(index) - 1)
     return index[where] == values
+
+
+def merge_sorted(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The sorted digests of two sorted arrays, in one pass over the first."""
+    return np.insert(first, np.searchsorted(first, second), second)
+
+
+class PathSet:
+    """A set of paths held as their digests, about 16 bytes a path (10^8 paths: 1.6 GB): sorted runs of
+    distinct digests and a sorted buffer of the latest ones. The buffer becomes a run once it holds
+    buffer_rows digests, and the last run is merged into the one before it while that one is at most twice
+    its size: each run is then over twice the next, so there are at most log2(len / buffer_rows) + 1 runs
+    to search. A merge holds both runs and their merge for a moment: up to twice the set's bytes."""
+
+    def __init__(self, buffer_rows: int = 1 << 16):
+        self.buffer_rows = buffer_rows
+        self.runs: list[np.ndarray] = []
+        self.buffer = np.empty(0, dtype=DIGEST)
+
+    def __len__(self) -> int:
+        return len(self.buffer) + sum(len(run) for run in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its arrays hold."""
+        return self.buffer.nbytes + sum(run.nbytes for run in self.runs)
+
+    def __contains__(self, path: str) -> bool:
+        return bool(self.contains([path])[0])
+
+    def contains(self, paths: list[str]) -> np.ndarray:
+        """Which of paths are in the set."""
+        return self.contains_digests(digests(paths))
+
+    def contains_digests(self, values: np.ndarray) -> np.ndarray:
+        found = contains(self.buffer, values)
+        for run in self.runs:
+            found |= contains(run, values)
+        return found
+
+    def add_new(self, paths: list[str]) -> np.ndarray:
+        """Add paths; True for each that was not in the set before, and of a path given several times, for
+        its first occurrence only."""
+        return self.add_new_digests(digests(paths))
+
+    def add_new_digests(self, values: np.ndarray) -> np.ndarray:
+        """add_new for paths given as their digests."""
+        distinct, first = np.unique(values, return_index=True)
+        fresh = ~self.contains_digests(distinct)
+        new = np.zeros(len(values), dtype=bool)
+        new[first[fresh]] = True
+        self.buffer = merge_sorted(self.buffer, distinct[fresh])
+        if len(self.buffer) >= self.buffer_rows:
+            self.runs.append(self.buffer)
+            self.buffer = np.empty(0, dtype=DIGEST)
+            while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+                last = self.runs.pop()
+                self.runs[-1] = merge_sorted(self.runs[-1], last)
+        return new
 
 
 @dataclass
@@ -89,24 +149,40 @@ def scan_output(output: Location, in_ray: bool):
 
 @ray.remote(num_cpus=0)
 class InputTally:
-    """How many inputs the streamed listing produced, by block: a retried task records its block again
-    under the same key, so nothing is counted twice."""
+    """The inputs the streamed listing produced, each distinct path once, and which of them each block
+    brings first. A block's answer is kept under the digest of its paths: a retried task gets the same
+    answer and counts nothing twice. A path listed again in another block (a manifest naming it twice) is
+    not brought there; two blocks of the same paths in the same order get one answer, and the driver
+    drops the second block's rows as it commits (app.output.verdicts). About 16 bytes a path."""
 
     def __init__(self):
-        self.blocks: dict[tuple[str, int], int] = {}
+        self.paths = PathSet()
+        self.blocks: dict[bytes, np.ndarray] = {}  # a block's key: its rows' "brought first" flags, packed
+        self.rows = 0
 
-    def record(self, key: tuple[str, int], rows: int) -> None:
-        self.blocks[key] = rows
+    def record(self, values: np.ndarray) -> np.ndarray:
+        """Which rows of a block (their paths' digests) bring their path first."""
+        key = hashlib.blake2b(values.tobytes(), digest_size=16).digest()
+        if key not in self.blocks:
+            self.blocks[key] = np.packbits(self.paths.add_new_digests(values))
+            self.rows += len(values)
+        return np.unpackbits(self.blocks[key], count=len(values)).astype(bool)
 
     def total(self) -> int:
-        return sum(self.blocks.values())
+        return len(self.paths)
+
+    def duplicates(self) -> int:
+        """Rows of paths listed before."""
+        return self.rows - len(self.paths)
 
 
 def drop_done(batch: pa.Table, *, index: Optional[ray.ObjectRef], uri_prefix: str, tally) -> pa.Table:
-    """Ray Data UDF: input rows in, those without a committed row out; every row in is counted."""
-    if batch.num_rows:
-        ray.get(tally.record.remote((batch.column("path")[0].as_py(), batch.num_rows), batch.num_rows))
-    if index is None or not batch.num_rows:
+    """Ray Data UDF: input rows in, those that bring their path first and have no committed row out;
+    every row in is counted by the tally."""
+    if not batch.num_rows:
         return batch
-    done = contains(ray.get(index), digests([uri_prefix + path for path in batch.column("path").to_pylist()]))
-    return batch.filter(pa.array(~done))
+    values = digests([uri_prefix + path for path in batch.column("path").to_pylist()])
+    keep = ray.get(tally.record.remote(values))
+    if index is not None:
+        keep = keep & ~contains(ray.get(index), values)
+    return batch.filter(pa.array(keep))

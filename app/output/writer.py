@@ -5,7 +5,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from app.output.dataset import PART_PREFIX, RESULT_SCHEMA, STAGING_DIR, parquet_bytes, write_whole
+from app.output.dataset import RESULT_SCHEMA, STAGING_DIR, parquet_bytes, part_name, write_whole
 from app.storage import Location
 
 
@@ -13,17 +13,20 @@ class ResultWriter:
     """Commits result rows as Parquet files of up to rows_per_file rows; rows that arrive
     commit_interval_s seconds or more after the last commit are committed with the ones pending, so a
     crash loses only rows of the last interval (the check runs when rows arrive: nothing is committed
-    while none do). `before_commit` is called before each file is written: the run's lease check."""
+    while none do). Files are named after the run's lease generation (`part-g<generation>-<seq>`), which
+    is how readers tell a zombie's late file from the dataset (dataset.committed_files).
+    `before_commit` is called before each file is written: the run's lease check."""
 
-    def __init__(self, output: Location, run_id: str, rows_per_file: int, commit_interval_s: float,
+    def __init__(self, output: Location, generation: int, rows_per_file: int, commit_interval_s: float,
                  before_commit: Callable[[], None] = lambda: None):
-        self.output, self.run_id, self.before_commit = output, run_id, before_commit
+        self.output, self.generation, self.before_commit = output, generation, before_commit
         self.rows_per_file, self.commit_interval_s = rows_per_file, commit_interval_s
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.sequence = 0
         self.last_commit = time.monotonic()
-        output.filesystem.create_dir(output.join(STAGING_DIR, run_id), recursive=True)
+        self.staging = output.join(STAGING_DIR, f"g{generation:010d}")
+        self.staged = False  # whether the staging folder is there: made for the first file, gone at close
 
     def add(self, rows: pa.Table) -> None:
         self.pending.append(rows)
@@ -47,8 +50,11 @@ class ResultWriter:
         """Write rows under _staging/, then move the whole file into the dataset in one step. A full disk
         leaves nothing behind and raises OutputFull (dataset.write_whole)."""
         self.before_commit()
-        name = f"{PART_PREFIX}{self.run_id}-{self.sequence:06d}.parquet"
-        staged = self.output.join(STAGING_DIR, self.run_id, name)
+        if not self.staged:
+            self.output.filesystem.create_dir(self.staging, recursive=True)
+            self.staged = True
+        name = part_name(self.generation, self.sequence)
+        staged = f"{self.staging}/{name}"
         write_whole(self.output.filesystem, staged, parquet_bytes(rows.cast(RESULT_SCHEMA)))
         self.output.filesystem.move(staged, self.output.join(name))
         self.sequence += 1
@@ -59,5 +65,9 @@ class ResultWriter:
         return time.time() - (time.monotonic() - self.last_commit)
 
     def close(self) -> None:
+        """Commit the pending rows and remove the staging folder; the writer may commit more after."""
         self.commit()
-        self.output.filesystem.delete_dir(self.output.join(STAGING_DIR))
+        if self.staged:
+            self.before_commit()  # staging is only its holder's to delete: not a run whose lease was taken over
+            self.output.filesystem.delete_dir(self.output.join(STAGING_DIR))
+            self.staged = False

@@ -1,0 +1,144 @@
+"""Committing a run's result rows as they stream in, and how a run stops: what it did (Executed), the
+errors that stop it and say why in the command line's terms, and SIGTERM made one of them. The rows that
+are verdicts on their inputs are app.output.verdicts' to decide; what it stands on, app.output.writer's."""
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from app.detector_stage import DEVICE_ERROR_MARKER
+from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
+from app.output.lease import OutputLease
+from app.output.verdicts import Verdicts, storage_refusal
+from app.plan import Plan
+from app.progress import Progress
+from app.retry import BUDGET_SPENT_MARKER
+
+
+class DeviceUnavailable(Exception):
+    """A detector actor holds a GPU that torch cannot use (and inference.cpu_fallback is off); the
+    message is one line, from the actor."""
+
+
+class InputsLeft(Exception):
+    """Some inputs were not read because storage kept failing for reasons that may pass: after their
+    retries (data.read_attempts), or once the run's retries were spent (data.read_retry_budget). Their rows
+    are not committed, so a rerun reads them; raised after every other row is written."""
+
+    def __init__(self, message: str, summary: Optional["Summary"] = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+def marked_error_in(error: BaseException, marker: str) -> Optional[str]:
+    """The message after `marker` inside an error Ray raised on the driver, if there is one."""
+    for line in str(error).splitlines():
+        if marker in line:
+            return line[line.index(marker) + len(marker):].strip()
+    return None
+
+
+class Stopped(Exception):
+    """The driver was told to stop (SIGTERM: Kubernetes stopping the pod, `ray job stop`, a deadline); the
+    rows finished before are committed, and the lease released."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the context lasts, SIGTERM raises Stopped in the main thread (once: a second one while the
+    run commits and releases its lease is ignored). Ray's driver exits at once on SIGTERM, before this."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped("SIGTERM received: the rows finished before it are committed; rerun to go on")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class Executed:
+    """What the execution of a run did: the images it processed, the detector actors that made rows (by
+    WORKER_COLUMN), the GPUs each held, the tally of streamed inputs, the most actors at work at once and
+    each stage's seconds of work per worker (see Summary)."""
+
+    processed: int = 0
+    # The inputs without a row because storage kept failing (verdicts.TRANSIENT_SCHEMA), and the rows dropped
+    # because their path already had one from this run.
+    left: Optional[pa.Table] = None
+    duplicates: int = 0
+    read_retries: int = 0
+    workers: set[str] = field(default_factory=set)
+    gpus_per_actor: float = 0.0
+    tally: Optional[ray.actor.ActorHandle] = None
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def inputs_seen(self) -> int:
+        return ray.get(self.tally.total.remote())
+
+
+def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, plan: Plan, progress: Progress,
+           on_rows: Optional[Callable[[pa.Table], None]], metrics: RunMetrics) -> Executed:
+    """Commit the result rows as they stream in. The driver is the only writer: rows are committed
+    exactly once even when Ray retries tasks or restarts actors on other nodes; which rows are verdicts on
+    their inputs, and which faults stop the run instead, app.output.verdicts decides. Each batch of rows
+    is counted in the run's metrics, then loses its measurement columns. However the run stops, the rows
+    decided so far are committed and the list of inputs left unread is kept true, unless storage refuses
+    the run (then both are tried, and what fails is left for the rerun)."""
+    executed = Executed(gpus_per_actor=plan.resources.num_gpus)
+
+    def committed(rows: Optional[pa.Table], workers: set[str]) -> None:
+        if rows is None or not rows.num_rows:
+            return
+        executed.processed += rows.num_rows
+        progress.add(rows, workers)
+        if on_rows is not None:
+            on_rows(rows)
+
+    try:
+        for rows in detected.iter_batches(batch_format="pyarrow", batch_size=None):
+            workers = set(pc.unique(rows.column(WORKER_COLUMN)).to_pylist())
+            executed.workers |= workers
+            lease.check()
+            metrics.record(rows)
+            committed(verdicts.add(rows.drop_columns(list(MEASUREMENT_COLUMNS))), workers)
+        committed(verdicts.finish(), set())
+        verdicts.close()
+    except BaseException as error:
+        raise stopped(error, verdicts) from None
+    executed.left, executed.duplicates = verdicts.left(), verdicts.duplicates
+    return executed
+
+
+def stopped(error: BaseException, verdicts: Verdicts) -> BaseException:
+    """What stops the run, once the rows decided so far are committed and the list of inputs left
+    unread recorded (both only tried when storage refuses the run): the error, or the one that says why
+    in the command line's terms."""
+    reason = marked_error_in(error, DEVICE_ERROR_MARKER) if isinstance(error, Exception) else None
+    if reason is not None:
+        return DeviceUnavailable(reason)
+    refusal = storage_refusal(error)
+    if refusal is not None:
+        with contextlib.suppress(Exception):  # storage may refuse these writes too: the rerun redoes them
+            verdicts.close()
+        return refusal
+    if isinstance(error, Exception) and not isinstance(error, Stopped):
+        reason = marked_error_in(error, BUDGET_SPENT_MARKER)
+        if reason is None:
+            return error
+        error = InputsLeft(reason)
+    verdicts.close()  # the rows made so far are committed: a rerun goes on from there
+    return error
