@@ -12,6 +12,7 @@ import ray
 from app import inventory, listing, storage
 from app.config import ConfigError, DataConfig
 from app.output import dataset, resume
+from app.output.verdicts import storage_refusal
 from app.plan import MAX_LISTING_BLOCKS, on_driver_node
 
 
@@ -56,7 +57,8 @@ def open_inputs(data: DataConfig) -> Inputs:
             return Inputs(manifest.images, manifest=manifest)
         listed = listing.list_inputs(data.path, list(data.extensions))
     except (storage.StorageError, OSError) as error:
-        raise ConfigError(str(error)) from None
+        refusal = storage_refusal(error) if not isinstance(error, FileNotFoundError) else None
+        raise refusal or ConfigError(str(error)) from None
     if listed.complete and not listed.found.num_rows:
         raise no_images(data)
     return Inputs(listed.tree.location, listed=listed)

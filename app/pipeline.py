@@ -159,8 +159,8 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
     # Restarted when it dies (its count then starts again), and its calls retried meanwhile.
-    budget = RetryBudget.options(scheduling_strategy=on_driver_node(), max_restarts=-1,
-                                 max_task_retries=-1).remote(cfg.data.read_retry_budget)
+    budget = RetryBudget.options(name=f"ray-detect-retry-budget-{lease.owner}", scheduling_strategy=on_driver_node(),
+                                 max_restarts=-1, max_task_retries=-1).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
     detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget, metric_tags)
     progress = Progress(

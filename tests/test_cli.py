@@ -239,8 +239,8 @@ def test_print_summary(capsys):
          "ray-detect: output full: no space left on the filesystem of /out/_staging/r: part-r-000003.parquet needs "
          "5120 bytes, 1024 free; free some space (or choose another output.path) and rerun: the rows committed so far "
          "are kept"),
-        (StorageRefused("storage refused 10 reads in a row (AWS Error ACCESS_DENIED during HeadObject operation)"), 11, "",
-         "ray-detect: storage refused: storage refused 10 reads in a row (AWS Error ACCESS_DENIED during HeadObject "
+        (StorageRefused("storage refused 10 reads (AWS Error ACCESS_DENIED during HeadObject operation)"), 11, "",
+         "ray-detect: storage refused: storage refused 10 reads (AWS Error ACCESS_DENIED during HeadObject "
          "operation)"),
         (Stopped("SIGTERM received"), 12, "", "ray-detect: stopped: SIGTERM received"),
     ],

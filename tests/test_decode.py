@@ -227,11 +227,13 @@ def test_each_bad_file_becomes_one_error_row(tmp_path):
     assert all(row["pixels"] is None for name, row in rows.items() if name != "good.jpg")
 
 
-def test_unreadable_file_is_an_error_row(tmp_path):
+def test_a_file_storage_does_not_find_is_a_refused_row_for_the_driver_to_judge(tmp_path):
+    """Not found is the file's own fault or the whole run's (a deleted bucket): the driver tells which
+    (tests/test_verdicts.py) and commits it as unreadable or stops the run."""
     batch = input_rows([str(tmp_path / "gone.jpg")], [10])
     out = decode_images(batch, filesystem=pafs.LocalFileSystem(), uri_prefix="", options=NO_RESIZE)
     row = out.to_pylist()[0]
-    assert row["error_kind"] == "unreadable"
+    assert row["error_kind"] == "refused"
     assert "gone.jpg" in row["error"]
 
 

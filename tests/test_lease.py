@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +21,12 @@ import pytest
 from app.output import lease as lease_module
 from app.output.dataset import (
     LEASE_DIR,
+    MANIFEST_NAME,
     RESULT_SCHEMA,
     committed_files,
     json_bytes,
+    latest_readable_lease,
+    lease_files,
     part_name,
     read_committed,
     sorted_part_files,
@@ -442,3 +446,37 @@ def test_the_heartbeat_stops_at_a_newer_generation_and_never_writes_it(tmp_path)
     documents = leases(out)
     assert (documents[1]["owner"], documents[1]["released"]) == ("old", False)
     assert (documents[2]["owner"], documents[2]["released"], documents[2]["limits"]) == ("new", True, {"1": 0})
+
+
+def test_sigterm_commits_what_is_finished_releases_the_lease_and_exits_12(local_ray, tmp_path):
+    """Kubernetes stopping the driver's pod (or `ray job stop`) sends SIGTERM: the command line, attached
+    to this process's Ray, commits the rows finished before it, releases its lease and exits with code 12
+    and one line, well within a grace period; the rerun processes exactly the rest."""
+    count = 24
+    paths = write_images(tmp_path / "in", count)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=2",
+                 "output.commit_interval_s=0", "inference.batch_size=2"]
+    address = local_ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "app", *overrides, f"ray.address={address}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(list((tmp_path / "out").glob("part-*.parquet"))) >= 2 or driver.poll() is not None, 300)
+        assert driver.poll() is None, "the run ended before it was stopped"
+        driver.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 12, stderr[-3000:]
+    assert time.monotonic() - stopped_at < 30  # Kubernetes' default grace period
+    assert stderr.splitlines()[-1] == (
+        "ray-detect: stopped: SIGTERM received: the rows finished before it are committed; rerun to go on")
+    output = resolve(str(tmp_path / "out"))
+    before = read_committed(output, ["path"]).column("path").to_pylist()
+    assert 2 <= len(before) < count and len(set(before)) == len(before)
+    assert not (tmp_path / "out" / "_staging").exists() and not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert latest_readable_lease(output, lease_files(output))[1]["released"] is True
+
+    summary = run(compose_config(overrides))
+    assert (summary.inputs, summary.ok, summary.processed) == (count, count, count - len(before))
+    assert sorted(read_committed(output, ["path"]).column("path").to_pylist()) == sorted(str(path) for path in paths)

@@ -21,6 +21,7 @@ from tests.conftest import (
     LIGHT_CHECKPOINT,
     assert_detections,
     compose_config,
+    gradient_jpeg,
     model_detections,
     write_images,
     write_mixed_inputs,
@@ -298,3 +299,37 @@ def test_settings_record_the_weights_used_and_an_absolute_data_path(tmp_path, mo
         "data.max_file_bytes", "data.max_image_pixels", "data.path", "inference.precision", "inference.resize_on_cpu", "model.class_names",
         "model.max_detections", "model.max_size", "model.min_size", "model.name", "model.num_classes", "model.score_threshold", "model.weights",
     ]
+
+
+def test_an_output_holding_two_rows_of_a_path_is_repaired_when_resumed(local_ray, tmp_path):
+    """An output an older version left with a second copy of a committed file (every path twice): the
+    next run keeps one row per path and finishes, instead of failing on every resume."""
+    write_images(tmp_path / "in", 3)
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    first = run(compose_config(overrides))
+    (part,) = (tmp_path / "out").glob("part-*.parquet")
+    (tmp_path / "out" / "part-older-000000.parquet").write_bytes(part.read_bytes())
+    assert dataset.read_committed(resolve(str(tmp_path / "out")), ["path"]).num_rows == 6
+    again = run(compose_config(overrides))
+    assert (first.ok, again.inputs, again.ok, again.processed) == (3, 3, 3, 0)
+    paths = dataset.read_committed(resolve(str(tmp_path / "out")), ["path"]).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(tmp_path / "in" / f"img_{i:03d}.jpg") for i in range(3))
+
+
+def test_retry_errors_reads_the_images_of_the_chosen_kinds_again_and_replaces_their_rows(local_ray, tmp_path):
+    """A link whose target is missing is unreadable; once the target is restored, a plain rerun changes
+    nothing (the row is a verdict), and data.retry_errors=[unreadable] reads it again: its row becomes its
+    detections, the other error row stays, and every image still has exactly one row."""
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "in" / "late.jpg").symlink_to(tmp_path / "restored.jpg")
+    overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    first = run(compose_config(overrides))
+    assert (first.inputs, first.ok, first.errors_by_kind) == (4, 2, {"not_an_image": 1, "unreadable": 1})
+    (tmp_path / "restored.jpg").write_bytes(gradient_jpeg(80, 60, 7))
+    assert run(compose_config(overrides)).processed == 0
+    retried = run(compose_config([*overrides, "data.retry_errors=[unreadable]"]))
+    assert (retried.inputs, retried.processed, retried.ok, retried.errors_by_kind) == (4, 1, 3, {"not_an_image": 1})
+    rows = {row["path"]: row for row in dataset.read_committed(resolve(str(tmp_path / "out")), ["path", "error_kind", "width"]).to_pylist()}
+    assert len(rows) == 4 and rows[str(tmp_path / "in" / "late.jpg")]["width"] == 80
+    assert (tmp_path / "out" / MANIFEST_NAME).exists()

@@ -23,9 +23,9 @@ import pytest
 import ray
 
 from app import listing
+from app.commit import InputsLeft
 from app.output.dataset import LEASE_DIR, MANIFEST_NAME, TRANSIENT_NAME, lease_path
 from app.output.lease import OutputLease, create_exclusive
-from app.commit import InputsLeft
 from app.pipeline import run
 from app.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from app.storage import resolve
@@ -381,9 +381,9 @@ def test_a_credential_revoked_mid_run_stops_the_run_without_a_verdict_and_the_re
         proxy.rules = []
     assert result.returncode == 11, result.stderr[-3000:]
     assert re.fullmatch(
-        r"ray-detect: storage refused: storage refused \d+ reads in a row \(AWS Error ACCESS_DENIED during HeadObject "
+        r"ray-detect: storage refused: storage refused \d+ reads \(AWS Error ACCESS_DENIED during HeadObject "
         rf"operation\), and (s3://{FAULTS_BUCKET}/in/img_\d{{3}}\.jpg, read fine by this run|s3://{FAULTS_BUCKET}, where "
-        r"they are), is refused too \(AWS Error ACCESS_DENIED during HeadObject operation\): no row was committed for "
+        r"they are), is refused too \(AWS Error ACCESS_DENIED during Head(Object|Bucket) operation\): no row was committed for "
         r"them; restore access and rerun", result.stderr.splitlines()[-1]), result.stderr[-3000:]
     assert SECRET_KEY not in result.stdout + result.stderr and sum(injected.values()) > 10
     assert [row for row in committed("out/revoked").values() if row["error_kind"] is not None] == []
@@ -421,8 +421,8 @@ def test_faults_on_listing_heads_gets_commits_and_lease_renewals_cost_retries_no
 
 
 def test_a_manifest_whose_reads_fail_once_and_that_lists_paths_twice_gives_one_row_per_image(faulty_s3):
-    """A CSV manifest on S3 naming 6 images, 3 of them twice: its first HEAD and GET answered 503 (the
-    storage clients retry), one row per image, the summary counting the 3 dropped; a second run processes
+    """A CSV manifest on S3 naming 6 images, 3 of them twice: its first two requests answered 503 (the
+    storage client retries), one row per image, the summary counting the 3 dropped; a second run processes
     nothing."""
     proxy, images = faulty_s3
     chosen = sorted(images)[:6]
@@ -430,7 +430,7 @@ def test_a_manifest_whose_reads_fail_once_and_that_lists_paths_twice_gives_one_r
     location = resolve(f"s3://{FAULTS_BUCKET}/lists/twice.csv")
     with location.filesystem.open_output_stream(location.path) as stream:
         stream.write(lines.encode())
-    proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "HEAD"), key="/lists/", first=1)]
+    proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "HEAD"), key="/lists/", first=2)]
     cfg = compose_config([*FAST_MODEL, f"data.manifest=s3://{FAULTS_BUCKET}/lists/twice.csv",
                           f"output.path=s3://{FAULTS_BUCKET}/out/twice"])
     try:
@@ -441,3 +441,28 @@ def test_a_manifest_whose_reads_fail_once_and_that_lists_paths_twice_gives_one_r
     assert (summary.inputs, summary.ok, summary.duplicates, injected) == (6, 6, 3, 2)
     assert sorted(committed("out/twice")) == chosen
     assert (run(cfg).processed, read_manifest("out/twice")["counts"]["inputs"]) == (0, 6)
+
+
+def test_the_retry_budgets_actor_killed_mid_run_is_restarted_and_no_read_becomes_a_verdict(faulty_s3):
+    """Every image's first GET answered 503, so that every read asks the retry budget's actor, which is
+    killed once the first rows reach the driver. Ray restarts it (its count starts again) and retries the
+    calls that were waiting on it: every image gets its detections, none an error row or none left."""
+    proxy, images = faulty_s3
+    proxy.rules = [Rule(SLOW_DOWN, key=rf"/{FAULTS_BUCKET}/in/img_\d+\.jpg$", first=1)]
+    killed = []
+
+    def kill_the_budget(rows):
+        if not killed:
+            (named,) = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
+                        if actor["name"].startswith("ray-detect-retry-budget-")]
+            ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]), no_restart=False)
+            killed.append(named["name"])
+
+    cfg = compose_config(overrides("out/budget-killed", "inference.batch_size=1"))
+    try:
+        summary = run(cfg, on_rows=kill_the_budget)
+    finally:
+        proxy.rules = []
+    assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
+    assert len(killed) == 1 and summary.read_retries < IMAGES  # counted again from the restart
+    assert_detections(committed("out/budget-killed"), model_detections(cfg, images, images.get))

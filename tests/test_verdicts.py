@@ -67,14 +67,14 @@ def test_storage_refusing_the_run_stops_it_and_commits_none_of_the_refused_files
     with pytest.raises(StorageRefused) as caught:
         verdicts.add(result_rows(denied(tmp_path, REFUSALS_BEFORE_PROBE - 1)))
     assert str(caught.value) == (
-        f"storage refused {REFUSALS_BEFORE_PROBE} reads in a row ([Errno 13] Permission denied: 'denied_9.jpg'), and "
+        f"storage refused {REFUSALS_BEFORE_PROBE} reads ([Errno 13] Permission denied: 'denied_9.jpg'), and "
         f"{readable}, read fine by this run, is refused too (not found): no row was committed for them; restore "
         f"access and rerun")
     verdicts.close()
     assert committed(tmp_path) == {str(readable): (None, None)}
 
 
-def test_before_any_file_reads_fine_the_probe_looks_up_the_refused_files_folder(tmp_path):
+def test_before_any_file_reads_fine_the_probe_looks_up_the_folder_listed(tmp_path):
     verdicts = verdicts_on(tmp_path)
     verdicts.add(result_rows(denied(tmp_path, 0), denied(tmp_path, 1)))
     assert verdicts.finish().column("error_kind").to_pylist() == ["unreadable", "unreadable"]

@@ -8,7 +8,8 @@ standin     the app with a device stand-in in place of the model: how busy it ke
 decode      images/s one core decodes to the 800-px model size (app.bench.decode);
 memory      peak memory of the app at two input counts (app.bench.memory);
 inputs      the input stage at 10^6-10^7 files and paths, and a resume (app.bench.inputs);
-chaos       faults injected into runs: preemption, S3 throttled and down, the output volume full
+chaos       faults injected into runs: preemption, S3 throttled, down, failing requests and a revoked
+            credential, duplicate inputs, SIGTERM, the output volume full
             (app.bench.chaos);
 tiles       tiled detection of large scenes against SAHI's sliced prediction (app.bench.tiles).
 What they share (generated inputs, timings, the marginal rate, peak memory) is in app.bench.harness.
@@ -90,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="paths of the inputs suite's manifests; the largest is also resumed")
     parser.add_argument("--chaos-images", type=int, default=2000, help="images of the chaos suite's runs")
     parser.add_argument("--removals", type=int, default=5, help="worker nodes the chaos suite's preemption removes")
+    parser.add_argument("--chaos-faults", nargs="+", choices=list(chaos.FAULTS), default=list(chaos.FAULTS),
+                        help="the chaos suite's faults to run (default: all)")
     parser.add_argument("--tiles-model", default="fasterrcnn_mobilenet_v3_large_320_fpn", help="the tiles suite's model")
     parser.add_argument("--tiles-counts", nargs=2, type=int, default=[2, 5], help="the two scene counts of the tiles suite")
     parser.add_argument("--tiles-sizes", nargs="+", type=size_arg, metavar="WxH",

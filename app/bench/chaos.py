@@ -282,13 +282,21 @@ def output_full(images: Path, base: Path, inputs: int) -> Optional[Outcome]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+# The suite's faults by the name --chaos-faults takes: each makes its outcomes (s3 all of its lines).
+FAULTS = {
+    "preemption": lambda images, base, args: [preemption(images, base, args.chaos_images, args.removals)],
+    "s3": lambda images, base, args: s3_faults(images, args.chaos_images),
+    "duplicates": lambda images, base, args: [duplicates(images, base, args.chaos_images)],
+    "sigterm": lambda images, base, args: [sigterm(images, base, args.chaos_images)],
+    "output-full": lambda images, base, args: [output_full(images, base, args.chaos_images)],
+}
+
+
 def run(args, base: Path) -> list[dict]:
-    """Every fault of the suite on --chaos-images images; the outcomes as dicts."""
-    inputs, removals = args.chaos_images, args.removals
-    images = input_folder(base, "chaos", inputs, args)
+    """The faults of --chaos-faults (every one by default) on --chaos-images images; the outcomes as dicts."""
+    images = input_folder(base, "chaos", args.chaos_images, args)
     base = Path(tempfile.mkdtemp(prefix="chaos-", dir=base))
-    outcomes = [preemption(images, base, inputs, removals), *s3_faults(images, inputs), duplicates(images, base, inputs),
-                sigterm(images, base, inputs), output_full(images, base, inputs)]
+    outcomes = [outcome for name in args.chaos_faults for outcome in FAULTS[name](images, base, args)]
     for outcome in outcomes:
         if outcome is not None:
             log.info(outcome.line())

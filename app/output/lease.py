@@ -33,6 +33,7 @@ involved, which must agree to well within timeout_s (NTP does).
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -279,9 +280,13 @@ def create_exclusive(output: Location, path: str, document: dict) -> bool:
         try:
             client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
         except botocore.exceptions.ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
-            raise
+            # As pyarrow says it, so that app.retry tells a refusal (AccessDenied, ...) from other faults.
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise OSError(f"AWS Error {re.sub(r'(?<!^)(?=[A-Z])', '_', code).upper()} (HTTP status {status}) during "
+                          f"PutObject operation: {error.response.get('Error', {}).get('Message', '')}") from error
         return True
     # No conditional write: check, write, and read back.
     if output.filesystem.get_file_info(path).type != pafs.FileType.NotFound:

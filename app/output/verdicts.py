@@ -9,8 +9,8 @@ commits:
   without a row for that reason (_transient.parquet), with the runs each has failed in.
 - A row of kind REFUSED (storage refused the read or found nothing) is held back. Storage refuses one
   file for the file's own reasons (deleted, private) and every file for the run's (a revoked or expired
-  credential, a bucket policy, a deleted bucket); a probe tells which: the metadata of a file this run
-  read fine, or, before any, of the refused file's bucket or folder. Refused too: the run stops with
+  credential, a bucket policy, a deleted bucket); a probe tells which: the metadata of the file this run
+  read fine last, or, before any, of the refused file's bucket (locally, of the folder listed). Refused too: the run stops with
   StorageRefused and commits none of the held rows (a rerun with access restored reads them). Read fine:
   the held rows are committed as UNREADABLE, with storage's message. The probe runs once
   REFUSALS_BEFORE_PROBE rows are held, and when the rows end.
@@ -20,7 +20,6 @@ The probe runs on the driver with the driver's credentials, which are the worker
 Secret or service account on every pod).
 """
 
-import posixpath
 from typing import Optional
 
 import pyarrow as pa
@@ -42,12 +41,14 @@ from app.output.dataset import (
 )
 from app.output.resume import PathSet
 from app.output.writer import ResultWriter
-from app.retry import AWS_ERROR, error_text, is_refused
+from app.retry import AWS_ERROR, error_text, is_refused, with_retries
 from app.storage import Location
 
 # Refused reads held back before the probe decides whose fault they are: the run stops after about this
 # many refusals once storage refuses it, and a file refused alone waits at most this long for its row.
 REFUSALS_BEFORE_PROBE = 10
+# Tries of the probe when it fails for a reason that may pass.
+PROBE_ATTEMPTS = 5
 
 
 class StorageRefused(Exception):
@@ -119,8 +120,8 @@ class Verdicts:
         rest. Raises StorageRefused when the probe finds storage refusing the run."""
         kinds = rows.column("error_kind")
         ok = pc.is_null(kinds)
-        if self.readable is None and pc.any(ok).as_py():
-            self.readable = self.relative(rows.filter(ok)["path"][0].as_py())
+        if pc.any(ok).as_py():  # the latest: the likeliest to be there still
+            self.readable = self.relative(rows.filter(ok)["path"][-1].as_py())
         transient = pc.fill_null(pc.equal(kinds, TRANSIENT), False)
         refused = pc.fill_null(pc.equal(kinds, REFUSED), False)
         if pc.any(refused).as_py():
@@ -159,20 +160,24 @@ class Verdicts:
         return with_kind(held, UNREADABLE, held["error"])
 
     def probe(self, held: pa.Table) -> None:
-        """Raise StorageRefused unless storage still serves this run: a file read fine before (or the
-        refused file's bucket or folder) can be looked up."""
-        target = self.readable or posixpath.dirname(self.relative(held["path"][-1].as_py())) or "/"
-        if self.source.uri_prefix and self.readable is None:
-            target = target.split("/", 1)[0]  # the bucket
+        """Raise StorageRefused unless storage still serves this run: the file read fine last can be looked
+        up, or before any, the refused file's bucket (the folder listed, locally)."""
+        if self.readable is not None:
+            target = self.readable
+        elif self.source.uri_prefix:  # the refused file's bucket
+            target = self.relative(held["path"][-1].as_py()).split("/", 1)[0]
+        else:  # the folder listed, or for a manifest's local paths the root: a file's own folder may be gone
+            target = self.source.path or "/"
         try:
-            found = self.source.filesystem.get_file_info(target).type != pafs.FileType.NotFound
+            info = with_retries(lambda: self.source.filesystem.get_file_info(target), PROBE_ATTEMPTS, path=target)
+            found = info.type != pafs.FileType.NotFound
             reason = "" if found else "not found"
         except OSError as error:
             found, reason = False, describe(error, target)
         if not found:
             last = held["error"][-1].as_py()
             raise StorageRefused(
-                f"storage refused {held.num_rows} reads in a row ({describe_text(last)}), and "
+                f"storage refused {held.num_rows} reads ({describe_text(last)}), and "
                 f"{self.source.uri(target)}, {'read fine by this run' if self.readable else 'where they are'}, "
                 f"is refused too ({reason}): no row was committed for them; restore access and rerun")
 
