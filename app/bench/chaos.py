@@ -11,7 +11,7 @@ s3-requests  the first LIST, HEAD, GET and PUT of every key answered 503 SlowDow
              reads, commits, the manifest, the lease and its renewals);
 s3-revoked   the credential revoked mid-run (every request answered 403 AccessDenied once a fifth of the
              images were read): the run stops (exit code 11), then a rerun once access is back;
-duplicates   a manifest that lists every image twice;
+duplicates   a manifest that lists every image twice (against one that lists each once);
 sigterm      the driver (a process of its own) sent SIGTERM mid-run, then the command run again;
 output-full  output.path on a tmpfs (needs root to mount it) that a ballast file fills mid-run; the
              ballast removed, a rerun.
@@ -221,12 +221,13 @@ def s3_faults(images: Path, inputs: int) -> list[Outcome]:
 
 
 def duplicates(images: Path, base: Path, inputs: int) -> Outcome:
-    """A CSV manifest that lists every image twice, in two halves."""
+    """A CSV manifest that lists every image twice, in two halves, against one that lists each once."""
     names = sorted(path.name for path in images.iterdir())
-    manifest = base / "twice.csv"
-    manifest.write_text("path\n" + "".join(f"{images / name}\n" for name in names * 2))
-    _, undisturbed = timed_run(app_command(f"data.path={images}", f"output.path={base / 'duplicates-undisturbed'}", "ray.num_cpus=2"))
-    code, seconds = timed_run(app_command(f"data.manifest={manifest}", f"output.path={base / 'duplicates'}", "ray.num_cpus=2"))
+    once, twice = base / "once.csv", base / "twice.csv"
+    once.write_text("path\n" + "".join(f"{images / name}\n" for name in names))
+    twice.write_text("path\n" + "".join(f"{images / name}\n" for name in names * 2))
+    _, undisturbed = timed_run(app_command(f"data.manifest={once}", f"output.path={base / 'duplicates-undisturbed'}", "ray.num_cpus=2"))
+    code, seconds = timed_run(app_command(f"data.manifest={twice}", f"output.path={base / 'duplicates'}", "ray.num_cpus=2"))
     if code != 0:
         raise RuntimeError(f"chaos: the run of a manifest listing every image twice exited with {code}")
     return Outcome("duplicates", inputs, inputs, 0, 1, *counts(committed_paths(base / "duplicates"), inputs), round(seconds, 2),
