@@ -114,11 +114,11 @@ def print_summary(summary: Summary) -> None:
 def job(cfg) -> None:
     """The batch job on the config Hydra composed; each way it stops has its exit code."""
     # Imported here: the job's modules load Ray and torch, which no other command needs.
+    from app.commit import DeviceUnavailable, InputsLeft, Stopped
     from app.config import ConfigError
     from app.output.dataset import OutputFull
     from app.output.lease import LeaseLost, OutputInUse
     from app.output.verdicts import StorageRefused
-    from app.commit import DeviceUnavailable, InputsLeft, Stopped
     from app.pipeline import TooManyErrors, run
 
     try:

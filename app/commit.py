@@ -6,7 +6,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +19,9 @@ from app.output.verdicts import Verdicts, storage_refusal
 from app.plan import Plan
 from app.progress import Progress
 from app.retry import BUDGET_SPENT_MARKER
+
+if TYPE_CHECKING:
+    from app.summary import Summary
 
 
 class DeviceUnavailable(Exception):
@@ -95,9 +98,8 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
     """Commit the result rows as they stream in. The driver is the only writer: rows are committed
     exactly once even when Ray retries tasks or restarts actors on other nodes; which rows are verdicts on
     their inputs, and which faults stop the run instead, app.output.verdicts decides. Each batch of rows
-    is counted in the run's metrics, then loses its measurement columns. However the run stops, the rows
-    decided so far are committed and the list of inputs left unread is kept true, unless storage refuses
-    the run (then both are tried, and what fails is left for the rerun)."""
+    is counted in the run's metrics, then loses its measurement columns. How the run stops decides what is
+    still written (`stopped`)."""
     executed = Executed(gpus_per_actor=plan.resources.num_gpus)
 
     def committed(rows: Optional[pa.Table], workers: set[str]) -> None:
@@ -118,15 +120,19 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
         committed(verdicts.finish(), set())
         verdicts.close()
     except BaseException as error:
-        raise stopped(error, verdicts) from None
+        reason = stopped(error, verdicts)
+        if reason is error:
+            raise
+        raise reason from None
     executed.left, executed.duplicates = verdicts.left(), verdicts.duplicates
     return executed
 
 
 def stopped(error: BaseException, verdicts: Verdicts) -> BaseException:
-    """What stops the run, once the rows decided so far are committed and the list of inputs left
-    unread recorded (both only tried when storage refuses the run): the error, or the one that says why
-    in the command line's terms."""
+    """The error that stops the run, in the command line's terms. On SIGTERM and a spent retry budget the
+    rows decided so far are committed and the list of inputs left unread recorded first; when storage
+    refuses the run both are tried (what fails is the rerun's); on anything else (a lease taken over, a
+    full disk, a device error) nothing more is written."""
     reason = marked_error_in(error, DEVICE_ERROR_MARKER) if isinstance(error, Exception) else None
     if reason is not None:
         return DeviceUnavailable(reason)

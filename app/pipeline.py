@@ -169,6 +169,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
         listed_so_far=lambda: ray.get(tally.total.remote()) if tally else 0,
         max_error_fraction=cfg.data.max_error_fraction,
     )
+
     def run_state() -> dict[str, float]:
         inputs_so_far, done, failed = progress.counts()
         return {"inputs": inputs_so_far, "done": done, "failed": failed, "max_error_fraction": cfg.data.max_error_fraction,
@@ -177,12 +178,15 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
 
     metrics = RunMetrics(metric_tags, run_state)
     verdicts = Verdicts(writer, inputs.source, left_before, cfg.data.transient_runs)
-    with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress, metrics:
-        executed = commit(detected, verdicts, lease, plan, progress, on_rows, metrics)
+    try:
+        with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress, metrics:
+            executed = commit(detected, verdicts, lease, plan, progress, on_rows, metrics)
+        executed.read_retries = ray.get(budget.retries.remote())
+    finally:
+        ray.kill(budget)  # named: gone with the run however it ends, not with the driver (which may make several)
     executed.tally = tally
     if tally is not None:
         executed.duplicates += ray.get(tally.duplicates.remote())
-    executed.read_retries = ray.get(budget.retries.remote())
     executed.peak_actors = dict(sorted(progress.peak_actors().items()))
     executed.stage_seconds = stage_seconds(detected, plan, ray.cluster_resources().get("CPU", 1.0))
     return executed

@@ -452,7 +452,7 @@ def test_sigterm_commits_what_is_finished_releases_the_lease_and_exits_12(local_
     """Kubernetes stopping the driver's pod (or `ray job stop`) sends SIGTERM: the command line, attached
     to this process's Ray, commits the rows finished before it, releases its lease and exits with code 12
     and one line, well within a grace period; the rerun processes exactly the rest."""
-    count = 24
+    count = 12
     paths = write_images(tmp_path / "in", count)
     overrides = [*FAST_MODEL, f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "output.rows_per_file=2",
                  "output.commit_interval_s=0", "inference.batch_size=2"]

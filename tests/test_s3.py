@@ -184,19 +184,28 @@ def test_the_lease_is_created_with_a_conditional_write(s3_endpoint):
     assert json.loads(s3_endpoint.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == {"owner": "a"}
 
 
-def test_a_parquet_manifest_on_s3_lists_s3_images(s3_endpoint):
+def test_a_parquet_manifest_on_s3_lists_s3_images_once_each_even_when_reading_it_fails_at_first(s3_service):
+    """A manifest naming three images, two of them twice, a missing one and a text file: its first two
+    requests answered 503 (the storage client retries them), one row per image, the summary counting the
+    two repeats dropped."""
+    proxy, s3_endpoint = s3_service
     for i in range(3):
         s3_endpoint.put_object(Bucket=BUCKET, Key=f"listed/{i}.jpg", Body=jpeg_bytes(50 + i, 40))
-    paths = [f"s3://{BUCKET}/listed/{i}.jpg" for i in range(3)] + [f"s3://{BUCKET}/listed/missing.jpg", f"s3://{BUCKET}/listed/x.txt"]
+    paths = [f"s3://{BUCKET}/listed/{i}.jpg" for i in (0, 1, 2, 1, 0)] + [f"s3://{BUCKET}/listed/missing.jpg", f"s3://{BUCKET}/listed/x.txt"]
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.table({"path": paths}), buffer)
     s3_endpoint.put_object(Bucket=BUCKET, Key="lists/images.parquet", Body=buffer.getvalue().to_pybytes())
-    summary = run(compose_config([*FAST_MODEL, f"data.manifest=s3://{BUCKET}/lists/images.parquet", f"output.path=s3://{BUCKET}/out/listed"]))
+    proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "HEAD"), key="/lists/", first=2)]
+    try:
+        summary = run(compose_config([*FAST_MODEL, f"data.manifest=s3://{BUCKET}/lists/images.parquet", f"output.path=s3://{BUCKET}/out/listed"]))
+    finally:
+        injected = sum(proxy.injected().values())
+        proxy.rules = []
     filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/listed")
     rows = {row["path"]: row for row in pads.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pylist()}
     assert {p: (row["error_kind"], row["width"]) for p, row in rows.items()} == {
         **{f"s3://{BUCKET}/listed/{i}.jpg": (None, 50 + i) for i in range(3)}, f"s3://{BUCKET}/listed/missing.jpg": ("unreadable", None)}
-    assert (summary.inputs, summary.ok) == (4, 3)
+    assert (summary.inputs, summary.ok, summary.duplicates, injected) == (4, 3, 2, 2)
 
 
 def test_no_secret_in_any_file_a_run_writes_nor_in_its_log(s3_endpoint):
@@ -396,59 +405,13 @@ def test_a_credential_revoked_mid_run_stops_the_run_without_a_verdict_and_the_re
 
 def test_faults_on_listing_heads_gets_commits_and_lease_renewals_cost_retries_not_rows(faulty_s3):
     """The first HEAD of every key reset; the first GET of every image, of the listing and of each lease
-    document answered 503 SlowDown; one GET in ten slowed by half a second; the first PUT of the lease's
+    document answered 503 SlowDown; one GET in twenty slowed by half a second; the first PUT of the lease's
     creation, of each of its renewals and of every committed file answered 503. Each is retried, by the
     app (image reads, the lease's reads) or by the storage clients (the rest), and the run ends with every
-    image's detections."""
+    image's detections. Meanwhile the run's retry budget, which every image's retries ask, has its actor
+    killed once the first rows reach the driver: Ray restarts it (its count starts again) and retries the
+    calls that waited on it, so no read becomes an error row or is left."""
     proxy, images = faulty_s3
-    proxy.rules = [Rule(RESET, methods=("HEAD",), first=1),
-                   Rule(SLOW_DOWN, methods=("GET",), key=rf"/in/img_\d+\.jpg$|^/{FAULTS_BUCKET}/?$|/_lease/\d+\.json$", first=1),
-                   Rule(DELAY, methods=("GET",), fraction=0.1, delay_s=0.5, seed=3),
-                   Rule(SLOW_DOWN, methods=("PUT",), key=r"/_lease/\d+\.json$", every=2),
-                   Rule(SLOW_DOWN, methods=("PUT",), key="/part-", first=1)]
-    cfg = compose_config(overrides("out/requests", "output.rows_per_file=8", "output.lease_heartbeat_s=0.5",
-                                   "output.lease_timeout_s=30"))
-    try:
-        summary = run(cfg)
-    finally:
-        faulted = {rule.fault + " " + "/".join(rule.methods): sum(rule.injected.values()) for rule in proxy.rules}
-        proxy.rules = []
-    assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
-    assert IMAGES <= summary.read_retries <= 2 * IMAGES  # each image's reset HEAD; its failed GET, unless S3's client retried it
-    assert faulted["reset HEAD"] >= IMAGES and faulted["SlowDown GET"] >= IMAGES + 2  # images, listing, lease
-    assert faulted["SlowDown PUT"] >= 2 + IMAGES // 8  # the lease's creation and renewals, each committed file once
-    assert_detections(committed("out/requests"), model_detections(cfg, images, images.get))
-
-
-def test_a_manifest_whose_reads_fail_once_and_that_lists_paths_twice_gives_one_row_per_image(faulty_s3):
-    """A CSV manifest on S3 naming 6 images, 3 of them twice: its first two requests answered 503 (the
-    storage client retries), one row per image, the summary counting the 3 dropped; a second run processes
-    nothing."""
-    proxy, images = faulty_s3
-    chosen = sorted(images)[:6]
-    lines = "path\n" + "".join(f"{uri}\n" for uri in chosen + chosen[:3])
-    location = resolve(f"s3://{FAULTS_BUCKET}/lists/twice.csv")
-    with location.filesystem.open_output_stream(location.path) as stream:
-        stream.write(lines.encode())
-    proxy.rules = [Rule(SLOW_DOWN, methods=("GET", "HEAD"), key="/lists/", first=2)]
-    cfg = compose_config([*FAST_MODEL, f"data.manifest=s3://{FAULTS_BUCKET}/lists/twice.csv",
-                          f"output.path=s3://{FAULTS_BUCKET}/out/twice"])
-    try:
-        summary = run(cfg)
-    finally:
-        injected = sum(proxy.injected().values())
-        proxy.rules = []
-    assert (summary.inputs, summary.ok, summary.duplicates, injected) == (6, 6, 3, 2)
-    assert sorted(committed("out/twice")) == chosen
-    assert (run(cfg).processed, read_manifest("out/twice")["counts"]["inputs"]) == (0, 6)
-
-
-def test_the_retry_budgets_actor_killed_mid_run_is_restarted_and_no_read_becomes_a_verdict(faulty_s3):
-    """Every image's first GET answered 503, so that every read asks the retry budget's actor, which is
-    killed once the first rows reach the driver. Ray restarts it (its count starts again) and retries the
-    calls that were waiting on it: every image gets its detections, none an error row or none left."""
-    proxy, images = faulty_s3
-    proxy.rules = [Rule(SLOW_DOWN, key=rf"/{FAULTS_BUCKET}/in/img_\d+\.jpg$", first=1)]
     killed = []
 
     def kill_the_budget(rows):
@@ -458,11 +421,20 @@ def test_the_retry_budgets_actor_killed_mid_run_is_restarted_and_no_read_becomes
             ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]), no_restart=False)
             killed.append(named["name"])
 
-    cfg = compose_config(overrides("out/budget-killed", "inference.batch_size=1"))
+    proxy.rules = [Rule(RESET, methods=("HEAD",), first=1),
+                   Rule(SLOW_DOWN, methods=("GET",), key=rf"/in/img_\d+\.jpg$|^/{FAULTS_BUCKET}/?$|/_lease/\d+\.json$", first=1),
+                   Rule(DELAY, methods=("GET",), fraction=0.05, delay_s=0.5, seed=3),
+                   Rule(SLOW_DOWN, methods=("PUT",), key=r"/_lease/\d+\.json$", every=2),
+                   Rule(SLOW_DOWN, methods=("PUT",), key="/part-", first=1)]
+    cfg = compose_config(overrides("out/requests", "output.rows_per_file=8", "output.lease_heartbeat_s=0.5",
+                                   "output.lease_timeout_s=30"))
     try:
         summary = run(cfg, on_rows=kill_the_budget)
     finally:
+        faulted = {rule.fault + " " + "/".join(rule.methods): sum(rule.injected.values()) for rule in proxy.rules}
         proxy.rules = []
     assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
-    assert len(killed) == 1 and summary.read_retries < IMAGES  # counted again from the restart
-    assert_detections(committed("out/budget-killed"), model_detections(cfg, images, images.get))
+    assert len(killed) == 1 and 0 < summary.read_retries < IMAGES  # counted again from the restart
+    assert faulted["reset HEAD"] >= IMAGES and faulted["SlowDown GET"] >= IMAGES + 2  # images, listing, lease
+    assert faulted["SlowDown PUT"] >= 2 + IMAGES // 8  # the lease's creation and renewals, each committed file once
+    assert_detections(committed("out/requests"), model_detections(cfg, images, images.get))
