@@ -182,6 +182,18 @@ def test_the_local_create_is_exclusive(tmp_path):
     assert isinstance(output.filesystem, pafs.LocalFileSystem)
 
 
+def test_an_output_whose_lease_folder_was_deleted_gets_a_generation_above_its_files(tmp_path):
+    """Someone deleted _lease/ by hand: the next run numbers its lease, and so its files, above every
+    committed file's generation, so that it never writes over one."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / part_name(4, 2)).write_bytes(b"rows of generation 4")
+    lease = OutputLease(resolve(str(out)), "after-cleanup", timeout_s=10, heartbeat_s=1)
+    lease.acquire()
+    lease.release()
+    assert (lease.generation, sorted(path.name for path in (out / LEASE_DIR).iterdir())) == (5, ["0000000005.json"])
+
+
 def test_a_run_may_wait_for_a_dead_runs_lease_to_go_stale(tmp_path):
     """A retried job whose driver died on another machine: its lease stops beating and goes stale. The time bound
     stays: how long the run waits (until the heartbeat is timeout_s old, not wait_s) is what this test proves;

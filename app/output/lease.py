@@ -113,8 +113,11 @@ class OutputLease:
         while True:
             files = lease_files(self.output)
             latest = max(files, default=0)
-            holder = read_lease(self.output, latest) if latest else None
-            if not latest or (holder is not None and holder.get("released")):
+            if not latest:  # a new output, or one whose _lease/ was deleted: never reuse its files' generations
+                latest = max((generation for generation, _ in part_files(self.output).values()), default=0)
+                files = {}
+            holder = read_lease(self.output, latest) if files else None
+            if not files or (holder is not None and holder.get("released")):
                 limits = lease_limits(holder)  # those of the leases before: no fence needed
             else:
                 description, age = describe(holder, files[latest])
