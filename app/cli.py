@@ -118,7 +118,7 @@ def job(cfg) -> None:
     from app.config import ConfigError
     from app.output.dataset import OutputFull
     from app.output.lease import LeaseLost, OutputInUse
-    from app.output.verdicts import StorageRefused
+    from app.output.verdicts import StorageRefused, storage_refusal
     from app.pipeline import TooManyErrors, run
 
     try:
@@ -138,6 +138,11 @@ def job(cfg) -> None:
         fail(ExitCode.OUTPUT_FULL, f"ray-detect: output full: {error}")
     except StorageRefused as error:
         fail(ExitCode.STORAGE_REFUSED, f"ray-detect: storage refused: {error}")
+    except OSError as error:  # storage refusing what the run itself writes or reads (its lease, settings, ...)
+        refusal = storage_refusal(error)
+        if refusal is None:
+            raise
+        fail(ExitCode.STORAGE_REFUSED, f"ray-detect: storage refused: {refusal}")
     except Stopped as error:
         fail(ExitCode.STOPPED, f"ray-detect: stopped: {error}")
     except InputsLeft as error:

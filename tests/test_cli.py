@@ -242,10 +242,14 @@ def test_print_summary(capsys):
         (StorageRefused("storage refused 10 reads (AWS Error ACCESS_DENIED during HeadObject operation)"), 11, "",
          "ray-detect: storage refused: storage refused 10 reads (AWS Error ACCESS_DENIED during HeadObject "
          "operation)"),
+        (OSError("When creating key 'out/_lease/0000000001.json' in bucket 'b': AWS Error ACCESS_DENIED (HTTP status "
+                 "403) during PutObject operation: Access Denied"), 11, "",
+         "ray-detect: storage refused: storage refused the run (AWS Error ACCESS_DENIED (HTTP status 403) during "
+         "PutObject operation): no row was committed for the inputs not done; restore access and rerun"),
         (Stopped("SIGTERM received"), 12, "", "ray-detect: stopped: SIGTERM received"),
     ],
     ids=["config", "too-many-errors", "gpu", "output-in-use", "lease-lost", "inputs-left", "retry-budget-spent",
-         "output-full", "storage-refused", "stopped"],
+         "output-full", "storage-refused", "lease-refused", "stopped"],
 )
 def test_how_the_job_stops(error, code, stdout, line, monkeypatch, capsys):
     def run(cfg):

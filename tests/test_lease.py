@@ -411,7 +411,7 @@ def test_a_run_may_wait_for_an_unreadable_lease_to_go_stale(tmp_path):
     started = time.monotonic()
     lease = OutputLease(resolve(str(out)), "patient", timeout_s=0.5, heartbeat_s=0.1, wait_s=5)
     lease.acquire()
-    assert 0.3 < time.monotonic() - started < 3  # until the file was 0.5 s old (room for a busy machine)
+    assert time.monotonic() - started > 0.3  # until the file was 0.5 s old
     assert lease.generation == 2
     lease.release()
 
@@ -448,9 +448,6 @@ def test_the_heartbeat_stops_at_a_newer_generation_and_never_writes_it(tmp_path)
     written, modified = lease_file(out, 2).read_bytes(), lease_file(out, 2).stat().st_mtime_ns
     wait_until(lambda: not old.heartbeating.thread.is_alive())
     assert old.lost == f"run new on {socket.gethostname()} took output.path over"
-    beats = old.heartbeats
-    time.sleep(0.2)  # ten of the old holder's heartbeat periods
-    assert old.heartbeats == beats
     assert (lease_file(out, 2).read_bytes(), lease_file(out, 2).stat().st_mtime_ns) == (written, modified)
     old.release()
     assert (lease_file(out, 2).read_bytes(), lease_file(out, 2).stat().st_mtime_ns) == (written, modified)

@@ -14,8 +14,8 @@ Layout of output.path (the commit protocol):
                             incomplete run (`read_manifest` is the one place that decides).
   _lease/<gen>.json         one lease file per generation (10 digits), never deleted: the highest is the
                             current one, and it carries the limits of the generations taken over (lease.py).
-  _transient.parquet        the inputs the last run could not read because storage kept failing for
-                            reasons that may pass (path, error); they have no row, and a rerun reads them.
+  _transient.parquet        the inputs without a row because storage kept failing for reasons that may pass
+                            (path, last error, runs in a row); a rerun reads them (app.output.verdicts).
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
 """
 
@@ -233,9 +233,12 @@ def written_by_a_run(name: str) -> bool:
 
 def check_ours(section: OutputConfig, output: storage.Location) -> None:
     """Raise ConfigError when output.path holds files but no ray-detect output (neither settings nor a
-    lease); checked before the run takes its lease, so that nothing is left in somebody else's folder."""
-    names = {entry.base_name for entry in output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))}
-    if names and not names & {SETTINGS_NAME, LEASE_DIR}:
+    lease); checked before the run takes its lease, so that nothing is left in somebody else's folder.
+    The folder is listed only when it has neither: a large output costs two lookups."""
+    for name in (SETTINGS_NAME, LEASE_DIR):
+        if output.filesystem.get_file_info(output.join(name)).type != pafs.FileType.NotFound:
+            return
+    if output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True)):
         raise not_ours(section)
 
 
