@@ -47,9 +47,10 @@ def marked_error_in(error: BaseException, marker: str) -> Optional[str]:
     return None
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """The driver was told to stop (SIGTERM: Kubernetes stopping the pod, `ray job stop`, a deadline); the
-    rows finished before are committed, and the lease released."""
+    rows finished before are committed, and the lease released. A BaseException, like KeyboardInterrupt,
+    so that no library's `except Exception` around the line it interrupts swallows it."""
 
 
 @contextlib.contextmanager
@@ -141,7 +142,7 @@ def stopped(error: BaseException, verdicts: Verdicts) -> BaseException:
         with contextlib.suppress(Exception):  # storage may refuse these writes too: the rerun redoes them
             verdicts.close()
         return refusal
-    if isinstance(error, Exception) and not isinstance(error, Stopped):
+    if isinstance(error, Exception):
         reason = marked_error_in(error, BUDGET_SPENT_MARKER)
         if reason is None:
             return error

@@ -5,7 +5,8 @@ wrong credential), 404 NoSuchBucket, a reset connection, or a delay before passi
 
 A rule picks requests by method and key (a regular expression on the path, bucket included) and then by
 chance (`fraction`, from a seeded generator) or by count (`first`: the first N it matches, per key;
-`after`: every one once N have matched, over all keys; `every`: every N-th of each key). Each
+`after`: every one once N have matched, over all keys, or N of those matching `after_key`; `every`:
+every N-th of each key). Each
 rule counts the faults it injected, by key. `moto_behind_proxy` starts both, for the tests and the
 benchmark's chaos suite (moto comes with the test and bench extras).
 """
@@ -55,7 +56,8 @@ class Rule:
     key: str = ".*"
     fraction: float = 1.0
     first: Optional[int] = None  # only the first N matching requests of each key
-    after: Optional[int] = None  # only once N matching requests (of any key) have passed
+    after: Optional[int] = None  # only once N matching requests (of any key) have passed...
+    after_key: Optional[str] = None  # ... of those whose path this regular expression finds, when set
     every: Optional[int] = None  # only every N-th matching request of each key: the 1st, the N+1-th, ...
     delay_s: float = 0.0
     seed: int = 0
@@ -71,8 +73,10 @@ class Rule:
         self.seen[path] += 1
         if self.first is not None and self.seen[path] > self.first:
             return False
-        if self.after is not None and sum(self.seen.values()) <= self.after:
-            return False
+        if self.after is not None:
+            counted = sum(n for seen, n in self.seen.items() if self.after_key is None or re.search(self.after_key, seen))
+            if counted <= self.after:
+                return False
         if self.every is not None and (self.seen[path] - 1) % self.every:
             return False
         if self.fraction < 1.0 and self.random.random() >= self.fraction:

@@ -376,12 +376,12 @@ def test_a_denied_key_named_like_a_throttling_answer_is_one_unreadable_row_and_n
 
 
 def test_a_credential_revoked_mid_run_stops_the_run_without_a_verdict_and_the_rerun_finishes(faulty_s3):
-    """Every request answered 403 AccessDenied once the run is under way (a rotated Secret, an expired
+    """Every request answered 403 AccessDenied once twelve images were read (a rotated Secret, an expired
     token): the command line stops with exit code 11 and a line naming the cause and never the secret;
     no error row is committed, whatever the run could not read. With access back, a rerun gives every
     image the model's detections."""
     proxy, images = faulty_s3
-    proxy.rules = [Rule(ACCESS_DENIED, methods=("GET", "HEAD", "PUT", "POST", "DELETE"), after=30)]
+    proxy.rules = [Rule(ACCESS_DENIED, methods=("GET", "HEAD", "PUT", "POST", "DELETE"), after=24, after_key="/in/img_")]
     command = [sys.executable, "-m", "app", *overrides("out/revoked"), f"ray.address={ray.get_runtime_context().gcs_address}"]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -208,8 +208,8 @@ def s3_faults(images: Path, inputs: int) -> list[Outcome]:
         injected, proxy.rules = sum(proxy.injected().values()), []
         requests = Outcome("s3-requests", inputs, injected, summary.read_retries, 1, *counts(rows_of("requests"), inputs),
                            round(seconds, 2), round(undisturbed, 2))
-        # Each image read is a HEAD and a GET; a run's first few requests take its lease and list the images.
-        proxy.rules = [Rule(ACCESS_DENIED, methods=every_method, after=2 * (inputs // 5) + 8)]
+        # Each image read is a HEAD and a GET.
+        proxy.rules = [Rule(ACCESS_DENIED, methods=every_method, after=2 * (inputs // 5), after_key="/in/")]
         stopped, first_s = s3_run("revoked", "output.lease_timeout_s=4", "output.lease_heartbeat_s=1")
         injected, proxy.rules = sum(proxy.injected().values()), []
         if stopped is not None:
