@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-.venv/bin/python}"
-exec "$python" tests/k8s_validation.py k8s
+exec "$python" -m tests.support.k8s_validation k8s

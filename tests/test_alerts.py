@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s_validation import CHART_DIR
-from tests.prometheus import PROMTOOL
+from tests.support.k8s_validation import CHART_DIR
+from tests.support.prometheus import PROMTOOL
 
 RULES = CHART_DIR / "rules" / "ray-detect.rules.yaml"
 RULE_TESTS = Path(__file__).parent / "data" / "alert-rules-test.yaml"

@@ -20,7 +20,9 @@ from ray.util.state import list_actors, list_nodes
 
 from app.detector import Detector
 from app.pipeline import run
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL
 
 IDLE_TIMEOUT_S = 6
 BARRIER = "detector-barrier"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
-from tests import k8s_validation as kv
+from tests.support import k8s_validation as kv
 
 CHART = kv.CHART_DIR
 PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"

@@ -28,7 +28,7 @@ from app.output.dataset import OutputFull
 from app.output.verdicts import StorageRefused
 from app.commit import DeviceUnavailable, InputsLeft, Stopped
 from app.pipeline import Summary, TooManyErrors, model_spec
-from tests.conftest import write_images
+from tests.support.images import write_images
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -19,7 +19,7 @@ from app.plan import (
     plan_resources,
     rows_per_call,
 )
-from tests.conftest import compose_config
+from app.config import compose_config
 
 CONF = Path(__file__).parent.parent / "app" / "conf"
 GROUPS = ["data", "model", "inference", "tiling", "output"]

@@ -20,7 +20,7 @@ from app.decode import (
     model_input_size,
 )
 from app.listing import input_rows
-from tests.conftest import encoded, jpeg_bytes
+from tests.support.images import encoded, jpeg_bytes
 
 NO_RESIZE = DecodeOptions(max_file_bytes=10**8, max_image_pixels=10**8)
 

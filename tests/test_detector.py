@@ -29,7 +29,8 @@ from app.output.rows import result_rows
 from app.pipeline import model_spec
 from app.staging import packed, to_device, unpacked
 from app.tiling import TilingOptions, tile_grid
-from tests.conftest import FAST_MODEL, compose_config, light_checkpoint, model_detections
+from app.config import compose_config
+from tests.support.models import FAST_MODEL, light_checkpoint, model_detections
 
 SPEC = ModelSpec(
     name="fasterrcnn_mobilenet_v3_large_320_fpn",

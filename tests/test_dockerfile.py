@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,28 +20,13 @@ import yaml
 
 import app
 from app.model import MODEL_NAMES
-from tests import k8s_validation as kv
+from tests.support import k8s_validation as kv
+from tests.support.dockerfile import CHART_META, CHART_VALUES, DOCKERFILE, PYPROJECT, ROOT, instructions
 
-ROOT = kv.REPO_ROOT
-DOCKERFILE = ROOT / "Dockerfile"
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CHART_META = yaml.safe_load((kv.CHART_DIR / "Chart.yaml").read_text())
-CHART_VALUES = yaml.safe_load((kv.CHART_DIR / "values.yaml").read_text())
 IMAGE_REPOSITORY = "ghcr.io/ray-detect/ray-detect"
 CUDA_FLAVOUR = "cu130"
 
 
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
-    ))
-    found = []
-    for line in text.splitlines():
-        if line.strip():
-            keyword, _, rest = line.strip().partition(" ")
-            found.append((keyword.upper(), " ".join(rest.split())))
-    return found
 
 
 def pinned(package: str) -> str:

@@ -6,7 +6,7 @@ import pytest
 from torchvision.models import get_model_weights
 
 from app import evaluate, export
-from tests.test_report import MODEL, error_row, ok_row, write_results
+from tests.support.results import MODEL, error_row, ok_row, write_results
 
 CAT, DOG, TABLE = (17, "cat"), (18, "dog"), (67, "dining table")
 # A dog box shifted right by 20 px on a 100 px box: IoU = 80·100 / (2·100·100 − 80·100) = 2/3, so it

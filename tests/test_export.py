@@ -9,7 +9,7 @@ from pycocotools.coco import COCO
 
 from app import export
 from app.evaluate import parse_voc
-from tests.test_report import error_row, ok_row, write_results
+from tests.support.results import error_row, ok_row, write_results
 
 CAT = [40.25, 30.5, 160.0, 120.75]
 

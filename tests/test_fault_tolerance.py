@@ -16,14 +16,10 @@ from ray.util.state import list_actors
 from app.output.dataset import MANIFEST_NAME, read_committed
 from app.pipeline import run
 from app.storage import resolve
-from tests.conftest import (
-    FAST_MODEL,
-    assert_detections,
-    compose_config,
-    connected_cluster,
-    model_detections,
-    write_images,
-)
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL, assert_detections, model_detections
+from tests.support.ray_cluster import connected_cluster
 
 
 def committed_parts(folder):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from tests.support.dockerfile import PYPROJECT, ROOT, instructions
 
-from tests.test_dockerfile import PYPROJECT, ROOT, instructions
 
 # The index the image's pip uses (the base image configures no other), and where PyPI serves its files.
 PYPI = "https://pypi.org/simple"

@@ -16,15 +16,9 @@ from app.config import ConfigError
 from app.inputs import open_inputs
 from app.output.dataset import MANIFEST_NAME
 from app.pipeline import run
-from tests.conftest import (
-    FAST_MODEL,
-    assert_detections,
-    compose_config,
-    jpeg_bytes,
-    model_detections,
-    write_images,
-)
-from tests.test_listing import odd_tree
+from app.config import compose_config
+from tests.support.images import jpeg_bytes, odd_tree, write_images
+from tests.support.models import FAST_MODEL, assert_detections, model_detections
 
 
 def rows_of(path):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
-from tests import k8s_validation as kv
+from tests.support import k8s_validation as kv
 
 K8S = kv.K8S_DIR
 RAYJOB = K8S / "rayjob.yaml"

@@ -40,7 +40,9 @@ from app.output.lease import (
 from app.output.writer import ResultWriter
 from app.pipeline import run
 from app.storage import Location, resolve
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL
 
 HOST = "other-pod"
 

@@ -9,6 +9,7 @@ import pytest
 from app.config import IMAGE_EXTENSIONS
 from app.listing import list_inputs, list_part, text_path
 from app.storage import StorageError
+from tests.support.images import odd_tree
 
 
 def make_tree(root):
@@ -72,22 +73,6 @@ def test_a_folder_named_like_a_glob_is_taken_literally(tmp_path):
     assert names(list_inputs(str(folder), IMAGE_EXTENSIONS).found, tmp_path) == ["[2024] photos/x.jpg"]
     # A path that does not exist is a glob.
     assert names(list_inputs(str(tmp_path / "[2] photos.*"), IMAGE_EXTENSIONS).found, tmp_path) == ["2 photos.jpg"]
-
-
-def odd_tree(root):
-    """One of each entry issue 16 names, beside one good image."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "good.jpg").write_bytes(b"good")
-    (root / os.fsdecode(b"bad\xffutf8.jpg")).write_bytes(b"odd name")
-    (root / "100%.jpg").write_bytes(b"percent")
-    (root / "sub").mkdir()
-    (root / "sub" / "inner.png").write_bytes(b"inner")
-    (root / "sub" / "sub_parent").symlink_to("..")  # a link to the parent folder: not followed twice
-    (root / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
-    (root / "dangling.jpg").symlink_to("nowhere.jpg")
-    os.mkfifo(root / "pipe.jpg")
-    (root / "dir.jpg").mkdir()
-    (root / "dir.jpg" / "in_dir.jpg").write_bytes(b"in dir")
 
 
 def test_odd_entries_each_become_exactly_one_row(tmp_path):

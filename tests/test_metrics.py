@@ -1,7 +1,7 @@
 """The app's metrics (app.metrics) as a platform sees them: a run on S3 (moto's server behind the
 fault-injecting proxy of app.s3_faults, so that reads are retried and one image is left for a rerun),
 on a local Ray that exports every node's metrics as a RayCluster does, scraped by a real Prometheus
-(tests/prometheus.py). Every metric must hold the value the run's summary reports, and every query of the
+(tests/support/prometheus.py). Every metric must hold the value the run's summary reports, and every query of the
 chart's Grafana dashboard must return what the run did."""
 
 import json
@@ -18,9 +18,10 @@ from app.metrics import METRICS
 from app.commit import InputsLeft
 from app.pipeline import Summary, run
 from app.s3_faults import SLOW_DOWN, Rule, moto_behind_proxy
-from tests.conftest import FAST_MODEL, gradient_jpeg, jpeg_bytes
-from tests.k8s_validation import CHART_DIR
-from tests.prometheus import PROMETHEUS, Prometheus, by
+from tests.support.k8s_validation import CHART_DIR
+from tests.support.prometheus import PROMETHEUS, Prometheus, by
+from tests.support.images import gradient_jpeg, jpeg_bytes
+from tests.support.models import FAST_MODEL
 
 BUCKET = "metrics-test"
 RUN = "metrics-test"

@@ -12,7 +12,9 @@ import pytest
 
 from app.output.dataset import LEASE_DIR, MANIFEST_NAME, STAGING_DIR, OutputFull
 from app.pipeline import run
-from tests.conftest import FAST_MODEL, assert_detections, compose_config, model_detections, write_images
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL, assert_detections, model_detections
 
 IMAGES = 40
 

@@ -16,16 +16,9 @@ from app.output import dataset
 from app.output.dataset import LEASE_DIR, MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
 from app.pipeline import TooManyErrors, run
 from app.storage import resolve
-from tests.conftest import (
-    FAST_MODEL,
-    LIGHT_CHECKPOINT,
-    assert_detections,
-    compose_config,
-    gradient_jpeg,
-    model_detections,
-    write_images,
-    write_mixed_inputs,
-)
+from app.config import compose_config
+from tests.support.images import gradient_jpeg, write_images, write_mixed_inputs
+from tests.support.models import FAST_MODEL, LIGHT_CHECKPOINT, assert_detections, model_detections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 from ray.util.state import list_actors, list_tasks
+from tests.support.images import write_images
+from tests.support.jobs import IMAGES as LOG_IMAGES, check_clean_log, run_job
+from tests.support.models import FAST_MODEL
+from tests.support.ray_cluster import connected_cluster
 
-from tests.conftest import FAST_MODEL, connected_cluster, write_images
-from tests.test_log import IMAGES as LOG_IMAGES
-from tests.test_log import check_clean_log, run_job
 
 CUDA_WORKS = torch.cuda.is_available()
 NEEDS_AN_UNUSABLE_GPU = pytest.mark.skipif(

@@ -3,7 +3,8 @@
 import pytest
 
 from app.plan import ClusterLimits, Plan, Resources, plan_run
-from tests.conftest import FAST_MODEL, compose_config
+from app.config import compose_config
+from tests.support.models import FAST_MODEL
 
 # The tests' model at the app's default pool size (auto), which is what is planned here.
 MODEL = [*FAST_MODEL, "inference.num_actors=auto"]

@@ -20,7 +20,7 @@ from app import device
 from app.config import SAMPLES_DIR
 from app.detector import Detector
 from app.model import ModelSpec
-from tests.conftest import LIGHT, light_checkpoint
+from tests.support.models import LIGHT, light_checkpoint
 
 # Photos at sizes the 800-px models take as they are: landscape, portrait, and a 3:2 landscape.
 PHOTOS = {"chelsea.jpg": (1333, 800), "rocket.jpg": (800, 1333), "coffee.jpg": (1200, 800)}
@@ -138,7 +138,7 @@ def test_half_precision_detections_match_float32_ones_within_the_stated_bound(de
     Why these numbers: the geometry is float32 under every precision, so the detections differ only
     through the layers' rounding, 2^-9 of a value in bfloat16 (8 significant bits) and 2^-12 in float16
     (11). The tests' model is a seeded light model (BatchNorm calibrated on the bundled photos,
-    tests/conftest.py), and its 100 detections score within about 0.03 of each other: the rounding
+    tests/support/models.py), and its 100 detections score within about 0.03 of each other: the rounding
     reorders some near-ties among candidates, and a reordered candidate suppresses a different neighbour
     in NMS. That is what the rest of the share is made of, more of it in bfloat16, where it can reach the
     top five: on an H200 machine (torch 2.11), one of the third photo's top five went that way under

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import k8s_validation as kv
-from tests.prometheus import free_port
+from tests.support import k8s_validation as kv
+from tests.support.prometheus import free_port
 
 ROOT = kv.REPO_ROOT
 WORKFLOWS = ROOT / ".github" / "workflows"

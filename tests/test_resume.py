@@ -12,7 +12,8 @@ from app.output.dataset import LEASE_DIR, RESULT_SCHEMA
 from app.output.resume import contains, digests, scan_output
 from app.pipeline import run
 from app.storage import resolve
-from tests.conftest import compose_config, write_images
+from app.config import compose_config
+from tests.support.images import write_images
 
 
 def committed_file(path, rows):

@@ -11,7 +11,7 @@ import pytest
 from app.decode import DecodeOptions, ImageError, decode_images, read_file
 from app.output.dataset import REFUSED, TRANSIENT, UNREADABLE
 from app.retry import BACKOFF_CAP_S, RetryBudget, RetryBudgetSpent, backoff_s, is_refused, is_transient, with_retries
-from tests.conftest import jpeg_bytes
+from tests.support.images import jpeg_bytes
 
 # pyarrow's messages for S3 faults (app/s3_faults.py against moto), one of each kind.
 SLOW_DOWN_ON_HEAD = ("When reading information for key 'x.jpg' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 503) "

@@ -29,14 +29,9 @@ from app.output.lease import OutputLease, create_exclusive
 from app.pipeline import run
 from app.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from app.storage import resolve
-from tests.conftest import (
-    FAST_MODEL,
-    assert_detections,
-    compose_config,
-    gradient_jpeg,
-    jpeg_bytes,
-    model_detections,
-)
+from app.config import compose_config
+from tests.support.images import gradient_jpeg, jpeg_bytes
+from tests.support.models import FAST_MODEL, assert_detections, model_detections
 
 BUCKET = "detect-test"
 # The stand-in endpoint's keys, distinctive enough to be searched for in what a run writes and logs.

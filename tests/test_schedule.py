@@ -6,8 +6,10 @@ import shlex
 import pyarrow.dataset as pads
 
 from app.pipeline import run
-from tests import k8s_validation as kv
-from tests.conftest import FAST_MODEL, compose_config, write_images
+from tests.support import k8s_validation as kv
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL
 
 PLATFORM_VALUES = kv.CHART_DIR / "examples" / "values-platform.yaml"
 

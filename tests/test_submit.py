@@ -25,7 +25,7 @@ import yaml
 
 from app import submit
 from app.cli import ExitCode
-from tests import k8s_validation as kv
+from tests.support import k8s_validation as kv
 
 MANIFEST = kv.K8S_DIR / "rayjob.yaml"
 TOKEN = "stand-in-token"

@@ -31,7 +31,9 @@ from app.listing import INPUT_SCHEMA
 from app.model import build_model
 from app.pipeline import model_spec, run
 from app.tiling import Detections, TilingOptions, merge_detections, tile_grid
-from tests.conftest import FAST_MODEL, compose_config, model_detections, write_images
+from app.config import compose_config
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL, model_detections
 
 # SAHI picks its merging backend by what is installed (torchvision's on a GPU); numpy's is its reference.
 set_postprocess_backend("numpy")

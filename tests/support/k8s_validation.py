@@ -16,9 +16,9 @@ from a registry and are left to tests/test_release.py.
 
 Also a command line, exiting 1 on any error:
 
-- ``python tests/k8s_validation.py [-f values.yaml ...]`` renders the chart with helm v3 and v4 and prints
+- ``python -m tests.support.k8s_validation [-f values.yaml ...]`` renders the chart with helm v3 and v4 and prints
   every strict-validation error;
-- ``python tests/k8s_validation.py k8s`` (what ``scripts/validate-k8s.sh`` runs) renders every kustomization
+- ``python -m tests.support.k8s_validation k8s`` (what ``scripts/validate-k8s.sh`` runs) renders every kustomization
   under ``k8s/``, reads ``k8s/rayjob.yaml`` and the Argo CD Applications, and prints every error.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "ray-detect"
 K8S_DIR = REPO_ROOT / "k8s"
 TOOLS_DIR = Path(os.environ.get("K8S_TOOLS_DIR", REPO_ROOT / ".tools"))  # as scripts/get-k8s-tools.sh
