@@ -7,8 +7,9 @@
 #   docker build --build-arg BAKE_WEIGHTS=false -t ray-detect:no-weights .
 #
 # No ENTRYPOINT or CMD of our own: KubeRay starts the Ray processes in every pod, and a RayJob's
-# entrypoint (`python -m app ...`) runs the app. The Ray and Python versions follow pyproject.toml and the
-# tag follows its version; tests/test_dockerfile.py fails when they drift.
+# entrypoint (`python -m app ...`) runs the app. The Ray version follows pyproject.toml's pin, the Python
+# version (3.11) lies in its requires-python, and the tag follows its version; tests/test_dockerfile.py
+# fails when they drift. The image gets the package alone: no test code (tests/ stays out, .dockerignore).
 FROM rayproject/ray:2.60.0-py311-cu130
 
 LABEL org.opencontainers.image.title="ray-detect" \

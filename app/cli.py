@@ -12,17 +12,18 @@ Every command exits with a code of ExitCode and reports a mistake as one line on
 
 from __future__ import annotations
 
-import argparse
+import copy
 import importlib
 import logging
+import logging.config
+import string
 import sys
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Optional
 
-import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-import app.conf  # noqa: F401  (registers the typed config schema)
+from app.exit_codes import CommandParser, ExitCode, fail
 
 if TYPE_CHECKING:
     from app.summary import Summary
@@ -30,37 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROG = "ray-detect"
-
-
-class ExitCode(IntEnum):
-    """The exit codes of every command (the "Exit codes" table of docs/cli.md)."""
-
-    OK = 0
-    FAILURE = 1  # anything unexpected (a traceback says what)
-    USAGE = 2  # bad arguments, overrides or configuration; an unusable results directory; a missing extra
-    TOO_MANY_ERRORS = 3  # run: more images failed than data.max_error_fraction allows (every row is written)
-    GPU_UNUSABLE = 4  # run: a detector actor holds a GPU that torch cannot use
-    OUTPUT_IN_USE = 5  # run: another run holds output.path (or took it over)
-    KUBERNETES = 6  # submit: the Kubernetes API refused or could not be reached, or no kubeconfig
-    JOB_FAILED = 7  # submit --wait: the RayJob failed or was stopped
-    WAIT_TIMEOUT = 8  # submit --wait: --timeout passed; the RayJob goes on
-    INPUTS_LEFT = 9  # run: storage kept failing for some inputs (faults that may pass); a rerun reads them
-    OUTPUT_FULL = 10  # run: output.path's filesystem is full; the rows committed so far are kept
-    STORAGE_REFUSED = 11  # run: storage refuses the run (access denied, a rejected credential, a missing bucket)
-    STOPPED = 12  # run: SIGTERM; the rows finished before are committed and the lease released
-
-
-def fail(code: ExitCode, line: str) -> NoReturn:
-    """Stop with one line on stderr and an exit code."""
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-class CommandParser(argparse.ArgumentParser):
-    """The parser of every command: a mistake is one line, `ray-detect <cmd>: error: ...`, exit code 2."""
-
-    def error(self, message):
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,13 +42,13 @@ class OverrideError(Exception):
     """Hydra overrides that do not compose; the message is the first line of Hydra's."""
 
 
-def compose_overrides(overrides: list[str]):
-    """The app's config with the overrides, composed as `ray-detect run` will; OverrideError if a key,
-    an option or a value is wrong."""
+def compose_overrides(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The app's config with the overrides, composed as `ray-detect run` composes it (with Hydra's own
+    settings under `hydra` when with_hydra); OverrideError if a key, an option or a value is wrong."""
     from app.config import compose_config
 
     try:
-        return compose_config(overrides)
+        return compose_config(overrides, with_hydra)
     except Exception as error:  # Hydra and OmegaConf raise many types; each names the bad override or key
         text = str(error).strip()
         raise OverrideError(text.splitlines()[0] if text else type(error).__name__) from error
@@ -110,9 +80,8 @@ def print_summary(summary: Summary) -> None:
         log.warning(warning)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
-def job(cfg) -> None:
-    """The batch job on the config Hydra composed; each way it stops has its exit code."""
+def job(cfg: DictConfig) -> None:
+    """The batch job on a composed config; each way it stops has its exit code."""
     # Imported here: the job's modules load Ray and torch, which no other command needs.
     from app.commit import DeviceUnavailable, InputsLeft, Stopped
     from app.config import ConfigError
@@ -154,30 +123,60 @@ def job(cfg) -> None:
         fail(ExitCode.TOO_MANY_ERRORS, f"ray-detect: failed: {error}")
 
 
-def run(argv: list[str]) -> int:
-    """`ray-detect run [Hydra flags] [overrides]`: compose the overrides, then hand them to Hydra."""
-    # Hydra's own parser tells its flags (--cfg job, --help, --multirun, ...) from the overrides, as
-    # hydra.main will; it is internal to Hydra, which has no public one.
-    from hydra._internal.utils import get_args_parser
+def run_parser() -> CommandParser:
+    parser = CommandParser(prog=f"{PROG} run", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true", help="show the config groups and the composed config")
+    parser.add_argument("-c", "--cfg", choices=("job", "hydra", "all"),
+                        help="print the composed config (the app's, Hydra's own settings, or both) and stop")
+    parser.add_argument("--resolve", action="store_true", help="with --cfg or --help: resolve interpolations")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, group=option, +key=value, ~key")
+    return parser
 
-    parser = get_args_parser()
-    parser.prog = f"{PROG} run"
-    args = parser.parse_args(argv)
-    # Composing first turns Hydra's own report of a bad override (a stack of messages, exit code 1) into
-    # one line and exit code 2, before Ray starts. Where the flags choose another config or a sweep,
-    # Hydra composes on its own.
-    if not (args.multirun or args.config_path or args.config_name or args.config_dir or args.experimental_rerun):
-        try:
-            compose_overrides(args.overrides)
-        except OverrideError as error:
-            fail(ExitCode.USAGE, f"ray-detect: config error: {error}")
-    saved = sys.argv
-    sys.argv = [saved[0], *argv]  # hydra.main reads its arguments from sys.argv
+
+def run(argv: list[str]) -> int:
+    """`ray-detect run [--help | --cfg job|hydra|all [--resolve]] [overrides]`: compose the config, then run
+    the job on it with Hydra's logging settings (hydra.job_logging). A bad override is one line and exit
+    code 2, before Ray starts."""
+    args = run_parser().parse_intermixed_args(argv)
     try:
-        job()
-    finally:
-        sys.argv = saved
+        cfg = compose_overrides(args.overrides, with_hydra=True)
+    except OverrideError as error:
+        fail(ExitCode.USAGE, f"ray-detect: config error: {error}")
+    if args.help:
+        print(config_help(cfg, args.resolve))
+        return ExitCode.OK
+    if args.cfg:
+        print(OmegaConf.to_yaml(config_part(cfg, args.cfg), resolve=args.resolve), end="")
+        return ExitCode.OK
+    logging.config.dictConfig(OmegaConf.to_container(cfg.hydra.job_logging, resolve=True))
+    job(job_config(cfg))
     return ExitCode.OK
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A copy of the app's config without Hydra's own settings, as Hydra's compose returns it by default."""
+    job_only = copy.deepcopy(cfg)
+    with read_write(job_only), open_dict(job_only):
+        del job_only["hydra"]
+    return job_only
+
+
+def config_part(cfg: DictConfig, part: str) -> DictConfig:
+    """What `--cfg part` prints of a config composed with Hydra's settings: job (the app's config), hydra
+    (Hydra's settings) or all (both)."""
+    if part == "job":
+        return job_config(cfg)
+    return OmegaConf.masked_copy(cfg, "hydra") if part == "hydra" else cfg
+
+
+def config_help(cfg: DictConfig, resolve: bool) -> str:
+    """`ray-detect run --help`: Hydra's help template (hydra.help) filled with the app's config groups
+    and its options, and the composed config."""
+    from app.config import config_groups
+
+    groups = "".join(f"{group}: {', '.join(options)}\n" for group, options in config_groups().items())
+    return string.Template(cfg.hydra.help.template).safe_substitute(
+        APP_CONFIG_GROUPS=groups, CONFIG=OmegaConf.to_yaml(job_config(cfg), resolve=resolve))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from app.detector_stage import DEVICE_ERROR_MARKER
+from app.device import DEVICE_ERROR_MARKER
 from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal

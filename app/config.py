@@ -12,8 +12,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from app.result_schema import COMMITTED_ERRORS
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 # The value of the inference settings that the job resolves against the cluster (app.plan).
@@ -21,9 +22,6 @@ AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
 # A URI holding a secret before its host: scheme://user:password@... (pyarrow and fsspec accept it; the
 # password may hold a slash, as AWS secret keys do), not scheme://host:port/path@...
-# The error kinds of committed rows (app.output.dataset), which data.retry_errors may name.
-RETRYABLE_ERRORS = ("unreadable", "kept_failing", "empty_file", "too_large", "not_an_image", "too_many_pixels",
-                    "corrupt_image", "not_a_file")
 CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]+:(?!\d+/)[^@]*@")
 
 
@@ -207,16 +205,30 @@ class AppConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
-def compose_config(overrides=()):
-    """The app's config with Hydra overrides applied, as `python -m app` composes it (outside a Hydra run)."""
+def compose_config(overrides=(), with_hydra: bool = False):
+    """The app's config with Hydra overrides applied, as `python -m app` composes it; with_hydra keeps
+    Hydra's own settings (logging, help) under `hydra`."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="app.conf", version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def config_groups() -> dict[str, list[str]]:
+    """The app's config groups (the folders of app/conf) and the options of each, as Hydra finds them."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_module(config_module="app.conf", version_base=None):
+        loader = GlobalHydra.instance().config_loader()
+        groups = sorted(group for group in loader.list_groups("") if group != "hydra")
+        return {group: sorted(loader.get_group_options(group)) for group in groups}
 
 
 def register_configs() -> None:
     """Register the schema and the resolver that points at the bundled sample images."""
+    from hydra.core.config_store import ConfigStore  # here: the result commands read configs without Hydra
+
     ConfigStore.instance().store(name="base_config", node=AppConfig)
     if not OmegaConf.has_resolver("samples_dir"):
         OmegaConf.register_new_resolver("samples_dir", lambda: str(SAMPLES_DIR))
@@ -257,10 +269,10 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"data.read_retry_budget={cfg.data.read_retry_budget} must be at least 0")
     if cfg.data.transient_runs < 1:
         raise ConfigError(f"data.transient_runs={cfg.data.transient_runs} must be at least 1")
-    unknown = [kind for kind in cfg.data.retry_errors if kind not in RETRYABLE_ERRORS]
+    unknown = [kind for kind in cfg.data.retry_errors if kind not in COMMITTED_ERRORS]
     if unknown:
         raise ConfigError(f"data.retry_errors: {unknown[0]!r} is not an error kind rows are committed with "
-                          f"(one of {', '.join(RETRYABLE_ERRORS)})")
+                          f"(one of {', '.join(COMMITTED_ERRORS)})")
     if not 0 <= cfg.data.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={cfg.data.max_error_fraction} must be between 0 and 1")
     if cfg.model.max_detections < 1:

@@ -1,6 +1,6 @@
 """The CPU stage: read each file, decode it to RGB uint8 at the model's input size, or say why not.
 
-Every input row comes out as exactly one row: pixels on success, an error kind (app.output.dataset's
+Every input row comes out as exactly one row: pixels on success, an error kind (app.result_schema's
 vocabulary) and message otherwise. `pixels` reads the decoded pixels back out of such rows.
 """
 
@@ -17,7 +17,7 @@ import ray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app import storage
-from app.output.dataset import (
+from app.result_schema import (
     CORRUPT_IMAGE,
     EMPTY_FILE,
     NOT_AN_IMAGE,

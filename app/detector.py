@@ -1,7 +1,7 @@
-"""The detector, built once in each actor of the detector stage (app.detector_stage), which hands it every
-batch: it loads the model; `Detector.detect` takes decoded pixels and returns detections (boxes in model
-pixels, scores, label ids). Its call reads the pixels of a decoded batch (app.decode.pixels) and hands the
-detections to app.output.rows, which makes the result rows.
+"""The detector: pixels in, detections out. Built once in each actor of the detector stage
+(app.detector_stage), it loads the model; `Detector.detect` takes decoded HWC uint8 pixels and returns
+each image's boxes (in the pixels it was given), scores and label ids. Turning those into result rows is
+the stage's job.
 
 How it keeps the device busy:
 - The images of a call are grouped into model batches by shape (`shape_batches`): the model pads every
@@ -24,30 +24,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import ray
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from app import decode
 from app.decode import model_input_size
 from app.device import choose_device, configure_cuda_allocator, device_name
-from app.metrics import (
-    BATCH_IMAGES_COLUMN,
-    BATCH_PADDING_COLUMN,
-    DECODE_SECONDS_COLUMN,
-    INPUT_BYTES_COLUMN,
-    MODEL_SECONDS_COLUMN,
-    WORKER_COLUMN,
-    ActorAlive,
-)
 from app.model import ModelSpec, build_model
 from app.out_of_memory import SplittingRunner, is_out_of_memory, release_cuda_memory
-from app.output.rows import result_rows
 from app.precision import AUTOCAST_DTYPES, mixed_precision
 from app.staging import Staged, to_device, to_host
-from app.tiling import Detections, TilingOptions, merge_detections
+from app.tiling import TilingOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +41,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH_PADDING = 0.2
 # torchvision's detection transform pads a batch's height and width up to multiples of this.
 SIZE_DIVISIBLE = 32
-
-
-def worker_name(device: torch.device) -> str:
-    """This actor's node, its id and its device, as WORKER_COLUMN holds them."""
-    if not ray.is_initialized():
-        return f"local/{id(device)}/{device_name(device)}"
-    context = ray.get_runtime_context()
-    return f"{context.get_node_id()}/{context.get_actor_id()}/{device_name(device)}"
 
 
 def padded(length: int) -> int:
@@ -179,36 +157,31 @@ class ModelInput(NamedTuple):
 
 
 class Detector:
-    """Built once per actor: loads the model, then detects objects in each batch it is called with.
+    """Built once per actor: loads the model, then detects objects in the images it is given.
 
     num_threads is the number of CPUs Ray reserved for the actor; torch uses that many threads.
     precision "fp16" or "bf16" runs the model's layers in half precision and its box geometry in float32
-    (app.precision; for GPUs with tensor cores). batch_size is the most images per model call; a call of
-    the actor holds several model batches, which are grouped by shape. An actor that holds a GPU torch
-    cannot drive raises DeviceError before any image, unless cpu_fallback lets it run on the CPU.
-    metric_tags (the run's, app.metrics) has the actor report itself alive in the run's metrics.
-    tiling (tiling=tiles) has it detect the tiles of the images the decode task tiled and merge their
-    detections (app.tiling); a model batch then holds tiles, which are all of one shape."""
+    (app.precision; for GPUs with tensor cores). batch_size is the most images per model call; a call
+    holds several model batches, which are grouped by shape. An actor that holds a GPU torch cannot drive
+    raises DeviceError before any image, unless cpu_fallback lets it run on the CPU. tiling (tiling=tiles)
+    says the images are tiles (and whole images) of tiled scenes: a model batch then holds images of one
+    shape only."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
-                 cpu_fallback: bool = False, metric_tags: Optional[dict[str, str]] = None,
-                 tiling: Optional[TilingOptions] = None):
+                 cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None):
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
         configure_cuda_allocator()
         self.device = choose_device(cpu_fallback)
+        self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.batch_size, self.tiling = spec, batch_size, tiling
         model, self.categories = self.load_model(spec)
         self.model = model.to(self.device)
-        self.label_names = pa.array(self.categories, pa.string())
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
-        self.worker = worker_name(self.device)
-        if metric_tags:
-            ActorAlive(metric_tags, device_name(self.device))
 
     def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
@@ -267,90 +240,3 @@ class Detector:
                 found[i] = detections
             ran.append(ModelBatch(indices, time.perf_counter() - started, batch_padding([sizes[i] for i in indices])))
         return found, ran
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Ray Data's call: decoded rows (app.decode.DECODED_SCHEMA) in, result rows out, one for one,
-        with the measurements of app.metrics beside them."""
-        rows = np.flatnonzero(pc.is_null(batch.column("error_kind")).to_numpy(zero_copy_only=False))
-        views = model_views(batch, rows, self.tiling)
-        found, ran = self.detect_batches([view.pixels for view in views])
-        detections = image_detections(views, found, self.tiling)
-        num_tiles = np.bincount([view.row for view in views], minlength=batch.num_rows)
-        table = result_rows(batch, rows, [detections[i] for i in rows], self.label_names, num_tiles)
-        # Each row's share of the model's seconds, and the model batches that began with one of its views.
-        view_rows = np.array([view.row for view in views], np.int64)
-        model_seconds = np.full(batch.num_rows, np.nan)
-        model_seconds[rows] = 0.0
-        batch_images: list[list[int]] = [[] for _ in range(batch.num_rows)]
-        padding: list[list[float]] = [[] for _ in range(batch.num_rows)]
-        for model_batch in ran:
-            positions = view_rows[model_batch.indices]
-            np.add.at(model_seconds, positions, model_batch.seconds / len(positions))
-            batch_images[positions[0]].append(len(positions))
-            padding[positions[0]].append(model_batch.padding)
-        measurements = {
-            WORKER_COLUMN: pa.array([self.worker] * batch.num_rows, pa.string()),
-            INPUT_BYTES_COLUMN: batch.column("input_bytes"),
-            DECODE_SECONDS_COLUMN: batch.column("decode_seconds"),
-            MODEL_SECONDS_COLUMN: pa.array(model_seconds, from_pandas=True),
-            BATCH_IMAGES_COLUMN: pa.array([values or None for values in batch_images], pa.list_(pa.int32())),
-            BATCH_PADDING_COLUMN: pa.array([values or None for values in padding], pa.list_(pa.float64())),
-        }
-        for name, column in measurements.items():
-            table = table.append_column(name, column)
-        return table
-
-
-class View(NamedTuple):
-    """One model input of a decoded row: its image at model size, or a tile of its full-size pixels, or
-    the whole image of a tiled row. Its boxes go into the image's pixels times `scale`, plus `offset`."""
-
-    row: int  # the row's position in its batch
-    pixels: np.ndarray
-    scale: tuple[float, float]  # the image's pixels per pixel of the view, across and down
-    offset: tuple[int, int]  # the view's top-left corner in the image's pixels
-
-
-def model_views(batch: pa.Table, rows: np.ndarray, tiling: Optional[TilingOptions]) -> list[View]:
-    """The model inputs of a decoded batch's `rows` (those without an error), row by row. An untiled
-    image is one view. A tiled one is its tiles, cropped from its full-size pixels without a copy, then,
-    with tiling.full_image, the whole image: at model size, or at full size for the model to resize on
-    the device when inference.resize_on_cpu is off."""
-    valid = {name: batch.column(name).is_valid().to_numpy(zero_copy_only=False) for name in ("pixels", "scene")}
-    with_pixels, with_scene = rows[valid["pixels"][rows]], rows[valid["scene"][rows]]
-    images = dict(zip(with_pixels.tolist(), decode.pixels(batch, with_pixels)))
-    scenes = dict(zip(with_scene.tolist(), decode.pixels(batch, with_scene, "scene")))
-    tiles = batch.column("tiles")
-    widths, heights = (batch.column(name).to_numpy(zero_copy_only=False) for name in ("width", "height"))
-
-    def whole(i: int, image: np.ndarray) -> View:
-        return View(i, image, (widths[i] / image.shape[1], heights[i] / image.shape[0]), (0, 0))
-
-    views = []
-    for i in rows.tolist():
-        if i not in scenes:
-            views.append(whole(i, images[i]))
-            continue
-        scene = scenes[i]
-        for x1, y1, x2, y2 in np.array(tiles[i].as_py(), np.int64).reshape(-1, 4).tolist():
-            views.append(View(i, scene[y1:y2, x1:x2], (1.0, 1.0), (x1, y1)))
-        if tiling.full_image:
-            views.append(whole(i, images.get(i, scene)))
-    return views
-
-
-def image_detections(views: list[View], found: list[dict[str, np.ndarray]], tiling: Optional[TilingOptions]) -> dict[int, Detections]:
-    """The detections of each row's image in its pixels, by row: its views' boxes scaled (in float32, as
-    torchvision scales them) and moved into the image, merged (app.tiling) when the image was tiled."""
-    by_row: dict[int, list[Detections]] = {}
-    for view, detections in zip(views, found):
-        boxes = detections["boxes"]
-        if view.scale != (1.0, 1.0):
-            boxes = boxes * np.array(view.scale * 2, np.float32)
-        boxes = boxes.astype(np.float64) + np.array(view.offset * 2, np.float64)
-        by_row.setdefault(view.row, []).append(Detections(boxes, detections["scores"], detections["labels"]))
-    merged = {}
-    for row, parts in by_row.items():
-        joined = Detections(*(np.concatenate(column) for column in zip(*parts)))
-        merged[row] = merge_detections(joined, tiling) if tiling is not None and len(parts) > 1 else joined
-    return merged

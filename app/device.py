@@ -5,19 +5,27 @@ DeviceError with one line that says why and what to do (or the CPU, when inferen
 CUDA, a device plugin that exposes the GPU), torch's build has kernels for the GPU's compute capability
 (torch.cuda.is_available() is true on a GPU that is too old, which then fails at its first convolution
 with "no kernel image is available"), and one small convolution runs there.
+
+The driver imports this module for DEVICE_ERROR_MARKER, so torch is imported by the functions that use it:
+only the detector actors load it.
 """
+
+from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import ray
-import torch
 
-from app.detector_stage import DEVICE_ERROR_MARKER
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+# Begins the message of a DeviceError, so that the driver (app.commit) finds it inside Ray's wrapping of the
+# actor's error.
+DEVICE_ERROR_MARKER = "ray-detect device error:"
 NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 # What this project's image needs of a GPU node (the Dockerfile: CUDA 13.0, torch from PyPI).
 IMAGE_REQUIREMENTS = "compute capability 7.5 or newer (Turing and newer GPUs) and NVIDIA driver R580 or newer"
@@ -34,6 +42,8 @@ class DeviceError(Exception):
 
 def device_name(device: torch.device) -> str:
     """The device as the summary and the manifest name it: cuda:<GPU model>, or cpu."""
+    import torch
+
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return device.type
@@ -56,6 +66,8 @@ def first_line(error: BaseException) -> str:
 
 def cuda_failure() -> str:
     """Why torch cannot use CUDA here, in torch's words (its first line)."""
+    import torch
+
     try:
         torch.cuda.init()
     except Exception as error:  # torch raises RuntimeError or AssertionError, depending on the cause
@@ -97,6 +109,8 @@ def supported_capabilities(arch_list: list[str]) -> str:
 
 def run_test_kernel() -> None:
     """One small convolution on the current GPU, waited for: what the model's first layer does."""
+    import torch
+
     probe = torch.ones(1, 1, 3, 3, device="cuda")
     torch.nn.functional.conv2d(probe, probe)
     torch.cuda.synchronize()
@@ -104,6 +118,8 @@ def run_test_kernel() -> None:
 
 def cuda_problem() -> Optional[str]:
     """Why torch cannot run the detector on the GPUs it sees, or None when it can."""
+    import torch
+
     if not torch.cuda.is_available():
         return cuda_failure()
     arch_list = torch.cuda.get_arch_list()
@@ -120,6 +136,8 @@ def cuda_problem() -> Optional[str]:
 
 
 def unusable_gpu_message(gpu_ids: list, problem: str) -> str:
+    import torch
+
     node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
     driver = nvidia_driver_version()
     return (
@@ -146,6 +164,8 @@ def configure_cuda_allocator() -> None:
 def choose_device(cpu_fallback: bool = False) -> torch.device:
     """CUDA when Ray gave this actor a GPU; the CPU when it gave none. An actor given a GPU that torch
     cannot drive raises DeviceError, unless cpu_fallback allows the CPU (with a warning)."""
+    import torch
+
     gpu_ids = assigned_gpu_ids()
     if not gpu_ids:
         return torch.device("cpu")

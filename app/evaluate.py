@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.fs as pafs
 
-from app import cli, coco, storage
+from app import coco, storage
+from app.exit_codes import CommandParser
 from app.output import reader
 
 PROG = "ray-detect evaluate"
@@ -244,7 +245,7 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = cli.CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
+    parser = CommandParser(prog=PROG, description="COCO-style mAP of a results directory against ground truth.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--ground-truth", required=True, metavar="PATH", help="a folder of Pascal VOC XML or a COCO JSON file")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE (local or URI)")
@@ -264,4 +265,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from app import cli
+
     sys.exit(cli.main(["evaluate", *sys.argv[1:]]))

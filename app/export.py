@@ -12,7 +12,8 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from app import cli, coco, storage
+from app import coco, storage
+from app.exit_codes import CommandParser
 from app.output import reader
 
 PROG = "ray-detect export"
@@ -113,7 +114,7 @@ def export(results_uri: str, format: str, out_uri: str) -> tuple[int, int, int]:
 
 
 def main(argv=None) -> None:
-    parser = cli.CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
+    parser = CommandParser(prog=PROG, description="Export detections as COCO JSON or Pascal VOC XML.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--format", required=True, choices=FORMATS, help="coco: one JSON file; voc: a folder of XML")
     parser.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="FILE.json for coco, DIR for voc")
@@ -128,4 +129,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from app import cli
+
     sys.exit(cli.main(["export", *sys.argv[1:]]))

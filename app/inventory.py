@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 
 from app.listing import Rows
-from app.output.dataset import UNREADABLE
+from app.result_schema import UNREADABLE
 from app.storage import Location, StorageError, resolve
 
 PARQUET_SUFFIXES = (".parquet", ".pq")

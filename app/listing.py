@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from app.output.dataset import NOT_A_FILE, UNREADABLE
+from app.result_schema import NOT_A_FILE, UNREADABLE
 from app.storage import Location, StorageError, resolve
 
 GLOB_CHARS = "*?["

@@ -88,7 +88,7 @@ class RunMetrics:
     rows before they are committed. The gauges, the read retries and the lease heartbeats come from
     `state`, called every REFRESH_S seconds on a thread of its own and once at the end; it returns inputs,
     done, failed, max_error_fraction, last_commit (unix time), and the read_retries and lease_heartbeats
-    so far."""
+    so far; `totals` adds those counts up across restarts of the actor that keeps them."""
 
     def __init__(self, tags: dict[str, str], state: Callable[[], dict[str, float]]):
         self.tags = dict(tags)
@@ -105,7 +105,8 @@ class RunMetrics:
         self.lease_heartbeats = counter("detect_lease_heartbeats")
         self.gauges = {name: gauge(name) for name in ("detect_inputs", "detect_images_done", "detect_images_failed",
                                                        "detect_max_error_fraction", "detect_last_commit_timestamp_seconds")}
-        self.counted = {"read_retries": 0, "lease_heartbeats": 0}  # what the counters of `state` hold so far
+        self.seen = {"read_retries": 0, "lease_heartbeats": 0}  # what `state` last said of each count
+        self.totals = dict(self.seen)  # each count over the whole run, across restarts of what keeps it
         self.refreshing = BackgroundLoop("run-metrics", self._refresh_until_stopped)
 
     def record(self, rows: pa.Table) -> None:
@@ -136,9 +137,12 @@ class RunMetrics:
     def refresh(self) -> None:
         """Set the gauges, and count the retries and heartbeats since the last refresh."""
         state = self.state()
-        for name in ("read_retries", "lease_heartbeats"):
-            self.inc(getattr(self, name), state[name] - self.counted[name])
-            self.counted[name] = state[name]
+        for name in self.seen:
+            # The retry budget's actor counts from 0 again when Ray restarts it: all it holds then is new.
+            new = state[name] - self.seen[name] if state[name] >= self.seen[name] else state[name]
+            self.inc(getattr(self, name), new)
+            self.totals[name] += new
+            self.seen[name] = state[name]
         values = {"detect_inputs": state["inputs"], "detect_images_done": state["done"], "detect_images_failed": state["failed"],
                   "detect_max_error_fraction": state["max_error_fraction"], "detect_last_commit_timestamp_seconds": state["last_commit"]}
         for name, value in values.items():

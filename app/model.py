@@ -9,8 +9,11 @@ functions that use them: the driver of a run with a checkpoint or random weights
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import os
+import types
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -189,3 +192,14 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         raise WeightsError(f"{len(class_names)} class names given for a model with {num_classes} classes")
     return model.eval(), list(class_names)
 
+
+
+def torch_build() -> types.ModuleType:
+    """The installed torch's torch/version.py (its __version__ and the CUDA it was built for, `cuda`), loaded
+    alone, for the manifest: importing torch would cost the driver seconds and hundreds of MB that only the
+    actors need."""
+    path = importlib.metadata.distribution("torch").locate_file("torch/version.py")
+    spec = importlib.util.spec_from_file_location("ray_detect_torch_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -158,7 +158,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
-    # Restarted when it dies (its count then starts again), and its calls retried meanwhile.
+    # Restarted when it dies (its count then starts again: RunMetrics.totals adds up), and its calls retried meanwhile.
     budget = RetryBudget.options(name=f"ray-detect-retry-budget-{lease.owner}", scheduling_strategy=on_driver_node(),
                                  max_restarts=-1, max_task_retries=-1).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
@@ -181,7 +181,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     try:
         with console.without_stderr_lines(console.RAY_DATA_ACTOR_ARGUMENTS_LINE), progress, metrics:
             executed = commit(detected, verdicts, lease, plan, progress, on_rows, metrics)
-        executed.read_retries = ray.get(budget.retries.remote())
+        executed.read_retries = metrics.totals["read_retries"]
     finally:
         ray.kill(budget)  # named: gone with the run however it ends, not with the driver (which may make several)
     executed.tally = tally

@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageFont
 
-from app import cli, storage
+from app import storage
 from app.decode import DecodeOptions
+from app.exit_codes import CommandParser
 from app.output import reader
 
 PROG = "ray-detect report"
@@ -287,7 +288,7 @@ def make_report(results_uri: str, out_uri: str, selection: Selection, max_side: 
 
 
 def parse_args(argv=None):
-    parser = cli.CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
+    parser = CommandParser(prog=PROG, description="A static HTML report of a results directory, with previews.")
     parser.add_argument("results", metavar="RESULTS_DIR", help="output.path of a `python -m app` run")
     parser.add_argument("--out", required=True, metavar="DIR", help="where index.html and previews/ go")
     parser.add_argument("--label", action="append", default=[], metavar="NAME",
@@ -323,4 +324,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from app import cli
+
     sys.exit(cli.main(["report", *sys.argv[1:]]))

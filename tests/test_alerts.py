@@ -1,6 +1,7 @@
 """The alert rules of charts/ray-detect/rules/ray-detect.rules.yaml, checked and unit-tested by a real
 promtool (Debian's prometheus package, which scripts/test.sh installs): each alert fires on the series of
-tests/data/alert-rules-test.yaml made for it and stays silent on the others there."""
+tests/data/alert-rules-test.yaml made for it and stays silent on the others there. Those series carry the
+names the app's metrics have in Prometheus; tests/test_metrics.py runs the same rules on a real run's series."""
 
 import subprocess
 from pathlib import Path
@@ -8,13 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.metrics import METRICS
 from tests.support.k8s_validation import CHART_DIR
-from tests.support.prometheus import PROMTOOL
+from tests.support.prometheus import PROMTOOL, metric_names
 
 RULES = CHART_DIR / "rules" / "ray-detect.rules.yaml"
 RULE_TESTS = Path(__file__).parent / "data" / "alert-rules-test.yaml"
 
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="needs Debian's prometheus package (scripts/test.sh installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMTOOL is None, reason="needs Debian's prometheus package (scripts/test.sh installs it)")]
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -39,6 +41,24 @@ def test_each_alert_fires_on_its_series_and_stays_silent_on_the_others():
     # Each case that fires names one run; the others of its series are silent in the same case.
     assert all(len(case["exp_alerts"]) <= 1 for case in cases)
     assert silent == {"RayDetectNoProgress", "RayDetectGpuActorsIdle", "RayDetectLeaseHeartbeatsStopped"}
+
+
+def app_metric_names() -> set[str]:
+    """The names of the app's metrics (app.metrics.METRICS) in Prometheus: Ray's `ray_` prefix, `_total` on a
+    counter, a histogram's `_bucket`, `_count` and `_sum` series."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    return {f"ray_{name}{suffix}" for name, (kind, _, _) in METRICS.items() for suffix in suffixes[kind]}
+
+
+def test_the_hand_written_series_are_the_apps_metrics_and_feed_every_rule():
+    """A misspelt series would leave a rule silent for the wrong reason: each series is one of the app's
+    metrics, and each metric a rule reads has series in the cases."""
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    written = {item["series"].split("{")[0] for test in tests for item in test["input_series"]}
+    read = {name for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"] for name in metric_names(rule["expr"])}
+    assert sorted(written - app_metric_names()) == []
+    assert sorted(read - written) == []
+    assert len(read) == 8
 
 
 def test_a_broken_expectation_fails_promtool(tmp_path):

@@ -24,6 +24,8 @@ from app.config import compose_config
 from tests.support.images import write_images
 from tests.support.models import FAST_MODEL
 
+pytestmark = pytest.mark.slow  # an autoscaling Ray cluster
+
 IDLE_TIMEOUT_S = 6
 BARRIER = "detector-barrier"
 ACTORS = 2  # the GPU nodes the cluster may add: RAY_DETECT_MAX_GPUS

@@ -109,6 +109,7 @@ def test_tiles_suite(local_ray, monkeypatch, tmp_path):
     assert results["report"].splitlines()[1].startswith("tiles, fasterrcnn_mobilenet_v3_large_320_fpn on cpu, 2 tiles of 320 px a scene: sahi@1 ")
 
 
+@pytest.mark.slow
 def test_decode_suite(monkeypatch, tmp_path):
     monkeypatch.setattr(decode, "DECODE_CASES", {"small": [(200, 150)], "large": [(1600, 1200)]})
     results = bench.main(["decode", "--workdir", str(tmp_path), "--out", ""])

@@ -1,8 +1,12 @@
 """The benchmark's inputs suite at a small scale. Its own module: the suite starts Ray in a fresh process,
 which needs no other Ray instance up on the machine (the other bench tests share one)."""
 
+import pytest
+
 from app import bench
 from app.listing import DRIVER_LISTING_ENTRIES
+
+pytestmark = pytest.mark.slow  # the suite starts Ray
 
 # Just over what the driver lists itself (app.listing.DRIVER_LISTING_ENTRIES, 20,000), so that both are
 # streamed by Ray tasks; larger inputs only take longer here (the benchmark's defaults: a million files,

@@ -23,6 +23,8 @@ from hydra import compose, initialize_config_module
 
 from tests.support import k8s_validation as kv
 
+pytestmark = pytest.mark.slow  # about 200 cases, each rendered by a real helm
+
 CHART = kv.CHART_DIR
 PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"
 SPOT_VALUES = CHART / "examples" / "values-gpu-spot.yaml"
@@ -993,22 +995,33 @@ def _value_paths(values: dict, prefix: str = "") -> set[str]:
     return paths
 
 
-def test_readme_values_table_lists_every_value():
-    """Every value of values.yaml has a row, and a row `workerGroups.<group>.x` for each key x a group may
-    have (the schema's group definition), standing for that key in every default group that sets it."""
-    readme = (CHART / "README.md").read_text()
+def test_readme_values_table_is_what_values_yaml_says():
+    """The chart README's values table is written from values.yaml by scripts/chart-values-table.py: the
+    README holds exactly what the script writes, and, read back, the table has one row for every value
+    (a `# -- ` key, or the key above a value, such as `resources`), each with values.yaml's default."""
+    script = kv.REPO_ROOT / "scripts" / "chart-values-table.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    table = readme.split("<!-- values table:", 1)[1].split("<!-- end of the values table -->", 1)[0]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", table, flags=re.MULTILINE))
+    assert len(rows) == len(re.findall(r"^\| `", table, flags=re.MULTILINE))  # every row parsed
+    for key, default in rows.items():
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        assert yaml.safe_load(default) == value, key
+    # Every value of values.yaml is a row, or lies under exactly one row.
+    for path in _value_paths(values):
+        covering = [key for key in rows if path == key or path.startswith(key + ".")]
+        assert len(covering) == 1, (path, covering)
+    for key in rows:
+        assert any(path == key or path.startswith(key + ".") for path in _value_paths(values)), key
+    # Every key a worker group may have is documented in at least one default group.
     group_keys = json.loads((CHART / "values.schema.json").read_text())["definitions"]["workerGroup"]["properties"]
-    documented, documented_group_keys = set(), set()
-    for key in re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE):
-        if key.startswith("workerGroups.<group>."):
-            field = key.removeprefix("workerGroups.<group>.")
-            documented_group_keys.add(field)
-            documented |= {f"workerGroups.{g}.{field}" for g, group in values["workerGroups"].items() if field in group}
-        else:
-            documented.add(key)
-    assert documented_group_keys == set(group_keys)
-    assert documented == _value_paths(values)
+    documented = {key.split(".")[2] for key in rows if key.startswith("workerGroups.")}
+    assert documented == set(group_keys)
 
 
 def test_every_value_and_section_has_a_comment():

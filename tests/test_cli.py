@@ -93,6 +93,7 @@ def test_every_command_is_named_ray_detect_command(command, usage, capsys, monke
     assert out.splitlines()[0] == usage
 
 
+@pytest.mark.slow
 def test_python_m_app_command_is_ray_detect_command(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     _, ray_detect, _ = in_process(capsys, "report", "--help")
@@ -139,6 +140,7 @@ def test_a_bad_override_exits_2_with_one_line(override, line, capsys):
     assert (code, out, err) == (2, "", f"ray-detect: config error: {line}\n")
 
 
+@pytest.mark.slow
 def test_python_m_app_with_a_typo_exits_2_with_one_line():
     """The form RayJobs use (`python -m app <overrides>`): before, a misspelt key exited 1 with Hydra's
     several lines."""
@@ -155,6 +157,7 @@ def test_compose_overrides_gives_the_config_or_the_first_line():
     assert str(caught.value) == "Could not override 'data.pathh'."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["run", "--cfg", "job", "data.path=/in"], ["--cfg", "job", "data.path=/in"]],
                          ids=["run", "no-command"])
 def test_hydras_flags_still_work(argv):
@@ -163,6 +166,7 @@ def test_hydras_flags_still_work(argv):
     assert yaml.safe_load(result.stdout)["data"]["path"] == "/in"
 
 
+@pytest.mark.slow
 def test_run_help_is_hydras():
     result = python_m("app", "run", "--help")
     assert (result.returncode, result.stderr) == (0, "")
@@ -275,6 +279,7 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_offline_run_on_other_images_stops_before_work(tmp_path):
     """README (Quick start): without torchvision's weights, only the demo falls back to random weights;
     any other run stops before work, saying how to fix it. `python -m app run ...`, the program of
@@ -376,6 +381,7 @@ def test_the_extras_are_imported_only_where_used():
         assert extra_module not in top_level, path
 
 
+@pytest.mark.slow
 def test_the_job_and_the_commands_import_without_the_extras():
     """The image has no extras: the job's modules must not need one. (psutil cannot be hidden here: Ray
     itself imports the copy it ships in ray/thirdparty_files.)"""

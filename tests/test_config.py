@@ -78,6 +78,7 @@ def test_every_option_and_experiment_is_in_the_table():
     assert sorted(OPTIONS) == sorted(f"{g}={o}" for g in [*GROUPS, "experiment"] for o in options(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_every_group_option_and_experiment_composes_to_its_values(option):
     check_config(compose_config([option]))

@@ -81,6 +81,7 @@ print(status("VmHWM:") - rss, width, height, *image.size, *image.getpixel((1279,
 """
 
 
+@pytest.mark.slow
 def test_a_40_megapixel_16_bit_png_decodes_in_under_4_bytes_a_pixel(tmp_path):
     """The bound: the 16-bit image (2 bytes a pixel) and its 8-bit copy (1) are the only full-size arrays;
     up to 1 more for the PNG decoder and the float32 bands (measured: about 3.2). Float64 temporaries took
@@ -131,6 +132,7 @@ def test_model_input_size(size, expected):
     assert model_input_size(*size, min_size=800, max_size=1333) == expected
 
 
+@pytest.mark.slow
 def test_model_input_size_is_the_size_torchvision_resizes_to():
     """The model's own transform must find decoded images already at its size, or it would resize them again."""
     from torchvision.models.detection.transform import _resize_image_and_masks

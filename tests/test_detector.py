@@ -1,7 +1,9 @@
-"""The detector UDF called directly on small batches, with a random-init model (no weights here)."""
+"""The detector (pixels in, detections out) and the detector stage (Ray Data's UDF: decoded rows in, result
+rows out) called directly on small batches, with a random-init model or the tests' checkpoint."""
 
 import itertools
 import logging
+import os
 import threading
 
 import numpy as np
@@ -18,12 +20,13 @@ from app import device
 from app.config import SAMPLES_DIR, MatchMetric, MergeMethod
 from app.decode import model_input_size
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
-from app.detector import Detector, PixelModel, PresizedTransform, batch_padding, image_detections, model_views, shape_batches
+from app.detector import Detector, PixelModel, PresizedTransform, batch_padding, shape_batches
+from app.detector_stage import DetectorStage, image_detections, model_views
 from app.device import choose_device, nvidia_driver_version
 from app.listing import list_inputs
 from app.metrics import MEASUREMENT_COLUMNS
 from app.model import ModelSpec, WeightsError, build_model, resolve_weights
-from app.output.dataset import RESULT_SCHEMA
+from app.result_schema import RESULT_SCHEMA
 from app.out_of_memory import SplittingRunner, is_out_of_memory
 from app.output.rows import result_rows
 from app.pipeline import model_spec
@@ -121,9 +124,9 @@ def decoded_batch(images, errors=()):
 
 
 @pytest.fixture(scope="module")
-def detector():
+def stage():
     torch.manual_seed(0)
-    return Detector(SPEC, num_threads=2, batch_size=2)
+    return DetectorStage(SPEC, num_threads=2, batch_size=2)
 
 
 def reference_detections(images, spec=SPEC):
@@ -135,15 +138,16 @@ def reference_detections(images, spec=SPEC):
     return [{key: value.numpy() for key, value in output.items()} for output in outputs]
 
 
-def test_detector_on_a_batch(detector):
+@pytest.mark.slow
+def test_the_stage_on_a_batch(stage):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), rng.integers(0, 255, (320, 200, 3), dtype=np.uint8)]
-    out = detector(decoded_batch(images, errors=["corrupt_image"]))
-    # The result rows, and beside them the actor that made them (outside Ray: "local/<id>/<device>") and
+    out = stage(decoded_batch(images, errors=["corrupt_image"]))
+    # The result rows, and beside them the actor that made them (outside Ray: "local/<pid>/<device>") and
     # the measurements for the run's metrics.
     assert out.drop_columns(list(MEASUREMENT_COLUMNS)).schema == RESULT_SCHEMA
     assert out.column_names[-len(MEASUREMENT_COLUMNS):] == list(MEASUREMENT_COLUMNS)
-    assert set(out.column("_worker").to_pylist()) == {detector.worker} and detector.worker.endswith("/cpu")
+    assert set(out.column("_worker").to_pylist()) == {stage.worker} == {f"local/{os.getpid()}/cpu"}
     assert out.column("_input_bytes").to_pylist() == [1000, 1001, None]
     assert out.column("_decode_seconds").to_pylist() == [0.25, 0.25, 0.5]
     model_seconds = out.column("_model_seconds").to_pylist()
@@ -164,7 +168,7 @@ def test_detector_on_a_batch(detector):
         np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * 2, rtol=1e-5)
         np.testing.assert_allclose(row["scores"], want["scores"], rtol=1e-6)
         assert row["labels"] == want["labels"].tolist()
-        assert row["label_names"] == [detector.categories[label] for label in row["labels"]]
+        assert row["label_names"] == [stage.detector.categories[label] for label in row["labels"]]
         assert row["error"] is None
         # A bound: torchvision clips boxes to the image (here 640x480 and 400x640, twice the model input).
         assert all(0 <= x <= 640 for box in row["boxes"] for x in box)
@@ -173,6 +177,7 @@ def test_detector_on_a_batch(detector):
     assert (bad["error_kind"], bad["error"]) == ("corrupt_image", "corrupt_image happened")
 
 
+@pytest.mark.slow
 def test_images_at_model_size_are_not_resized_again():
     """426x320 is the 320-px model's own size for a 4:3 image; 100x100 is not and is resized by the model."""
     model = PixelModel(build_model(SPEC)[0])
@@ -190,19 +195,23 @@ def test_images_at_model_size_are_not_resized_again():
     assert resized == [(100, 100)]
 
 
-def test_every_image_of_a_mixed_call_gets_its_own_detections(detector):
-    """Portraits and landscapes go to the model in separate batches; each row still gets its image's result."""
+@pytest.mark.slow
+def test_every_image_of_a_mixed_call_gets_its_own_detections(stage):
+    """The detector alone, pixels in and detections out (boxes in the pixels it was given): portraits and
+    landscapes go to the model in separate batches; each image still gets its own detections."""
     rng = np.random.default_rng(1)
     shapes = [(240, 320), (320, 240), (240, 320), (320, 240), (240, 320)]
     images = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in shapes]
-    rows = detector(decoded_batch(images)).to_pylist()
-    for row, want in zip(rows, reference_detections(images)):
-        np.testing.assert_allclose(np.array(row["boxes"]), want["boxes"] * 2, rtol=1e-4, atol=1e-3)
-        assert row["labels"] == want["labels"].tolist()
+    found, ran = stage.detector.detect_batches(images)
+    assert sorted(batch.indices for batch in ran) == [[0, 2], [1, 3], [4]]  # batch_size 2, one shape each
+    for detections, want in zip(found, reference_detections(images)):
+        assert sorted(detections) == ["boxes", "labels", "scores"]
+        np.testing.assert_allclose(detections["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)
+        assert detections["labels"].tolist() == want["labels"].tolist()
 
 
-def test_batch_of_only_errors_skips_the_model(detector):
-    out = detector(decoded_batch([], errors=["empty_file", "too_large"]))
+def test_batch_of_only_errors_skips_the_model(stage):
+    out = stage(decoded_batch([], errors=["empty_file", "too_large"]))
     assert out.column("error_kind").to_pylist() == ["empty_file", "too_large"]
     assert out.column("num_detections").to_pylist() == [0, 0]
 
@@ -261,8 +270,9 @@ def torchvision_detections(model: torch.nn.Module, pixels: np.ndarray) -> dict[s
     return {key: value.numpy() for key, value in output.items()}
 
 
+@pytest.mark.slow
 def test_detector_rows_are_torchvisions_detections_in_original_pixels(photos, checkpoint):
-    """Files decoded by the CPU stage, then Detector.__call__ (the Ray Data call) on the decoded batch,
+    """Files decoded by the CPU stage, then DetectorStage.__call__ (the Ray Data call) on the decoded batch,
     against torchvision's model, built by app.model.build_model from the same spec, called directly on
     float tensors of the same decoded pixels, one image at a time. Its boxes are mapped to original
     pixels here, by each file's known size over its model size. With score threshold 0 and
@@ -271,7 +281,7 @@ def test_detector_rows_are_torchvisions_detections_in_original_pixels(photos, ch
     spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=5",
                       data_path=str(photos))
     batch = decoded_files(photos, spec.min_size, spec.max_size)
-    rows = Detector(spec, num_threads=2, batch_size=4)(batch).drop_columns(["_worker"]).to_pylist()
+    rows = DetectorStage(spec, num_threads=2, batch_size=4)(batch).drop_columns(["_worker"]).to_pylist()
     decoded = batch.to_pylist()
     assert [row["path"] for row in rows] == [str(photos / name) for name in sorted(PHOTOS)]
     assert [(row["pixel_width"], row["pixel_height"]) for row in decoded] == [(320, 426), (426, 320), (426, 320), (426, 320)]
@@ -291,6 +301,7 @@ def test_detector_rows_are_torchvisions_detections_in_original_pixels(photos, ch
         assert row["label_names"] == [categories[label] for label in want["labels"]]
 
 
+@pytest.mark.slow
 def test_the_score_threshold_drops_the_detections_at_or_below_it(photos, checkpoint):
     """The same two photos through a detector without a threshold and one whose threshold is exactly the
     score of one of the first image's detections (the one just below the widest gap among its 3rd to
@@ -299,14 +310,14 @@ def test_the_score_threshold_drops_the_detections_at_or_below_it(photos, checkpo
     order, on both images."""
     batch = decoded_files(photos, 320, 640).slice(0, 2)
     weights = f"model.weights={checkpoint}"
-    unthresholded = Detector(light_spec(weights, "model.score_threshold=0"), num_threads=2)(batch).to_pylist()
+    unthresholded = DetectorStage(light_spec(weights, "model.score_threshold=0"), num_threads=2)(batch).to_pylist()
     assert [row["num_detections"] for row in unthresholded] == [100, 100]  # max_detections' default
     scores = np.array(unthresholded[0]["scores"], np.float32)
     assert np.all(np.diff(scores) <= 0)  # highest first
     gap = int(np.argmax(scores[2:30] - scores[3:31])) + 2
     threshold = float(scores[gap + 1])  # a float32 score, exactly
     assert scores[gap] > threshold
-    thresholded = Detector(light_spec(weights, f"model.score_threshold={threshold!r}"), num_threads=2)(batch).to_pylist()
+    thresholded = DetectorStage(light_spec(weights, f"model.score_threshold={threshold!r}"), num_threads=2)(batch).to_pylist()
     assert thresholded[0]["num_detections"] == gap + 1 and threshold not in thresholded[0]["scores"]
     for row, everything in zip(thresholded, unthresholded):
         keep = [i for i, score in enumerate(everything["scores"]) if score > threshold]
@@ -317,6 +328,7 @@ def test_the_score_threshold_drops_the_detections_at_or_below_it(photos, checkpo
         assert row["label_names"] == [everything["label_names"][i] for i in keep]
 
 
+@pytest.mark.slow
 def test_resize_on_cpu_false_decodes_at_original_size_and_finds_the_same_boxes(tmp_path, checkpoint):
     """inference.resize_on_cpu=false: the decode stage keeps the original size (DecodeOptions without a
     model size) and the model's transform resizes; the rows are the same as the resized path's, boxes in
@@ -329,8 +341,8 @@ def test_resize_on_cpu_false_decodes_at_original_size_and_finds_the_same_boxes(t
     resized, original = decoded_files(tmp_path, 320, 640), decoded_files(tmp_path, None, None)
     assert [(r["width"], r["height"], r["pixel_width"], r["pixel_height"]) for r in resized.to_pylist()] == [(213, 160, 426, 320)]
     assert [(r["width"], r["height"], r["pixel_width"], r["pixel_height"]) for r in original.to_pylist()] == [(213, 160, 213, 160)]
-    detector = Detector(spec, num_threads=2)
-    (on_cpu,), (in_model,) = detector(resized).to_pylist(), detector(original).to_pylist()
+    stage = DetectorStage(spec, num_threads=2)
+    (on_cpu,), (in_model,) = stage(resized).to_pylist(), stage(original).to_pylist()
     assert on_cpu["num_detections"] == in_model["num_detections"] == 5
     np.testing.assert_allclose(np.array(in_model["boxes"]), np.array(on_cpu["boxes"]), rtol=0, atol=1e-2)
     np.testing.assert_allclose(in_model["scores"], on_cpu["scores"], rtol=0, atol=1e-6)
@@ -382,6 +394,7 @@ def test_random_init_is_the_same_in_every_actor_and_leaves_the_global_seed_alone
     assert torch.equal(torch.rand(3), expected_next)
 
 
+@pytest.mark.slow
 def test_checkpoint_with_its_own_classes(tmp_path):
     model, _ = build_model(SPEC.__class__(**{**SPEC.__dict__, "num_classes": 3}))
     path = tmp_path / "ckpt.pt"
@@ -517,12 +530,12 @@ def twins(want: dict, got: dict, pixels: float = 0.5, score: float = 1e-3) -> in
     return found
 
 
-def detector_on(device_type: str, monkeypatch, *args, **kwargs) -> Detector:
-    """A Detector on the CPU or, as if Ray had given it the GPU, on CUDA."""
+def stage_on(device_type: str, monkeypatch, *args, **kwargs) -> DetectorStage:
+    """A DetectorStage whose detector runs on the CPU or, as if Ray had given it the GPU, on CUDA."""
     monkeypatch.setattr(device, "assigned_gpu_ids", lambda: [0] if device_type == "cuda" else [])
-    detector = Detector(*args, **kwargs)
-    assert detector.device.type == device_type
-    return detector
+    stage = DetectorStage(*args, **kwargs)
+    assert stage.detector.device.type == device_type
+    return stage
 
 
 @pytest.mark.cuda
@@ -540,7 +553,7 @@ def test_a_tiled_scene_on_the_gpu_finds_what_it_finds_on_the_cpu(tmp_path, monke
     spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=20")
     rows = {}
     for device_type in ("cpu", "cuda"):
-        (rows[device_type],) = detector_on(device_type, monkeypatch, spec, num_threads=2, batch_size=4, tiling=tiling)(batch).to_pylist()
+        (rows[device_type],) = stage_on(device_type, monkeypatch, spec, num_threads=2, batch_size=4, tiling=tiling)(batch).to_pylist()
     assert rows["cuda"]["num_tiles"] == rows["cpu"]["num_tiles"] == len(tile_grid(1100, 750, 320, 0.2)) + 1
     want, got = rows["cpu"], rows["cuda"]
     assert want["num_detections"] > 20  # the tiles' detections, merged
@@ -556,7 +569,7 @@ def test_a_batch_the_gpu_has_no_memory_for_is_split_and_every_image_keeps_its_de
     and they are the ones each image gets in a model batch of its own, to CUDA's rounding."""
     spec = light_spec(f"model.weights={checkpoint}", "model.score_threshold=0", "model.max_detections=20",
                       "model.min_size=800", "model.max_size=1333")
-    detector = detector_on("cuda", monkeypatch, spec, num_threads=2, batch_size=8)
+    detector = stage_on("cuda", monkeypatch, spec, num_threads=2, batch_size=8).detector
     photo = np.asarray(Image.open(SAMPLES_DIR / "chelsea.jpg").convert("RGB").resize((1333, 800)))
     images = [np.ascontiguousarray(np.roll(photo, 40 * k, axis=1)) for k in range(8)]  # one shape, different pixels
     torch.cuda.synchronize()
@@ -580,13 +593,13 @@ def test_a_batch_the_gpu_has_no_memory_for_is_split_and_every_image_keeps_its_de
 
 
 class DetectorActor:
-    """The detector as the body of a plain Ray actor (the pipeline wraps it in Ray Data's own)."""
+    """The detector stage as the body of a plain Ray actor (the pipeline wraps it in Ray Data's own)."""
 
     def __init__(self, *args, **kwargs):
-        self.detector = Detector(*args, **kwargs)
+        self.stage = DetectorStage(*args, **kwargs)
 
     def run(self, batch: pa.Table) -> pa.Table:
-        return self.detector(batch)
+        return self.stage(batch)
 
 
 class InputRecorder(torch.nn.Module):
@@ -749,10 +762,11 @@ class OutOfMemoryStagingDetector(Detector):
 
 
 def test_out_of_memory_while_staging_splits_the_batch_and_returns_every_row(caplog):
-    detector = OutOfMemoryStagingDetector(SPEC, num_threads=1, batch_size=4)
+    stage = DetectorStage(SPEC, detector=OutOfMemoryStagingDetector, num_threads=1, batch_size=4)
+    detector = stage.detector
     images = [np.zeros((30, 40, 3), np.uint8), np.zeros((60, 80, 3), np.uint8), np.zeros((15, 20, 3), np.uint8)]
     with caplog.at_level(logging.WARNING, logger="app.detector"):
-        rows = detector(decoded_batch(images)).to_pylist()
+        rows = stage(decoded_batch(images)).to_pylist()
     # Staged ahead: 3 fails; with the model call: 3 fails → 1 fits, 2 fails → 1, 1.
     assert detector.staged == [3, 3, 1, 2, 1, 1]
     assert detector.model.calls == [1, 1, 1]
@@ -836,10 +850,10 @@ class FakeModelDetector(Detector):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_detector_splits_an_out_of_memory_batch_and_returns_every_row(dtype):
     FakeModelDetector.fake = fake = FakeDetectionModel(fits=1, dtype=dtype)
-    detector = FakeModelDetector(SPEC, num_threads=1)
+    stage = DetectorStage(SPEC, detector=FakeModelDetector, num_threads=1)
     # One shape family (4:3, 426x320 at model size), so one model batch, smallest image first.
     images = [np.zeros((30, 40, 3), np.uint8), np.zeros((60, 80, 3), np.uint8), np.zeros((15, 20, 3), np.uint8)]
-    rows = detector(decoded_batch(images, errors=["empty_file"])).to_pylist()
+    rows = stage(decoded_batch(images, errors=["empty_file"])).to_pylist()
     assert fake.calls == [3, 1, 2, 1, 1]  # 3 fails → 1, then 2 fails → 1, 1
     assert [row["path"] for row in rows] == ["img0.jpg", "img1.jpg", "img2.jpg", "bad3.jpg"]
     # Boxes cover each original image (twice the decoded size), in float32 even from bf16 outputs.
@@ -879,9 +893,10 @@ class HandshakeDetector(Detector):
 
 
 def test_the_next_batch_is_staged_while_the_model_runs():
-    detector = HandshakeDetector(SPEC, num_threads=1, batch_size=2)
+    stage = DetectorStage(SPEC, detector=HandshakeDetector, num_threads=1, batch_size=2)
+    detector = stage.detector
     images = [np.zeros((30, 40, 3), np.uint8)] * 6  # three model batches of two
-    rows = detector(decoded_batch(images)).to_pylist()
+    rows = stage(decoded_batch(images)).to_pylist()
     assert (detector.model.batches, detector.staged) == (3, 3)
     assert [row["num_detections"] for row in rows] == [0] * 6
 
@@ -891,6 +906,7 @@ def test_unknown_precision_is_refused():
         Detector(SPEC, num_threads=1, precision="fp8")
 
 
+@pytest.mark.slow
 def test_the_tests_model_detects_differently_in_each_sample_image():
     """The premise of every row comparison in the tests: FAST_MODEL's detections depend on the image. For
     every pair of bundled photos, the best detection's score differs by more than 1e-4 and its box, as a

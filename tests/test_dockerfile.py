@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 import app
 from app.model import MODEL_NAMES
 from tests.support import k8s_validation as kv
 from tests.support.dockerfile import CHART_META, CHART_VALUES, DOCKERFILE, PYPROJECT, ROOT, instructions
+
+pytestmark = pytest.mark.slow  # hadolint, helm renders and the weights bake
 
 IMAGE_REPOSITORY = "ghcr.io/ray-detect/ray-detect"
 CUDA_FLAVOUR = "cu130"
@@ -39,9 +42,10 @@ def pinned(package: str) -> str:
 
 
 RAY_VERSION = pinned("ray")
-PYTHON_VERSION = re.fullmatch(r"==(\d+)\.(\d+)\.\*", PYPROJECT["project"]["requires-python"]).groups()
+# The image's Python: one of those pyproject.toml's requires-python allows (test_ray_and_python_versions_agree_everywhere).
+IMAGE_PYTHON = "3.11"
 APP_VERSION = PYPROJECT["project"]["version"]
-BASE_IMAGE = f"rayproject/ray:{RAY_VERSION}-py{''.join(PYTHON_VERSION)}-{CUDA_FLAVOUR}"
+BASE_IMAGE = f"rayproject/ray:{RAY_VERSION}-py{IMAGE_PYTHON.replace('.', '')}-{CUDA_FLAVOUR}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +309,9 @@ def test_app_version_and_image_tag_agree_everywhere():
 
 
 def test_ray_and_python_versions_agree_everywhere():
+    requires_python = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert IMAGE_PYTHON in requires_python
+    assert [version for version in ("3.10", "3.11", "3.14", "3.15") if version in requires_python] == ["3.11", "3.14"]
     assert CHART_VALUES["rayVersion"] == RAY_VERSION
     # Where the chart names the base image, it is the Dockerfile's.
     for text in ((kv.CHART_DIR / "values.yaml").read_text(), (kv.CHART_DIR / "README.md").read_text()):

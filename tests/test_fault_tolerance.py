@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow.dataset as pads
+import pytest
 from ray.util.state import list_actors
 
 from app.output.dataset import MANIFEST_NAME, read_committed
@@ -20,6 +21,8 @@ from app.config import compose_config
 from tests.support.images import write_images
 from tests.support.models import FAST_MODEL, assert_detections, model_detections
 from tests.support.ray_cluster import connected_cluster
+
+pytestmark = pytest.mark.slow  # multi-node Ray clusters and a driver killed mid-run
 
 
 def committed_parts(folder):

@@ -6,6 +6,9 @@ wheel that the image can run, with the CUDA runtime of the base image.
 This stands in for the dependency layer of `docker build`, as there is no Docker engine where the tests
 run: issue 23's image pinned a torch build that its index did not have, and nothing but a build would have
 said so. The test needs PyPI and fails without it.
+
+pyproject.toml's requires-python is checked the same way: the newest Python it allows has a wheel of every
+pin, and the Pythons just outside it lack one.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from tests.support.dockerfile import PYPROJECT, ROOT, instructions
+
+pytestmark = pytest.mark.slow  # pip resolves the image's requirements against PyPI
 
 
 # The index the image's pip uses (the base image configures no other), and where PyPI serves its files.
@@ -35,8 +41,15 @@ IMAGE_PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 4, -1)] 
 IMAGE_TAGS = frozenset([
     *cpython_tags((3, 11), ["cp311"], IMAGE_PLATFORMS), *compatible_tags((3, 11), "cp311", IMAGE_PLATFORMS),
 ])
-IMAGE_TARGET = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-                *[argument for platform in IMAGE_PLATFORMS for argument in ("--platform", platform)]]
+
+
+def linux_target(python: str) -> list[str]:
+    """pip's options for wheels that CPython `python` ("3.11") runs on the image's platform."""
+    return ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+            "--abi", f"cp{python.replace('.', '')}", *[argument for platform in IMAGE_PLATFORMS for argument in ("--platform", platform)]]
+
+
+IMAGE_TARGET = linux_target("3.11")
 # pip evaluates the markers of dependencies (torch's CUDA wheels are `platform_system == "Linux"`) on the
 # machine it runs on, not for --platform: only there is the resolution the image's.
 IMAGE_MARKERS = {"sys_platform": "linux", "platform_machine": "x86_64", "implementation_name": "cpython",
@@ -173,3 +186,30 @@ def test_a_pin_without_a_wheel_for_the_image_fails_the_resolution(tmp_path, requ
     # What PyPI offers the image (for torch, this also shows that PyPI answered).
     assert re.fullmatch(rf"ERROR: Could not find a version that satisfies the requirement {re.escape(requirement)} "
                         rf"\(from versions: {versions_for_the_image}\)", errors[-2]), errors
+
+
+REQUIRES_PYTHON = SpecifierSet(PYPROJECT["project"]["requires-python"])
+
+
+def resolve_the_pins_alone(python: str) -> subprocess.CompletedProcess:
+    """pip's resolution of the [project] pins alone (--no-deps) for CPython `python` on Linux x86_64."""
+    return pip("install", "--dry-run", "--no-deps", "--ignore-installed", *linux_target(python),
+               *PYPROJECT["project"]["dependencies"])
+
+
+def test_the_newest_python_that_requires_python_allows_has_a_wheel_of_every_pin():
+    """requires-python's upper edge (its lower, 3.11, is the image's, resolved in full above). Only the pins
+    are looked up: their dependencies' wheels for 3.14 were checked by hand when the range was set."""
+    assert [minor for minor in range(8, 20) if f"3.{minor}" in REQUIRES_PYTHON] == [11, 12, 13, 14]
+    done = resolve_the_pins_alone("3.14")
+    assert (done.returncode, pip_errors(done)) == (0, []), done.stderr
+
+
+@pytest.mark.parametrize("python", ["3.10", "3.15"])
+def test_the_pythons_just_outside_requires_python_lack_a_wheel_of_a_pin(python):
+    """When one of these resolves, a pin gained the wheels to widen requires-python."""
+    assert python not in REQUIRES_PYTHON
+    done = resolve_the_pins_alone(python)
+    missing = re.fullmatch(r"ERROR: No matching distribution found for (.+)", pip_errors(done)[-1]).group(1)
+    pins = [re.sub(r"\[.*\]", "", pin) for pin in PYPROJECT["project"]["dependencies"]]  # pip names no extras
+    assert (done.returncode, missing in pins) == (1, True), done.stderr

@@ -20,6 +20,8 @@ from app.config import compose_config
 from tests.support.images import jpeg_bytes, odd_tree, write_images
 from tests.support.models import FAST_MODEL, assert_detections, model_detections
 
+pytestmark = pytest.mark.slow  # runs on Ray
+
 
 def rows_of(path):
     return {row["path"]: row for row in pads.dataset(str(path), format="parquet").to_table().to_pylist()}

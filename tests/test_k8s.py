@@ -22,6 +22,8 @@ from hydra import compose, initialize_config_module
 
 from tests.support import k8s_validation as kv
 
+pytestmark = pytest.mark.slow  # kubectl kustomize --enable-helm renders
+
 K8S = kv.K8S_DIR
 RAYJOB = K8S / "rayjob.yaml"
 RENDER_SCRIPT = kv.REPO_ROOT / "scripts" / "render-k8s.sh"

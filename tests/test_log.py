@@ -6,8 +6,11 @@ import os
 import re
 
 import pyarrow.parquet as pq
+import pytest
 from tests.support.images import write_images, write_mixed_inputs
 from tests.support.jobs import IMAGES, check_clean_log, run_job
+
+pytestmark = pytest.mark.slow  # each test runs a job that starts Ray
 
 
 def test_a_clean_run_on_a_local_ray_logs_progress_and_summary_and_nothing_alarming(tmp_path):

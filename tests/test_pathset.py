@@ -2,6 +2,7 @@
 new, within one call and across calls and merges of its sorted runs, and its memory."""
 
 import numpy as np
+import pytest
 
 from app.output.resume import PathSet
 
@@ -47,6 +48,7 @@ def test_many_calls_agree_with_a_python_set():
     assert seen.contains(asked).tolist() == [path in expected for path in asked]
 
 
+@pytest.mark.slow
 def test_a_million_paths_take_16_bytes_each():
     seen = PathSet()
     for start in range(0, 1_000_000, 20_000):

@@ -13,7 +13,8 @@ import pytest
 from app.config import SAMPLES_DIR, ConfigError
 from app.model import ModelSpec
 from app.output import dataset
-from app.output.dataset import LEASE_DIR, MANIFEST_NAME, RESULT_SCHEMA, SETTINGS_NAME
+from app.output.dataset import LEASE_DIR, MANIFEST_NAME, SETTINGS_NAME
+from app.result_schema import RESULT_SCHEMA
 from app.pipeline import TooManyErrors, run
 from app.storage import resolve
 from app.config import compose_config
@@ -254,6 +255,7 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_config_error_is_one_line(tmp_path):
     result = run_cli("inference.batch_size=0", cwd=tmp_path)
     assert result.returncode == 2

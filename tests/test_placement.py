@@ -18,6 +18,8 @@ from tests.support.jobs import IMAGES as LOG_IMAGES, check_clean_log, run_job
 from tests.support.models import FAST_MODEL
 from tests.support.ray_cluster import connected_cluster
 
+pytestmark = pytest.mark.slow  # a multi-node Ray cluster
+
 
 CUDA_WORKS = torch.cuda.is_available()
 NEEDS_AN_UNUSABLE_GPU = pytest.mark.skipif(

@@ -22,6 +22,8 @@ from app.detector import Detector
 from app.model import ModelSpec
 from tests.support.models import LIGHT, light_checkpoint
 
+pytestmark = pytest.mark.slow  # the model in bf16 and fp16 on the CPU
+
 # Photos at sizes the 800-px models take as they are: landscape, portrait, and a 3:2 landscape.
 PHOTOS = {"chelsea.jpg": (1333, 800), "rocket.jpg": (800, 1333), "coffee.jpg": (1200, 800)}
 LABELS = range(60, 65)

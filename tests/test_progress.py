@@ -171,6 +171,7 @@ def test_no_final_line_when_the_run_fails(caplog):
     assert caplog.records == []
 
 
+@pytest.mark.slow
 def test_stderr_lines_with_a_marker_are_dropped_and_the_rest_pass_in_order():
     """Lines written to file descriptor 2 by C code (here a child process that inherits it, as Ray's core
     worker writes from C++) and by Python."""

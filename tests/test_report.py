@@ -159,6 +159,7 @@ def run_command(module, *args):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["app.report", "app.export", "app.evaluate"])
 def test_missing_results_directory_is_one_line(module, tmp_path):
     extra = {"app.report": ["--out", "r"], "app.export": ["--format", "coco", "--out", "x.json"],
@@ -216,6 +217,7 @@ def s3_bucket(monkeypatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_results_images_and_report_on_s3(s3_bucket, tmp_path):
     from app.storage import resolve
 

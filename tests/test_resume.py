@@ -8,7 +8,8 @@ import ray
 
 from app.config import ConfigError
 from app.output import dataset
-from app.output.dataset import LEASE_DIR, RESULT_SCHEMA
+from app.output.dataset import LEASE_DIR
+from app.result_schema import RESULT_SCHEMA
 from app.output.resume import contains, digests, scan_output
 from app.pipeline import run
 from app.storage import resolve

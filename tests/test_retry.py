@@ -1,6 +1,6 @@
 """Which read errors are retried (app.retry), the backoff, the per-file attempts and the run's budget, and
 the decode stage's verdict on a file whose reads keep failing. The errors are the texts pyarrow's S3
-filesystem raised against the fault-injecting endpoint of app/s3_faults.py (moto behind it); the
+filesystem raised against the fault-injecting endpoint of tests/support/s3_faults.py (moto behind it); the
 end-to-end runs through that endpoint are in tests/test_s3.py. Waits are recorded, not slept."""
 
 import errno
@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 
 from app.decode import DecodeOptions, ImageError, decode_images, read_file
-from app.output.dataset import REFUSED, TRANSIENT, UNREADABLE
+from app.result_schema import REFUSED, TRANSIENT, UNREADABLE
 from app.retry import BACKOFF_CAP_S, RetryBudget, RetryBudgetSpent, backoff_s, is_refused, is_transient, with_retries
 from tests.support.images import jpeg_bytes
 
-# pyarrow's messages for S3 faults (app/s3_faults.py against moto), one of each kind.
+# pyarrow's messages for S3 faults (tests/support/s3_faults.py against moto), one of each kind.
 SLOW_DOWN_ON_HEAD = ("When reading information for key 'x.jpg' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 503) "
                      "during HeadObject operation: No response body.")
 SLOW_DOWN_ON_GET = "AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream (eof: 0, bad: 1)"

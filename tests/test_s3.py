@@ -1,7 +1,7 @@
 """Reading from and writing to S3: a real S3 HTTP endpoint on loopback (moto's server mode), with
 credentials from the environment only, as the AWS SDK chain reads them. The runs reach it through the
-fault-injecting proxy of app/s3_faults.py (the tests put their objects into moto directly), which passes
-requests on untouched until a test sets its rules: then it answers chosen GETs of images with 503
+fault-injecting proxy of tests/support/s3_faults.py (the tests put their objects into moto directly),
+which passes requests on untouched until a test sets its rules: then it answers chosen GETs of images with 503
 SlowDown or 500 InternalError, the way S3 and networks fail. A fault that may pass is retried and never becomes a committed verdict on the image; a file
 that keeps failing has no row, and a rerun reads it. (Resets and timeouts are classified in
 tests/test_retry.py, from the errors pyarrow raised through the proxy.) One endpoint and one Ray serve
@@ -27,11 +27,13 @@ from app.commit import InputsLeft
 from app.output.dataset import LEASE_DIR, MANIFEST_NAME, TRANSIENT_NAME, lease_path
 from app.output.lease import OutputLease, create_exclusive
 from app.pipeline import run
-from app.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from app.storage import resolve
 from app.config import compose_config
+from tests.support.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from tests.support.images import gradient_jpeg, jpeg_bytes
 from tests.support.models import FAST_MODEL, assert_detections, model_detections
+
+pytestmark = pytest.mark.slow  # moto's server and runs on Ray
 
 BUCKET = "detect-test"
 # The stand-in endpoint's keys, distinctive enough to be searched for in what a run writes and logs.
@@ -429,7 +431,9 @@ def test_faults_on_listing_heads_gets_commits_and_lease_renewals_cost_retries_no
         faulted = {rule.fault + " " + "/".join(rule.methods): sum(rule.injected.values()) for rule in proxy.rules}
         proxy.rules = []
     assert (summary.inputs, summary.ok, summary.errors, summary.transient) == (IMAGES, IMAGES, 0, 0)
-    assert len(killed) == 1 and 0 < summary.read_retries < IMAGES  # counted again from the restart
+    # The retries add up across the budget's restart (the actor's own count starts again), less what the
+    # killed actor counted after the driver last asked (every 2 s).
+    assert len(killed) == 1 and summary.read_retries > 0
     assert faulted["reset HEAD"] >= IMAGES and faulted["SlowDown GET"] >= IMAGES + 2  # images, listing, lease
     assert faulted["SlowDown PUT"] >= 2 + IMAGES // 8  # the lease's creation and renewals, each committed file once
     assert_detections(committed("out/requests"), model_detections(cfg, images, images.get))

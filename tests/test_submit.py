@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from app import submit
-from app.cli import ExitCode
+from app.exit_codes import ExitCode
 from tests.support import k8s_validation as kv
 
 MANIFEST = kv.K8S_DIR / "rayjob.yaml"
@@ -152,6 +152,7 @@ def expected_job(namespace: str = "ray-detect", overrides=OVERRIDES) -> dict[str
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_manifest_with_the_overrides_and_validates_against_the_crd(crd_schemas):
     code, out, err = run_submit("--dry-run", "-n", "ray-detect-dev", *OVERRIDES)
     assert (code, err) == (0, "")
@@ -172,6 +173,7 @@ def test_dry_run_without_overrides_keeps_the_manifests_entrypoint():
     assert yaml.safe_load(out)["spec"]["entrypoint"] == manifest["spec"]["entrypoint"]
 
 
+@pytest.mark.slow
 def test_name_cluster_and_image_options(crd_schemas):
     code, out, _ = run_submit("--dry-run", "--name", "nightly-1", "--cluster", "other-cluster",
                               "--image", "registry.example/ray-detect:0.1.0-rc1", "model.score_threshold=0.7")
@@ -226,10 +228,29 @@ def test_bad_arguments_are_one_line(argv, message, capsys):
 def test_missing_manifest_is_one_line(tmp_path):
     code, _, err = run_submit("--dry-run", "--manifest", str(tmp_path / "nope.yaml"))
     assert code == 2
-    assert err == (
-        f"ray-detect submit: cannot read the RayJob manifest {tmp_path / 'nope.yaml'}: No such file or directory "
-        "(run from a checkout of the repository, or pass --manifest)\n"
+    assert err == f"ray-detect submit: cannot read the RayJob manifest {tmp_path / 'nope.yaml'}: No such file or directory\n"
+
+
+def test_the_package_ships_k8s_rayjob_yaml_byte_for_byte():
+    """submit reads the RayJob from the package's own copy (package data, so an installed package needs no
+    checkout); k8s/rayjob.yaml, rendered from the chart, is the one source that copy must equal."""
+    shipped = kv.REPO_ROOT / "app" / "manifests" / "rayjob.yaml"
+    assert submit.DEFAULT_MANIFEST == shipped
+    assert shipped.read_bytes() == MANIFEST.read_bytes(), (
+        "app/manifests/rayjob.yaml differs from k8s/rayjob.yaml: write both again with "
+        "`bash scripts/render-k8s.sh`"
     )
+
+
+def test_another_manifest_is_used_as_given(tmp_path):
+    """--manifest: a RayJob from another file, with the overrides applied to it."""
+    other = yaml.safe_load(MANIFEST.read_text())
+    other["metadata"]["generateName"] = "nightly-"
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(other))
+    code, out, err = run_submit("--dry-run", "--manifest", str(path), *OVERRIDES)
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out) == {**expected_job(), "metadata": {**expected_job()["metadata"], "generateName": "nightly-"}}
 
 
 # ---------------------------------------------------------------------------------------------------

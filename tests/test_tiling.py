@@ -26,7 +26,8 @@ from app import report
 from app.bench.tiles import sahi_model, scene_pixels
 from app.config import ConfigError, MatchMetric, MergeMethod, check_config
 from app.decode import DECODED_SCHEMA, DecodeOptions, decode_images
-from app.detector import Detector, image_detections, model_views
+from app.detector import Detector
+from app.detector_stage import DetectorStage, image_detections, model_views
 from app.listing import INPUT_SCHEMA
 from app.model import build_model
 from app.pipeline import model_spec, run
@@ -59,6 +60,7 @@ def scenes(tmp_path_factory) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------ the grid
 
 
+@pytest.mark.slow
 def test_the_tile_grid_is_sahis_on_every_size():
     """Sides shorter than, equal to, one pixel over and many times a tile; overlaps from none to 0.99."""
     sizes = [1, 100, 320, 321, 640, 1000, 1999, 4000]
@@ -101,6 +103,7 @@ def random_detections(rng, count: int, tied_scores: bool):
     return boxes, shifts, scores, rng.integers(1, 4, count)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge,metric,class_aware", list(itertools.product(MergeMethod, MatchMetric, [True, False])))
 def test_merging_equals_sahis_postprocess(merge, metric, class_aware):
     """On 60 random sets of up to 80 overlapping detections, at thresholds 0.3 and 0.5: the same boxes,
@@ -208,6 +211,7 @@ print(status("VmHWM:") - rss, row["width"], row["height"], row["scene"].size, le
 """
 
 
+@pytest.mark.slow
 def test_a_48_megapixel_scene_decodes_in_under_8_bytes_a_pixel(tmp_path):
     """The bound the plan declares to Ray per decode task (app.plan.DECODE_BYTES_PER_PIXEL): Pillow's
     decoded image (4 bytes a pixel) and the scene's RGB bytes (3) are the full-size arrays; the tiles are
@@ -264,11 +268,12 @@ def detector_rows(paths: list[Path], cfg) -> list[dict]:
     resize = cfg.inference.resize_on_cpu
     options = DecodeOptions(cfg.data.max_file_bytes, cfg.data.max_image_pixels, cfg.model.min_size if resize else None,
                             cfg.model.max_size if resize else None, tiling=tiling)
-    detector = Detector(model_spec(cfg), num_threads=1, batch_size=4, tiling=tiling)
+    detector = DetectorStage(model_spec(cfg), num_threads=1, batch_size=4, tiling=tiling)
     return detector(pa.Table.from_pylist(decoded(paths, options), schema=DECODED_SCHEMA)).to_pylist()
 
 
 # SAHI's NMS with IoU (the issue's comparison) is checked on both scenes by the run's test below.
+@pytest.mark.slow
 @pytest.mark.parametrize("name,overrides,standard_pass", [
     ("harbour.png", ["tiling=tiles", "tiling.full_image=false"], False),  # SAHI's default merge: greedy NMM, IoS 0.5, per label
     ("field.png", ["tiling=tiles", "tiling.full_image=false", "tiling.class_aware=false", "tiling.overlap=0.4"], False),
@@ -286,6 +291,7 @@ def test_the_detector_finds_what_sahis_sliced_prediction_finds(scenes, name, ove
         assert row["num_detections"] < 3 * row["num_tiles"]
 
 
+@pytest.mark.slow
 def test_with_the_whole_image_resized_on_the_cpu_a_tiled_row_merges_the_tiles_with_the_untiled_detections(scenes):
     """Our one deliberate difference from SAHI: by default the whole-image pass is the image resized in
     the decode task, as without tiling (SAHI has the model resize it on the device): so the row is the

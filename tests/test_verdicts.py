@@ -6,7 +6,8 @@ is gone (as a deleted bucket is); tests/test_s3.py revokes a credential on a rea
 import pyarrow as pa
 import pytest
 
-from app.output.dataset import RESULT_SCHEMA, read_committed
+from app.output.dataset import read_committed
+from app.result_schema import RESULT_SCHEMA
 from app.output.verdicts import REFUSALS_BEFORE_PROBE, TRANSIENT_SCHEMA, StorageRefused, Verdicts, read_transient
 from app.output.writer import ResultWriter
 from app.storage import resolve

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.output import writer
-from app.output.dataset import LEASE_DIR, RESULT_SCHEMA, committed_files, part_name, sorted_part_files
+from app.output.dataset import LEASE_DIR, committed_files, part_name, sorted_part_files
+from app.result_schema import RESULT_SCHEMA
 from app.output.writer import ResultWriter
 from app.storage import resolve
 

@@ -28,10 +28,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from app import cli
 from app.bench import chaos, decode, inputs, memory, standin, throughput, tiles
 from app.bench.harness import DEVICE, VOC_LIKE_SIZES, machine
 from app.bench.throughput import CPU_MODES, GPU_MODES, MODELS, MODES
+from app.exit_codes import CommandParser
 from app.precision import AUTOCAST_DTYPES
 
 PROG = "ray-detect bench"
@@ -63,7 +63,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = cli.CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
                         help="throughput (default), standin, decode, memory, inputs, chaos, tiles or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")

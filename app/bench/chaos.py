@@ -4,8 +4,8 @@ injected, each against an undisturbed run of the same images, one line per fault
 preemption   a multi-node Ray cluster on this machine (ray.cluster_utils.Cluster; the driver a process of
              its own attached to it, as a RayJob's is): worker nodes holding detector actors removed and
              replaced --removals times, then the driver SIGKILLed once and the command run again;
-s3-throttle  S3 (moto's server) behind the fault-injecting proxy (app.s3_faults): 10% of the images' GETs
-             answered 503 SlowDown or 500 InternalError;
+s3-throttle  S3 (moto's server) behind the fault-injecting proxy (tests/support/s3_faults.py): 10% of the
+             images' GETs answered 503 SlowDown or 500 InternalError;
 s3-down      every GET of three images failing, then a rerun once the fault clears;
 s3-requests  the first LIST, HEAD, GET and PUT of every key answered 503 SlowDown or reset (listing, image
              reads, commits, the manifest, the lease and its renewals);
@@ -18,9 +18,13 @@ output-full  output.path on a tmpfs (needs root to mount it) that a ballast file
 
 Each line: faults injected, reads retried, runs it took, rows committed, duplicates and lost inputs (both
 must be 0), and the images/s of all its runs together against the undisturbed run's.
+
+The s3 faults need the fault proxy, which is test code and not part of the package: they run from a
+checkout of the repository with the package installed editable (`pip install -e '.[test]'`).
 """
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -30,9 +34,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 from app.bench.harness import input_folder
+from app.exit_codes import ExitCode, fail
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +154,29 @@ def preemption(images: Path, base: Path, inputs: int, removals: int) -> Outcome:
         cluster.shutdown()
 
 
-@contextlib.contextmanager
-def s3_behind_proxy(images: Path):
-    """The images under s3://chaos/in/ on moto's server, behind a FaultProxy (app.s3_faults)."""
-    from app.s3_faults import moto_behind_proxy
+# The fault-injecting S3 proxy the s3 faults put in front of moto: a test module beside the package in a
+# checkout (app/ installed editable), absent from an installed wheel.
+FAULT_PROXY = Path(__file__).resolve().parents[2] / "tests" / "support" / "s3_faults.py"
 
-    with moto_behind_proxy("chaos") as (proxy, client):
+
+def load_fault_proxy() -> ModuleType:
+    """The module tests/support/s3_faults.py of the checkout this package runs from; stops the command
+    with exit code 2 and one line saying what to do where there is none."""
+    if not FAULT_PROXY.is_file():
+        others = " ".join(name for name in FAULTS if name != "s3")
+        fail(ExitCode.USAGE, f"ray-detect bench chaos: error: the s3 faults need the fault proxy of the repository's "
+                             f"tests, which is not at {FAULT_PROXY}: run them from a checkout with the package "
+                             f"installed editable (pip install -e '.[test]'), or leave them out: --chaos-faults {others}")
+    spec = importlib.util.spec_from_file_location("s3_faults", FAULT_PROXY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def s3_behind_proxy(images: Path, fault_proxy: ModuleType):
+    """The images under s3://chaos/in/ on moto's server, behind a FaultProxy of `fault_proxy`."""
+    with fault_proxy.moto_behind_proxy("chaos") as (proxy, client):
         for path in sorted(images.iterdir()):
             client.put_object(Bucket="chaos", Key=f"in/{path.name}", Body=path.read_bytes())
         yield proxy
@@ -182,14 +205,16 @@ def s3_run(output: str, *overrides: str) -> tuple[Optional[object], float]:
 
 
 def s3_faults(images: Path, inputs: int) -> list[Outcome]:
-    from app.s3_faults import ACCESS_DENIED, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule
-
+    fault_proxy = load_fault_proxy()
+    Rule = fault_proxy.Rule
+    ACCESS_DENIED, INTERNAL_ERROR, RESET, SLOW_DOWN = (
+        fault_proxy.ACCESS_DENIED, fault_proxy.INTERNAL_ERROR, fault_proxy.RESET, fault_proxy.SLOW_DOWN)
     every_method = ("GET", "HEAD", "PUT", "POST", "DELETE")
 
     def rows_of(output: str) -> list[str]:
         return committed_paths(f"s3://chaos/{output}")
 
-    with s3_behind_proxy(images) as proxy:
+    with s3_behind_proxy(images, fault_proxy) as proxy:
         _, undisturbed = s3_run("undisturbed")
         proxy.rules = [Rule(SLOW_DOWN, key=r"/in/.*", fraction=0.05, seed=1), Rule(INTERNAL_ERROR, key=r"/in/.*", fraction=0.05 / 0.95, seed=2)]
         summary, seconds = s3_run("throttle")
@@ -295,6 +320,8 @@ FAULTS = {
 
 def run(args, base: Path) -> list[dict]:
     """The faults of --chaos-faults (every one by default) on --chaos-images images; the outcomes as dicts."""
+    if "s3" in args.chaos_faults:
+        load_fault_proxy()  # where it is missing, stop now rather than after the faults before s3
     images = input_folder(base, "chaos", args.chaos_images, args)
     base = Path(tempfile.mkdtemp(prefix="chaos-", dir=base))
     outcomes = [outcome for name in args.chaos_faults for outcome in FAULTS[name](images, base, args)]

@@ -20,8 +20,9 @@ from app.bench.harness import in_fresh_process, model_overrides, peak_rss, reset
 from app.config import compose_config
 from app.inputs import open_inputs, streamed_todo
 from app.output import dataset
-from app.output.dataset import RESULT_SCHEMA, SETTINGS_NAME, write_json
+from app.output.dataset import SETTINGS_NAME, write_json
 from app.plan import STREAMED_BLOCK_FILES
+from app.result_schema import RESULT_SCHEMA
 
 
 def run(args, base: Path) -> dict:

@@ -22,6 +22,7 @@ from app.bench.harness import input_folder, marginal, model_overrides, number, r
 from app.config import compose_config
 from app.decode import DECODED_SCHEMA
 from app.detector import Detector
+from app.detector_stage import DetectorStage
 from app.model import ModelSpec, coco_categories
 
 
@@ -60,10 +61,10 @@ def stand_in_detector(seconds_per_image: float) -> type[Detector]:
 
 
 def detector_host_time(batches: int, images_per_batch: int, size=(1066, 800)) -> dict:
-    """The detector's own time per image with a zero-time stand-in: everything it does around the
+    """The detector stage's own time per image with a zero-time stand-in: everything it does around the
     model (pixel views, grouping, staging, results to rows) on decoded 800-px images."""
     spec = ModelSpec("fasterrcnn_resnet50_fpn_v2", "none", 0.5, 800, 1333)
-    detector = stand_in_detector(0.0)(spec, num_threads=1, batch_size=8)
+    detector = DetectorStage(spec, detector=stand_in_detector(0.0), num_threads=1, batch_size=8)
     width, height = size
     pixels = np.random.default_rng(0).integers(0, 256, width * height * 3, dtype=np.uint8).tobytes()
     batch = pa.Table.from_pylist(

@@ -22,12 +22,10 @@ Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers
 import contextlib
 import errno
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
 import shutil
-import types
 import uuid
 from typing import TYPE_CHECKING, Optional
 
@@ -38,47 +36,12 @@ from omegaconf import OmegaConf
 
 from app import storage
 from app.config import AppConfig, ConfigError, OutputConfig
+from app.model import ModelSpec, torch_build
+from app.result_schema import RESULT_SCHEMA
 from app.retry import with_retries
 
 if TYPE_CHECKING:
-    from app.model import ModelSpec
     from app.summary import Summary
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),  # the input file's path or URI
-        ("width", pa.int32()),  # original size in pixels, after EXIF orientation; null on error
-        ("height", pa.int32()),
-        ("boxes", pa.list_(pa.list_(pa.float32()))),  # [x1, y1, x2, y2] per detection, original pixels
-        ("scores", pa.list_(pa.float32())),
-        ("labels", pa.list_(pa.int64())),
-        ("label_names", pa.list_(pa.string())),
-        ("num_detections", pa.int32()),
-        # Model inputs the image took: 1 untiled; with tiling=tiles its tiles, plus 1 for the whole-image
-        # pass; 0 on error. Null in rows written before the column existed.
-        ("num_tiles", pa.int32()),
-        ("error_kind", pa.string()),  # null on success; one of the kinds below
-        ("error", pa.string()),
-    ]
-)
-
-# Error kinds, as they appear in the `error_kind` column and the run summary.
-EMPTY_FILE = "empty_file"
-TOO_LARGE = "too_large"
-UNREADABLE = "unreadable"
-NOT_AN_IMAGE = "not_an_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-CORRUPT_IMAGE = "corrupt_image"
-NOT_A_FILE = "not_a_file"  # a FIFO, socket, device or folder named like an image: never opened
-# A read that kept failing for a reason that may pass (app.retry): never committed, so a rerun reads it again.
-TRANSIENT = "transient"
-# A read that storage refused (not found, access denied, a rejected credential, a missing bucket): never
-# committed as such. The driver commits it as UNREADABLE once another file reads fine, or stops the run
-# when storage refuses everything (app.output.verdicts).
-REFUSED = "refused"
-# A file whose reads failed for reasons that may pass in data.transient_runs runs in a row: committed, so
-# that the output finishes (data.retry_errors=[kept_failing] reads them again).
-KEPT_FAILING = "kept_failing"
 
 MANIFEST_NAME = "_manifest.json"
 TRANSIENT_NAME = "_transient.parquet"
@@ -343,18 +306,7 @@ def read_manifest(output: storage.Location) -> Optional[dict]:
     return read_json(output.filesystem, output.join(MANIFEST_NAME))
 
 
-def torch_build() -> types.ModuleType:
-    """torch's torch/version.py (its __version__ and the CUDA it was built for, `cuda`), loaded alone:
-    importing torch would cost the driver seconds and hundreds of MB that only the actors need
-    (app.detector_stage)."""
-    path = importlib.metadata.distribution("torch").locate_file("torch/version.py")
-    spec = importlib.util.spec_from_file_location("ray_detect_torch_build", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_manifest(cfg: AppConfig, spec: "ModelSpec", summary: "Summary", output: storage.Location) -> None:
+def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: storage.Location) -> None:
     """Declare the dataset complete: what it holds, how it was made, and what the last run did."""
     import ray  # the job's library, imported here so that the result commands can do without it
 

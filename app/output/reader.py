@@ -15,14 +15,8 @@ from PIL import Image
 from app import storage
 from app.config import DataConfig
 from app.decode import DecodeOptions, decode, read_file
-from app.output.dataset import (
-    MANIFEST_NAME,
-    RESULT_SCHEMA,
-    SETTINGS_NAME,
-    read_committed,
-    read_json,
-    read_manifest,
-)
+from app.output.dataset import MANIFEST_NAME, SETTINGS_NAME, read_committed, read_json, read_manifest
+from app.result_schema import RESULT_SCHEMA
 
 # Placeholders in torchvision's COCO label list: the background class and the ids COCO left unused.
 NOT_A_CATEGORY = ("__background__", "N/A")

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from app.output.dataset import RESULT_SCHEMA, committed_files
+from app.output.dataset import committed_files
+from app.result_schema import RESULT_SCHEMA
 from app.storage import Location
 
 DIGEST = np.dtype("S16")

@@ -20,9 +20,10 @@ import pyarrow.dataset as pads
 import ray
 
 from app.output import resume
-from app.output.dataset import RESULT_SCHEMA, committed_files
+from app.output.dataset import committed_files
 from app.output.resume import DIGEST, FILES_PER_SCAN_TASK, contains, digests
 from app.output.writer import ResultWriter
+from app.result_schema import RESULT_SCHEMA
 from app.storage import Location
 
 # A row of a path that has several: its digest, the number of its file in committed_files order, its

@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from app.output.dataset import RESULT_SCHEMA
+from app.result_schema import RESULT_SCHEMA
 from app.tiling import Detections
 
 

@@ -28,19 +28,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app.output.dataset import (
-    KEPT_FAILING,
-    REFUSED,
-    RESULT_SCHEMA,
-    TRANSIENT,
-    TRANSIENT_NAME,
-    UNREADABLE,
-    committed_files,
-    parquet_bytes,
-    replace_file,
-)
+from app.output.dataset import TRANSIENT_NAME, committed_files, parquet_bytes, replace_file
 from app.output.resume import PathSet
 from app.output.writer import ResultWriter
+from app.result_schema import KEPT_FAILING, REFUSED, RESULT_SCHEMA, TRANSIENT, UNREADABLE
 from app.retry import AWS_ERROR, error_text, is_refused, with_retries
 from app.storage import Location
 

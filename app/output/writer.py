@@ -5,7 +5,8 @@ from typing import Callable
 
 import pyarrow as pa
 
-from app.output.dataset import RESULT_SCHEMA, STAGING_DIR, parquet_bytes, part_name, write_whole
+from app.output.dataset import STAGING_DIR, parquet_bytes, part_name, write_whole
+from app.result_schema import RESULT_SCHEMA
 from app.storage import Location
 
 

@@ -38,5 +38,5 @@ def check_clean_log(result, ray_lines):
     assert "ray-detect: slowest stage: DetectorStage (work per worker: DetectorStage " in result.stdout
     own = ("progress: ", "ray-detect: ", f"{IMAGES} of {IMAGES} images to process from ", "detector stage: ")
     assert [line for line in lines if not line.startswith(own)] == []
-    assert [line for line in result.stderr.splitlines() if not any(ray_line in line for ray_line in ray_lines)] == []
+    assert [line for line in result.stderr.splitlines() if not any(ray_line in line for ray_line in ray_lines)] == [], result.stderr[-3000:]
     assert [line for line in lines + result.stderr.splitlines() if ALARM.search(line)] == []

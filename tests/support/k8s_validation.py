@@ -87,9 +87,17 @@ class ValidationFailure(AssertionError):
 # ---------------------------------------------------------------------------------------------------
 
 
+def crds_dir(variable: str, folder: str) -> Path:
+    """A CRD folder, where scripts/test.sh finds it: $variable, else `folder` in ../shared beside the
+    repository when there is one, else in .crds/ (where scripts/get-crds.sh downloaded it)."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    shared = REPO_ROOT.parent / "shared" / folder
+    return shared if shared.is_dir() else REPO_ROOT / ".crds" / folder
+
+
 def kuberay_crds_dir() -> Path:
-    """The KubeRay CRD folder: $KUBERAY_CRDS_DIR, else ../shared/kuberay-crds beside the repository."""
-    return Path(os.environ.get("KUBERAY_CRDS_DIR", REPO_ROOT.parent / "shared" / "kuberay-crds"))
+    return crds_dir("KUBERAY_CRDS_DIR", "kuberay-crds")
 
 
 def helm_major(helm: Path | str) -> int:
@@ -281,8 +289,7 @@ StrictValidator = jsonschema.validators.extend(
 
 
 def prometheus_operator_crds_dir() -> Path:
-    """The prometheus-operator CRD folder: $PROMETHEUS_OPERATOR_CRDS_DIR, else ../shared/prometheus-operator-crds."""
-    return Path(os.environ.get("PROMETHEUS_OPERATOR_CRDS_DIR", REPO_ROOT.parent / "shared" / "prometheus-operator-crds"))
+    return crds_dir("PROMETHEUS_OPERATOR_CRDS_DIR", "prometheus-operator-crds")
 
 
 def load_crd_schemas(crds_dir: Path | None = None) -> dict[tuple[str, str], dict[str, Any]]:

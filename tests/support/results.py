@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app.output.dataset import MANIFEST_NAME, RESULT_SCHEMA
+from app.output.dataset import MANIFEST_NAME
+from app.result_schema import RESULT_SCHEMA
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 

@@ -9,6 +9,9 @@ chance (`fraction`, from a seeded generator) or by count (`first`: the first N i
 every N-th of each key). Each
 rule counts the faults it injected, by key. `moto_behind_proxy` starts both, for the tests and the
 benchmark's chaos suite (moto comes with the test and bench extras).
+
+Test code: it lives here, out of the package, so neither the wheel nor the image carries it. The chaos
+suite (app/bench/chaos.py) loads this file from the checkout it runs in.
 """
 
 import contextlib
