@@ -1,7 +1,7 @@
 # The ray-detect image: Ray 2.60.0 on Python 3.11 with CUDA 13.0, torch built for the same CUDA 13.0, the
 # app, and torchvision's pretrained FasterRCNN weights, so pods start and detect without network access.
-# GPU nodes need NVIDIA driver R580 or newer (CUDA 13.0's floor) and GPUs of compute capability 7.5 or
-# more, Turing and newer: CUDA 13.0 dropped Maxwell, Pascal and Volta, and torch has no kernels for them.
+# What GPU nodes need follows from CUDA 13.0 (its driver floor, and the GPUs it still supports): stated
+# once, as app.device.IMAGE_REQUIREMENTS, and explained in docs/kubernetes.md ("GPU requirements").
 #
 #   docker build -t ghcr.io/ray-detect/ray-detect:0.1.0 .
 #   docker build --build-arg BAKE_WEIGHTS=false -t ray-detect:no-weights .

@@ -36,7 +36,7 @@ MAX_LISTING_BLOCKS = 256
 MAX_CPU_THREADS_PER_ACTOR = 4
 # Images per model call when inference.batch_size is null, by model, on CPU and on GPU. On a CPU the
 # heavy models gain nothing from batching (measured: see docs/benchmark.md); on a GPU batches keep it busy (the
-# sizes the accelerator issue measured the models alone at on an H100; not measured here).
+# sizes the models alone were measured at on an H100: benchmarks/gpu-h100-2026-11-27.txt).
 DEFAULT_BATCH_SIZES = {
     "fasterrcnn_resnet50_fpn_v2": {"cpu": 1, "gpu": 8},
     "fasterrcnn_resnet50_fpn": {"cpu": 1, "gpu": 8},
