@@ -78,7 +78,9 @@ def connect_ray(cfg: AppConfig) -> bool:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         console.quiet_local_ray_start()
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
+        # "local": a new instance even where `ray start` (or a killed test cluster) left its address in
+        # /tmp/ray/ray_current_cluster, which ray.init would otherwise attach to and refuse num_cpus for.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=False)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))

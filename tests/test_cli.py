@@ -10,7 +10,6 @@ import dataclasses
 import errno
 import os
 import re
-import socket
 import subprocess
 import sys
 import tomllib
@@ -29,6 +28,7 @@ from app.output.verdicts import StorageRefused
 from app.commit import DeviceUnavailable, InputsLeft, Stopped
 from app.pipeline import Summary, TooManyErrors, model_spec
 from tests.support.images import write_images
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -272,13 +272,6 @@ def test_a_finished_job_prints_its_summary(monkeypatch, capsys):
     assert capsys.readouterr() == (SUMMARY_TEXT, "")
 
 
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_an_offline_run_on_other_images_stops_before_work(tmp_path):
     """README (Quick start): without torchvision's weights, only the demo falls back to random weights;
@@ -290,7 +283,7 @@ def test_an_offline_run_on_other_images_stops_before_work(tmp_path):
     write_images(tmp_path / "photos", 1)
     (tmp_path / "out").mkdir()
     env = {key: value for key, value in os.environ.items() if key.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
-    proxy = f"http://127.0.0.1:{closed_port()}"
+    proxy = f"http://127.0.0.1:{free_port()}"
     env.update(PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "torch"), https_proxy=proxy, HTTPS_PROXY=proxy)
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([sys.executable, "-m", "app", "run", f"data.path={tmp_path / 'photos'}", "output.path=out"],

@@ -503,7 +503,7 @@ def test_a_gpu_actor_finds_what_the_model_finds_on_the_cpu():
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), rng.integers(0, 255, (320, 240, 3), dtype=np.uint8),
               rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)]
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     try:
         actor = ray.remote(num_gpus=1)(DetectorActor).remote(SPEC, num_threads=2, batch_size=2)
         rows = ray.get(actor.run.remote(decoded_batch(images))).to_pylist()

@@ -4,20 +4,31 @@ not a terminal), on a local Ray the job starts (here) and on a multi-node cluste
 
 import os
 import re
+import shutil
+import tempfile
 
 import pyarrow.parquet as pq
 import pytest
 from tests.support.images import write_images, write_mixed_inputs
 from tests.support.jobs import IMAGES, check_clean_log, run_job
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow  # each test runs a job that starts Ray
 
 
 def test_a_clean_run_on_a_local_ray_logs_progress_and_summary_and_nothing_alarming(tmp_path):
     """The command on a new folder. (Run again, it finds every row written: the resume tests run that case,
-    and test_cli's summary tests the lines it prints.)"""
+    and test_cli's summary tests the lines it prints.) The machine's Ray directory names a cluster that is
+    gone, as a killed `ray start` leaves it: the run starts its own Ray all the same (ray.address=null)."""
     write_images(tmp_path / "in", IMAGES)
-    result = run_job(tmp_path, "ray.num_cpus=2")
+    ray_tmp = tempfile.mkdtemp(prefix="rd-")  # short: Ray's socket paths under it must fit in 107 bytes
+    try:
+        os.makedirs(f"{ray_tmp}/ray")
+        with open(f"{ray_tmp}/ray/ray_current_cluster", "w") as address_file:
+            address_file.write(f"127.0.0.1:{free_port()}")
+        result = run_job(tmp_path, "ray.num_cpus=2", env={"RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     check_clean_log(result, ["INFO worker.py", "Started a local Ray instance."])
     assert re.search(r"^ray-detect: detector actors used: 2, on 1 node\(s\), holding 0 GPU\(s\); devices: cpu x2; "
                      r"at most at once: cpu [12]$", result.stdout, re.MULTILINE)

@@ -96,7 +96,7 @@ def observed(tmp_path_factory, shipped) -> Observed:
         for name, data in files.items():
             client.put_object(Bucket=BUCKET, Key=f"in/{name}", Body=data)
         # Metrics reach the node's endpoint every 2 s (10 s by default), so that the test waits less.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2,
                  _system_config={"metrics_report_interval_ms": 2000})
         try:
             targets = [f"127.0.0.1:{node['MetricsExportPort']}" for node in ray.nodes() if node["Alive"]]

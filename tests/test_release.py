@@ -31,7 +31,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from tests.support import k8s_validation as kv
-from tests.support.prometheus import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow  # a registry, helm, actionlint and zizmor
 

@@ -49,7 +49,7 @@ def s3_service():
     and the Ray of this module's runs: started after the variables are set, its workers inherit them.
     Yields the proxy and a boto3 client that talks to moto directly, never faulted."""
     with moto_behind_proxy(BUCKET, keys=(KEY_ID, SECRET_KEY)) as (proxy, client):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
         try:
             yield proxy, client
         finally:

@@ -26,6 +26,7 @@ import yaml
 from app import submit
 from app.exit_codes import ExitCode
 from tests.support import k8s_validation as kv
+from tests.support.ports import free_port
 
 MANIFEST = kv.K8S_DIR / "rayjob.yaml"
 TOKEN = "stand-in-token"
@@ -377,12 +378,7 @@ def test_api_errors_are_one_line_with_exit_6(stand_in, code, error, line):
 
 
 def test_unreachable_api_server_is_one_line(tmp_path):
-    # A port that was free a moment ago: nothing listens there, so the connection is refused.
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there: the connection is refused
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), *OVERRIDES)
     assert (code, out) == (ExitCode.KUBERNETES, f"ray-detect submit: credentials: kubeconfig {kubeconfig}, context stand-in (user tester)\n")

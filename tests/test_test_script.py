@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import k8s_validation as kv
-from tests.support.prometheus import free_port
+from tests.support.ports import free_port
 
 SCRIPTS = kv.REPO_ROOT / "scripts"
 REQUIRE_PRIVILEGED = "RAY_DETECT_REQUIRE_PRIVILEGED_TESTS"  # set by the GitHub workflow

@@ -84,7 +84,7 @@ def write_committed(output: Path, manifest: Path, cfg) -> None:
 def measure_input_stages(cases: dict[str, list[str]], first: list[str]) -> dict:
     """measure_input_stage for each case's overrides, in turn, on one Ray; then first_result of the app
     with the overrides `first`, attached to that Ray."""
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         measured = {name: measure_input_stage(overrides) for name, overrides in cases.items()}
         return measured | {"first_result_s": first_result([*first, f"ray.address={ray.get_runtime_context().gcs_address}"])}

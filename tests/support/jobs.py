@@ -17,8 +17,10 @@ MID_RUN = re.compile(
 ALARM = re.compile(r"Warning\b|\bWARNING\b|\bERROR\b|^\[[^\]]* [WE] \d+ \d+\]|Traceback")
 
 
-def run_job(cwd, *overrides, address=None):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def run_job(cwd, *overrides, address=None, env=None):
+    """The command in a subprocess, attached to `address` through RAY_ADDRESS (else on a local Ray it starts),
+    with `env` added to this process's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     if address:
         env["RAY_ADDRESS"] = address
     command = [sys.executable, "-m", "app", *FAST_MODEL, "inference.num_actors=auto", "data.path=in", "output.path=out", "progress.interval_s=0.2", *overrides]

@@ -5,7 +5,6 @@ every second, and queried through its HTTP API. Also `metric_names`, the metrics
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -15,15 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
+from tests.support.ports import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Prometheus:
