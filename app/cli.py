@@ -136,8 +136,13 @@ def run_parser() -> CommandParser:
 def run(argv: list[str]) -> int:
     """`ray-detect run [--help | --cfg job|hydra|all [--resolve]] [overrides]`: compose the config, then run
     the job on it with Hydra's logging settings (hydra.job_logging). A bad override is one line and exit
-    code 2, before Ray starts."""
+    code 2, before Ray starts; so is an override holding credentials, before Hydra (whose errors may quote it)."""
+    from app.credentials import override_with_credentials
+
     args = run_parser().parse_intermixed_args(argv)
+    refusal = override_with_credentials(args.overrides)
+    if refusal:
+        fail(ExitCode.USAGE, f"ray-detect: config error: {refusal}")
     try:
         cfg = compose_overrides(args.overrides, with_hydra=True)
     except OverrideError as error:

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from app.config import ConfigError
 from app.device import DEVICE_ERROR_MARKER
 from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
+from app.model import WEIGHTS_ERROR_MARKER
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal
 from app.plan import Plan
@@ -133,10 +135,13 @@ def stopped(error: BaseException, verdicts: Verdicts) -> BaseException:
     """The error that stops the run, in the command line's terms. On SIGTERM and a spent retry budget the
     rows decided so far are committed and the list of inputs left unread recorded first; when storage
     refuses the run both are tried (what fails is the rerun's); on anything else (a lease taken over, a
-    full disk, a device error) nothing more is written."""
+    full disk, a device error, a checkpoint whose bytes changed) nothing more is written."""
     reason = marked_error_in(error, DEVICE_ERROR_MARKER) if isinstance(error, Exception) else None
     if reason is not None:
         return DeviceUnavailable(reason)
+    reason = marked_error_in(error, WEIGHTS_ERROR_MARKER) if isinstance(error, Exception) else None
+    if reason is not None:
+        return ConfigError(reason)
     refusal = storage_refusal(error)
     if refusal is not None:
         with contextlib.suppress(Exception):  # storage may refuse these writes too: the rerun redoes them

@@ -10,19 +10,25 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 
+from app.credentials import setting_with_credentials
 from app.result_schema import COMMITTED_ERRORS
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 # The value of the inference settings that the job resolves against the cluster (app.plan).
 AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
-# A URI holding a secret before its host: scheme://user:password@... (pyarrow and fsspec accept it; the
-# password may hold a slash, as AWS secret keys do), not scheme://host:port/path@...
-CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]+:(?!\d+/)[^@]*@")
+# The storage a run reads by default (app.storage): local files (`file`: a path without a scheme), S3, GCS,
+# HDFS and Azure. Not http(s): a manifest made elsewhere must not send the workers to any web address (a
+# cloud's metadata service, a service inside the cluster).
+STORAGE_SCHEMES = ["file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az"]
+# A URI's scheme, as app.storage tells a URI from a local path.
+URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# A SHA-256 as hexadecimal digits.
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -32,8 +38,13 @@ class DataConfig:
     # A list of the images instead of listing data.path: a Parquet or CSV file or folder with a `path`
     # column, or an S3 Inventory report's manifest.json (see docs/inputs.md). data.path is then not read.
     manifest: Optional[str] = None
-    # File extensions treated as images, matched case-insensitively; other files are ignored.
+    # File extensions treated as images, matched case-insensitively; other files are ignored. Only the
+    # image formats of these extensions are decoded (a PNG named .jpg is, a PostScript file named .jpg is not).
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # URI schemes that data.path, data.manifest and the paths a manifest lists may have ("file": local
+    # paths). A manifest's path of another scheme becomes an error row (kind "unreadable"); data.path or
+    # data.manifest of another scheme is a config error.
+    allowed_schemes: list[str] = field(default_factory=lambda: list(STORAGE_SCHEMES))
     # Files larger than this are not read; they become error rows (kind "too_large").
     max_file_bytes: int = 64 * 1024 * 1024
     # Images with more pixels than this are not decoded (decompression-bomb guard); Pillow's own limit is 89M.
@@ -62,6 +73,9 @@ class ModelConfig:
     name: str = MISSING
     # DEFAULT (torchvision's pretrained COCO weights), a checkpoint path or URI, or none (random init).
     weights: str = "DEFAULT"
+    # The checkpoint's SHA-256 (64 hex digits): the driver and every detector actor refuse other bytes.
+    # Unset, the digest the first run read is recorded in the output's settings all the same.
+    checkpoint_sha256: Optional[str] = None
     # Detections scoring at or below this are dropped (torchvision keeps scores above it).
     score_threshold: float = 0.5
     # Detections kept per image, at most: the highest-scoring ones.
@@ -225,6 +239,23 @@ def config_groups() -> dict[str, list[str]]:
         return {group: sorted(loader.get_group_options(group)) for group in groups}
 
 
+def image_formats(extensions: Sequence[str]) -> tuple[str, ...]:
+    """Pillow's formats of these file extensions (data.extensions, with or without the dot, in any case),
+    sorted: the only decoders a run lets open its files, whatever a file's bytes claim to be. ValueError
+    names an extension of no format Pillow opens."""
+    from PIL import Image  # here: the config is read where Pillow is not needed
+
+    Image.init()
+    registered = Image.registered_extensions()
+    formats = set()
+    for extension in extensions:
+        fmt = registered.get("." + extension.lower().lstrip("."))
+        if fmt not in Image.OPEN:  # unknown, or a format Pillow only writes (.pdf)
+            raise ValueError(f"{extension!r} is the extension of no image format that Pillow opens")
+        formats.add(fmt)
+    return tuple(sorted(formats))
+
+
 def register_configs() -> None:
     """Register the schema and the resolver that points at the bundled sample images."""
     from hydra.core.config_store import ConfigStore  # here: the result commands read configs without Hydra
@@ -251,10 +282,13 @@ def parse_number(key: str, value: str, minimum: float) -> float:
 
 def check_config(cfg: AppConfig) -> None:
     """Value checks the schema's types cannot express."""
-    from app.model import (
-        MODEL_NAMES,  # torchvision: imported only once a config is checked
-    )
+    from app.model import MODEL_NAMES, PRETRAINED, RANDOM_INIT
 
+    # First: the checks below may quote a value.
+    refusal = setting_with_credentials(config_leaves(cfg))
+    if refusal:
+        # The value is not repeated: the settings, the manifest, the RayJob and the log would all hold it.
+        raise ConfigError(refusal)
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
     if cfg.inference.max_actors is not None and cfg.inference.max_actors < 1:
@@ -291,12 +325,40 @@ def check_config(cfg: AppConfig) -> None:
         value = getattr(cfg.inference, key)
         if value != AUTO:
             parse_number(f"inference.{key}", value, 1 if key == "num_actors" else 0)
-    for key, value in (("data.path", cfg.data.path), ("data.manifest", cfg.data.manifest), ("output.path", cfg.output.path),
-                       ("model.weights", cfg.model.weights)):
-        if value and CREDENTIALS_IN_URI.match(value):
-            # The value is not repeated: the settings, the manifest, the RayJob and the log would all hold it.
-            raise ConfigError(f"{key} holds credentials (user:password@ in its URI); give them to the storage "
-                              "client through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
+    try:
+        image_formats(cfg.data.extensions)
+    except ValueError as error:
+        raise ConfigError(f"data.extensions: {error}") from None
+    allowed = [scheme.lower() for scheme in cfg.data.allowed_schemes]
+    for key, value in (("data.path", cfg.data.path), ("data.manifest", cfg.data.manifest)):
+        if value and uri_scheme(value) not in allowed:
+            raise ConfigError(f"{key} has the scheme {uri_scheme(value)!r}, which is not in data.allowed_schemes "
+                              f"({', '.join(allowed)}); add it there to read from it")
+    digest = cfg.model.checkpoint_sha256
+    if digest is not None:
+        if not SHA256_HEX.fullmatch(digest.lower()):
+            raise ConfigError(f"model.checkpoint_sha256={digest!r} must be a SHA-256: 64 hexadecimal digits")
+        if cfg.model.weights.upper() == PRETRAINED or cfg.model.weights.lower() in (RANDOM_INIT, "null", ""):
+            raise ConfigError(f"model.checkpoint_sha256 is set but model.weights={cfg.model.weights!r} is not a "
+                              "checkpoint: set model.weights to the checkpoint's path or URI, or unset the digest")
+
+
+def config_leaves(cfg: AppConfig, prefix: str = ""):
+    """(dotted key, value) of every leaf of the config, interpolations resolved: what a run stores."""
+    node = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from config_leaves(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            yield from ((f"{prefix}{key}[{i}]", item) for i, item in enumerate(value))
+        else:
+            yield f"{prefix}{key}", value
+
+
+def uri_scheme(uri: str) -> str:
+    """The scheme of a path or URI, in lower case: "file" for a local path."""
+    match = URI_SCHEME.match(uri)
+    return match.group(1).lower() if match else "file"
 
 
 def check_tiling(tiling: TilingConfig) -> None:

@@ -17,6 +17,7 @@ import ray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app import storage
+from app.config import IMAGE_EXTENSIONS, image_formats
 from app.result_schema import (
     CORRUPT_IMAGE,
     EMPTY_FILE,
@@ -52,6 +53,10 @@ DECODED_SCHEMA = pa.schema(
 )
 
 
+# The formats of the default data.extensions: BMP, GIF, JPEG, PNG, TIFF, WEBP.
+DEFAULT_FORMATS = image_formats(IMAGE_EXTENSIONS)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How the CPU stage reads and sizes images."""
@@ -65,6 +70,9 @@ class DecodeOptions:
     read_attempts: int = 1
     # tiling=tiles: an image larger than a tile is decoded at full size, with its tile grid.
     tiling: Optional[TilingOptions] = None
+    # The Pillow formats that may decode a file (image_formats of data.extensions): a file of another
+    # format (PostScript, PSD, PCX, ... named .jpg) is not an image here, and no other decoder parses it.
+    formats: tuple[str, ...] = DEFAULT_FORMATS
 
 
 class ImageError(Exception):
@@ -185,9 +193,9 @@ Image.MAX_IMAGE_PIXELS = None
 def open_image(data: bytes, options: DecodeOptions) -> tuple[Image.Image, int, int]:
     """The image in `data`, not decoded yet, and its width and height after EXIF orientation."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=list(options.formats))
     except UnidentifiedImageError as error:
-        raise ImageError(NOT_AN_IMAGE, "not a recognised image format") from error
+        raise ImageError(NOT_AN_IMAGE, f"not an image of the formats data.extensions names ({', '.join(options.formats)})") from error
     except Image.DecompressionBombError as error:
         raise ImageError(TOO_MANY_PIXELS, str(error)) from error
     pixels = image.width * image.height

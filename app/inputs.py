@@ -53,7 +53,7 @@ def open_inputs(data: DataConfig) -> Inputs:
     """Read data.manifest's head, or list data.path as far as the driver lists (app.listing)."""
     try:
         if data.manifest:
-            manifest = inventory.open_manifest(data.manifest)
+            manifest = inventory.open_manifest(data.manifest, list(data.allowed_schemes))
             return Inputs(manifest.images, manifest=manifest)
         listed = listing.list_inputs(data.path, list(data.extensions))
     except (storage.StorageError, OSError) as error:

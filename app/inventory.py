@@ -6,15 +6,16 @@ without a header, whose first column is the path (and second the size); or an S3
 or Parquet) hold bucket and key columns. A report of all versions lists a key once per version and per
 delete marker: only the rows of latest versions that are not delete markers are inputs, so each live key
 is one. Paths are local paths or URIs of one filesystem, that of the first path; a relative local path is
-taken from the manifest's folder.
+taken from the manifest's folder. A path whose scheme is not in data.allowed_schemes is an error row,
+never opened.
 """
 
 import io
 import json
 import posixpath
 import urllib.parse
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from app.config import STORAGE_SCHEMES, uri_scheme
 from app.listing import Rows
 from app.result_schema import UNREADABLE
 from app.storage import Location, StorageError, resolve
@@ -46,6 +48,11 @@ class Manifest:
     base: str  # a relative local path is taken from this folder
     csv_columns: Optional[list[str]] = None  # names of a header-less CSV's columns
     url_encoded_keys: bool = False  # S3 Inventory CSV
+    # data.allowed_schemes, in lower case: a listed path of another scheme is an error row.
+    allowed_schemes: tuple[str, ...] = tuple(STORAGE_SCHEMES)
+    # How the listed paths on the images' filesystem begin: its scheme and "://" ("" for local paths).
+    # None: images.uri_prefix, which differs only on a filesystem of whole URLs (fsspec's HTTP: prefix "").
+    on_images: Optional[str] = None
 
     def dataset(self, tasks: int) -> ray.data.Dataset:
         """The manifest's rows, read by up to `tasks` Ray tasks at a time. Reading takes no CPU of
@@ -58,14 +65,16 @@ class Manifest:
         return ray.data.read_csv(paths, filesystem=filesystem, read_options=read, convert_options=convert, num_cpus=0, concurrency=tasks)
 
 
-def open_manifest(uri: str) -> Manifest:
-    """Check data.manifest and find its files; raises StorageError with a one-line reason."""
+def open_manifest(uri: str, allowed_schemes: Sequence[str] = STORAGE_SCHEMES) -> Manifest:
+    """Check data.manifest and find its files; raises StorageError with a one-line reason. The images'
+    paths may have the schemes of `allowed_schemes` (data.allowed_schemes)."""
+    allowed = tuple(scheme.lower() for scheme in allowed_schemes)
     location = resolve(uri)
     info = location.filesystem.get_file_info(location.path)
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"data.manifest {uri} does not exist")
     if info.base_name == INVENTORY_MANIFEST:
-        return open_inventory(uri, location)
+        return replace(open_inventory(uri, location), allowed_schemes=allowed)
     if info.type == pafs.FileType.Directory:
         entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
         files = sorted(e.path for e in entries if e.type == pafs.FileType.File and not e.base_name.startswith(("_", ".")))
@@ -80,8 +89,9 @@ def open_manifest(uri: str) -> Manifest:
     columns, first, header = first_row(location.filesystem, files[0], fmt)
     if "path" not in columns:
         raise StorageError(f"data.manifest {uri} has no `path` column (columns: {', '.join(columns)})")
-    images = images_location(str(first["path"]) if first else "", location)
-    return Manifest(location, files, fmt, images, base, csv_columns=None if header else columns)
+    images, on_images = images_location(str(first["path"]) if first else "", allowed)
+    return Manifest(location, files, fmt, images, base, csv_columns=None if header else columns, allowed_schemes=allowed,
+                    on_images=on_images)
 
 
 def open_inventory(uri: str, location: Location) -> Manifest:
@@ -125,12 +135,18 @@ def first_row(filesystem: pafs.FileSystem, path: str, fmt: str) -> tuple[list[st
     return names, dict(zip(names, rows[0])), False
 
 
-def images_location(first_path: str, manifest: Location) -> Location:
-    if "://" in first_path:
-        scheme = first_path.split("://", 1)[0]
-        found = resolve(first_path)
-        return Location(found.filesystem, "", f"{scheme}://")
-    return Location(pafs.LocalFileSystem(), "", "")
+def images_location(first_path: str, allowed_schemes: Sequence[str]) -> tuple[Location, str]:
+    """The filesystem of the images, that of the first path, and how its paths begin (Manifest.on_images).
+    One of a scheme not allowed is not made: its paths are error rows, and the others are not on it."""
+    if "://" not in first_path:
+        return Location(pafs.LocalFileSystem(), "", ""), ""
+    prefix = first_path.split("://", 1)[0] + "://"
+    if uri_scheme(first_path) not in allowed_schemes:
+        # Never opened: manifest_rows refuses its paths, and the rows keep them whole (no prefix added).
+        return Location(pafs.LocalFileSystem(), "", ""), prefix
+    found = resolve(first_path)
+    # fsspec's HTTP filesystem takes whole URLs: its paths keep their scheme.
+    return Location(found.filesystem, "", "" if found.path.startswith(prefix) else prefix), prefix
 
 
 def flag(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -169,14 +185,18 @@ def manifest_rows(batch: pa.Table, *, manifest: Manifest, suffixes: tuple[str, .
             keys = [urllib.parse.unquote_plus(key) for key in keys]
         paths = [f"s3://{bucket}/{key}" for bucket, key in zip(batch.column(names["bucket"]).to_pylist(), keys)]
     sizes = batch.column(names["size"]).cast(pa.int64()).to_pylist() if "size" in names else [None] * len(paths)
-    rows, prefix = Rows(), manifest.images.uri_prefix
+    prefix = manifest.images.uri_prefix
+    on_images = prefix if manifest.on_images is None else manifest.on_images
+    rows = Rows()
     for path, size in zip(paths, sizes):
         if path is None or not path.lower().endswith(suffixes):
             continue
-        if prefix and path.startswith(prefix):
+        if uri_scheme(path) not in manifest.allowed_schemes:
+            rows.add(path, kind=UNREADABLE, error=f"its scheme {uri_scheme(path)!r} is not in data.allowed_schemes")
+        elif on_images and path.startswith(on_images):
             rows.add(path[len(prefix) :], size)
-        elif prefix or "://" in path:
-            rows.add(path, kind=UNREADABLE, error=f"not on the filesystem of the manifest's first path ({prefix or 'local'})")
+        elif on_images or "://" in path:
+            rows.add(path, kind=UNREADABLE, error=f"not on the filesystem of the manifest's first path ({on_images or 'local'})")
         else:
             rows.add(path if path.startswith("/") else posixpath.join(manifest.base, path), size)
     return rows.table()

@@ -32,6 +32,9 @@ PRETRAINED = "DEFAULT"
 RANDOM_INIT = "none"
 # Random initial weights are drawn from this seed, so that every actor of a run holds the same model.
 RANDOM_INIT_SEED = 0
+# Begins the message of a WeightsError raised in a detector actor, so that the driver (app.commit) finds it
+# inside Ray's wrapping of the actor's error and stops the run with it.
+WEIGHTS_ERROR_MARKER = "ray-detect weights error:"
 
 
 class WeightsError(Exception):
@@ -52,6 +55,9 @@ class ModelSpec:
     class_names: Optional[tuple[str, ...]] = None
     # Why the weights differ from what was asked for (the demo's random-init fallback), else None.
     fallback_reason: Optional[str] = None
+    # A checkpoint's SHA-256 (hex): model.checkpoint_sha256 until resolve_weights, then the digest of the
+    # bytes the driver read, which every actor checks the bytes it reads against.
+    weights_sha256: Optional[str] = None
 
 
 def coco_categories(name: str) -> list[str]:
@@ -103,16 +109,23 @@ def baked_weights_problem(names: list[str]) -> Optional[str]:
     return None
 
 
-def ensure_pretrained_weights(name: str) -> None:
-    """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them (their SHA-256
-    checked against the one published in the file's name) if they are not."""
+def ensure_pretrained_weights(name: str, url: Optional[str] = None) -> None:
+    """Make sure torchvision's pretrained weights are in TORCH_HOME, downloading them from `url` (default:
+    where torchvision publishes them) if they are not. Either way their SHA-256 is checked against the one
+    published in the file's name: torch.hub checks a download, this function a file already there (which
+    torchvision would load unchecked)."""
     import torch
     from torchvision.models import get_model_weights
 
     target = pretrained_weights_file(name)
+    url = url or get_model_weights(name).DEFAULT.url
     if os.path.exists(target):
+        if not matches_published_hash(target, url):
+            raise WeightsError(
+                f"model.weights=DEFAULT: {target} is not torchvision's {os.path.basename(url)}: its SHA-256 does not "
+                f"start with {published_sha256_prefix(url)}, as the name says; delete it (it is downloaded again) or "
+                f"replace it with the published file")
         return
-    url = get_model_weights(name).DEFAULT.url
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, target, hash_prefix=published_sha256_prefix(url), progress=False)
@@ -142,23 +155,42 @@ def resolve_weights(spec: ModelSpec, allow_random_fallback: bool = False) -> Mod
     location = storage.resolve(spec.weights)
     try:
         found = location.filesystem.get_file_info(location.path).type == storage.pafs.FileType.File
+        digest = file_sha256(location) if found else None
     except OSError as error:
         raise WeightsError(f"model.weights checkpoint {spec.weights} cannot be reached: {error}") from error
     if not found:
         raise WeightsError(f"model.weights checkpoint {spec.weights} does not exist")
-    return spec
+    if spec.weights_sha256 is not None and digest != spec.weights_sha256.lower():
+        raise WeightsError(f"model.weights checkpoint {spec.weights} has the SHA-256 {digest}, not "
+                           f"model.checkpoint_sha256={spec.weights_sha256}")
+    return replace(spec, weights_sha256=digest)
 
 
-def load_checkpoint(uri: str) -> dict:
+def file_sha256(location: storage.Location) -> str:
+    """The SHA-256 (hex) of a file, read in chunks: a checkpoint is hundreds of MB."""
+    digest = hashlib.sha256()
+    with location.filesystem.open_input_stream(location.path) as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(uri: str, sha256: Optional[str] = None) -> dict:
     """The dict a checkpoint file holds: a bare state dict, or a dict holding one under "model" or
     "state_dict" (torchvision's reference scripts save the former), optionally with "class_names";
-    build_model takes the state dict out."""
+    build_model takes the state dict out. With `sha256`, bytes of another digest are refused (a
+    WeightsError marked for the driver) before torch parses them."""
     import torch
 
     location = storage.resolve(uri)
     with location.filesystem.open_input_stream(location.path) as stream:
-        checkpoint = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
-    return checkpoint
+        data = stream.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise WeightsError(
+            f"{WEIGHTS_ERROR_MARKER} model.weights checkpoint {uri} read by a detector actor has the SHA-256 "
+            f"{hashlib.sha256(data).hexdigest()}, not {sha256} (the digest the run checked before work): it changed "
+            "since, or this node reads other bytes at that path")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
@@ -173,7 +205,7 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         return model.eval(), coco_categories(spec.name)
     state_dict, class_names = None, spec.class_names
     if spec.weights != RANDOM_INIT:
-        checkpoint = load_checkpoint(spec.weights)
+        checkpoint = load_checkpoint(spec.weights, spec.weights_sha256)
         state_dict = checkpoint.get("model") or checkpoint.get("state_dict") or checkpoint
         class_names = class_names or checkpoint.get("class_names")
     num_classes = spec.num_classes or (len(class_names) if class_names else None)

@@ -17,7 +17,7 @@ import ray
 
 from app import console, storage
 from app.commit import Executed, InputsLeft, commit, stop_on_sigterm
-from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config
+from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config, image_formats
 from app.decode import DecodeOptions, decode_images
 from app.detector_stage import DetectorStage
 from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
@@ -56,6 +56,7 @@ def model_spec(cfg: AppConfig) -> ModelSpec:
         max_size=cfg.model.max_size,
         num_classes=cfg.model.num_classes,
         class_names=tuple(cfg.model.class_names) if cfg.model.class_names else None,
+        weights_sha256=cfg.model.checkpoint_sha256.lower() if cfg.model.checkpoint_sha256 else None,
     )
     # Only the embedded demo (the bundled samples) may run without the weights it asked for.
     is_demo = not cfg.data.manifest and storage.resolve(cfg.data.path).path == str(SAMPLES_DIR)
@@ -105,7 +106,7 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
     lease = OutputLease(output, uuid.uuid4().hex[:12], cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s,
                         cfg.output.lease_wait_s)
     with stop_on_sigterm(), lease:
-        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights))
+        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights, spec.weights_sha256))
         writer = ResultWriter(output, lease.generation, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
         if cfg.data.retry_errors:
             remove_errors_to_retry(cfg, output, writer)
@@ -230,6 +231,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
                 max_size=cfg.model.max_size if resize else None,
                 read_attempts=cfg.data.read_attempts,
                 tiling=tiling,
+                formats=image_formats(cfg.data.extensions),
             ),
             budget=budget,
         ),

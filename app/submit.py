@@ -5,7 +5,8 @@ The package ships a copy of it, app/manifests/rayjob.yaml (tests/test_submit.py 
 equal byte for byte), so the command works wherever the package is installed, without a checkout. This
 command only sets the namespace, the Hydra overrides of the entrypoint and, when asked, a fixed name, the
 target cluster or the submitter image. The overrides are composed against the app's config first, so a
-misspelt key fails here, not on the cluster.
+misspelt key fails here, not on the cluster; and an override holding credentials (app.credentials) is
+refused before anything is printed or created, even with --skip-config-check, since the RayJob would store it.
 
 Exit codes (app.exit_codes.ExitCode): 0 created (with --wait: the job succeeded); 2 bad arguments or
 overrides; 6 a Kubernetes API or configuration error; 7 the job failed or was stopped; 8 --timeout passed
@@ -27,6 +28,7 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from app.cli import OverrideError, compose_overrides
+from app.credentials import override_with_credentials
 from app.exit_codes import CommandParser, ExitCode
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -103,6 +105,13 @@ def build_rayjob(
         for container in spec["submitterPodTemplate"]["spec"]["containers"]:
             container["image"] = image
     return job
+
+
+def refuse_credentials(overrides: list[str]) -> None:
+    """SubmitError naming the first override that holds credentials (never the credential itself)."""
+    refusal = override_with_credentials(overrides)
+    if refusal:
+        raise SubmitError(f"config error: {refusal}", ExitCode.USAGE)
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -259,8 +268,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     manifest = load_manifest(args.manifest)
+    overrides = args.overrides or manifest_overrides(manifest)
+    refuse_credentials(overrides)
     if not args.skip_config_check:
-        check_overrides(args.overrides or manifest_overrides(manifest))
+        check_overrides(overrides)
     job = build_rayjob(manifest, args.overrides, args.namespace, args.name, args.cluster, args.image)
     if args.dry_run:
         out.write(yaml.safe_dump(job, sort_keys=False))

@@ -22,6 +22,7 @@ import yaml
 from hydra import compose, initialize_config_module
 
 from tests.support import k8s_validation as kv
+from tests.support.credential_forms import CREDENTIAL_FORMS, FORM_IDS, SECRET, WITHOUT_CREDENTIALS
 
 pytestmark = pytest.mark.slow  # about 200 cases, each rendered by a real helm
 
@@ -91,6 +92,12 @@ def only(objects: list[dict], kind: str) -> dict:
     return matches[0]
 
 
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, got {len(matches)}"
+    return matches[0]
+
+
 def all_pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
     return [found for obj in objects for found in kv.pod_templates(obj)]
 
@@ -133,6 +140,32 @@ def worker_groups(objects: list[dict]) -> list[dict]:
     return only(objects, "RayCluster")["spec"].get("workerGroupSpecs", [])
 
 
+# What every container of the chart's pods starts with: no telemetry, HOME on the /tmp emptyDir (the root
+# filesystem is read-only), and Ray's token required.
+BASE_ENV = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, {"name": "HOME", "value": "/tmp"},
+            {"name": "RAY_AUTH_MODE", "value": "token"}]
+# The ray start parameters the chart adds to a group with a 1Gi /dev/shm: 95% of it for the object store, and
+# spilling into the bounded /tmp/ray.
+SPILL_AND_STORE_1GI = {"object-store-memory": "1020054732", "object-spilling-directory": "/tmp/ray/spill"}
+# The RayJob deletes itself a day after it succeeded, a week after it failed or could not run.
+DELETE_SELF = {("DeleteSelf", "SUCCEEDED"): 86400, ("DeleteSelf", "FAILED"): 604800,
+               ("DeleteSelf", "deployment Failed"): 604800}
+
+
+def deletion_rules(job_spec: dict) -> dict[tuple[str, str], int]:
+    """A RayJob spec's deletionRules as {(policy, condition): ttlSeconds}; a condition on the deployment's
+    status reads "deployment <status>". Fails on a rule repeated or without exactly one condition."""
+    rules = {}
+    for rule in job_spec["deletionStrategy"]["deletionRules"]:
+        condition = dict(rule["condition"])
+        ttl = condition.pop("ttlSeconds")
+        (field, status), = condition.items()
+        key = (rule["policy"], status if field == "jobStatus" else f"deployment {status}")
+        assert key not in rules, key
+        rules[key] = ttl
+    return rules
+
+
 # ---------------------------------------------------------------------------------------------------
 # Lint and render
 # ---------------------------------------------------------------------------------------------------
@@ -149,11 +182,14 @@ def test_helm_lint_strict(helm, values):
 @pytest.mark.parametrize(
     "name, kinds",
     [
-        ("default", ["NetworkPolicy", "ServiceAccount", "RayCluster", "RayJob"]),
-        ("gpu-prod", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
-        ("dedicated-no-autoscaling", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
-        ("platform", ["NetworkPolicy", "ServiceAccount", "ConfigMap", "PodMonitor", "PrometheusRule", "RayCronJob"]),
-        ("kueue", ["NetworkPolicy", "ServiceAccount", "RayJob"]),
+        # Two NetworkPolicies where the autoscaler runs: the release's, and the head's API server access.
+        # And the head's PodDisruptionBudget in each.
+        ("default", ["NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "RayCluster", "RayJob"]),
+        ("gpu-prod", ["NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "RayJob"]),
+        ("dedicated-no-autoscaling", ["NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "RayJob"]),
+        ("platform", ["NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "ConfigMap", "PodMonitor",
+                      "PrometheusRule", "RayCronJob"]),
+        ("kueue", ["NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "RayJob"]),
     ],
 )
 def test_render_has_exactly_these_objects(helm, name, kinds):
@@ -304,6 +340,7 @@ def test_every_object_and_pod_template_has_exactly_the_standard_labels(helm):
         "ServiceAccount": "service-account",
         "RayCluster": "cluster",
         "NetworkPolicy": "network-policy",
+        "PodDisruptionBudget": "head",
         "RayJob": "job",
         "RayCronJob": "job",
         "PodMonitor": "monitoring",
@@ -371,7 +408,10 @@ def test_dedicated_mode_gives_the_job_its_own_cluster_that_shuts_down(helm):
     objects = render(helm, "gpu-prod")
     job = only(objects, "RayJob")["spec"]
     assert "clusterSelector" not in job
-    assert (job["shutdownAfterJobFinishes"], job["ttlSecondsAfterFinished"]) == (True, 3600)
+    # KubeRay's deletionRules replace shutdownAfterJobFinishes, with which they cannot be combined.
+    assert "shutdownAfterJobFinishes" not in job and "ttlSecondsAfterFinished" not in job
+    assert deletion_rules(job) == {("DeleteCluster", "SUCCEEDED"): 3600, ("DeleteCluster", "FAILED"): 3600,
+                                   ("DeleteCluster", "deployment Failed"): 3600, **DELETE_SELF}
     assert (job["activeDeadlineSeconds"], job["backoffLimit"]) == (43200, 1)
     groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
     assert {n: (g["replicas"], g["minReplicas"], g["maxReplicas"]) for n, g in groups.items()} == {
@@ -384,7 +424,7 @@ def test_dedicated_mode_gives_the_job_its_own_cluster_that_shuts_down(helm):
 def test_head_gets_no_work_and_no_gpu_and_gpu_group_requests_gpus(helm):
     spec = only(render(helm), "RayCluster")["spec"]
     head = spec["headGroupSpec"]
-    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0", "num-cpus": "0"}
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0", "num-cpus": "0", **SPILL_AND_STORE_1GI}
     assert (head["serviceType"], head["enableIngress"]) == ("ClusterIP", False)
     head_resources = head["template"]["spec"]["containers"][0]["resources"]
     assert "nvidia.com/gpu" not in head_resources["limits"] and "nvidia.com/gpu" not in head_resources["requests"]
@@ -393,7 +433,8 @@ def test_head_gets_no_work_and_no_gpu_and_gpu_group_requests_gpus(helm):
     assert gpu["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     schedulable = only(render(helm, extra_sets=("head.schedulable=true",)), "RayCluster")
-    assert schedulable["spec"]["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0"}
+    assert schedulable["spec"]["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0",
+                                                                       **SPILL_AND_STORE_1GI}
 
 
 def test_autoscaling_switch_and_ray_version(helm):
@@ -421,8 +462,7 @@ def test_group_images_default_to_the_shared_image(helm):
 def test_s3_credentials_come_only_from_the_referenced_secret(helm):
     sets = ("s3.credentialsSecret=my-s3", "s3.endpointUrl=https://minio.example:9000", "s3.region=eu-west-1")
     objects = render(helm, extra_sets=sets)
-    expected = [
-        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    expected = BASE_ENV + [
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "my-s3", "key": "AWS_ACCESS_KEY_ID"}}},
         {
             "name": "AWS_SECRET_ACCESS_KEY",
@@ -436,7 +476,7 @@ def test_s3_credentials_come_only_from_the_referenced_secret(helm):
     for where, template in all_pod_templates(objects):
         env = template["spec"]["containers"][0]["env"]
         if where.endswith("submitter"):
-            assert env == [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+            assert env == BASE_ENV
         elif where.endswith(" head"):
             assert env == expected + maxima, where
         else:
@@ -481,7 +521,9 @@ def test_a_third_group_from_values_alone_is_a_third_worker_group_spec(helm, tmp_
     assert groups[:2] == worker_groups(render(helm))
     a10 = groups[2]
     assert {k: v for k, v in a10.items() if k != "template"} == {
-        "groupName": "gpu-a10-workers", "replicas": 1, "minReplicas": 0, "maxReplicas": 3, "rayStartParams": {},
+        "groupName": "gpu-a10-workers", "replicas": 1, "minReplicas": 0, "maxReplicas": 3,
+        # 95% of its 8Gi /dev/shm; the spill directory inside /tmp/ray.
+        "rayStartParams": {"object-store-memory": "8160437862", "object-spilling-directory": "/tmp/ray/spill"},
     }
     assert a10["template"]["metadata"] == {"labels": expected_labels("gpu-a10-workers")}
     pod = a10["template"]["spec"]
@@ -489,9 +531,10 @@ def test_a_third_group_from_values_alone_is_a_third_worker_group_spec(helm, tmp_
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     container = pod["containers"][0]
     assert (container["name"], container["image"]) == ("ray-worker", "ghcr.io/ray-detect/ray-detect:0.1.0")
+    # ephemeral-storage: /tmp/ray 8Gi of spill (its shmSize) + 2Gi of logs, /tmp 1Gi, its log 512Mi.
     assert container["resources"] == {
-        "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2},
-        "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2},
+        "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2, "ephemeral-storage": "11776Mi"},
+        "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2, "ephemeral-storage": "11776Mi"},
     }
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert kv.restricted_violations(a10["template"]) == []
@@ -533,12 +576,12 @@ def test_what_a_group_gets_follows_its_values_not_its_key(helm, tmp_path):
     objects = render_with(helm, tmp_path, values)
     cpu, gpu = worker_groups(objects)
     assert cpu["template"]["spec"]["containers"][0]["resources"] == {
-        "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1},
-        "limits": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1},
+        "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1, "ephemeral-storage": "5632Mi"},
+        "limits": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1, "ephemeral-storage": "5632Mi"},
     }
     assert gpu["template"]["spec"]["containers"][0]["resources"] == {
-        "requests": {"cpu": "4", "memory": "16Gi"},
-        "limits": {"cpu": "4", "memory": "16Gi"},
+        "requests": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "7680Mi"},
+        "limits": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "7680Mi"},
     }
     assert "tolerations" not in gpu["template"]["spec"]
     assert head_maxima(objects) == ("RayCluster", maxima("4", "32"))  # 4 cpu pods x 1 GPU, none from "gpu"
@@ -693,8 +736,7 @@ def test_cluster_maxima_come_before_the_users_head_env_and_a_users_entry_wins(he
     for job_cluster in ("shared", "dedicated"):
         objects = render_with(helm, tmp_path, {"head": {"env": user_env}, "job": {"cluster": job_cluster}})
         (where, head), = [(w, t) for w, t in all_pod_templates(objects) if w.endswith(" head")]
-        assert head["spec"]["containers"][0]["env"] == [
-            {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        assert head["spec"]["containers"][0]["env"] == BASE_ENV + [
             {"name": "RAY_DETECT_MAX_CPUS", "value": "32"},
             {"name": "RAY_DETECT_MAX_GPUS", "value": "2"},
             {"name": "OTHER", "value": "x"},
@@ -754,7 +796,11 @@ def test_a_schedule_is_a_raycronjob_whose_runs_resume_and_skip_while_the_last_on
     assert name == f"{RELEASE}-ray-detect" and len(f"rayjob-{name}-29000000") <= 47
     assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == ("0 2 * * *", "Europe/Berlin")
     template = cron["spec"]["jobTemplate"]
-    assert template["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in template
+    assert "rayClusterSpec" in template
+    # KubeRay 1.7's RayCronJob has no history limits: each run's RayJob deletes itself after a day (a week if
+    # it failed), and its cluster an hour after the job ends (the production example's ttlSecondsAfterFinished).
+    assert deletion_rules(template) == {("DeleteCluster", "SUCCEEDED"): 3600, ("DeleteCluster", "FAILED"): 3600,
+                                        ("DeleteCluster", "deployment Failed"): 3600, **DELETE_SELF}
     assert entrypoint_overrides({"spec": template}) == [
         "metrics.run=nightly", "data.path=s3://my-bucket/images", "output.path=s3://my-bucket/detections/nightly",
         "model=fasterrcnn_resnet50_fpn_v2", "inference=gpu", "inference.batch_size=16", "output.skip_if_in_use=true"]
@@ -787,8 +833,9 @@ def test_monitoring_and_schedules_are_off_by_default(helm):
 
 def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):
     """On by default: Ray's ports from the release's pods, the dashboard from the operator's namespace, the
-    metrics port from Prometheus's once the PodMonitor is on; out: the release, DNS, HTTPS and the API server."""
-    policy = only(render(helm), "NetworkPolicy")["spec"]
+    metrics port from Prometheus's once the PodMonitor is on; out: the release, DNS, and more that
+    tests/test_network_policy.py asks the policies about."""
+    policy = named(render(helm), "NetworkPolicy", "detect-ray-detect")["spec"]
     release_pods = {"matchLabels": {"app.kubernetes.io/name": "ray-detect", "app.kubernetes.io/instance": RELEASE}}
     assert policy["podSelector"] == release_pods
     assert policy["policyTypes"] == ["Ingress", "Egress"]
@@ -799,8 +846,8 @@ def test_network_policy_allows_ray_traffic_inside_the_release_only(helm):
     assert policy["ingress"] == [{"from": [{"podSelector": release_pods}]}, operator]
     assert policy["egress"][0] == {"to": [{"podSelector": release_pods}]}
     assert [p["port"] for p in policy["egress"][1]["ports"]] == [53, 53]
-    assert policy["egress"][2] == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
-    scraped = only(render(helm, "platform", ("monitoring.podMonitor.prometheusNamespace=observability",)), "NetworkPolicy")
+    scraped = named(render(helm, "platform", ("monitoring.podMonitor.prometheusNamespace=observability",)),
+                    "NetworkPolicy", "detect-ray-detect")
     assert scraped["spec"]["ingress"] == [{"from": [{"podSelector": release_pods}]}, operator, {
         "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}],
         "ports": [{"protocol": "TCP", "port": 8080}],
@@ -821,7 +868,7 @@ def test_only_the_autoscaler_can_read_a_kubernetes_token(helm, name):
     if autoscaling:
         head = next(t for obj in objects for where, t in kv.pod_templates(obj) if where == heads[0])
         assert next(v for v in head["spec"]["volumes"] if v["name"] == "autoscaler-token")["projected"]["sources"] == [
-            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
             {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
             {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
         ]
@@ -850,7 +897,7 @@ RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
     "runAsUser": 1000,
     "runAsGroup": 100,
-    "readOnlyRootFilesystem": False,
+    "readOnlyRootFilesystem": True,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 
@@ -874,12 +921,14 @@ def test_every_pod_template_meets_the_restricted_profile(helm, name):
         assert len(spec["containers"]) == 1
         for container in spec["containers"]:
             assert container["securityContext"] == RESTRICTED_CONTAINER, where
-            assert container["volumeMounts"][:2] == [
+            # The only writable places: /tmp (HOME), /tmp/ray and /dev/shm, each an emptyDir of bounded size.
+            assert container["volumeMounts"][:3] == [
+                {"name": "tmp", "mountPath": "/tmp"},
                 {"name": "ray-tmp", "mountPath": "/tmp/ray"},
                 {"name": "dshm", "mountPath": "/dev/shm"},
             ]
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert volumes["ray-tmp"] == {"name": "ray-tmp", "emptyDir": {}}
+        assert all(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if "emptyDir" in v), where
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["dshm"]["emptyDir"]["sizeLimit"]
         assert all("hostPath" not in v for v in spec["volumes"])
         assert spec["serviceAccountName"] == "detect-ray-detect"
@@ -916,7 +965,7 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
                 (tmp_path / f"{count:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml").write_text(
                     yaml.safe_dump(doc)
                 )
-    assert count == 33  # 6 each from default, gpu-prod and dedicated-no-autoscaling; 9 from platform; 6 from kueue
+    assert count == 42  # 8 each from default and gpu-prod, 7 from dedicated-no-autoscaling, 11 from platform, 8 from kueue
     proc = subprocess.run(
         [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--output", "json",
          "--quiet", "--compact", "--skip-download"],
@@ -931,6 +980,304 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
     unexpected = sorted(f for f in failed if f[0] not in skips)
     assert unexpected == [], "checkov failures not in tests/checkov-skips.yaml"
     assert sorted({check for check, _ in failed}) == sorted(skips), "a listed check no longer fails: remove it"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared GPU clusters: the head survives voluntary disruption, disks are bounded, runs are cleaned up,
+# Ray's token is required, credentials are refused at render
+# ---------------------------------------------------------------------------------------------------
+
+GIB = 1024**3
+
+
+def head_pod(objects: list[dict]) -> tuple[dict, dict]:
+    """The render's only head template and the RayCluster spec it belongs to."""
+    heads = [(obj, where, t) for obj in objects for where, t in kv.pod_templates(obj) if where.endswith(" head")]
+    assert len(heads) == 1, [where for _, where, _ in heads]
+    obj, where, template = heads[0]
+    spec = obj["spec"].get("jobTemplate", obj["spec"])
+    return template, spec.get("rayClusterSpec", spec)
+
+
+def head_container_resources(objects: list[dict]) -> dict[str, dict]:
+    """The resources of every container of the head pod as KubeRay builds it: ray-head, and the autoscaler
+    sidecar with autoscalerOptions.resources (KubeRay's own default when unset: 500m and 512Mi, as limits
+    and requests)."""
+    template, cluster = head_pod(objects)
+    found = {c["name"]: c["resources"] for c in template["spec"]["containers"]}
+    if cluster.get("enableInTreeAutoscaling"):
+        kuberay_default = {"limits": {"cpu": "500m", "memory": "512Mi"}, "requests": {"cpu": "500m", "memory": "512Mi"}}
+        found["autoscaler"] = cluster.get("autoscalerOptions", {}).get("resources", kuberay_default)
+    return found
+
+
+def qos_class(resources: list[dict]) -> str:
+    """Kubernetes' QoS class of a pod whose containers have these resources: Guaranteed when every container
+    limits cpu and memory and requests what it limits (a missing request defaults to the limit)."""
+    for r in resources:
+        limits, requests = r.get("limits", {}), r.get("requests", {})
+        for kind in ("cpu", "memory"):
+            if kind not in limits or str(requests.get(kind, limits[kind])) != str(limits[kind]):
+                return "Burstable"
+    return "Guaranteed"
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_the_head_is_guaranteed_protected_from_voluntary_disruption_and_alone_in_its_budget(helm, name):
+    """Every render's head: Guaranteed QoS (the autoscaler sidecar included), the cluster autoscaler's and
+    Karpenter's do-not-disrupt annotations, and a PodDisruptionBudget with maxUnavailable 0 that selects the
+    head and no other pod of the release."""
+    objects = render(helm, name)
+    containers = head_container_resources(objects)
+    assert sorted(containers) == (["ray-head"] if name == "dedicated-no-autoscaling" else ["autoscaler", "ray-head"])
+    assert qos_class(list(containers.values())) == "Guaranteed"
+    template, _ = head_pod(objects)
+    assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                                                   "karpenter.sh/do-not-disrupt": "true"}
+    budget = only(objects, "PodDisruptionBudget")
+    assert budget["metadata"]["name"] == "detect-ray-detect-head"
+    assert budget["spec"] == {
+        "maxUnavailable": 0,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "ray-detect", "app.kubernetes.io/instance": RELEASE,
+                                     "app.kubernetes.io/component": "head"}},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
+    selected = [where for where, t in all_pod_templates(objects)
+                if budget["spec"]["selector"]["matchLabels"].items() <= t["metadata"]["labels"].items()]
+    assert [where.rsplit(" ", 1)[1] for where in selected] == ["head"]
+
+
+def test_the_heads_protection_and_priority_follow_values(helm, tmp_path):
+    """head.protectFromDisruption=false drops the budget and the annotations (a user's own annotations stay);
+    head.priorityClassName sets the head's class alone, and an unset one falls back to priorityClassName;
+    head resources with requests below limits make the head Burstable (which is why the defaults do not)."""
+    values = {"head": {"protectFromDisruption": False, "podAnnotations": {"team": "vision"}},
+              "priorityClassName": "batch"}
+    objects = render_with(helm, tmp_path, values)
+    assert "PodDisruptionBudget" not in [o["kind"] for o in objects]
+    assert head_pod(objects)[0]["metadata"]["annotations"] == {"team": "vision"}
+    assert {where.rsplit(" ", 1)[1]: t["spec"]["priorityClassName"] for where, t in all_pod_templates(objects)} == {
+        "head": "batch", "cpu-workers": "batch", "gpu-workers": "batch", "submitter": "batch"}
+    objects = render_with(helm, tmp_path, {"head": {"priorityClassName": "ray-head-critical"}})
+    classes = {where.rsplit(" ", 1)[1]: t["spec"].get("priorityClassName") for where, t in all_pod_templates(objects)}
+    assert classes == {"head": "ray-head-critical", "cpu-workers": None, "gpu-workers": None, "submitter": None}
+    burstable = render_with(helm, tmp_path, {"head": {"resources": {"requests": {"cpu": "1"}}}})
+    assert qos_class(list(head_container_resources(burstable).values())) == "Burstable"
+
+
+def disk(objects: list[dict]) -> dict[str, dict]:
+    """Per pod ("head", "cpu-workers", ..., "submitter"): its emptyDirs' sizeLimits by mount path, and each
+    container's ephemeral-storage (requests, limits), the autoscaler sidecar's from autoscalerOptions."""
+    found = {}
+    for where, template in all_pod_templates(objects):
+        spec = template["spec"]
+        volumes = {v["name"]: v["emptyDir"].get("sizeLimit") for v in spec["volumes"] if "emptyDir" in v}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in spec["containers"][0]["volumeMounts"] if m["name"] in volumes}
+        storage = {c["name"]: (c["resources"]["requests"]["ephemeral-storage"], c["resources"]["limits"]["ephemeral-storage"])
+                   for c in spec["containers"]}
+        assert len(mounts) == len(volumes), where  # every emptyDir is mounted in the Ray or submitter container
+        found[where.rsplit(" ", 1)[1]] = {"emptyDirs": mounts, "ephemeral-storage": storage}
+    _, cluster = head_pod(objects)
+    if cluster.get("enableInTreeAutoscaling"):
+        resources = cluster["autoscalerOptions"]["resources"]
+        found["head"]["ephemeral-storage"]["autoscaler"] = (resources["requests"]["ephemeral-storage"],
+                                                            resources["limits"]["ephemeral-storage"])
+    return found
+
+
+def test_every_emptydir_and_container_has_a_disk_bound_sized_from_spill_and_logs(helm):
+    """The defaults' arithmetic (docs/kubernetes.md, Disk): /tmp/ray = spill (the group's shmSize) + 2Gi of Ray
+    logs, /tmp = 1Gi, /dev/shm = shmSize (memory); the Ray container requests and is limited to /tmp/ray + /tmp
+    + its 512Mi log, a sidecar its log only; the submitter's /tmp/ray is /tmp-sized."""
+    def pod(tmp_ray: str, shm: str, **containers: str) -> dict:
+        return {"emptyDirs": {"/tmp": "1Gi", "/tmp/ray": tmp_ray, "/dev/shm": shm},
+                "ephemeral-storage": {name.replace("_", "-"): (size, size) for name, size in containers.items()}}
+
+    assert disk(render(helm)) == {
+        "head": pod("3Gi", "1Gi", ray_head="4608Mi", autoscaler="512Mi"),  # 1 + 2 + 1 GiB + 512 MiB
+        "cpu-workers": pod("4Gi", "2Gi", ray_worker="5632Mi"),
+        "gpu-workers": pod("6Gi", "4Gi", ray_worker="7680Mi"),
+        "submitter": pod("1Gi", "64Mi", ray_job_submitter="2560Mi"),
+    }
+    assert disk(render(helm, "gpu-prod")) == {
+        "head": pod("4Gi", "2Gi", ray_head="5632Mi", autoscaler="512Mi"),
+        "cpu-workers": pod("6Gi", "4Gi", ray_worker="7680Mi"),
+        "gpu-workers": pod("10Gi", "8Gi", ray_worker="11776Mi"),
+        "submitter": pod("1Gi", "64Mi", ray_job_submitter="2560Mi"),
+    }
+    for name in RENDERS:
+        for where, template in all_pod_templates(render(helm, name)):
+            assert all(v["emptyDir"].get("sizeLimit") for v in template["spec"]["volumes"] if "emptyDir" in v), where
+
+
+def test_disk_values_override_the_sums_and_a_users_ephemeral_storage_wins(helm, tmp_path):
+    values = {"ephemeralStorage": {"rayLogs": "5Gi", "scratch": "512Mi", "containerLog": "1G"},
+              "workerGroups": {"gpu": {"spillSize": "100Gi"},
+                               "cpu": {"resources": {"limits": {"ephemeral-storage": "50Gi"}}}}}
+    sizes = disk(render_with(helm, tmp_path, values))
+    # 1G is 953.7 MiB, rounded up: 954.
+    assert sizes["gpu-workers"] == {"emptyDirs": {"/tmp": "512Mi", "/tmp/ray": "105Gi", "/dev/shm": "4Gi"},
+                                    "ephemeral-storage": {"ray-worker": ("108986Mi", "108986Mi")}}
+    assert sizes["head"]["ephemeral-storage"] == {"ray-head": ("7610Mi", "7610Mi"), "autoscaler": ("954Mi", "954Mi")}
+    assert sizes["cpu-workers"]["ephemeral-storage"] == {"ray-worker": ("8634Mi", "50Gi")}
+
+
+@pytest.mark.parametrize(
+    "item, helm3_line, helm4_line",
+    [
+        ("ephemeralStorage.rayLogs=2GB",
+         "- ephemeralStorage.rayLogs: Does not match pattern '^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$'",
+         "- at '/ephemeralStorage/rayLogs': '2GB' does not match pattern "
+         "'^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$'"),
+        ("workerGroups.gpu.spillSize=1.5Tb",
+         "- workerGroups.gpu.spillSize: Does not match pattern '^([0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?)?$'",
+         "- at '/workerGroups/gpu/spillSize': '1.5Tb' does not match pattern "
+         "'^([0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?)?$'"),
+        ("autoscaling.tokenExpirationSeconds=3607", "- autoscaling.tokenExpirationSeconds: Must not validate the schema (not)",
+         "- at '/autoscaling/tokenExpirationSeconds': 'not' failed"),
+        ("autoscaling.tokenExpirationSeconds=300", "- autoscaling.tokenExpirationSeconds: Must be greater than or equal to 600",
+         "- at '/autoscaling/tokenExpirationSeconds': minimum: got 300, want 600"),
+        ("job.deleteSucceededAfterSeconds=10", "- job.deleteSucceededAfterSeconds: Must be greater than or equal to 60",
+         "- at '/job/deleteSucceededAfterSeconds': minimum: got 10, want 60"),
+    ],
+    ids=["ray-logs", "spill-size", "token-3607", "token-short", "delete-soon"],
+)
+def test_schema_rejects_bad_disk_token_and_lifecycle_values(helm, item, helm3_line, helm4_line):
+    assert schema_errors(helm_error(helm, "--set", item)) == [helm3_line if kv.helm_major(helm) == 3 else helm4_line]
+
+
+def test_ray_keeps_its_object_store_in_dev_shm_and_spills_inside_the_bounded_tmp_ray(helm, tmp_path):
+    """Ray's default object store, 30% of the memory limit, is larger than every group's /dev/shm (a quarter of
+    it or less), and Ray then puts the store on disk in its temp dir. The chart gives it 95% of /dev/shm and
+    makes Ray spill into /tmp/ray/spill, on the /tmp/ray emptyDir the spill is counted in; a group's own
+    rayStartParams win."""
+    for name in RENDERS:
+        objects = render(helm, name)
+        _, cluster = head_pod(objects)
+        groups = [(cluster["headGroupSpec"], "head"), *((g, g["groupName"]) for g in cluster.get("workerGroupSpecs", []))]
+        for group, label in groups:
+            params = group["rayStartParams"]
+            pod = group["template"]["spec"]
+            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+            assert int(params["object-store-memory"]) == int(0.95 * int(shm.removesuffix("Gi")) * GIB), (name, label)
+            memory_limit = pod["containers"][0]["resources"]["limits"]["memory"]
+            assert 0.3 * int(memory_limit.removesuffix("Gi")) > int(shm.removesuffix("Gi")), (name, label)
+            assert params["object-spilling-directory"] == "/tmp/ray/spill"
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["/tmp/ray"] == "ray-tmp"
+    own = {"workerGroups": {"cpu": {"rayStartParams": {"object-store-memory": "1000000000"}}}}
+    cpu = worker_groups(render_with(helm, tmp_path, own))[0]
+    assert cpu["rayStartParams"] == {"object-store-memory": "1000000000", "object-spilling-directory": "/tmp/ray/spill"}
+
+
+def test_the_autoscaler_shares_the_heads_bounded_tmp_and_ray_tmp(helm):
+    """KubeRay adds a /tmp/ray emptyDir without a size limit to the head and its autoscaler unless each already
+    mounts something there (ray-operator common/pod.go, addEmptyDir): both mount the chart's ray-tmp."""
+    options = only(render(helm), "RayCluster")["spec"]["autoscalerOptions"]
+    assert options["volumeMounts"] == [
+        {"name": "autoscaler-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "ray-tmp", "mountPath": "/tmp/ray"},
+    ]
+    assert options["env"] == [{"name": "HOME", "value": "/tmp"}, {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+    assert options["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_every_rayjob_has_deletion_rules_that_validate_and_lifecycle_mistakes_fail_in_one_line(helm, crd_schemas):
+    """Shared mode: the RayJob deletes itself only (KubeRay refuses DeleteCluster with a clusterSelector);
+    dedicated: its cluster too, first. A cluster kept longer than its RayJob, or a schedule on the shared
+    cluster (whose RayJobs KubeRay 1.7 never deletes), fails the render."""
+    for name in RENDERS:
+        for obj in render(helm, name):
+            if obj["kind"] in ("RayJob", "RayCronJob"):
+                spec = obj["spec"].get("jobTemplate", obj["spec"])
+                assert deletion_rules(spec).items() >= DELETE_SELF.items(), name
+                assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+                kv.validate_strict(obj, crd_schemas)
+    shared = only(render(helm), "RayJob")["spec"]
+    assert deletion_rules(shared) == DELETE_SELF
+    kept = only(render(helm, "dedicated-no-autoscaling", ("job.shutdownAfterJobFinishes=false",)), "RayJob")["spec"]
+    assert deletion_rules(kept) == DELETE_SELF
+    assert template_failure(helm_error(helm, "--set", "job.cluster=dedicated", "--set", "job.ttlSecondsAfterFinished=90000")) == (
+        "job.ttlSecondsAfterFinished (90000) must not exceed job.deleteSucceededAfterSeconds (86400) or "
+        "job.deleteFailedAfterSeconds (604800): KubeRay deletes a RayJob's cluster no later than the RayJob")
+    assert template_failure(helm_error(helm, "--set", "job.schedule.cron=0 2 * * *")) == (
+        "job.schedule needs job.cluster=dedicated: KubeRay 1.7 deletes no RayJob that runs on an existing cluster, "
+        "so every scheduled run's RayJob and submitter pod would be kept for good")
+
+
+def test_strict_validation_evaluates_the_deletion_strategys_cel_rules(helm_binaries, crd_schemas):
+    """The RayJob CRD guards deletionStrategy with CEL rules that only test which fields are present; they are
+    evaluated, so a strategy that mixes the two styles, or names neither, is reported with the CRD's message."""
+    job = only(render(helm_binaries[4], "gpu-prod"), "RayJob")
+    mixed = copy.deepcopy(job)
+    mixed["spec"]["deletionStrategy"]["onSuccess"] = {"policy": "DeleteCluster"}
+    empty = copy.deepcopy(job)
+    empty["spec"]["deletionStrategy"] = {}
+    both = copy.deepcopy(job)
+    both["spec"]["deletionStrategy"]["deletionRules"][0]["condition"]["jobDeploymentStatus"] = "Failed"
+    assert [kv.strict_errors(bad, crd_schemas) for bad in (mixed, empty, both)] == [
+        [".spec.deletionStrategy: legacy policies (onSuccess/onFailure) and deletionRules cannot be used together "
+         "within the same deletionStrategy"],
+        [".spec.deletionStrategy: deletionStrategy requires either BOTH onSuccess and onFailure, OR the deletionRules "
+         "field (cannot be empty)"],
+        [".spec.deletionStrategy.deletionRules[0].condition: JobStatus and JobDeploymentStatus cannot be used together "
+         "within the same deletion condition."],
+    ]
+    assert kv.presence_rule_holds("has(self.a) && !(has(self.b) || has(self.c))", {"a": 1}) is True
+    assert kv.presence_rule_holds("has(self.a) && !(has(self.b) || has(self.c))", {"a": 1, "c": 0}) is False
+    assert kv.presence_rule_holds("self.a > 1", {"a": 2}) is None  # anything else is not evaluated
+
+
+def test_ray_refuses_to_start_a_node_without_the_token_the_chart_requires(helm, tmp_path):
+    """Every Ray container and the submitter carry RAY_AUTH_MODE=token, so without the token that KubeRay
+    1.5.1+ adds (an older operator drops authOptions) `ray start --head` fails at once, as the head's
+    command would: the installed Ray (the image's version) with the head's own environment and start
+    parameters. With rayAuth.enabled=false no container asks for the token."""
+    objects = render(helm)
+    for where, template in all_pod_templates(objects):
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in template["spec"]["containers"][0]["env"], where
+    template, cluster = head_pod(objects)
+    env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"] if "value" in e}
+    env |= {"HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    params = cluster["headGroupSpec"]["rayStartParams"] | {"object-spilling-directory": str(tmp_path / "spill")}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--temp-dir={tmp_path / 'ray'}",
+               *(f"--{key}={value}" for key, value in params.items())]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert "Token authentication is enabled but no authentication token was found" in started.stderr
+    assert not (tmp_path / "ray").exists()  # nothing was started
+    off = render(helm, extra_sets=("rayAuth.enabled=false",))
+    assert all(e["name"] != "RAY_AUTH_MODE" for _, t in all_pod_templates(off) for e in t["spec"]["containers"][0]["env"])
+
+
+@pytest.mark.parametrize("uri, form", CREDENTIAL_FORMS, ids=FORM_IDS)
+def test_a_credential_in_an_override_fails_the_render_without_repeating_it(helm, tmp_path, uri, form):
+    """The forms the app refuses (tests/support/credential_forms.py, shared with `ray-detect submit`'s tests)
+    fail `helm template` in one line naming the key and the form, never the secret."""
+    overrides = ["experiment=voc_animals", f"data.path={uri}", "output.path=s3://my-bucket/out"]
+    message = values_error(helm, tmp_path, {"job": {"overrides": overrides}})
+    assert SECRET not in message
+    assert template_failure(message) == (
+        f"job.overrides: data.path holds credentials ({form}); give them to the pods through a Secret "
+        "(s3.credentialsSecret, or env valueFrom) instead")
+
+
+def test_credentials_in_other_uris_fail_and_uris_without_any_render(helm, tmp_path):
+    for overrides, where, form in [
+        ([f"+model.weights=https://models.example.com/w.pt?X-Amz-Signature={SECRET}"], "job.overrides: model.weights",
+         "X-Amz-Signature= in its query string"),
+        ([f"output.path=s3://:{SECRET}@bucket/out"], "job.overrides: output.path", "user:password@ in its URI"),
+    ]:
+        message = values_error(helm, tmp_path, {"job": {"overrides": overrides}})
+        assert SECRET not in message and f"{where} holds credentials ({form});" in template_failure(message)
+    message = values_error(helm, tmp_path, {"s3": {"endpointUrl": f"https://minio:{SECRET}@minio.example:9000"}})
+    assert SECRET not in message
+    assert template_failure(message).startswith("s3.endpointUrl holds credentials (user:password@ in its URI);")
+    clean = [f"data.path={uri}" for uri in WITHOUT_CREDENTIALS]
+    job = only(render_with(helm, tmp_path, {"job": {"overrides": clean}, "s3": {"endpointUrl": "https://minio.example:9000"}}),
+               "RayJob")
+    assert entrypoint_overrides(job) == clean
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from app.output.dataset import OutputFull
 from app.output.verdicts import StorageRefused
 from app.commit import DeviceUnavailable, InputsLeft, Stopped
 from app.pipeline import Summary, TooManyErrors, model_spec
+from tests.support.credential_forms import CREDENTIAL_FORMS, FORM_IDS, SECRET, refusal
 from tests.support.images import write_images
 from tests.support.ports import free_port
 
@@ -138,6 +139,16 @@ def test_what_the_first_argument_starts():
 def test_a_bad_override_exits_2_with_one_line(override, line, capsys):
     code, out, err = in_process(capsys, "run", "data.path=/nowhere", override)
     assert (code, out, err) == (2, "", f"ray-detect: config error: {line}\n")
+
+
+@pytest.mark.parametrize("uri, form", CREDENTIAL_FORMS, ids=FORM_IDS)
+def test_an_override_holding_credentials_exits_2_before_hydra_quotes_it(uri, form, capsys):
+    """Checked before composition: Hydra's error for an override it cannot parse quotes it whole (the
+    closing bracket here), and `--cfg job` would print it."""
+    for argv in (["run", f"data.path={uri}]"], ["run", "--cfg", "job", f"data.path='{uri}'"]):
+        code, out, err = in_process(capsys, *argv)
+        assert (code, out, err) == (2, "", f"ray-detect: config error: {refusal('data.path', form)}\n")
+        assert SECRET not in out + err
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from app.config import SAMPLES_DIR, ConfigError, check_config
+from app.credentials import credential_in
 from app.plan import (
     MAX_INPUT_BLOCKS,
     ClusterLimits,
@@ -20,6 +21,7 @@ from app.plan import (
     rows_per_call,
 )
 from app.config import compose_config
+from tests.support.credential_forms import CREDENTIAL_FORMS, FORM_IDS, SECRET, WITHOUT_CREDENTIALS, refusal
 
 CONF = Path(__file__).parent.parent / "app" / "conf"
 GROUPS = ["data", "model", "inference", "tiling", "output"]
@@ -175,21 +177,79 @@ def test_bad_values_fail_in_one_line(override, message):
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize("key", ["data.path", "data.manifest", "output.path", "model.weights"])
-def test_a_uri_with_credentials_is_refused_without_repeating_them(key):
-    """pyarrow would take s3://KEY:SECRET@bucket/...; the run would then record the secret in its settings,
-    manifest and log. A secret with a slash (as AWS secrets may have) is caught too."""
-    overrides = {"data.path": "in", "output.path": "out", key: "s3://AKIAEXAMPLE:se/cr+et@bucket/prefix"}
+@pytest.mark.parametrize("uri, form", CREDENTIAL_FORMS, ids=FORM_IDS)
+def test_each_form_of_credentials_in_a_uri_is_refused_without_repeating_it(uri, form):
+    """pyarrow would take s3://KEY:SECRET@bucket/...; a run would then record the secret in its settings,
+    manifest and log, as it would a presigned URL's signature. Quoted, as a value holding ? and & is."""
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config(["data.path=in", "output.path=out", f"model.weights='{uri}'"]))
+    assert str(caught.value) == refusal("model.weights", form)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.manifest", "output.path", "model.weights", "ray.address", "metrics.run"])
+def test_every_setting_is_checked_for_credentials(key):
+    """Every string the config holds, not a list of keys: a setting added later is checked too, and the
+    refusal comes before any other check that might quote the value."""
+    overrides = {"data.path": "in", "output.path": "out", key: CREDENTIAL_FORMS[1][0]}
     with pytest.raises(ConfigError) as caught:
         check_config(compose_config([f"{name}={value}" for name, value in overrides.items()]))
-    assert str(caught.value) == (f"{key} holds credentials (user:password@ in its URI); give them to the storage client "
-                                 "through its environment (AWS_ACCESS_KEY_ID, ...) or a mounted Secret instead")
+    assert str(caught.value) == refusal(key, "user:password@ in its URI")
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/a:b@c.jpg", "s3://bucket/prefix", "gs://bucket/x", "/data/a:b@c", "https://host:8080/w.pt",
-                                 "https://host:8080/a@b.pt"])
+def test_a_credential_reaching_the_config_through_an_interpolation_is_refused(monkeypatch):
+    """What the run stores is the resolved value (the settings hold data.path resolved)."""
+    monkeypatch.setenv("RAY_DETECT_TEST_INPUT", CREDENTIAL_FORMS[0][0])
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config(["data.path=${oc.env:RAY_DETECT_TEST_INPUT}", "output.path=out"]))
+    assert str(caught.value) == refusal("data.path", "user:password@ in its URI")
+
+
+@pytest.mark.parametrize("uri", WITHOUT_CREDENTIALS)
 def test_uris_without_credentials_pass(uri):
-    check_config(compose_config(["data.path=in", "output.path=out", f"data.manifest={uri}"]))
+    check_config(compose_config(["data.path=in", "output.path=out", f"model.weights='{uri}'"]))
+    assert credential_in(uri) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.path=http://images.example.com/a"], "data.path has the scheme 'http', which is not in data.allowed_schemes "
+         "(file, s3, gs, gcs, hdfs, abfs, abfss, az); add it there to read from it"),
+        (["data.manifest=HTTPS://lists.example.com/a.csv"], "data.manifest has the scheme 'https', which is not in "
+         "data.allowed_schemes (file, s3, gs, gcs, hdfs, abfs, abfss, az); add it there to read from it"),
+        (["data.path=/data/images", "data.allowed_schemes=[s3]"], "data.path has the scheme 'file', which is not in "
+         "data.allowed_schemes (s3); add it there to read from it"),
+    ],
+)
+def test_an_input_of_a_scheme_not_allowed_is_a_config_error(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config(["output.path=out", *overrides]))
+    assert str(caught.value) == message
+
+
+def test_inputs_of_allowed_schemes_pass():
+    assert compose_config().data.allowed_schemes == ["file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az"]
+    check_config(compose_config(["data.path=S3://bucket/images", "output.path=out"]))
+    check_config(compose_config(["data.path=http://images.example.com/a", "data.allowed_schemes=[file,HTTP]"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.extensions=[jpg,heic]"], "data.extensions: 'heic' is the extension of no image format that Pillow opens"),
+        (["data.extensions=[pdf]"], "data.extensions: 'pdf' is the extension of no image format that Pillow opens"),
+        (["model.weights=/models/w.pt", "model.checkpoint_sha256=abc"],
+         "model.checkpoint_sha256='abc' must be a SHA-256: 64 hexadecimal digits"),
+        ([f"model.checkpoint_sha256={'0' * 64}"], "model.checkpoint_sha256 is set but model.weights='DEFAULT' is not a "
+         "checkpoint: set model.weights to the checkpoint's path or URI, or unset the digest"),
+    ],
+    ids=["unknown-extension", "write-only-format", "digest-not-hex", "digest-without-checkpoint"],
+)
+def test_extensions_and_checkpoint_digest_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config(overrides))
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from app.decode import (
     decode_images,
     model_input_size,
 )
+from app.config import compose_config, image_formats
 from app.listing import input_rows
 from tests.support.images import encoded, jpeg_bytes
 
@@ -227,6 +228,44 @@ def test_each_bad_file_becomes_one_error_row(tmp_path):
     assert (rows["good.jpg"]["width"], rows["good.jpg"]["height"]) == (30, 20)
     assert len(rows["good.jpg"]["pixels"]) == 30 * 20 * 3
     assert all(row["pixels"] is None for name, row in rows.items() if name != "good.jpg")
+
+
+# A minimal Encapsulated PostScript file: Pillow's EPS plugin opens it (and would hand it to Ghostscript).
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 6\n%%EndComments\nshowpage\n%%EOF\n"
+
+
+def decoded_rows(files: dict, tmp_path, extensions) -> dict:
+    """The decode stage's rows of these files, under the formats of these data.extensions, by name."""
+    options = DecodeOptions(max_file_bytes=10**6, max_image_pixels=10**6, formats=image_formats(extensions))
+    out = decode_images(batch_of(files, tmp_path), filesystem=pafs.LocalFileSystem(), uri_prefix="", options=options)
+    return {row["path"].rsplit("/", 1)[1]: row for row in out.to_pylist()}
+
+
+def test_only_the_formats_of_data_extensions_are_decoded(tmp_path):
+    """A PCX and a PostScript file named .jpg are files Pillow would open (so no other reason refuses
+    them); under the default data.extensions they are not images, never parsed by those decoders. A PNG
+    named .jpg decodes: every configured extension's formats are allowed, not only the file's own."""
+    pcx = encode(Image.new("RGB", (8, 6), (0, 255, 0)), "PCX")
+    assert [Image.open(io.BytesIO(data)).format for data in (pcx, EPS)] == ["PCX", "EPS"]
+    files = {"pcx.jpg": pcx, "eps.jpg": EPS, "png.jpg": encode(Image.new("RGB", (8, 6), (0, 255, 0)), "PNG")}
+    rows = decoded_rows(files, tmp_path, compose_config().data.extensions)
+    refused = "not an image of the formats data.extensions names (BMP, GIF, JPEG, PNG, TIFF, WEBP)"
+    assert {name: (row["error_kind"], row["error"]) for name, row in rows.items()} == {
+        "pcx.jpg": ("not_an_image", refused), "eps.jpg": ("not_an_image", refused), "png.jpg": (None, None)}
+    assert (rows["png.jpg"]["width"], rows["png.jpg"]["height"]) == (8, 6)
+    assert np.frombuffer(rows["png.jpg"]["pixels"], np.uint8).reshape(6, 8, 3)[0, 0].tolist() == [0, 255, 0]
+
+
+def test_the_formats_follow_data_extensions(tmp_path):
+    """data.extensions=[jpg]: a PNG named .jpg is refused too; [jpg, pcx]: the PCX decodes."""
+    files = {"png.jpg": encode(Image.new("RGB", (8, 6)), "PNG"), "pcx.jpg": encode(Image.new("RGB", (8, 6)), "PCX")}
+    (tmp_path / "jpg").mkdir()
+    rows = decoded_rows(files, tmp_path / "jpg", ["jpg"])
+    assert [(row["error_kind"], row["error"]) for row in rows.values()] == [
+        ("not_an_image", "not an image of the formats data.extensions names (JPEG)")] * 2
+    rows = decoded_rows(files, tmp_path, ["JPG", ".pcx"])
+    assert [row["error_kind"] for row in rows.values()] == ["not_an_image", None]
+    assert image_formats(["jpg", "jpeg", "JPEG", "tif", "tiff"]) == ("JPEG", "TIFF")
 
 
 def test_a_file_storage_does_not_find_is_a_refused_row_for_the_driver_to_judge(tmp_path):

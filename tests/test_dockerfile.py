@@ -204,9 +204,10 @@ def python_snippets() -> dict[str, str]:
 def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
     """The bake step (torchvision's cache) and the app (app.model) agree on every file's place, and the
     app builds its model from a baked file: the bake program, without network, finds files pre-placed
-    where torchvision caches them, the check program then finds them through app.model (and refuses
-    them: they are not torchvision's files), and
-    app.model.build_model with model.weights=DEFAULT loads the light model's file. That file holds a
+    where torchvision caches them, the check program then finds them through app.model and refuses
+    them (they are not torchvision's files), so does the driver's app.model.resolve_weights, and
+    app.model.build_model (an actor's, after the driver's check) with model.weights=DEFAULT loads the
+    light model's file. That file holds a
     real state dict of the light model (random weights from another seed than the app's random init, so
     that equal tensors can only come from the file); the three other models' files hold empty ones,
     which the bake program reads but which no model could load (the real ones are 480 MB)."""
@@ -235,8 +236,12 @@ def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
         f"    exec({snippets['check']!r})\n"
         "except SystemExit as stop:\n"
         "    print('baked:', stop.code)\n"
-        "from app.model import ModelSpec, build_model, resolve_weights\n"
-        "spec = resolve_weights(ModelSpec(sys.argv[2], 'DEFAULT', 0.5, 320, 640))\n"
+        "from app.model import ModelSpec, WeightsError, build_model, resolve_weights\n"
+        "spec = ModelSpec(sys.argv[2], 'DEFAULT', 0.5, 320, 640)\n"
+        "try:\n"
+        "    resolve_weights(spec)\n"
+        "except WeightsError as refused:\n"
+        "    print('resolved:', refused)\n"
         "loaded = build_model(spec)[0].state_dict()\n"
         "equal = sum(torch.equal(loaded[key], saved[key]) for key in loaded)\n"
         "print('loaded:', spec.weights, equal, len(loaded))\n"
@@ -257,11 +262,15 @@ def test_baked_weights_land_where_the_app_looks_and_load(tmp_path):
                           env={**os.environ, **image, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")
-    empty, baked, loaded, extra, code = done.stdout.splitlines()
+    empty, baked, resolved, loaded, extra, code = done.stdout.splitlines()
     # The files stand in for torchvision's: in place, but not the files it published, which the build's
     # check tells by their SHA-256 (test_a_weights_file_is_checked_against_the_hash_in_its_name).
     assert (empty, baked) == (f"empty: ray-detect image: weights missing from TORCH_HOME for: {models}",
                               f"baked: ray-detect image: weights in TORCH_HOME differ from torchvision's published SHA-256 for: {models}")
+    light_file = torch_home / "hub" / "checkpoints" / "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"
+    assert resolved == (f"resolved: model.weights=DEFAULT: {light_file} is not torchvision's {light_file.name}: its SHA-256 "
+                        "does not start with 907ea3f9, as the name says; delete it (it is downloaded again) or replace it "
+                        "with the published file")
     # Every tensor of the model equal to the file's (how many there are is torchvision's business); the
     # file's only extra entries are BatchNorm's batch counters, which the frozen BatchNorm layers of a
     # model built for pretrained weights do not have.
@@ -331,7 +340,10 @@ def test_gitops_renders_use_this_image_and_ray_version(kustomize_renders):
         cluster = next(o for o in objects if o["kind"] == "RayCluster")
         assert cluster["spec"]["rayVersion"] == RAY_VERSION, folder
         images = {c["image"] for _, t in kv.pod_templates(cluster) for c in t["spec"]["containers"]}
-        assert images == {f"{IMAGE_REPOSITORY}:{APP_VERSION}"}, folder
+        if folder == "overlays/prod":  # pinned by digest (a placeholder the docs say to replace)
+            assert len(images) == 1 and re.fullmatch(rf"{re.escape(IMAGE_REPOSITORY)}@sha256:[0-9a-f]{{64}}", images.pop()), folder
+        else:
+            assert images == {f"{IMAGE_REPOSITORY}:{APP_VERSION}"}, folder
 
 
 def test_a_weights_file_is_checked_against_the_hash_in_its_name(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -54,6 +55,13 @@ def only(objects: list[dict], kind: str) -> dict:
     return matches[0]
 
 
+def release_policy(objects: list[dict]) -> dict:
+    """The NetworkPolicy of every pod of the release (the other one is the head's, for the API server)."""
+    matches = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == CLUSTER]
+    assert len(matches) == 1, f"expected one NetworkPolicy/{CLUSTER}, got {len(matches)}"
+    return matches[0]
+
+
 def kustomization(folder: str) -> dict:
     return yaml.safe_load((K8S / folder / "kustomization.yaml").read_text())
 
@@ -75,9 +83,9 @@ def head_maxima(cluster: dict) -> dict[str, str]:
 
 def test_every_kustomization_renders(rendered):
     assert {folder: [o["kind"] for o in objs] for folder, objs in rendered.items()} == {
-        "base": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
-        "overlays/dev": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
-        "overlays/prod": ["ServiceAccount", "NetworkPolicy", "RayCluster"],
+        "base": ["ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "RayCluster"],
+        "overlays/dev": ["ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "RayCluster"],
+        "overlays/prod": ["ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "RayCluster"],
     }
     for folder, objects in rendered.items():
         namespace = ENVIRONMENTS.get(folder.rsplit("/", 1)[-1], "ray-detect")
@@ -144,7 +152,7 @@ def test_kustomize_output_is_exactly_the_charts_render(rendered, helm3, folder):
 def test_base_is_a_long_lived_cluster_behind_a_network_policy(rendered):
     objects = rendered["base"]
     assert not [o for o in objects if o["kind"] == "RayJob"]
-    policy = only(objects, "NetworkPolicy")["spec"]
+    policy = release_policy(objects)["spec"]
     assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "ray-detect",
                                                       "app.kubernetes.io/instance": "detect"}}
 
@@ -154,10 +162,12 @@ def test_dev_is_cpu_only_and_small(rendered):
     assert "nvidia.com/gpu" not in json.dumps(cluster)
     cpu = groups(cluster)["cpu-workers"]
     assert (cpu["replicas"], cpu["minReplicas"], cpu["maxReplicas"]) == (1, 0, 2)
-    small = {"cpu": "2", "memory": "4Gi"}
+    # Disk: /tmp/ray = spill (shmSize) + 2Gi of logs, + 1Gi of /tmp + 512Mi of the container's log.
+    small = {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "4608Mi"}
     assert cpu["template"]["spec"]["containers"][0]["resources"] == {"requests": small, "limits": small}
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
-    assert head == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    head_size = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "4Gi"}  # 512Mi of spill
+    assert head == {"requests": head_size, "limits": head_size}
     # No GPU group; at most 2 CPU workers of 2 CPUs.
     assert head_maxima(cluster) == {"RAY_DETECT_MAX_GPUS": "0", "RAY_DETECT_MAX_CPUS": "4"}
     for obj in rendered["overlays/dev"]:
@@ -183,6 +193,46 @@ def test_prod_runs_gpu_workers_on_gpu_nodes_with_s3_keys_from_a_secret(rendered)
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "ray-detect-s3", "key": "AWS_ACCESS_KEY_ID"}}
 
 
+def test_prod_pins_its_image_by_a_well_formed_placeholder_digest_the_docs_say_to_replace(rendered):
+    """Every prod pod runs the image by digest (sha256 and 64 lowercase hex digits: what a registry prints and
+    what Kubernetes accepts); the digest is a placeholder, and docs/runs.md says to replace it with yours."""
+    digest = yaml.safe_load((K8S / "overlays" / "prod" / "values.yaml").read_text())["image"]["digest"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
+    images = {c["image"] for where, t in kv.pod_templates(only(rendered["overlays/prod"], "RayCluster"))
+              for c in t["spec"]["containers"]}
+    assert images == {f"ghcr.io/ray-detect/ray-detect@{digest}"}
+    assert "@" not in json.dumps([c["image"] for _, t in kv.pod_templates(only(rendered["overlays/dev"], "RayCluster"))
+                                  for c in t["spec"]["containers"]])
+    runs = " ".join((kv.REPO_ROOT / "docs" / "runs.md").read_text().split())
+    assert f"`image.digest` in `k8s/overlays/prod/values.yaml` is a placeholder (`{digest[:15]}...`), to be replaced" in runs
+
+
+def test_every_environments_head_is_guaranteed_and_kept_through_drains(rendered):
+    for folder, objects in rendered.items():
+        cluster = only(objects, "RayCluster")
+        head = cluster["spec"]["headGroupSpec"]["template"]
+        resources = head["spec"]["containers"][0]["resources"]
+        assert {k: resources["requests"][k] for k in ("cpu", "memory")} == {
+            k: resources["limits"][k] for k in ("cpu", "memory")}, folder
+        autoscaler = cluster["spec"]["autoscalerOptions"]["resources"]
+        assert {k: autoscaler["requests"][k] for k in ("cpu", "memory")} == {
+            k: autoscaler["limits"][k] for k in ("cpu", "memory")}, folder
+        assert head["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+        assert only(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 0
+
+
+def test_argocd_is_told_the_build_options_the_tests_build_with():
+    """Argo CD has no build options per Application (docs/runs.md says why), so the docs and both
+    Applications name the same global kustomize.buildOptions, those the tests render with."""
+    options = "--enable-helm --load-restrictor LoadRestrictionsNone"  # what kv.kustomize_text passes kubectl
+    runs = (kv.REPO_ROOT / "docs" / "runs.md").read_text()
+    assert f'''-p '{{"data":{{"kustomize.buildOptions":"{options}"}}}}\'''' in runs
+    for env in ENVIRONMENTS:
+        app = (K8S / "argocd" / f"ray-detect-{env}.yaml").read_text()
+        assert f'kustomize.buildOptions in the argocd-cm\n# ConfigMap must hold "{options}"' in app, env
+        assert "kustomize" not in yaml.safe_load(app)["spec"]["source"]  # no per-Application kustomize settings
+
+
 # ---------------------------------------------------------------------------------------------------
 # The kubectl RayJob
 # ---------------------------------------------------------------------------------------------------
@@ -199,6 +249,21 @@ def test_rayjob_validates_strictly_and_its_submitter_is_restricted(rayjob, crd_s
     assert kv.strict_errors(rayjob, crd_schemas) == []
     assert kv.object_errors(rayjob, crd_schemas) == []
     assert [kv.restricted_violations(t) for _, t in kv.pod_templates({**rayjob, "metadata": {"name": "x"}})] == [[]]
+
+
+def test_rayjob_deletes_itself_requires_the_ray_token_and_writes_only_bounded_emptydirs(rayjob):
+    """The kubectl RayJob (and `ray-detect submit`'s) carries the chart's deletion rules (on the shared
+    cluster: the RayJob itself only), a submitter that needs Ray's token, and a read-only root filesystem."""
+    rules = [(r["policy"], r["condition"]) for r in rayjob["spec"]["deletionStrategy"]["deletionRules"]]
+    assert rules == [("DeleteSelf", {"jobStatus": "SUCCEEDED", "ttlSeconds": 86400}),
+                     ("DeleteSelf", {"jobStatus": "FAILED", "ttlSeconds": 604800}),
+                     ("DeleteSelf", {"jobDeploymentStatus": "Failed", "ttlSeconds": 604800})]
+    pod = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["ephemeral-storage"] == container["resources"]["requests"]["ephemeral-storage"]
+    assert [v["emptyDir"]["sizeLimit"] for v in pod["volumes"]] == ["1Gi", "1Gi", "64Mi"]
 
 
 def test_rayjob_gets_a_new_name_per_run_and_no_namespace(rayjob):
@@ -238,7 +303,7 @@ def test_rayjob_runs_on_the_rendered_cluster(rayjob, rendered):
 def test_rayjob_submitter_is_inside_the_network_policy(rayjob, rendered):
     labels = rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"]
     for folder, objects in rendered.items():
-        selector = only(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+        selector = release_policy(objects)["spec"]["podSelector"]["matchLabels"]
         assert selector.items() <= labels.items(), folder
 
 
@@ -257,6 +322,7 @@ def test_rayjob_overrides_compose_against_the_app_config(rayjob):
 
 
 PROJECT = yaml.safe_load((K8S / "argocd" / "project.yaml").read_text())
+APP_VERSION = yaml.safe_load((kv.CHART_DIR / "Chart.yaml").read_text())["appVersion"]
 
 
 def test_argocd_project_allows_this_repository_and_the_environments_only():
@@ -268,7 +334,7 @@ def test_argocd_project_allows_this_repository_and_the_environments_only():
     assert spec["clusterResourceWhitelist"] == [{"group": "", "kind": "Namespace"}]
     assert spec["namespaceResourceWhitelist"] == [
         {"group": "", "kind": "ServiceAccount"}, {"group": "networking.k8s.io", "kind": "NetworkPolicy"},
-        {"group": "ray.io", "kind": "RayCluster"}]
+        {"group": "policy", "kind": "PodDisruptionBudget"}, {"group": "ray.io", "kind": "RayCluster"}]
 
 
 @pytest.mark.parametrize("env", list(ENVIRONMENTS))
@@ -278,7 +344,9 @@ def test_argocd_application_syncs_its_overlay(env, rendered):
     assert app["metadata"] == {"name": f"ray-detect-{env}", "namespace": "argocd",
                                "finalizers": ["resources-finalizer.argocd.argoproj.io"]}
     spec = app["spec"]
-    assert spec["source"] == {"repoURL": "https://github.com/ray-detect/ray-detect.git", "targetRevision": "main",
+    # prod deploys what a release tagged (the app's version, v<appVersion>), never a moving branch; dev follows main.
+    revision = {"dev": "main", "prod": f"v{APP_VERSION}"}[env]
+    assert spec["source"] == {"repoURL": "https://github.com/ray-detect/ray-detect.git", "targetRevision": revision,
                               "path": f"k8s/overlays/{env}"}
     assert spec["destination"] == {"server": "https://kubernetes.default.svc", "namespace": ENVIRONMENTS[env]}
     sync = spec["syncPolicy"]
@@ -303,9 +371,9 @@ def test_validate_script_renders_and_checks_everything():
                           text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == [
-        "k8s/base: ServiceAccount, NetworkPolicy, RayCluster",
-        "k8s/overlays/dev: ServiceAccount, NetworkPolicy, RayCluster",
-        "k8s/overlays/prod: ServiceAccount, NetworkPolicy, RayCluster",
+        "k8s/base: ServiceAccount, PodDisruptionBudget, NetworkPolicy, NetworkPolicy, RayCluster",
+        "k8s/overlays/dev: ServiceAccount, PodDisruptionBudget, NetworkPolicy, NetworkPolicy, RayCluster",
+        "k8s/overlays/prod: ServiceAccount, PodDisruptionBudget, NetworkPolicy, NetworkPolicy, RayCluster",
         "k8s/rayjob.yaml: RayJob",
         "k8s/argocd/project.yaml: AppProject ray-detect",
         "k8s/argocd/ray-detect-dev.yaml: Application -> k8s/overlays/dev",
@@ -359,6 +427,7 @@ def test_checks_report_typos_unrestricted_pods_and_stray_applications(rayjob, cr
         "Application/y: the project does not allow destination 'default'",
         "Application/y: the project does not allow kind ServiceAccount (group '')",
         "Application/y: the project does not allow kind NetworkPolicy (group 'networking.k8s.io')",
+        "Application/y: the project does not allow kind PodDisruptionBudget (group 'policy')",
         "Application/y: syncPolicy.automated must be {prune: true, selfHeal: true}",
         "Application/y: syncOptions lack CreateNamespace=true",
     ]

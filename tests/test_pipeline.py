@@ -1,6 +1,7 @@
 """The whole job on a local Ray instance: one row per input with the documented schema, the manifest,
 and the command line a user runs."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -60,6 +61,7 @@ def test_end_to_end_one_row_per_input(local_ray, tmp_path):
         "inputs": 8, "ok": 7, "errors": 1, "detections": summary.detections, "errors_by_kind": {"not_an_image": 1}
     }
     assert manifest["model"] == {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": str(LIGHT_CHECKPOINT),
+                                 "weights_sha256": hashlib.sha256(LIGHT_CHECKPOINT.read_bytes()).hexdigest(),
                                  "random_init_fallback": None}
     assert manifest["config"]["data"]["path"] == str(tmp_path / "in")
     assert set(manifest["versions"]) == {"app", "ray", "torch", "torch_cuda", "torchvision"}

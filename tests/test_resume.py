@@ -1,6 +1,8 @@
 """What an output holds, counted without the driver holding its paths (app.output.resume), and the
 refusal to resume one made with other settings; called in-process, without Ray."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +13,7 @@ from app.output import dataset
 from app.output.dataset import LEASE_DIR
 from app.result_schema import RESULT_SCHEMA
 from app.output.resume import contains, digests, scan_output
-from app.pipeline import run
+from app.pipeline import model_spec, run
 from app.storage import resolve
 from app.config import compose_config
 from tests.support.images import write_images
@@ -88,6 +90,43 @@ def test_a_run_refuses_to_resume_an_output_made_with_other_settings(change, key,
         "output.path or pass output.overwrite=true to replace them"
     )
     assert snapshot(tmp_path / "out") == held
+    assert not ray.is_initialized()
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_refused_on_resume(tmp_path, monkeypatch):
+    """README (Resume: settings must match): the first run records the SHA-256 of the checkpoint it read
+    (model.weights_sha256 in _settings.json); a run whose checkpoint at the same path holds other bytes
+    is refused before Ray starts, and changes nothing. The same bytes resume, with or without
+    model.checkpoint_sha256 (a check, not a setting): that run goes on to start Ray, where the guard stops it.
+    The checkpoint's bytes are never parsed before Ray starts, so any bytes stand for one here."""
+    import hashlib
+
+    write_images(tmp_path / "photos", 2)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"the first checkpoint")
+    first_digest = hashlib.sha256(b"the first checkpoint").hexdigest()
+    overrides = [f"data.path={tmp_path}/photos", f"output.path={tmp_path}/out", "model=fasterrcnn_mobilenet_v3_large_fpn",
+                 f"model.weights={weights}"]
+    first = compose_config(overrides)
+    spec = model_spec(first)
+    output = dataset.locate(first.output)
+    output.filesystem.create_dir(output.path)
+    dataset.prepare(first.output, output, dataset.settings(first, spec.weights, spec.weights_sha256))
+    assert json.loads((tmp_path / "out" / "_settings.json").read_text())["model.weights_sha256"] == first_digest
+    held = snapshot(tmp_path / "out")
+    monkeypatch.setattr("app.pipeline.connect_ray", no_ray)
+    weights.write_bytes(b"another checkpoint")
+    with pytest.raises(ConfigError) as caught:
+        run(compose_config(overrides))
+    assert str(caught.value) == (
+        f"output.path {tmp_path}/out holds results made with model.weights_sha256={first_digest!r}, not "
+        f"{hashlib.sha256(b'another checkpoint').hexdigest()!r}; choose another output.path or pass output.overwrite=true "
+        "to replace them")
+    assert snapshot(tmp_path / "out") == held
+    weights.write_bytes(b"the first checkpoint")
+    for check in ([], [f"model.checkpoint_sha256={first_digest}"]):
+        with pytest.raises(AssertionError, match="^the run went on to start Ray$"):
+            run(compose_config(overrides + check))
     assert not ray.is_initialized()
 
 

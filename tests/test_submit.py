@@ -26,6 +26,7 @@ import yaml
 from app import submit
 from app.exit_codes import ExitCode
 from tests.support import k8s_validation as kv
+from tests.support.credential_forms import CREDENTIAL_FORMS, FORM_IDS, SECRET, refusal
 from tests.support.ports import free_port
 
 MANIFEST = kv.K8S_DIR / "rayjob.yaml"
@@ -209,6 +210,42 @@ def test_bad_overrides_fail_before_any_request(stand_in, override, line):
     code, out, err = run_submit("--kubeconfig", str(kubeconfig), override)
     assert (code, out, err) == (2, "", line)
     assert script.requests == []
+
+
+@pytest.mark.parametrize("uri, form", CREDENTIAL_FORMS, ids=FORM_IDS)
+def test_an_override_holding_credentials_is_refused_before_anything_is_printed(uri, form):
+    """--dry-run prints nothing, and the secret is in neither output: the RayJob, and so the cluster's
+    etcd and anyone who may read RayJobs, would have held it."""
+    code, out, err = run_submit("--dry-run", "data.path=s3://my-bucket/images", f"model.weights={uri}")
+    assert (code, out, err) == (2, "", f"ray-detect submit: config error: {refusal('model.weights', form)}\n")
+    assert SECRET not in out + err
+
+
+def test_credentials_are_refused_before_any_request_even_without_the_config_check(stand_in):
+    script, kubeconfig = stand_in
+    uri = CREDENTIAL_FORMS[2][0]
+    code, out, err = run_submit("--kubeconfig", str(kubeconfig), "--skip-config-check", f"+data.manifest={uri}")
+    assert (code, out) == (2, "")
+    assert err == f"ray-detect submit: config error: {refusal('data.manifest', 'user:password@ in its URI')}\n"
+    assert script.requests == []
+
+
+def test_credentials_in_the_manifests_own_entrypoint_are_refused(tmp_path):
+    """Without overrides the manifest's entrypoint is the job's: it is checked the same way."""
+    other = yaml.safe_load(MANIFEST.read_text())
+    other["spec"]["entrypoint"] = f"python -m app 'data.path={CREDENTIAL_FORMS[5][0]}' output.path=s3://b/out"
+    path = tmp_path / "signed.yaml"
+    path.write_text(yaml.safe_dump(other))
+    code, out, err = run_submit("--dry-run", "--manifest", str(path))
+    assert (code, out) == (2, "")
+    assert err == f"ray-detect submit: config error: {refusal('data.path', 'X-Amz-Signature= in its query string')}\n"
+    assert SECRET not in err
+
+
+def test_an_override_that_is_no_key_is_named_by_its_position():
+    code, out, err = run_submit("--dry-run", "inference=gpu", CREDENTIAL_FORMS[0][0])
+    assert (code, out) == (2, "")
+    assert err == f"ray-detect submit: config error: {refusal('override 2', 'user:password@ in its URI')}\n"
 
 
 @pytest.mark.parametrize(

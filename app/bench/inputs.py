@@ -70,7 +70,8 @@ def write_manifest(folder: Path, count: int) -> Path:
 def write_committed(output: Path, manifest: Path, cfg) -> None:
     """An output whose committed rows cover every path of the manifest (error rows, no detections)."""
     output.mkdir(parents=True)
-    write_json(pa.fs.LocalFileSystem(), str(output / SETTINGS_NAME), dataset.settings(cfg, pipeline.model_spec(cfg).weights))
+    spec = pipeline.model_spec(cfg)
+    write_json(pa.fs.LocalFileSystem(), str(output / SETTINGS_NAME), dataset.settings(cfg, spec.weights, spec.weights_sha256))
     for number, file in enumerate(sorted(manifest.glob("*.parquet"))):
         paths = pq.read_table(file, columns=["path"]).column("path").combine_chunks()
         n = len(paths)

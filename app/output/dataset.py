@@ -136,13 +136,18 @@ def locate(section: OutputConfig) -> storage.Location:
     return output
 
 
-def settings(cfg: AppConfig, weights: str) -> dict:
+def settings(cfg: AppConfig, weights: str, weights_sha256: Optional[str] = None) -> dict:
     """The settings the result rows depend on: a run resumes an output.path only if they are equal. (They
     come from four of the config's sections: it takes the whole config, as write_manifest does.)
     `weights` are the ones actually used, so a demo that fell back to random ones is not resumed with
-    real ones."""
+    real ones; `weights_sha256` is the digest of the checkpoint read (app.model.resolve_weights), so that a
+    checkpoint replaced at the same path is not resumed with either. model.checkpoint_sha256 is a check
+    of those bytes, not one of the settings: a run that sets it resumes one that did not."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["weights"] = weights
+    del model["checkpoint_sha256"]
+    if weights_sha256 is not None:
+        model["weights_sha256"] = weights_sha256
     inputs = {"data.manifest": storage.absolute(cfg.data.manifest)} if cfg.data.manifest else {}
     # Tiling's keys only when it is on: the settings of an untiled run are those of the versions before it.
     tiling = OmegaConf.to_container(cfg.tiling, resolve=True, enum_to_str=True) if cfg.tiling.enabled else {}
@@ -325,7 +330,8 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
             "torch_cuda": torch.cuda,
             "torchvision": importlib.metadata.version("torchvision"),
         },
-        "model": {"name": spec.name, "weights": spec.weights, "random_init_fallback": spec.fallback_reason},
+        "model": {"name": spec.name, "weights": spec.weights, "weights_sha256": spec.weights_sha256,
+                  "random_init_fallback": spec.fallback_reason},
         "counts": {
             "inputs": summary.inputs,
             "ok": summary.ok,

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from app import storage
-from app.config import DataConfig
+from app.config import DataConfig, image_formats
 from app.decode import DecodeOptions, decode, read_file
 from app.output.dataset import MANIFEST_NAME, SETTINGS_NAME, read_committed, read_json, read_manifest
 from app.result_schema import RESULT_SCHEMA
@@ -36,12 +36,16 @@ class Results:
     settings: dict
 
     def image_limits(self) -> DecodeOptions:
-        """The limits the job read its images under (data.max_file_bytes, data.max_image_pixels), for
-        reading them again; the defaults for a dataset whose settings do not say."""
+        """The limits the job read its images under (data.max_file_bytes, data.max_image_pixels, and the
+        formats of data.extensions, from the manifest's config), for reading them again; the defaults for a
+        dataset whose settings do not say."""
         defaults = DataConfig(path="")
+        extensions = ((self.manifest.get("config") or {}).get("data") or {}).get("extensions")
+        extensions = extensions if isinstance(extensions, list) and extensions else defaults.extensions
         return DecodeOptions(
             max_file_bytes=self.settings.get("data.max_file_bytes", defaults.max_file_bytes),
             max_image_pixels=self.settings.get("data.max_image_pixels", defaults.max_image_pixels),
+            formats=image_formats(extensions),
         )
 
     @property

@@ -7,7 +7,8 @@ field is an error instead of being pruned in silence. The Kubernetes extensions 
 enforced as well: ``x-kubernetes-int-or-string``, ``nullable``, list types ``map`` and ``set``
 (duplicate keys rejected), and ``metadata`` is checked as an ObjectMeta. CEL rules
 (``x-kubernetes-validations``) cannot be evaluated here, so a field that carries one is rejected outright
-unless its rules only compare with ``oldSelf`` (which applies to updates alone).
+unless its rules only compare with ``oldSelf`` (which applies to updates alone) or only test which fields are
+present (``has(self.x) && !has(self.y)``, as KubeRay's RayJob ``deletionStrategy`` does), which are evaluated.
 
 Pod templates are also checked against the Pod Security Standards "restricted" profile
 (``restricted_violations``), and every kustomization under ``k8s/`` can be rendered with
@@ -273,13 +274,72 @@ def _list_type(validator, list_type, instance, schema):
             yield jsonschema.ValidationError("duplicate entries in a list of type set")
 
 
+# The one kind of CEL rule evaluated here: presence tests of the object's own fields joined by !, && and ||
+# (KubeRay's RayJob deletionStrategy says "onSuccess and onFailure, or deletionRules" this way).
+_CEL_TOKEN = re.compile(r"\s*(?:(has\(self\.[A-Za-z_]\w*\))|(&&|\|\||!|\(|\)))")
+
+
+def presence_rule_holds(rule: str, instance: dict[str, Any]) -> bool | None:
+    """The value of a CEL rule made only of has(self.<field>), !, &&, || and parentheses on `instance`;
+    None when the rule is anything else (it is then not evaluated)."""
+    tokens: list[str] = []
+    position = 0
+    while position < len(rule.rstrip()):
+        match = _CEL_TOKEN.match(rule, position)
+        if not match:
+            return None
+        tokens.append(match.group(1) or match.group(2))
+        position = match.end()
+
+    def disjunction(i: int) -> tuple[bool, int]:
+        value, i = conjunction(i)
+        while i < len(tokens) and tokens[i] == "||":
+            right, i = conjunction(i + 1)
+            value = value or right
+        return value, i
+
+    def conjunction(i: int) -> tuple[bool, int]:
+        value, i = negation(i)
+        while i < len(tokens) and tokens[i] == "&&":
+            right, i = negation(i + 1)
+            value = value and right
+        return value, i
+
+    def negation(i: int) -> tuple[bool, int]:
+        if i >= len(tokens):
+            raise ValueError("rule ends early")
+        if tokens[i] == "!":
+            value, i = negation(i + 1)
+            return not value, i
+        if tokens[i] == "(":
+            value, i = disjunction(i + 1)
+            if i >= len(tokens) or tokens[i] != ")":
+                raise ValueError("unbalanced parentheses")
+            return value, i + 1
+        if tokens[i].startswith("has("):
+            return tokens[i][len("has(self."):-1] in instance, i + 1
+        raise ValueError(f"unexpected {tokens[i]!r}")
+
+    try:
+        value, end = disjunction(0)
+    except ValueError:
+        return None
+    return value if end == len(tokens) else None
+
+
 def _cel_rules(validator, rules, instance, schema):
-    """x-kubernetes-validations: CEL is not evaluated offline, so a field guarded by a rule is refused."""
+    """x-kubernetes-validations: CEL is not evaluated offline, so a field guarded by a rule is refused, unless
+    the rule only tests which of the object's fields are present (presence_rule_holds, evaluated here, failing
+    with the rule's message) or compares with oldSelf (which applies to updates alone)."""
     for rule in rules:
-        if "oldSelf" not in rule.get("rule", ""):
-            yield jsonschema.ValidationError(
-                f"field has a CEL rule that offline validation cannot evaluate: {rule.get('rule')!r}"
-            )
+        text = rule.get("rule", "")
+        if "oldSelf" in text:
+            continue
+        holds = presence_rule_holds(text, instance) if isinstance(instance, dict) else None
+        if holds is None:
+            yield jsonschema.ValidationError(f"field has a CEL rule that offline validation cannot evaluate: {text!r}")
+        elif not holds:
+            yield jsonschema.ValidationError(rule.get("message") or f"violates the CEL rule {text!r}")
 
 
 StrictValidator = jsonschema.validators.extend(

@@ -42,14 +42,15 @@ sorted by key). Empty when no group is enabled.
 {{- end }}
 {{- $groupName := include "ray-detect.workerGroupName" $key }}
 {{- $resources := include "ray-detect.workerResources" (dict "group" $g) | fromYaml }}
+{{- $disk := include "ray-detect.podDisk" (dict "ctx" $ "key" (printf "workerGroups.%s" $key) "group" $g) | fromYaml }}
 - groupName: {{ $groupName }}
   replicas: {{ $g.replicas }}
   minReplicas: {{ $g.minReplicas }}
   maxReplicas: {{ $g.maxReplicas }}
   rayStartParams:
-    {{- toYaml ($g.rayStartParams | default dict) | nindent 4 }}
+    {{- include "ray-detect.rayStartParams" (dict "chart" dict "group" $g "disk" $disk) | nindent 4 }}
   template:
-    {{- include "ray-detect.rayPodTemplate" (dict "ctx" $ "group" $g "component" $groupName "container" "ray-worker" "head" false "resources" $resources "shmSize" $g.shmSize) | nindent 4 }}
+    {{- include "ray-detect.rayPodTemplate" (dict "ctx" $ "group" $g "component" $groupName "container" "ray-worker" "head" false "resources" $resources "disk" $disk) | nindent 4 }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -186,25 +187,15 @@ no CPU limit or request): a wrong figure would be worse than none.
 {{- end }}
 
 {{/*
-The head's RAY_DETECT_MAX_GPUS and RAY_DETECT_MAX_CPUS, as strings. An entry of the same name in head.env
-wins: the chart leaves its own out (two entries of one name would be invalid), so a user can pin a figure.
+The head's RAY_DETECT_MAX_GPUS and RAY_DETECT_MAX_CPUS, as a YAML list of EnvVar with string values. An
+entry of the same name in head.env wins (ray-detect.mergeEnv), so a user can pin a figure.
 */}}
 {{- define "ray-detect.clusterMaximaEnv" -}}
-{{- $userNames := list }}
-{{- range .Values.head.env }}
-{{- $userNames = append $userNames .name }}
+{{- $env := list (dict "name" "RAY_DETECT_MAX_GPUS" "value" (include "ray-detect.maxGpus" .)) }}
+{{- with include "ray-detect.maxCpus" . }}
+{{- $env = append $env (dict "name" "RAY_DETECT_MAX_CPUS" "value" .) }}
 {{- end }}
-{{- $env := list }}
-{{- if not (has "RAY_DETECT_MAX_GPUS" $userNames) }}
-{{- $env = append $env (dict "name" "RAY_DETECT_MAX_GPUS" "value" (include "ray-detect.maxGpus" .)) }}
-{{- end }}
-{{- $maxCpus := include "ray-detect.maxCpus" . }}
-{{- if and $maxCpus (not (has "RAY_DETECT_MAX_CPUS" $userNames)) }}
-{{- $env = append $env (dict "name" "RAY_DETECT_MAX_CPUS" "value" $maxCpus) }}
-{{- end }}
-{{- with $env }}
-{{- toYaml . }}
-{{- end }}
+{{- toYaml $env }}
 {{- end }}
 
 {{/*
@@ -212,6 +203,7 @@ The RayCluster spec, shared by the stand-alone RayCluster and a RayJob's own ray
 */}}
 {{- define "ray-detect.rayClusterSpec" -}}
 {{- $values := .Values -}}
+{{- $headDisk := include "ray-detect.podDisk" (dict "ctx" . "key" "head" "group" $values.head) | fromYaml -}}
 rayVersion: {{ $values.rayVersion | quote }}
 enableInTreeAutoscaling: {{ $values.autoscaling.enabled }}
 {{- if $values.autoscaling.enabled }}
@@ -220,15 +212,27 @@ autoscalerOptions:
   idleTimeoutSeconds: {{ $values.autoscaling.idleTimeoutSeconds }}
   imagePullPolicy: {{ $values.image.pullPolicy }}
   resources:
-    {{- toYaml $values.autoscaling.resources | nindent 4 }}
+    {{- include "ray-detect.withEphemeralStorage" (dict "resources" $values.autoscaling.resources "mib" $headDisk.containerLog) | nindent 4 }}
   {{- /* KubeRay injects the autoscaler as a sidecar of the head: it must be restricted-compliant too. */}}
   securityContext:
     {{- include "ray-detect.containerSecurityContext" . | nindent 4 }}
-  # The only Kubernetes token of the release's pods (ray-detect.autoscalerTokenVolume).
+  # HOME on the head's /tmp: the root filesystem is read-only.
+  env:
+    - name: HOME
+      value: /tmp
+    - name: RAY_USAGE_STATS_ENABLED
+      value: "0"
   volumeMounts:
+    # The only Kubernetes token of the release's pods (ray-detect.autoscalerTokenVolume).
     - name: autoscaler-token
       mountPath: /var/run/secrets/kubernetes.io/serviceaccount
       readOnly: true
+    # The head's /tmp and /tmp/ray: the autoscaler writes its logs where the head reads them, and KubeRay,
+    # finding /tmp/ray mounted, adds no emptyDir of its own (which would have no size limit).
+    - name: tmp
+      mountPath: /tmp
+    - name: ray-tmp
+      mountPath: /tmp/ray
 {{- end }}
 {{- if $values.rayAuth.enabled }}
 {{- if semverCompare "<2.52.0-0" $values.rayVersion }}
@@ -244,18 +248,16 @@ headGroupSpec:
   # The dashboard and GCS are reachable inside the cluster only; use kubectl port-forward from outside.
   serviceType: ClusterIP
   enableIngress: false
+  {{- /* num-cpus "0" unless head.schedulable: no tasks or actors on the head, which keeps its CPU and memory
+  for the GCS, dashboard and driver. */}}
+  {{- $headParams := dict "dashboard-host" "0.0.0.0" "num-gpus" "0" }}
+  {{- if not $values.head.schedulable }}
+  {{- $_ := set $headParams "num-cpus" "0" }}
+  {{- end }}
   rayStartParams:
-    dashboard-host: "0.0.0.0"
-    num-gpus: "0"
-    {{- if not $values.head.schedulable }}
-    # No tasks or actors on the head: it keeps its CPU and memory for the GCS, dashboard and driver.
-    num-cpus: "0"
-    {{- end }}
-    {{- with $values.head.rayStartParams }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
+    {{- include "ray-detect.rayStartParams" (dict "chart" $headParams "group" $values.head "disk" $headDisk) | nindent 4 }}
   template:
-    {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $values.head "component" "head" "container" "ray-head" "head" true "resources" $values.head.resources "shmSize" $values.head.shmSize) | nindent 4 }}
+    {{- include "ray-detect.rayPodTemplate" (dict "ctx" . "group" $values.head "component" "head" "container" "ray-head" "head" true "resources" $values.head.resources "disk" $headDisk) | nindent 4 }}
 {{- with include "ray-detect.workerGroupSpecs" . }}
 workerGroupSpecs:
   {{- trim . | nindent 2 }}

@@ -18,8 +18,14 @@ output.skip_if_in_use=true: a scheduled run that finds the previous one still go
 {{- define "ray-detect.entrypoint" -}}
 {{- $overrides := .Values.job.overrides }}
 {{- $set := list }}
-{{- range $overrides }}
-{{- $set = append $set (regexReplaceAll "=.*" . "") }}
+{{- range $override := $overrides }}
+{{- $set = append $set (regexReplaceAll "=.*" $override "") }}
+{{- /* A credential in an override's value (data.path, output.path, model.weights...) fails the render,
+naming the key (the schema makes every override key=value, or a key alone) but not the value. */}}
+{{- if contains "=" $override }}
+{{- $key := regexReplaceAll "(?s)=.*$" $override "" | trimAll "+~" }}
+{{- include "ray-detect.refuseCredentials" (dict "where" (printf "job.overrides: %s" $key) "value" (regexReplaceAll "(?s)^[^=]*=" $override "")) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.monitoring.podMonitor.enabled (not (has "metrics.run" $set)) }}
 {{- $overrides = prepend $overrides (printf "metrics.run=%s" .Values.job.runName) }}
@@ -35,11 +41,41 @@ output.skip_if_in_use=true: a scheduled run that finds the previous one still go
 {{- end }}
 
 {{/*
+The RayJob's deletionStrategy (KubeRay 1.7's deletionRules): with a cluster of its own that shuts down
+(dedicated, job.shutdownAfterJobFinishes), delete that cluster job.ttlSecondsAfterFinished after the job
+ended; and delete the RayJob itself (with its submitter Job and pod) job.deleteSucceededAfterSeconds after it
+succeeded, job.deleteFailedAfterSeconds after it failed or could not run (a deadline passed, the submitter
+failed: jobDeploymentStatus Failed). KubeRay applies no rule to a job on an existing cluster (clusterSelector):
+the rules are there for an operator that will, and the chart refuses a schedule there (raycronjob.yaml).
+*/}}
+{{- define "ray-detect.deletionStrategy" -}}
+{{- $job := .Values.job }}
+{{- $ended := list (dict "jobStatus" "SUCCEEDED") (dict "jobStatus" "FAILED") (dict "jobDeploymentStatus" "Failed") }}
+{{- $selfTtls := list (int $job.deleteSucceededAfterSeconds) (int $job.deleteFailedAfterSeconds) (int $job.deleteFailedAfterSeconds) }}
+{{- $rules := list }}
+{{- if and (eq $job.cluster "dedicated") $job.shutdownAfterJobFinishes }}
+{{- $ttl := int $job.ttlSecondsAfterFinished }}
+{{- if gt $ttl (min $job.deleteSucceededAfterSeconds $job.deleteFailedAfterSeconds | int) }}
+{{- fail (printf "job.ttlSecondsAfterFinished (%d) must not exceed job.deleteSucceededAfterSeconds (%d) or job.deleteFailedAfterSeconds (%d): KubeRay deletes a RayJob's cluster no later than the RayJob" $ttl (int $job.deleteSucceededAfterSeconds) (int $job.deleteFailedAfterSeconds)) }}
+{{- end }}
+{{- range $ended }}
+{{- $rules = append $rules (dict "policy" "DeleteCluster" "condition" (merge (dict "ttlSeconds" $ttl) .)) }}
+{{- end }}
+{{- end }}
+{{- range $i, $condition := $ended }}
+{{- $rules = append $rules (dict "policy" "DeleteSelf" "condition" (merge (dict "ttlSeconds" (index $selfTtls $i)) $condition)) }}
+{{- end -}}
+deletionRules:
+  {{- toYaml $rules | nindent 2 }}
+{{- end }}
+
+{{/*
 The RayJob's spec: the app's entrypoint on the chart's RayCluster (job.cluster=shared) or on one of its own
 (dedicated). A RayCronJob's jobTemplate is the same spec. With job.queueName, created suspended for Kueue.
 */}}
 {{- define "ray-detect.rayJobSpec" -}}
 {{- $job := .Values.job }}
+{{- $disk := include "ray-detect.podDisk" (dict "ctx" . "submitter" true) | fromYaml }}
 {{- $labels := include "ray-detect.labels" (dict "ctx" . "component" "job" "standalone" $job.standalone) }}
 {{- if and $job.queueName (ne $job.cluster "dedicated") }}
 {{- fail "job.queueName needs job.cluster=dedicated: Kueue admits a RayJob together with the cluster it creates, not a job on a shared RayCluster" }}
@@ -51,12 +87,11 @@ suspend: true
 {{- end }}
 # A Kubernetes Job runs `ray job submit` against the head's dashboard and follows the logs.
 submissionMode: K8sJobMode
+# When KubeRay deletes the job's cluster and the RayJob itself (ray-detect.deletionStrategy).
+deletionStrategy:
+  {{- include "ray-detect.deletionStrategy" . | nindent 2 }}
 {{- if eq $job.cluster "dedicated" }}
-# The RayJob creates its own RayCluster from this spec and removes it when the job ends.
-shutdownAfterJobFinishes: {{ $job.shutdownAfterJobFinishes }}
-{{- if $job.shutdownAfterJobFinishes }}
-ttlSecondsAfterFinished: {{ $job.ttlSecondsAfterFinished }}
-{{- end }}
+# The RayJob creates its own RayCluster from this spec.
 rayClusterSpec:
   {{- include "ray-detect.rayClusterSpec" . | nindent 2 }}
 {{- else }}
@@ -104,14 +139,13 @@ submitterPodTemplate:
         image: {{ include "ray-detect.image" (dict "ctx" . "image" .Values.head.image) }}
         imagePullPolicy: {{ .Values.image.pullPolicy }}
         env:
-          - name: RAY_USAGE_STATS_ENABLED
-            value: "0"
+          {{- include "ray-detect.baseEnv" . | nindent 10 }}
         resources:
-          {{- toYaml $job.submitter.resources | nindent 10 }}
+          {{- include "ray-detect.withEphemeralStorage" (dict "resources" $job.submitter.resources "mib" $disk.container) | nindent 10 }}
         securityContext:
           {{- include "ray-detect.containerSecurityContext" . | nindent 10 }}
         volumeMounts:
           {{- include "ray-detect.baseVolumeMounts" . | nindent 10 }}
     volumes:
-      {{- include "ray-detect.baseVolumes" $job.submitter | nindent 6 }}
+      {{- include "ray-detect.baseVolumes" (dict "disk" $disk "shmSize" $job.submitter.shmSize) | nindent 6 }}
 {{- end }}
