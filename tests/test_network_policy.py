@@ -149,18 +149,6 @@ def test_label_selectors_match_labels_and_expressions():
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def helm_binaries() -> dict[int, Path]:
-    found = kv.find_helm_binaries(install=True)
-    assert sorted(found) == [3, 4], f"need helm v3 and v4, found {found}"
-    return found
-
-
-@pytest.fixture(scope="session", params=[3, 4], ids=["helm3", "helm4"])
-def helm(request, helm_binaries) -> Path:
-    return helm_binaries[request.param]
-
-
 @functools.lru_cache(maxsize=None)
 def _render_cached(helm: Path, values_files: tuple[str, ...], sets: tuple[str, ...]) -> str:
     return json.dumps(kv.render(helm, values_files, sets, release=RELEASE, namespace=NAMESPACE))

@@ -100,13 +100,6 @@ def registry(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def helm_binaries() -> dict[int, Path]:
-    found = kv.find_helm_binaries(install=True)
-    assert sorted(found) == [3, 4], f"need helm v3 and v4, found {found}"
-    return found
-
-
-@pytest.fixture(scope="module")
 def pushed(registry, helm_binaries, tmp_path_factory) -> dict:
     """The chart packaged and pushed as the release workflow does it (helm v3), to oci://<registry>/charts."""
     helm3 = helm_binaries[3]
