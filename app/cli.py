@@ -76,6 +76,8 @@ def print_summary(summary: Summary) -> None:
         # Stages of under 0.05 s of work (Ray Data's own, such as turning the listing into blocks) say nothing.
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.stage_seconds.items() if seconds >= 0.05)
         print(f"ray-detect: slowest stage: {summary.slowest_stage} (work per worker: {stages})")
+    if summary.model_batches_line():
+        print(f"ray-detect: {summary.model_batches_line()}")
     for warning in summary.warnings:
         log.warning(warning)
 

@@ -5,6 +5,7 @@ are verdicts on their inputs are app.output.verdicts' to decide; what it stands 
 import contextlib
 import signal
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -14,7 +15,7 @@ import ray
 
 from app.config import ConfigError
 from app.device import DEVICE_ERROR_MARKER
-from app.metrics import MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
+from app.metrics import BATCH_IMAGES_COLUMN, MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
 from app.model import WEIGHTS_ERROR_MARKER
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal
@@ -77,7 +78,8 @@ def stop_on_sigterm():
 @dataclass
 class Executed:
     """What the execution of a run did: the images it processed, the detector actors that made rows (by
-    WORKER_COLUMN), the GPUs each held, the tally of streamed inputs, the most actors at work at once and
+    WORKER_COLUMN), the GPUs each held, the model batches they ran (by their images, BATCH_IMAGES_COLUMN)
+    against the planned batch size, the tally of streamed inputs, the most actors at work at once and
     each stage's seconds of work per worker (see Summary)."""
 
     processed: int = 0
@@ -88,6 +90,8 @@ class Executed:
     read_retries: int = 0
     workers: set[str] = field(default_factory=set)
     gpus_per_actor: float = 0.0
+    batch_size: int = 0
+    model_batches: Counter = field(default_factory=Counter)
     tally: Optional[ray.actor.ActorHandle] = None
     peak_actors: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -103,7 +107,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
     their inputs, and which faults stop the run instead, app.output.verdicts decides. Each batch of rows
     is counted in the run's metrics, then loses its measurement columns. How the run stops decides what is
     still written (`stopped`)."""
-    executed = Executed(gpus_per_actor=plan.resources.num_gpus)
+    executed = Executed(gpus_per_actor=plan.resources.num_gpus, batch_size=plan.batch_size)
 
     def committed(rows: Optional[pa.Table], workers: set[str]) -> None:
         if rows is None or not rows.num_rows:
@@ -119,6 +123,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
             executed.workers |= workers
             lease.check()
             metrics.record(rows)
+            executed.model_batches.update(pc.list_flatten(rows.column(BATCH_IMAGES_COLUMN)).drop_null().to_pylist())
             committed(verdicts.add(rows.drop_columns(list(MEASUREMENT_COLUMNS))), workers)
         committed(verdicts.finish(), set())
         verdicts.close()

@@ -23,17 +23,23 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple, Optional, Sequence
 
+IMPORTS_STARTED = time.perf_counter()  # the actor's start-up breakdown counts the imports below
+
 import numpy as np
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from app.decode import model_input_size
-from app.device import choose_device, configure_cuda_allocator, device_name
+from app.device import (DeviceError, check_cuda_allocator, choose_device, configure_cuda_allocator, device_name,
+                        precision_problem, set_float32_math)
 from app.model import ModelSpec, build_model
 from app.out_of_memory import SplittingRunner, is_out_of_memory, release_cuda_memory
 from app.precision import AUTOCAST_DTYPES, mixed_precision
 from app.staging import Staged, to_device, to_host
 from app.tiling import TilingOptions
+
+# Seconds this module's imports took (torch and torchvision, unless the process had them already).
+IMPORT_SECONDS = time.perf_counter() - IMPORTS_STARTED
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +175,28 @@ class Detector:
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
                  cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None):
+        # The actor's start-up, part by part, logged at debug level after the first model call.
+        self.startup_seconds: Optional[dict[str, float]] = {"imports": IMPORT_SECONDS}
+        started = time.perf_counter()
         torch.set_num_threads(max(1, num_threads))
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
-        configure_cuda_allocator()
+        allocator_settings = configure_cuda_allocator()
         self.device = choose_device(cpu_fallback)
+        if self.device.type == "cuda":
+            check_cuda_allocator(allocator_settings)
+            problem = precision_problem(precision, torch.cuda.get_device_name(self.device), torch.cuda.get_device_capability(self.device))
+            if problem:
+                raise DeviceError(problem)
+        set_float32_math(self.device)
         self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.batch_size, self.tiling = spec, batch_size, tiling
+        self.startup_seconds["device check"] = time.perf_counter() - started
         model, self.categories = self.load_model(spec)
+        started = time.perf_counter()
         self.model = model.to(self.device)
+        self.startup_seconds["to device"] = time.perf_counter() - started
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
@@ -186,8 +204,15 @@ class Detector:
     def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The
         benchmark's device stand-in replaces this."""
-        model, categories = build_model(spec)
+        model, categories = build_model(spec, self.startup_seconds)
         return PixelModel(model, self.autocast_dtype), categories
+
+    def log_startup(self, first_forward: float) -> None:
+        """One debug line with the parts of the actor's start-up, the first model call included (it pays
+        for lazy module loading and, on a GPU, cuDNN's plans for the first shape)."""
+        parts = {**self.startup_seconds, "first forward": first_forward}
+        self.startup_seconds = None
+        log.debug("detector start-up (s): %s", ", ".join(f"{name} {seconds:.2f}" for name, seconds in parts.items()))
 
     def stage(self, images: list[np.ndarray]) -> Staged:
         return to_device(images, self.device, self.copy_stream)
@@ -211,7 +236,12 @@ class Detector:
         if unstaged:
             for k, tensor in zip(unstaged, self.stage([inputs[k].pixels for k in unstaged]).ready()):
                 tensors[k] = tensor
-        return to_host(self.model(tensors))
+        if self.startup_seconds is None:
+            return to_host(self.model(tensors))
+        started = time.perf_counter()
+        detections = to_host(self.model(tensors))
+        self.log_startup(time.perf_counter() - started)
+        return detections
 
     def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Run the model on HWC uint8 images; returns boxes (model pixels), scores and labels per image."""

@@ -30,10 +30,17 @@ NVIDIA_DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 # What this project's image needs of a GPU node (the Dockerfile: CUDA 13.0, torch from PyPI).
 IMAGE_REQUIREMENTS = "compute capability 7.5 or newer (Turing and newer GPUs) and NVIDIA driver R580 or newer"
 # The detector's batches come in many shapes, which fragment the CUDA caching allocator's fixed-size
-# segments; expandable segments grow in place instead. Set for detector actors unless the user set either
-# variable (PYTORCH_ALLOC_CONF is the newer name torch reads too).
-CUDA_ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# segments; expandable segments grow in place instead. Set for detector actors, through the variable torch
+# reads now (PYTORCH_CUDA_ALLOC_CONF is its deprecated name), unless the user set either.
+CUDA_ALLOCATOR_VARIABLE = "PYTORCH_ALLOC_CONF"
+DEPRECATED_ALLOCATOR_VARIABLE = "PYTORCH_CUDA_ALLOC_CONF"
 CUDA_ALLOCATOR_DEFAULT = "expandable_segments:True"
+# bfloat16 has tensor-core kernels from Ampere (compute capability 8.0) on; older GPUs emulate it, slowly.
+BF16_MIN_CAPABILITY = (8, 0)
+# What "fp32" means on a GPU: IEEE float32 matrix products and convolutions. CUDA's default for cuDNN
+# convolutions is TF32 (10 significant bits), which would make the float32 reference of the precision
+# bounds (tests/test_precision.py) a reduced-precision run. Recorded in the output manifest.
+FLOAT32_MATH = "ieee"
 
 
 class DeviceError(Exception):
@@ -154,11 +161,57 @@ def assigned_gpu_ids() -> list:
     return ray.get_gpu_ids() if ray.is_initialized() else []
 
 
-def configure_cuda_allocator() -> None:
-    """Expandable segments for torch's CUDA allocator, unless the user configured it. Takes effect only
-    before this process first uses CUDA, so a detector actor calls it before choose_device."""
-    if not any(os.environ.get(name) for name in CUDA_ALLOCATOR_VARIABLES):
-        os.environ[CUDA_ALLOCATOR_VARIABLES[0]] = CUDA_ALLOCATOR_DEFAULT
+def configure_cuda_allocator() -> str:
+    """Expandable segments for torch's CUDA allocator, unless the user configured it; returns the
+    settings the allocator should then hold. Takes effect only if set before this process's allocator
+    reads its settings (its first CUDA use), so a detector actor calls it before choose_device, and
+    check_cuda_allocator verifies it."""
+    configured = os.environ.get(CUDA_ALLOCATOR_VARIABLE) or os.environ.get(DEPRECATED_ALLOCATOR_VARIABLE)
+    if configured:
+        return configured
+    os.environ[CUDA_ALLOCATOR_VARIABLE] = CUDA_ALLOCATOR_DEFAULT
+    return CUDA_ALLOCATOR_DEFAULT
+
+
+def allocator_options(settings: str) -> set[str]:
+    """An allocator settings string ("key:value,key:value") as its set of options, spaces removed."""
+    return {option.replace(" ", "") for option in settings.split(",") if option.strip()}
+
+
+def check_cuda_allocator(expected: str) -> bool:
+    """Whether torch's allocator holds the expected settings; logs a warning when it does not (its settings
+    were read before configure_cuda_allocator, e.g. by code that used CUDA earlier in this process)."""
+    import torch
+
+    held = torch._C._accelerator_getAllocatorSettings()
+    if allocator_options(expected) <= allocator_options(held):
+        return True
+    log.warning("the CUDA allocator holds the settings %r, not %r: it read them before the detector set %s (this "
+                "process used CUDA earlier); the many batch shapes may fragment device memory", held, expected,
+                CUDA_ALLOCATOR_VARIABLE)
+    return False
+
+
+def precision_problem(precision: str, gpu_name: str, capability: tuple[int, int]) -> Optional[str]:
+    """Why a GPU cannot run the detector at this precision (a DeviceError's message), or None."""
+    if precision == "bf16" and capability < BF16_MIN_CAPABILITY:
+        return (f"{DEVICE_ERROR_MARKER} inference.precision=bf16 needs a GPU of compute capability "
+                f"{BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]} or newer (Ampere and newer), where bfloat16 has "
+                f"tensor-core kernels; {gpu_name} has {capability[0]}.{capability[1]} and would emulate it, slowly. "
+                f"Set inference.precision=fp16 (or fp32) for this GPU")
+    return None
+
+
+def set_float32_math(device: torch.device) -> None:
+    """IEEE float32 for float32 matrix products and convolutions on a GPU (FLOAT32_MATH), through the
+    allow_tf32 flags: torch.set_float32_matmul_precision leaves cuDNN's convolutions (the backbone) in
+    TF32, and once torch's newer per-backend fp32_precision settings are set, reading these flags (as
+    other code may) raises in torch 2.14."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def choose_device(cpu_fallback: bool = False) -> torch.device:

@@ -41,7 +41,9 @@ MEASUREMENT_COLUMNS = (WORKER_COLUMN, INPUT_BYTES_COLUMN, DECODE_SECONDS_COLUMN,
 # intervals, 10 s each by default).
 REFRESH_S = 2.0
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-BATCH_IMAGES_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+# One bucket per size up to 16, so that a batch one image short of the default batch sizes (8, 16) is told
+# apart from a full one; the summary and the manifest have the exact sizes (Summary.model_batches).
+BATCH_IMAGES_BUCKETS = [*range(1, 17), 24, 32, 48, 64]
 PADDING_BUCKETS = [0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
 RUN_TAGS = ("run", "model")
 OK = "ok"

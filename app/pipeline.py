@@ -320,6 +320,8 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
         detector_devices=dict(sorted(Counter(worker.split("/", 2)[2] for worker in workers).items())),
         peak_actors=executed.peak_actors,
         stage_seconds=executed.stage_seconds,
+        batch_size=executed.batch_size,
+        model_batches=dict(sorted(executed.model_batches.items())),
     )
     on_cpu = summary.detector_devices.get("cpu", 0)
     if executed.gpus_per_actor and on_cpu:

@@ -37,7 +37,27 @@ class Summary:
     # Seconds of work per worker (task slot or actor) of each stage, by its function's name; the stage
     # with the most is the slowest, the one that sets the run's pace.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # The images per model batch the run planned (inference.batch_size or the model's default), and the
+    # model batches its detector actors ran, by their images (tiles too, with tiling), smallest first:
+    # shape batching leaves a batch short of batch_size when a call holds too few images of its shape.
+    batch_size: int = 0
+    model_batches: dict[int, int] = field(default_factory=dict)
 
     @property
     def slowest_stage(self) -> Optional[str]:
         return max(self.stage_seconds, key=self.stage_seconds.get) if self.stage_seconds else None
+
+    def model_batches_line(self) -> Optional[str]:
+        """The model batches in a line of the printed summary: how many, their mean against the batch size,
+        and how many of each size, largest first. None when the run ran none."""
+        if not self.model_batches:
+            return None
+        sizes = ", ".join(f"{size} x{count}" for size, count in sorted(self.model_batches.items(), reverse=True))
+        return (f"model batches: {sum(self.model_batches.values())}, {self.mean_model_batch:.2f} images on average of "
+                f"batch size {self.batch_size} ({self.mean_model_batch / self.batch_size:.0%}); by images: {sizes}")
+
+    @property
+    def mean_model_batch(self) -> float:
+        """Images per model batch on average, over this run's model batches (0 when it ran none)."""
+        batches = sum(self.model_batches.values())
+        return sum(size * count for size, count in self.model_batches.items()) / batches if batches else 0.0

@@ -2,7 +2,9 @@
 run by hand: `ray-detect bench`). One local Ray serves every mode here, to keep the test short."""
 
 import dataclasses
+import itertools
 import json
+import statistics
 import time
 
 import pytest
@@ -37,36 +39,97 @@ def test_default_sizes_mix_orientations_like_pascal_voc():
     assert (len(landscape), len(harness.VOC_LIKE_SIZES)) == (6, 8)
 
 
-def test_ratios_take_the_best_bare_batch_size():
-    rates = {"bare@1": 2.0, "bare@2": 2.5, "bare@4": 1.5, "tutorial": 1.0, "app": 2.25}
-    assert throughput.ratios(rates) == {"app_over_tutorial": 2.25, "app_over_bare": 0.9}
+def test_rate_after_warm_up_counts_from_the_arrival_that_ends_the_warm_up():
+    # A 10 s start-up before the first arrival, then 2 images every 0.5 s but a slow last batch.
+    arrivals = [[10.0, 2], [10.5, 2], [11.0, 2], [12.0, 2]]
+    assert harness.rate_after_warm_up(arrivals, 3) == round(4 / 1.5, 4)  # the 2nd arrival ends the warm-up
+    assert harness.rate_after_warm_up(arrivals, 4) == round(4 / 1.5, 4)
+    assert harness.rate_after_warm_up(arrivals, 0) == 3.0  # at least the first arrival: 6 images in 2 s
+    assert harness.rate_after_warm_up(arrivals, 7) is None  # nothing arrives after the warm-up
+    assert harness.rate_after_warm_up([], 1) is None
+    assert throughput.warm_up_images(200, 0.2) == 40 and throughput.warm_up_images(4, 0.2) == 1 and throughput.warm_up_images(4, 0) == 1
+
+
+def test_spread_is_the_median_and_range_of_the_figures_that_have_one():
+    assert harness.spread([3.0, None, 1.0, 2.5]) == {"median": 2.5, "min": 1.0, "max": 3.0}
+    assert harness.spread([2.0, 1.0]) == {"median": 1.5, "min": 1.0, "max": 2.0}
+    assert harness.spread([None]) == {"median": None, "min": None, "max": None}
+
+
+def summary_of(rates):
+    return {"images_per_s": harness.spread(rates), "rates": rates}
+
+
+def test_ratios_take_each_baselines_fastest_batch_size_repeat_by_repeat():
+    modes = {"bare@1": summary_of([2.0, 2.2]), "bare@2": summary_of([2.5, 2.4]), "bare@4": summary_of([1.5, None]),
+             "tutorial@1": summary_of([None, None]), "tutorial@2": summary_of([1.0, 0.8]), "app": summary_of([2.25, 2.4])}
+    assert throughput.best_batch_sizes(modes) == {"bare": "bare@2", "tutorial": "tutorial@2"}
+    bare = {"baseline": "bare@2", "median": 0.95, "min": 0.9, "max": 1.0, "ratios": [0.9, 1.0]}
+    assert throughput.ratios(modes) == {
+        "app_over_bare": bare,
+        "app_over_tutorial": {"baseline": "tutorial@2", "median": 2.625, "min": 2.25, "max": 3.0, "ratios": [2.25, 3.0]},
+        "app_over_best": bare,
+    }
+    assert throughput.ratios({"bare@1": summary_of([None])}) == {}
+
+
+def rate_from(arrivals, warm_up):
+    """The rate after warm-up, recomputed here on its own: images after the arrival that completes the
+    warm-up over the seconds from that arrival to the last."""
+    arrived = list(itertools.accumulate(images for _, images in arrivals))
+    start = next(index for index, total in enumerate(arrived) if total >= warm_up)
+    seconds = arrivals[-1][0] - arrivals[start][0]
+    return round((arrived[-1] - arrived[start]) / seconds, 4) if arrived[-1] > arrived[start] and seconds > 0 else None
 
 
 def test_benchmark_smoke_run(local_ray, monkeypatch, tmp_path):
+    """The light model on 6 tiny images: the model alone and the bare loop at batch sizes 1 and 3, and the app
+    at batch 1 (so that its rows arrive in several tables), twice each; every figure is
+    recomputed from the recorded arrival times."""
     monkeypatch.setattr(harness.ray, "shutdown", lambda: None)  # keep the shared test Ray for every run
     out = tmp_path / "results.json"
     results = bench.main([
-        "throughput", "--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--modes", "model", "bare", "dataloader", "app",
-        "--bare-batch-sizes", "1", "2", "--counts", "1", "2", "--sizes", "64x48", "48x64", "--score-threshold", "0",
-        "--pause", "0", "--out", str(out),
+        "throughput", "--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--modes", "model", "bare", "app",
+        "--baseline-batch-sizes", "1", "3", "--count", "6", "--repeats", "2", "--warm-up", "0.3", "--batch-size", "1",
+        "--sizes", "64x48", "48x64", "--score-threshold", "0", "--pause", "0", "--out", str(out),
     ])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     result = results["throughput"]["fasterrcnn_mobilenet_v3_large_320_fpn"]
-    # The light model's default batch on this machine's device (CPU 4; where CUDA works, the GPU's 32).
-    expected = ([1, 2], 32, "cuda") if harness.DEVICE.type == "cuda" else ([1, 2], 4, "cpu")
-    assert (result["counts"], result["batch_size"], result["device"]) == expected
-    modes = ["model", "bare@1", "bare@2", "dataloader", "app"]
-    assert [(run["mode"], run["images"]) for run in result["runs"]] == [(mode, n) for mode in modes for n in (1, 2)]
+    assert {key: result[key] for key in ("count", "warm_up_images", "repeats", "batch_size", "baseline_batch_sizes", "device")} == {
+        "count": 6, "warm_up_images": 2, "repeats": 2, "batch_size": 1, "baseline_batch_sizes": [1, 3], "device": str(harness.DEVICE)}
+    modes = ["model@1", "model@3", "bare@1", "bare@3", "app"]
+    assert [(run["mode"], run["images"]) for run in result["runs"]] == [(mode, 6) for mode in modes for _ in range(2)]
     # The same model on the same images: --max-detections (5) each; threshold 0 keeps random-init ones.
-    assert {run["detections"] for run in result["runs"]} == {5, 10}
-    # Every figure recomputed from its parts: each mode's summary from its two runs, the ratios from the rates.
-    runs = {mode: [harness.Timing(**run) for run in result["runs"] if run["mode"] == mode] for mode in modes}
-    assert result["modes"] == {mode: harness.marginal(*runs[mode]) for mode in modes}
-    assert list(result["ratios"]) == ["app_over_model", "app_over_dataloader", "app_over_bare"]
-    assert result["ratios"] == throughput.ratios({mode: summary["marginal_images_per_s"] for mode, summary in result["modes"].items()})
-    assert all(0 < run["first_result_s"] <= run["seconds"] for run in result["runs"])
+    assert {run["detections"] for run in result["runs"]} == {30}
+    runs = {mode: [run for run in result["runs"] if run["mode"] == mode] for mode in modes}
+    # The baselines' results arrive a batch at a time; every image arrives once, in time order.
+    for mode in modes[:-1]:
+        size = int(mode.partition("@")[2])
+        assert [[images for _, images in run["arrivals"]] for run in runs[mode]] == [[size] * (6 // size)] * 2
+    for run in result["runs"]:
+        times = [at for at, _ in run["arrivals"]]
+        assert sum(images for _, images in run["arrivals"]) == 6 and times == sorted(times)
+        assert run["first_result_s"] == times[0]  # the first arrival is the first result
+    assert len(runs["app"][0]["arrivals"]) >= 3  # rows in several tables, so the app has a rate after warm-up
+    # Each mode's rates recomputed from its arrivals, and their median and range.
+    for mode in modes:
+        rates = [rate_from(run["arrivals"], 2) for run in runs[mode]]
+        assert result["modes"][mode]["rates"] == rates and all(rates), mode
+        assert result["modes"][mode]["images_per_s"] == {"median": round(statistics.median(rates), 4), "min": min(rates), "max": max(rates)}
+    # The sweep keeps each baseline's fastest batch size of those recorded; the ratios are repeat by repeat.
+    medians = {mode: statistics.median(result["modes"][mode]["rates"]) for mode in modes}
+    best = {baseline: max((f"{baseline}@1", f"{baseline}@3"), key=medians.get) for baseline in ("model", "bare")}
+    assert result["best_batch_sizes"] == {baseline: int(mode[-1]) for baseline, mode in best.items()}
+    assert list(result["ratios"]) == ["app_over_model", "app_over_bare", "app_over_best"]
+    for baseline, mode in best.items():
+        each = [round(app / base, 4) for app, base in zip(result["modes"]["app"]["rates"], result["modes"][mode]["rates"])]
+        assert result["ratios"][f"app_over_{baseline}"] == {"baseline": mode, "median": round(statistics.median(each), 4),
+                                                             "min": min(each), "max": max(each), "ratios": each}
+    assert result["ratios"]["app_over_best"]["baseline"] == max(best.values(), key=medians.get)
     assert all(run["peak_rss_mb"] >= run["peak_driver_rss_mb"] > 0 for run in result["runs"])  # the sum holds the driver
-    assert "marginal ratios: app/model = " in results["report"]
+    app_ratio = result["ratios"]["app_over_model"]
+    assert (f"  ratios, repeat by repeat: app/{best['model']} = {app_ratio['median']:.2f} "
+            f"({app_ratio['min']:.2f}-{app_ratio['max']:.2f}), app/{best['bare']} = ") in results["report"].splitlines()[-1]
 
 
 
@@ -136,16 +199,21 @@ def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path)
     folder = tmp_path / "in"
     harness.write_jpegs(folder, 3, [(64, 48)])
     cfg = compose_config(["model=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none", "model.score_threshold=0"])
-    detections, first, _ = throughput.run_tutorial(folder, cfg, tmp_path / "out", 4)
-    assert detections == throughput.run_bare(folder, cfg, tmp_path / "out", 4).detections > 0
-    assert first > 0
+    tutorial = throughput.run_tutorial(folder, cfg, tmp_path / "out", 2)
+    assert tutorial.detections == throughput.run_bare(folder, cfg, tmp_path / "out", 4).detections > 0
+    # Each block of results is an arrival; the first is the first result.
+    assert sum(images for _, images in tutorial.arrivals) == 3 and tutorial.first_result_s == tutorial.arrivals[0][0] > 0
 
 
 def test_report_of_every_suite():
     mode = {"marginal_images_per_s": 2.0, "startup_s": None, "first_result_s": 3.0, "peak_rss_mb": 900.0, "detections_per_image": 0.0}
+    rates = {"images_per_s": {"median": 2.0, "min": 1.9, "max": 2.125}, "first_result_s": 3.0, "peak_rss_mb": 900.0,
+             "detections_per_image": 0.0}
     results = {
         "machine": {"cpus": 2, "cpu_model": "CPU", "memory_gb": 24.0, "load_average_at_start": [0.1, 0.2, 0.3]},
-        "throughput": {"m": {"batch_size": 4, "device": "cpu", "counts": [1, 2], "modes": {"app": mode}, "ratios": {"app_over_bare": None}}},
+        "throughput": {"m": {"batch_size": 4, "device": "cpu", "count": 200, "warm_up_images": 40, "repeats": 3,
+                             "modes": {"bare@2": {**rates, "images_per_s": {"median": None, "min": None, "max": None}}, "app": rates},
+                             "ratios": {}}},
         "standin": {"ms_per_image": 10.0, "counts": [200, 1000], "ratio": 0.985, "app": {**mode, "marginal_images_per_s": 98.5},
                     "host_time": {"image_size": [1066, 800], "detections_per_image": 5, "ms_per_image": 0.0451}},
         "decode": {"12 MP": {"reduced": 25.46, "full": 13.8}},
@@ -155,10 +223,11 @@ def test_report_of_every_suite():
     }
     assert bench.report(results).splitlines() == [
         "machine: 2 CPUs (CPU), 24.0 GB, load average at start 0.1",
-        "m on cpu, batch 4, runs of 1 and 2 images:",
-        "  mode       marginal img/s start-up s first result s peak RSS MB det/img",
-        "  app                 2.000        n/a            3.0         900     0.0",
-        "  marginal ratios: app/bare = n/a",
+        "m on cpu, app batch 4, 200 images a run, rates after the first 40, median (min-max) of 3 repeats:",
+        "  mode                             images/s first result s peak RSS MB det/img",
+        "  bare@2                                n/a            3.0         900     0.0",
+        "  app                   2.000 (1.900-2.125)            3.0         900     0.0",
+        "  ratios, repeat by repeat: n/a",
         "device stand-in at 10.0 ms/image (100.0 images/s), app with one actor, runs of 200 and 1000 images: "
         "98.50 images/s marginal, ratio 0.985",
         "detector host time, zero-time stand-in, 1066x800 images with 5 detections: 0.045 ms/image",
@@ -176,6 +245,8 @@ def test_report_of_every_suite():
         (["nonsense"], "unknown suite nonsense: choose throughput, standin, decode, memory, inputs, chaos, tiles or all"),
         (["--tiles-counts", "3", "2"], "--tiles-counts: the second count must be larger"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
+        (["--repeats", "0"], "--repeats: at least 1"),
+        (["--warm-up", "1"], "--warm-up: a share of the images, from 0 up to (not including) 1"),
     ],
 )
 def test_bad_arguments_stop(argv, message, capsys):

@@ -365,16 +365,35 @@ def test_batch_size_defaults_per_model_and_device(overrides, num_gpus, expected)
 
 
 @pytest.mark.parametrize(
-    "block_rows,batch,expected",
+    "block_rows,batch,listed_files,actors,expected",
     [
-        (16, 1, 4),  # four model batches to group by shape
-        (16, 8, 16),  # two: a block holds no more
-        (2, 4, 4),  # never less than one model batch
-        (200, 32, 128),
+        (16, 1, None, 1, 4),  # a one-image batch is full whatever its shape: small calls
+        (16, 8, None, 1, 192),  # 6 model batches of each of 4 shapes, in whole blocks
+        (16, 8, 1500, 1, 192),
+        (16, 8, 240, 1, 48),  # a listed input still gives each actor 4 calls
+        (16, 8, 1500, 4, 80),
+        (2, 4, 9, 2, 4),  # never less than one model batch
+        (5, 4, 40, 2, 5),
+        (1024, 8, None, 1, 192),  # streamed blocks are cut into calls
+        (200, 32, 100_000, 8, 800),
     ],
 )
-def test_rows_per_call(block_rows, batch, expected):
-    assert rows_per_call(block_rows, batch) == expected
+def test_rows_per_call(block_rows, batch, listed_files, actors, expected):
+    assert rows_per_call(block_rows, batch, listed_files, actors) == expected
+    assert rows_per_call(block_rows, batch, listed_files, actors, image_bytes=1) == expected  # far under CALL_BYTES
+    assert expected % block_rows == 0 or block_rows >= expected
+
+
+@pytest.mark.parametrize(
+    "image_bytes,expected",
+    [
+        (800 * 1333 * 3, 176),  # 167 images of 3.2 MB in CALL_BYTES, in whole blocks of 16
+        (12_000_000 * 3, 14),  # 14 photos of 12 MP, not resized on the CPU: the block is cut into calls
+        (200_000_000, 8),  # never less than a model batch
+    ],
+)
+def test_a_call_holds_about_call_bytes_of_decoded_images(image_bytes, expected):
+    assert rows_per_call(16, 8, None, 1, image_bytes) == expected
 
 
 def test_cluster_limits_come_from_the_deployment():

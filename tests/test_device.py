@@ -9,13 +9,16 @@ test_placement (a node with a GPU resource and no CUDA behind it)."""
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from app import device
 from app.detector import Detector
-from app.device import DeviceError, build_supports, choose_device, configure_cuda_allocator, supported_capabilities
+from app.device import (FLOAT32_MATH, DeviceError, build_supports, check_cuda_allocator, choose_device,
+                        configure_cuda_allocator, precision_problem, set_float32_math, supported_capabilities)
 from app.model import ModelSpec
 
 # torch.cuda.get_arch_list() of PyPI's torch 2.14.1 (CUDA 13.0), the image's torch.
@@ -132,17 +135,90 @@ def test_a_detector_on_an_unsupported_gpu_stops_before_loading_its_model(stand_i
     assert loaded == []
 
 
-def test_detector_actors_get_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+def test_detector_actors_get_expandable_segments_through_the_current_variable_unless_the_user_configured_the_allocator(monkeypatch):
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     Detector(SPEC, num_threads=1)
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ  # the deprecated name, which torch warns of
 
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    configure_cuda_allocator()
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
+    assert configure_cuda_allocator() == "max_split_size_mb:128"
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:128"
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")  # the newer name counts too
-    configure_cuda_allocator()
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")  # the deprecated name counts too
+    assert configure_cuda_allocator() == "backend:cudaMallocAsync"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_torch_reads_the_allocator_setting_made_after_its_import_but_before_its_first_use():
+    """In a fresh process without either variable, as a detector actor starts: torch imported (app.detector
+    imports it), then configure_cuda_allocator, then the allocator's settings as torch holds them."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    script = ("import torch; from app.device import configure_cuda_allocator, check_cuda_allocator; "
+              "expected = configure_cuda_allocator(); "
+              "print(repr(torch._C._accelerator_getAllocatorSettings()), check_cuda_allocator(expected))")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout == "'expandable_segments:True' True\n"
+
+
+@pytest.mark.parametrize("held,expected,took_effect", [
+    ("expandable_segments:True", "expandable_segments:True", True),
+    ("max_split_size_mb:128, expandable_segments:True", "expandable_segments:True", True),
+    ("", "expandable_segments:True", False),
+    ("expandable_segments:False", "expandable_segments:True", False),
+])
+def test_an_allocator_that_read_its_settings_before_the_detector_set_them_is_a_warning(monkeypatch, caplog, held, expected, took_effect):
+    """torch's view of its allocator settings is stood in: on the CPU they are whatever this test process
+    read first."""
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: held)
+    with caplog.at_level(logging.WARNING, logger="app.device"):
+        assert check_cuda_allocator(expected) is took_effect
+    warnings = [] if took_effect else [
+        f"the CUDA allocator holds the settings {held!r}, not {expected!r}: it read them before the detector set "
+        f"PYTORCH_ALLOC_CONF (this process used CUDA earlier); the many batch shapes may fragment device memory"]
+    assert [record.getMessage() for record in caplog.records] == warnings
+
+
+BF16_ON_T4 = ("ray-detect device error: inference.precision=bf16 needs a GPU of compute capability 8.0 or newer "
+              "(Ampere and newer), where bfloat16 has tensor-core kernels; Tesla T4 has 7.5 and would emulate it, slowly. "
+              "Set inference.precision=fp16 (or fp32) for this GPU")
+
+
+@pytest.mark.parametrize("precision,capability,refused", [
+    ("bf16", (7, 5), True), ("bf16", (7, 0), True), ("bf16", (8, 0), False), ("bf16", (9, 0), False),
+    ("fp16", (7, 5), False), ("fp32", (7, 5), False),
+])
+def test_bf16_is_refused_below_compute_capability_8(precision, capability, refused):
+    problem = precision_problem(precision, "Tesla T4", capability)
+    assert problem == (BF16_ON_T4.replace("has 7.5", f"has {capability[0]}.{capability[1]}") if refused else None)
+
+
+def test_a_bf16_detector_on_a_t4_stops_with_the_reason_before_loading_its_model(stand_in_gpu, monkeypatch):
+    stand_in_gpu["capability"] = (7, 5)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(device, "check_cuda_allocator", lambda expected: True)
+    loaded = []
+    monkeypatch.setattr(Detector, "load_model", lambda self, spec: loaded.append(spec))
+    with pytest.raises(DeviceError) as caught:
+        Detector(SPEC, num_threads=1, precision="bf16")
+    assert (str(caught.value), loaded) == (BF16_ON_T4, [])
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 flags, put back after the test (they are process-wide)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_fp32_on_a_gpu_is_ieee_float32_without_tf32(tf32_flags):
+    """The flags are settable without a GPU; CUDA's default for cuDNN's convolutions is TF32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_float32_math(torch.device("cpu"))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    set_float32_math(torch.device("cuda"))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    assert (torch.get_float32_matmul_precision(), FLOAT32_MATH) == ("highest", "ieee")

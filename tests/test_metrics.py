@@ -9,6 +9,7 @@ dashboard and of the rules must parse and read only metrics the app exported."""
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,7 +18,7 @@ import ray
 
 from app.config import compose_config
 from app.detector import MAX_BATCH_PADDING
-from app.metrics import METRICS, RunMetrics
+from app.metrics import BATCH_IMAGES_BUCKETS, METRICS, RunMetrics
 from app.commit import InputsLeft
 from app.pipeline import Summary, run
 from tests.support.s3_faults import SLOW_DOWN, Rule, moto_behind_proxy
@@ -138,6 +139,7 @@ def test_every_metric_holds_the_value_the_summary_reports(observed):
     read = sum(len(data) for name, data in observed.files.items() if name != ALWAYS_FAILING)
     model_batches = observed.after_first["ray_detect_batch_images_count"]
     assert first.ok / 4 <= model_batches <= first.ok  # inference.batch_size=4
+    assert model_batches == sum(first.model_batches.values())  # the batches the summary reports
     assert observed.after_first == {
         "images ok": first.ok, **{f"images {kind}": 1 for _, kind in BAD.values()}, "images transient": first.transient,
         "ray_detect_detections_total": first.detections,
@@ -154,6 +156,13 @@ def test_every_metric_holds_the_value_the_summary_reports(observed):
         "ray_detect_decode_seconds_count": first.inputs + 1, "ray_detect_model_seconds_count": first.ok + 1,
         "ray_detect_batch_images_count": model_batches + 1, "ray_detect_batch_padding_count": model_batches + 1,
     }
+
+    # The histogram of images per model batch, bucket by bucket, as the summaries report the batches.
+    sizes = Counter(first.model_batches) + Counter(rerun.model_batches)
+    assert rerun.model_batches == {1: 1} and rerun.batch_size == first.batch_size == 4
+    buckets = by("le", prometheus.query(f"sum by (le) (ray_detect_batch_images_bucket{SELECTOR})"))
+    assert {float(le): count for le, count in buckets.items()} == {
+        bound: sum(n for size, n in sizes.items() if size <= bound) for bound in map(float, [*BATCH_IMAGES_BUCKETS, "inf"])}
 
     def value(expr: str) -> float:
         return sum(prometheus.query(expr).values())

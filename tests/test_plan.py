@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.plan import ClusterLimits, Plan, Resources, plan_run
+from app.plan import MODEL_BATCHES_PER_SHAPE, SHAPE_BUCKETS, ClusterLimits, Plan, Resources, plan_run
 from app.config import compose_config
 from tests.support.models import FAST_MODEL
 
@@ -42,7 +42,17 @@ def test_streamed_inputs_keep_the_whole_pool_and_a_cpu_for_the_input_stage():
     # 8 CPUs: actors of 4 threads, one fewer than the two that would fit, for the repartition's CPU;
     # decode tasks take the CPUs left, as many as those allow, and input tasks INPUT_TASKS at once.
     assert plan.resources == Resources(num_gpus=0.0, num_actors=1, num_cpus_per_actor=4.0, decode_cpus=1.0, decode_tasks=None)
-    assert (plan.block_rows, plan.rows_per_call, plan.decode_batch, plan.input_tasks) == (1024, 16, 16, 4)
+    assert (plan.block_rows, plan.rows_per_call, plan.decode_batch, plan.input_tasks) == (1024, 96, 16, 4)
+
+
+def test_a_call_holds_model_batches_of_each_shape_in_whole_blocks():
+    """1,500 listed files on one GPU actor at batch 8: blocks of 16 files decoded each by a task, bundled
+    by Ray Data into calls of 12 blocks, 6 model batches for each of 4 shapes (the issue's 16-image calls
+    made model batches of 5.3 images on average)."""
+    cfg = compose_config(["data.path=x", "output.path=y", *MODEL, "inference.batch_size=8"])
+    plan = plan_run(cfg, [{"CPU": 16.0, "GPU": 1.0}], True, ClusterLimits(), 1500)
+    assert (plan.batch_size, plan.block_rows, plan.rows_per_call, plan.decode_batch) == (8, 16, 192, 16)
+    assert plan.rows_per_call == 8 * SHAPE_BUCKETS * MODEL_BATCHES_PER_SHAPE
 
 
 @pytest.mark.parametrize("cpus, threads", [(2.0, 1.0), (8.0, 7.0)])

@@ -12,7 +12,8 @@ chaos       faults injected into runs: preemption, S3 throttled, down, failing r
             credential, duplicate inputs, SIGTERM, the output volume full
             (app.bench.chaos);
 tiles       tiled detection of large scenes against SAHI's sliced prediction (app.bench.tiles).
-What they share (generated inputs, timings, the marginal rate, peak memory) is in app.bench.harness.
+What they share (generated inputs, timings, arrival times and the rate after warm-up, the marginal rate, peak
+memory) is in app.bench.harness.
 
 Memory is the peak, sampled every 0.5 s, of the resident set size (RSS) summed over this process and
 every process it started (Ray's GCS, raylet, agents and workers). Pages shared between processes
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from app.bench import chaos, decode, inputs, memory, standin, throughput, tiles
 from app.bench.harness import DEVICE, VOC_LIKE_SIZES, machine
-from app.bench.throughput import CPU_MODES, GPU_MODES, MODELS, MODES
+from app.bench.throughput import CPU_MODES, DEFAULT_BASELINE_BATCH_SIZES, GPU_MODES, MODELS, MODES
 from app.exit_codes import CommandParser
 from app.precision import AUTOCAST_DTYPES
 
@@ -71,9 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(AUTOCAST_DTYPES),
                         help="inference.precision values to run every mode at (fp16/bf16: layers in half precision)")
-    parser.add_argument("--bare-batch-sizes", nargs="+", type=int,
-                        help="batch sizes of the bare loop; the best stands for it (default on a CPU: 1 2 4)")
-    parser.add_argument("--counts", nargs=2, type=int, help="the two input counts (default: per model)")
+    parser.add_argument("--baseline-batch-sizes", "--bare-batch-sizes", nargs="+", type=int,
+                        help="batch sizes every throughput baseline runs at; each one's fastest stands for it "
+                             f"(default: {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cpu']))}; "
+                             f"with CUDA {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cuda']))})")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each throughput mode, interleaved (default: 3)")
+    parser.add_argument("--warm-up", type=float, default=0.2,
+                        help="share of a throughput run's images before its rate is timed (default: 0.2)")
+    parser.add_argument("--count", type=int, help="images of each throughput run (default: per model; else the larger of --counts)")
+    parser.add_argument("--counts", nargs=2, type=int, help="the two input counts of the standin suite (default: 200 1000)")
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(VOC_LIKE_SIZES), metavar="WxH",
                         help="sizes of generated images, in turn (default: a Pascal-VOC-like mix, 3 landscape : 1 portrait)")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,8 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown suite {', '.join(sorted(unknown))}: choose {', '.join(SUITES)} or all")
     if args.modes is None:
         args.modes = list(GPU_MODES if DEVICE.type == "cuda" else CPU_MODES)
-    if args.bare_batch_sizes is None and DEVICE.type == "cpu":
-        args.bare_batch_sizes = [1, 2, 4]
+    if args.baseline_batch_sizes is None:
+        args.baseline_batch_sizes = DEFAULT_BASELINE_BATCH_SIZES[DEVICE.type]
+    if args.count is None and args.counts:
+        args.count = args.counts[1]
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
+    if not 0 <= args.warm_up < 1:
+        parser.error("--warm-up: a share of the images, from 0 up to (not including) 1")
     if args.tiles_counts[0] >= args.tiles_counts[1]:
         parser.error("--tiles-counts: the second count must be larger")
     if args.counts and args.counts[0] >= args.counts[1]:

@@ -1,5 +1,5 @@
-"""The benchmark's shared harness: generated inputs, the peak-memory sampler, timings and the marginal rate,
-the model as the modes without the app load it, the app's run as every suite times it, and the report's
+"""The benchmark's shared harness: generated inputs, the peak-memory sampler, timings with the arrival times of
+results, the rate after warm-up and the marginal rate, the model as the modes without the app load it, the app's run as every suite times it, and the report's
 machine description and number format."""
 
 import concurrent.futures
@@ -9,13 +9,13 @@ import multiprocessing
 import os
 import platform
 import threading
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 from omegaconf import OmegaConf
@@ -139,15 +139,34 @@ class Timing:
     peak_rss_mb: float  # summed over the processes
     peak_driver_rss_mb: float  # this process alone
     detections: int
+    # [seconds, images] as results reached the driver, on the mode's own clock; only differences count.
+    arrivals: list[list] = field(default_factory=list)
 
 
 class Run(NamedTuple):
-    """What a mode reports: detections, seconds to its first result, and, for the modes that prepare
-    their inputs before the clock starts, the seconds timed (else the whole call is)."""
+    """What a mode reports: detections, seconds to its first result, for the modes that prepare their
+    inputs before the clock starts the seconds timed (else the whole call is), and the arrivals:
+    (seconds, images) each time results reached the driver (a batch, a block, a table of rows)."""
 
     detections: int
     first_result_s: Optional[float]
     timed_s: Optional[float] = None
+    arrivals: tuple = ()
+
+
+class Arrivals:
+    """The arrival times of results on the driver: call add(images) as each batch of results arrives."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.times: list[tuple[float, int]] = []
+
+    def add(self, images: int) -> None:
+        self.times.append((time.monotonic() - self.started, images))
+
+    @property
+    def first_s(self) -> Optional[float]:
+        return self.times[0][0] if self.times else None
 
 
 def model_overrides(model: str, args, precision: str = "fp32") -> list[str]:
@@ -181,20 +200,14 @@ def read_rgb(path: Path) -> np.ndarray:
 def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detector] = Detector) -> Run:
     """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings.
     The time to the first result is when the first result rows reach the job's writer."""
-    started = time.monotonic()
-    first: list[float] = []
-
-    def on_rows(rows: pa.Table) -> None:
-        if not first:
-            first.append(time.monotonic() - started)
-
+    arrivals = Arrivals()
     OmegaConf.update(cfg, "data.path", str(folder))
     OmegaConf.update(cfg, "output.path", str(out))
     try:
-        summary = pipeline.run(cfg, detector=detector, on_rows=on_rows)
+        summary = pipeline.run(cfg, detector=detector, on_rows=lambda rows: arrivals.add(rows.num_rows))
     finally:
         ray.shutdown()
-    return Run(summary.detections, first[0])
+    return Run(summary.detections, arrivals.first_s, arrivals=tuple(arrivals.times))
 
 
 def timed(mode: str, run: Callable[[], Run], images: int) -> Timing:
@@ -203,8 +216,9 @@ def timed(mode: str, run: Callable[[], Run], images: int) -> Timing:
         result = run()
         seconds = result.timed_s if result.timed_s is not None else time.monotonic() - started
     first = result.first_result_s
-    timing = Timing(mode, images, round(seconds, 3), round(first, 3) if first is not None else None,
-                    round(memory.peak_bytes / 2**20, 1), round(memory.peak_driver_bytes / 2**20, 1), result.detections)
+    timing = Timing(mode, images, round(seconds, 3), round(first, 4) if first is not None else None,
+                    round(memory.peak_bytes / 2**20, 1), round(memory.peak_driver_bytes / 2**20, 1), result.detections,
+                    [[round(at, 4), count] for at, count in result.arrivals])
     log.info("%-10s %5d images in %8.2f s (first result after %s s), peak RSS %.0f MB, %d detections",
              mode, images, seconds, timing.first_result_s, timing.peak_rss_mb, result.detections)
     return timing
@@ -222,6 +236,32 @@ def marginal(small: Timing, large: Timing) -> dict:
         "peak_rss_mb": max(small.peak_rss_mb, large.peak_rss_mb),
         "detections_per_image": round(large.detections / large.images, 2),
     }
+
+
+def rate_after_warm_up(arrivals: list[list], warm_up_images: int) -> Optional[float]:
+    """Images per second at the driver once warm: from the arrival that completes the first
+    `warm_up_images` images (at least the first arrival) to the last arrival, counting the images that
+    arrived after it. Start-up (Ray, actors, model build, a first forward) and the pipeline filling up fall
+    before that arrival, so they cancel within one run. None when no image arrives after it."""
+    arrived = 0
+    for index, (_, images) in enumerate(arrivals):
+        arrived += images
+        if arrived >= max(warm_up_images, 1):
+            break
+    else:
+        return None
+    counted = sum(images for _, images in arrivals[index + 1 :])
+    seconds = arrivals[-1][0] - arrivals[index][0]
+    return round(counted / seconds, 4) if counted and seconds > 0 else None
+
+
+def spread(values: list[Optional[float]], decimals: int = 4) -> dict:
+    """The median and the range of repeated figures, over those that have a value (a run too short to
+    time has none); None for all three when none has."""
+    known = [value for value in values if value is not None]
+    if not known:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(known), decimals), "min": min(known), "max": max(known)}
 
 
 def reset_peak_rss() -> None:

@@ -316,6 +316,7 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
     import ray  # the job's library, imported here so that the result commands can do without it
 
     import app
+    from app.device import FLOAT32_MATH  # imports ray
 
     torch = torch_build()
     document = {
@@ -332,6 +333,8 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
         },
         "model": {"name": spec.name, "weights": spec.weights, "weights_sha256": spec.weights_sha256,
                   "random_init_fallback": spec.fallback_reason},
+        # The layers' precision, and the float32 arithmetic on a GPU: "ieee", TF32 off (app.device).
+        "numerics": {"precision": cfg.inference.precision.value, "gpu_float32": FLOAT32_MATH},
         "counts": {
             "inputs": summary.inputs,
             "ok": summary.ok,
@@ -348,6 +351,14 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
             "nodes": summary.detector_nodes,
             "gpus": summary.detector_gpus,
             "devices": summary.detector_devices,
+        },
+        # The model batches the last run ran, by their images (JSON keys are strings), against the
+        # planned batch size.
+        "model_batches_by_last_run": {
+            "batch_size": summary.batch_size,
+            "batches": sum(summary.model_batches.values()),
+            "mean_images": round(summary.mean_model_batch, 3),
+            "by_images": {str(size): count for size, count in summary.model_batches.items()},
         },
         "wall_seconds": summary.wall_seconds,
         "images_per_second": summary.images_per_second,
