@@ -102,6 +102,9 @@ class InferenceConfig:
     batch_size: Optional[int] = None
     # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
     num_gpus: str = "auto"
+    # Detector actors sharing each GPU (num_gpus auto or 1): each takes 1/actors_per_gpu of a GPU and as much
+    # of its memory. 2 keeps a GPU busy while one actor's Python launches kernels (a host-bound model).
+    actors_per_gpu: int = 1
     # Detector actor-pool size: "auto" = one actor per GPU in the cluster; on CPU, as many as fit.
     num_actors: str = "auto"
     # Detector actors, at most, when num_actors is "auto": leaves part of a shared cluster to others.
@@ -293,6 +296,8 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"model.name={cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
     if cfg.inference.max_actors is not None and cfg.inference.max_actors < 1:
         raise ConfigError(f"inference.max_actors={cfg.inference.max_actors} must be at least 1")
+    if cfg.inference.actors_per_gpu < 1:
+        raise ConfigError(f"inference.actors_per_gpu={cfg.inference.actors_per_gpu} must be at least 1")
     if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
     if cfg.output.rows_per_file < 1:

@@ -30,8 +30,8 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from app.decode import model_input_size
-from app.device import (DeviceError, check_cuda_allocator, choose_device, configure_cuda_allocator, device_name,
-                        precision_problem, set_float32_math)
+from app.device import (DeviceError, cap_device_memory, check_cuda_allocator, choose_device, configure_cuda_allocator,
+                        device_name, precision_problem, set_float32_math)
 from app.model import ModelSpec, build_model
 from app.out_of_memory import SplittingRunner, is_out_of_memory, release_cuda_memory
 from app.precision import AUTOCAST_DTYPES, mixed_precision
@@ -171,10 +171,11 @@ class Detector:
     holds several model batches, which are grouped by shape. An actor that holds a GPU torch cannot drive
     raises DeviceError before any image, unless cpu_fallback lets it run on the CPU. tiling (tiling=tiles)
     says the images are tiles (and whole images) of tiled scenes: a model batch then holds images of one
-    shape only."""
+    shape only. device_share is the share of its GPU the actor holds (below 1 when actors share a GPU):
+    its GPU memory is capped at that share."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
-                 cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None):
+                 cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None, device_share: float = 1.0):
         # The actor's start-up, part by part, logged at debug level after the first model call.
         self.startup_seconds: Optional[dict[str, float]] = {"imports": IMPORT_SECONDS}
         started = time.perf_counter()
@@ -188,6 +189,7 @@ class Detector:
             problem = precision_problem(precision, torch.cuda.get_device_name(self.device), torch.cuda.get_device_capability(self.device))
             if problem:
                 raise DeviceError(problem)
+            cap_device_memory(self.device, device_share)
         set_float32_math(self.device)
         self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]

@@ -218,6 +218,19 @@ def set_float32_math(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def cap_device_memory(device: torch.device, share: float) -> None:
+    """Caps this process's GPU memory at `share` of the GPU's (inference.actors_per_gpu: each actor's
+    share), so that the actors sharing a GPU cannot starve each other: torch's allocator then raises its
+    out-of-memory error at the cap, which the detector meets by splitting the batch (app.out_of_memory).
+    Nothing to cap on the CPU or for a whole GPU."""
+    import torch
+
+    if device.type == "cuda" and share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
+        log.info("GPU memory of this actor capped at %.0f%% of the GPU's (a GPU shared by %s actors)", 100 * share,
+                 round(1 / share))
+
+
 def choose_device(cpu_fallback: bool = False) -> torch.device:
     """CUDA when Ray gave this actor a GPU; the CPU when it gave none. An actor given a GPU that torch
     cannot drive raises DeviceError, unless cpu_fallback allows the CPU (with a warning)."""

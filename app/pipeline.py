@@ -250,6 +250,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
             precision=cfg.inference.precision.value,
             batch_size=plan.batch_size,
             cpu_fallback=cfg.inference.cpu_fallback,
+            device_share=min(1.0, plan.resources.num_gpus) or 1.0,
             metric_tags=metric_tags,
             tiling=tiling,
         ),

@@ -127,8 +127,9 @@ def plan_resources(
     the images of one 2-thread actor). Decoding an image costs a few percent of a forward pass, so
     decode tasks reserve no CPU then and run one per actor at a time.
     With a GPU, an actor takes one CPU and decode tasks one CPU each, on the CPUs the actors leave.
-    A cluster that may grow to N GPUs gets N GPU actors from the start, even with no GPU up yet: the
-    actors still waiting for a GPU make the autoscaler add GPU nodes.
+    A cluster that may grow to N GPUs gets N GPU actors from the start (N x inference.actors_per_gpu, each
+    with that share of a GPU), even with no GPU up yet: the actors still waiting for a GPU make the
+    autoscaler add GPU nodes.
 
     A local Ray instance cannot grow, so asking it for GPUs it lacks is a config error; an attached
     cluster may still add GPU nodes through its autoscaler, so there it is only a warning.
@@ -141,10 +142,16 @@ def plan_resources(
     if not local:
         reachable_gpus = max(cluster_gpus, limits.max_gpus or 0.0)
         reachable_cpus = max(cluster_cpus, limits.max_cpus or 0.0)
+    sharing = inference.actors_per_gpu
     if inference.num_gpus == AUTO:
-        num_gpus = 1.0 if reachable_gpus > 0 else 0.0
+        num_gpus = 1.0 / sharing if reachable_gpus > 0 else 0.0
     else:
         num_gpus = parse_number("inference.num_gpus", inference.num_gpus, 0)
+        if sharing > 1:
+            if num_gpus != 1:
+                raise ConfigError(f"inference.actors_per_gpu={sharing} shares whole GPUs: it needs inference.num_gpus=auto "
+                                  f"or 1, not {inference.num_gpus}")
+            num_gpus = 1.0 / sharing
         if num_gpus > 0 and cluster_gpus == 0:
             message = f"inference.num_gpus={inference.num_gpus} but the Ray cluster has no GPUs"
             if local:
@@ -163,7 +170,8 @@ def plan_resources(
     if fixed_actors:
         num_actors = fixed_actors
     elif num_gpus:
-        num_actors = max(1, int(reachable_gpus // num_gpus))
+        # Rounded: a third of a GPU is not exactly a third in floating point.
+        num_actors = max(1, math.floor(reachable_gpus / num_gpus + 1e-6))
     else:
         fitting = sum(int(node.get("CPU", 0.0) // num_cpus) for node in nodes)
         num_actors = max(1, fitting, int((reachable_cpus - cluster_cpus) // num_cpus) + fitting)

@@ -2,7 +2,9 @@
 modules, tests that need privilege, and the exit. The helpers the tests share are in tests/support/."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -15,6 +17,22 @@ os.environ.pop("RAY_ADDRESS", None)
 # The modules with a test that uses local_ray: they run first, one after another, on one Ray instance.
 LOCAL_RAY_MODULES: set[str] = set()
 
+# The modules none of whose tests starts Ray, in this process or a subprocess. scripts/test.sh runs the
+# suite in two pytest-xdist workers: these modules' tests go to whichever is free, while every other test
+# belongs to one group ("ray") that one worker runs in order, so that the local_ray modules share one
+# instance and no two tests' Rays meet (a multi-node test's `ray stop --force` stops every Ray on the
+# machine). A module left off this list only runs in the group; one on it that starts Ray fails
+# (ray_free_modules_start_no_ray). (xdist's own `--dist loadgroup` cannot do this under pytest 9.2: it
+# marks a test's group in a node attribute that pytest no longer reads.)
+RAY_FREE_MODULES = {
+    "tests.test_alerts", "tests.test_chart", "tests.test_decode", "tests.test_device", "tests.test_dockerfile",
+    "tests.test_docs", "tests.test_evaluate", "tests.test_export", "tests.test_image_requirements",
+    "tests.test_imports", "tests.test_input_schemes", "tests.test_inventory_versions", "tests.test_k8s",
+    "tests.test_listing", "tests.test_model_build", "tests.test_network_policy", "tests.test_package",
+    "tests.test_pathset", "tests.test_plan", "tests.test_precision", "tests.test_release", "tests.test_report",
+    "tests.test_resume", "tests.test_storage", "tests.test_submit", "tests.test_verdicts", "tests.test_writer",
+}
+
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +42,9 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     LOCAL_RAY_MODULES.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
+    both = LOCAL_RAY_MODULES & RAY_FREE_MODULES
+    if both:
+        raise pytest.UsageError(f"tests/conftest.py: {', '.join(sorted(both))} use local_ray but are in RAY_FREE_MODULES")
     items.sort(key=lambda item: item.module.__name__ not in LOCAL_RAY_MODULES)
     for item in items:
         if "local_ray" in item.fixturenames:
@@ -33,6 +54,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.skip(reason="needs CUDA: torch cannot use a GPU here"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler by scope, with every test outside RAY_FREE_MODULES in one scope, "ray",
+    which one worker runs in collection order; each other test is a scope of its own."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0].removesuffix(".py").replace("/", ".")
+            return nodeid if module in RAY_FREE_MODULES else "ray"
+
+    return RayGroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,6 +96,22 @@ def ray_free_for_other_modules(request):
 
     if request.module.__name__ not in LOCAL_RAY_MODULES and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def ray_free_modules_start_no_ray(request, monkeypatch):
+    """A test of RAY_FREE_MODULES runs with RAY_TMPDIR on a folder of its own, where a Ray started by it
+    (in this process or in a subprocess, which inherits the variable) would keep its session: the test fails
+    if one is there afterwards, since it ran beside the group "ray"."""
+    if request.module.__name__ not in RAY_FREE_MODULES:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="ray-free-")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield
+    started = os.path.exists(os.path.join(folder, "ray"))
+    shutil.rmtree(folder, ignore_errors=True)
+    assert not started, f"{request.node.nodeid} started Ray: take {request.module.__name__} off RAY_FREE_MODULES (tests/conftest.py)"
 
 
 @pytest.fixture(scope="session")

@@ -220,12 +220,14 @@ OVERRIDE_PATTERN = "'^(\\+\\+|\\+|~)?[A-Za-z_][A-Za-z0-9_./@-]*(=.*)?$'"
          "- at '/job/cluster': value must be one of 'shared', 'dedicated'"),
         ("workerGroups.gpu.gpusPerWorker=0", "- workerGroups.gpu.gpusPerWorker: Must be greater than or equal to 1",
          "- at '/workerGroups/gpu/gpusPerWorker': minimum: got 0, want 1"),
+        ("job.actorsPerGpu=0", "- job.actorsPerGpu: Must be greater than or equal to 1",
+         "- at '/job/actorsPerGpu': minimum: got 0, want 1"),
         ("securityContext.runAsUser=0", "- securityContext.runAsUser: Must be greater than or equal to 1",
          "- at '/securityContext/runAsUser': minimum: got 0, want 1"),
         ("job.overrides[0]=not an override", "- job.overrides.0: Does not match pattern " + OVERRIDE_PATTERN,
          "- at '/job/overrides/0': 'not an override' does not match pattern " + OVERRIDE_PATTERN.replace("\\", "\\\\")),
     ],
-    ids=["run-name", "cluster", "gpus-per-worker", "run-as-user", "overrides"],
+    ids=["run-name", "cluster", "gpus-per-worker", "actors-per-gpu", "run-as-user", "overrides"],
 )
 def test_schema_rejects_bad_values_naming_the_key(helm, item, helm3_line, helm4_line):
     message = helm_error(helm, "--set", item)
@@ -1287,6 +1289,17 @@ def test_entrypoint_shell_quotes_each_override(helm, tmp_path):
     assert job["spec"]["entrypoint"] == (
         "python -m app 'data.path=s3://b/it'\\''s here' 'output.path=s3://b/$HOME/*' 'model.score_threshold=0.5'"
     )
+
+
+def test_actors_per_gpu_reach_the_app_and_each_needs_a_cpu_of_its_gpus_pod(helm, tmp_path):
+    """job.actorsPerGpu becomes inference.actors_per_gpu (an override of the user's wins); a GPU pod with
+    fewer CPUs than actors fails the render (a value below 1: test_schema_rejects_bad_values_naming_the_key)."""
+    assert entrypoint_overrides(only(render(helm, "default", ("job.actorsPerGpu=2",)), "RayJob")) == [
+        "experiment=voc_animals", "output.path=s3://my-bucket/ray-detect/voc_animals", "inference.actors_per_gpu=2"]
+    job = only(render_with(helm, tmp_path, {"job": {"actorsPerGpu": 2, "overrides": ["inference.actors_per_gpu=3"]}}), "RayJob")
+    assert entrypoint_overrides(job) == ["inference.actors_per_gpu=3"]
+    assert template_failure(helm_error(helm, "--set", "job.actorsPerGpu=3", "--set", "workerGroups.gpu.gpusPerWorker=2")) == (
+        "job.actorsPerGpu=3 needs 6 CPUs in each pod of workerGroups.gpu (a CPU per detector actor, 2 GPUs), which has 4")
 
 
 @pytest.mark.parametrize("name", ["default", "gpu-prod"])

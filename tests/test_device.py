@@ -222,3 +222,34 @@ def test_fp32_on_a_gpu_is_ieee_float32_without_tf32(tf32_flags):
     set_float32_math(torch.device("cuda"))
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     assert (torch.get_float32_matmul_precision(), FLOAT32_MATH) == ("highest", "ieee")
+
+
+class ModelLoaded(Exception):
+    """Stops a detector on a stand-in GPU where it would load its model (nothing can run there)."""
+
+
+@pytest.mark.parametrize("share, capped", [(0.5, [0.5]), (1 / 3, [1 / 3]), (1.0, [])])
+def test_an_actor_sharing_its_gpu_caps_its_gpu_memory_at_its_share_before_loading_its_model(stand_in_gpu, monkeypatch,
+                                                                                             share, capped):
+    """inference.actors_per_gpu=N: the pipeline passes each actor 1/N as device_share; the cap is torch's
+    per-process memory fraction, set before the model takes any memory."""
+    stand_in_gpu["capability"] = (9, 0)
+    monkeypatch.setattr(device, "check_cuda_allocator", lambda expected: True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, where: calls.append((fraction, where)))
+
+    def load_model(self, spec):
+        calls.append("model")
+        raise ModelLoaded
+
+    monkeypatch.setattr(Detector, "load_model", load_model)
+    with pytest.raises(ModelLoaded):
+        Detector(SPEC, num_threads=1, device_share=share)
+    assert calls == [*((fraction, torch.device("cuda")) for fraction in capped), "model"]
+
+
+def test_a_cpu_actor_caps_nothing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *args: calls.append(args))
+    device.cap_device_memory(torch.device("cpu"), 0.5)
+    assert calls == []

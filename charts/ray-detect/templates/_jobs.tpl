@@ -13,7 +13,8 @@ quote inside as '\'' (close, escaped quote, reopen).
 {{/*
 "python -m app 'override' ...": the RayJob's entrypoint. With the PodMonitor on, the chart adds
 metrics.run=<job.runName> (the run label of the app's metrics) unless an override sets it; for a schedule,
-output.skip_if_in_use=true: a scheduled run that finds the previous one still going ends at once, successfully.
+output.skip_if_in_use=true: a scheduled run that finds the previous one still going ends at once, successfully;
+with job.actorsPerGpu other than 1, inference.actors_per_gpu=<it>, unless an override sets it.
 */}}
 {{- define "ray-detect.entrypoint" -}}
 {{- $overrides := .Values.job.overrides }}
@@ -32,6 +33,10 @@ naming the key (the schema makes every override key=value, or a key alone) but n
 {{- end }}
 {{- if and .Values.job.schedule.cron (not (has "output.skip_if_in_use" $set)) }}
 {{- $overrides = append $overrides "output.skip_if_in_use=true" }}
+{{- end }}
+{{- $actorsPerGpu := include "ray-detect.actorsPerGpu" . | atoi }}
+{{- if and (ne $actorsPerGpu 1) (not (has "inference.actors_per_gpu" $set)) }}
+{{- $overrides = append $overrides (printf "inference.actors_per_gpu=%d" $actorsPerGpu) }}
 {{- end }}
 {{- $words := list "python" "-m" "app" }}
 {{- range $overrides }}
@@ -148,4 +153,25 @@ submitterPodTemplate:
           {{- include "ray-detect.baseVolumeMounts" . | nindent 10 }}
     volumes:
       {{- include "ray-detect.baseVolumes" (dict "disk" $disk "shmSize" $job.submitter.shmSize) | nindent 6 }}
+{{- end }}
+
+{{/*
+job.actorsPerGpu as a number, checked: a whole number, at least 1, and each enabled group with GPUs has a CPU
+per actor (an actor takes one; more are left to decode), so that no actor waits for a CPU that never comes.
+*/}}
+{{- define "ray-detect.actorsPerGpu" -}}
+{{- $actors := include "ray-detect.wholeNumber" (dict "key" "job.actorsPerGpu" "value" .Values.job.actorsPerGpu) | atoi }}
+{{- if lt $actors 1 }}
+{{- fail (printf "job.actorsPerGpu must be at least 1, not %d" $actors) }}
+{{- end }}
+{{- range $name, $group := .Values.workerGroups }}
+{{- if $group.enabled }}
+{{- $gpus := include "ray-detect.gpusPerPod" (dict "name" (printf "workerGroups.%s" $name) "group" $group) | atoi }}
+{{- $cpus := include "ray-detect.cpusPerPod" (dict "name" (printf "workerGroups.%s" $name) "group" $group) }}
+{{- if and (gt $gpus 0) $cpus (lt (atoi $cpus) (mul $gpus $actors)) }}
+{{- fail (printf "job.actorsPerGpu=%d needs %d CPUs in each pod of workerGroups.%s (a CPU per detector actor, %d GPUs), which has %s" $actors (mul $gpus $actors) $name $gpus $cpus) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $actors }}
 {{- end }}
