@@ -15,7 +15,7 @@ import ray
 
 from app.config import ConfigError
 from app.device import DEVICE_ERROR_MARKER
-from app.metrics import BATCH_IMAGES_COLUMN, MEASUREMENT_COLUMNS, WORKER_COLUMN, RunMetrics
+from app.metrics import BATCH_IMAGES_COLUMN, MEASUREMENT_COLUMNS, MODEL_SECONDS_COLUMN, WORKER_COLUMN, RunMetrics
 from app.model import WEIGHTS_ERROR_MARKER
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal
@@ -79,7 +79,7 @@ def stop_on_sigterm():
 class Executed:
     """What the execution of a run did: the images it processed, the detector actors that made rows (by
     WORKER_COLUMN), the GPUs each held, the model batches they ran (by their images, BATCH_IMAGES_COLUMN)
-    against the planned batch size, the tally of streamed inputs, the most actors at work at once and
+    against the planned batch size and their seconds, the tally of streamed inputs, the most actors at work at once and
     each stage's seconds of work per worker (see Summary)."""
 
     processed: int = 0
@@ -92,6 +92,7 @@ class Executed:
     gpus_per_actor: float = 0.0
     batch_size: int = 0
     model_batches: Counter = field(default_factory=Counter)
+    model_seconds: float = 0.0  # the actors' seconds in model calls (MODEL_SECONDS_COLUMN summed)
     tally: Optional[ray.actor.ActorHandle] = None
     peak_actors: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -124,6 +125,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
             lease.check()
             metrics.record(rows)
             executed.model_batches.update(pc.list_flatten(rows.column(BATCH_IMAGES_COLUMN)).drop_null().to_pylist())
+            executed.model_seconds += pc.sum(rows.column(MODEL_SECONDS_COLUMN)).as_py() or 0.0
             committed(verdicts.add(rows.drop_columns(list(MEASUREMENT_COLUMNS))), workers)
         committed(verdicts.finish(), set())
         verdicts.close()

@@ -121,6 +121,9 @@ class InferenceConfig:
     cpu_fallback: bool = False
     # Resize to the model's input size in the CPU stage, so only uint8 pixels at model size cross stages.
     resize_on_cpu: bool = True
+    # Price of one GPU-hour (any currency): the summary and the manifest then give the cost of a million
+    # images (the GPUs the detector actors held, for the run's wall time). null: no cost figure.
+    gpu_hour_price: Optional[float] = None
 
 
 class MergeMethod(str, Enum):
@@ -298,6 +301,8 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"inference.max_actors={cfg.inference.max_actors} must be at least 1")
     if cfg.inference.actors_per_gpu < 1:
         raise ConfigError(f"inference.actors_per_gpu={cfg.inference.actors_per_gpu} must be at least 1")
+    if cfg.inference.gpu_hour_price is not None and not cfg.inference.gpu_hour_price >= 0:
+        raise ConfigError(f"inference.gpu_hour_price={cfg.inference.gpu_hour_price} must be at least 0")
     if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
     if cfg.output.rows_per_file < 1:

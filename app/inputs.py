@@ -64,19 +64,28 @@ def open_inputs(data: DataConfig) -> Inputs:
     return Inputs(listed.tree.location, listed=listed)
 
 
-def streamed_todo(data: DataConfig, inputs: Inputs, output: storage.Location, tasks: int,
-                  block_rows: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle, resume.OutputScan]:
+def streamed_todo(data: DataConfig, inputs: Inputs, index: ray.ObjectRef, tasks: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The inputs without a committed row, streamed: listed (or read from the manifest) by tasks, those
-    with a row dropped by tasks too (app.output.resume), cut into blocks of `block_rows` by Ray Data's
-    streaming repartition (which takes a CPU: app.plan left one). Also the tally of all inputs, and the
-    counts of the rows output.path holds already."""
-    committed, index = resume.scan_output(output, in_ray=True)
+    with a row in `index` (app.output.resume.scan_output's) dropped by tasks too. Also the tally of every
+    input seen."""
     tally = resume.InputTally.options(scheduling_strategy=on_driver_node()).remote()
     todo = inputs.stream(data, tasks).map_batches(
         resume.drop_done, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(index=index, uri_prefix=inputs.source.uri_prefix, tally=tally),
     )
-    return todo.repartition(target_num_rows_per_block=block_rows), tally, committed
+    return todo, tally
+
+
+def streamed_all_done(data: DataConfig, inputs: Inputs, index: ray.ObjectRef, tasks: int) -> Optional[ray.actor.ActorHandle]:
+    """Whether every streamed input has a committed row in `index`, found before any detector actor (and
+    its GPU) is asked for: the inputs are streamed as streamed_todo streams them until the first one
+    without a row, and None is returned then (the run streams them again, through its stages). When the
+    stream ends without one, returns its tally (every input seen, and the paths listed twice)."""
+    todo, tally = streamed_todo(data, inputs, index, tasks)
+    for block in todo.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if block.num_rows:
+            return None
+    return tally
 
 
 def listed_todo(inputs: Inputs, output: storage.Location) -> tuple[pa.Table, resume.OutputScan]:

@@ -20,7 +20,7 @@ from app.commit import Executed, InputsLeft, commit, stop_on_sigterm
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config, image_formats
 from app.decode import DecodeOptions, decode_images
 from app.detector_stage import DetectorStage
-from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_todo
+from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_all_done, streamed_todo
 from app.metrics import RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume, rewrite
@@ -110,25 +110,36 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
         writer = ResultWriter(output, lease.generation, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
         if cfg.data.retry_errors:
             remove_errors_to_retry(cfg, output, writer)
-        todo, before = listed_todo(inputs, output) if inputs.table is not None else (None, None)
-        if todo is not None and not todo.num_rows and dataset.read_manifest(output) is not None:
-            log.info("every input already has its row in %s: nothing to do", cfg.output.path)
-            return check_errors(cfg, summarize(output, inputs.table.num_rows, Executed(), started, spec, writer))
-        if todo is None:
-            log.info("listing %s in Ray tasks as the run goes", cfg.data.manifest or cfg.data.path)
-        else:
-            log.info("%d of %d images to process from %s", todo.num_rows, inputs.table.num_rows, cfg.data.path)
         executed = Executed()
-        if todo is None or todo.num_rows:
-            local = connect_ray(cfg)
-            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-            plan = plan_run(cfg, nodes, local, ClusterLimits.from_environment(), None if todo is None else todo.num_rows)
+        index = None  # the committed rows' paths, for the stages to drop those of streamed inputs
+        if inputs.table is not None:
+            todo, before = listed_todo(inputs, output)
+            log.info("%d of %d images to process from %s", todo.num_rows, inputs.table.num_rows, cfg.data.path)
+            work_left = todo.num_rows > 0
+        else:
+            todo = None
+            plan = cluster_plan(cfg, None)
+            log.info("listing %s in Ray tasks as the run goes", cfg.data.manifest or cfg.data.path)
+            before, index = resume.scan_output(output, in_ray=True)
+            # Before the detector stage asks for its GPUs: an incremental run that finds nothing new must not
+            # make the autoscaler add a GPU node.
+            executed.tally = streamed_all_done(cfg.data, inputs, index, plan.input_tasks)
+            work_left = executed.tally is None
+        if not work_left and executed.tally is not None:
+            executed.duplicates = ray.get(executed.tally.duplicates.remote())
+        if not work_left and dataset.read_manifest(output) is not None:
+            log.info("every input already has its row in %s: nothing to do", cfg.output.path)
+            total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
+            return check_errors(cfg, summarize(output, total, executed, started, spec, writer, cfg.inference.gpu_hour_price))
+        if work_left:
+            if todo is not None:
+                plan = cluster_plan(cfg, todo.num_rows)
             left_before = read_transient(output)
-            executed = execute(cfg, spec, inputs, todo, before, plan, lease, writer, detector, on_rows, left_before)
+            executed = execute(cfg, spec, inputs, todo, before, index, plan, lease, writer, detector, on_rows, left_before)
         total = inputs.table.num_rows if inputs.table is not None else executed.inputs_seen()
         if not total:
             raise no_images(cfg.data)
-        summary = summarize(output, total, executed, started, spec, writer)
+        summary = summarize(output, total, executed, started, spec, writer, cfg.inference.gpu_hour_price)
         if summary.transient:
             raise InputsLeft(
                 f"{summary.transient} of {summary.inputs} inputs were not read: storage kept failing for reasons that "
@@ -136,6 +147,13 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
                 f"{output.uri(output.join(dataset.TRANSIENT_NAME))}); rerun to read them", summary)
         dataset.write_manifest(cfg, spec, summary, output)
         return check_errors(cfg, summary)
+
+
+def cluster_plan(cfg: AppConfig, listed_files: Optional[int]) -> Plan:
+    """The run's plan (app.plan) for the cluster it connects to (or starts); `listed_files` as plan_run takes it."""
+    local = connect_ray(cfg)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return plan_run(cfg, nodes, local, ClusterLimits.from_environment(), listed_files)
 
 
 def remove_errors_to_retry(cfg: AppConfig, output: storage.Location, writer: ResultWriter) -> None:
@@ -150,14 +168,13 @@ def remove_errors_to_retry(cfg: AppConfig, output: storage.Location, writer: Res
              ", ".join(cfg.data.retry_errors))
 
 
-def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table],
-            before: Optional[resume.OutputScan], plan: Plan, lease: OutputLease, writer: ResultWriter,
+def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: resume.OutputScan,
+            index: Optional[ray.ObjectRef], plan: Plan, lease: OutputLease, writer: ResultWriter,
             detector: Optional[type], on_rows: Optional[Callable[[pa.Table], None]], left_before: pa.Table) -> Executed:
     """Run the stages on the cluster and commit their rows through `writer`, reporting progress as they
-    come. `todo` and `before` are the listed inputs to process and the counts of rows committed before
-    (None when the inputs are streamed: the stages find both); `left_before` the inputs earlier runs left
-    unread (app.output.verdicts)."""
-    output = writer.output
+    come. `todo` is the listed inputs to process (None when the inputs are streamed: the stages drop those
+    with a row in `index`), `before` the counts of rows committed before; `left_before` the inputs earlier
+    runs left unread (app.output.verdicts)."""
     console.tame_ray_data(cfg.progress.ray_data)
     log.info("detector stage: %s, batch size %d", plan.resources, plan.batch_size)
     warn_random_weights(spec)
@@ -165,7 +182,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     budget = RetryBudget.options(name=f"ray-detect-retry-budget-{lease.owner}", scheduling_strategy=on_driver_node(),
                                  max_restarts=-1, max_task_retries=-1).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
-    detected, tally, before = stages(cfg, spec, inputs, todo, before, plan, output, detector, budget, metric_tags)
+    detected, tally = stages(cfg, spec, inputs, todo, index, plan, detector, budget, metric_tags)
     progress = Progress(
         cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
         done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
@@ -202,19 +219,21 @@ def warn_random_weights(spec: ModelSpec) -> None:
         log.warning("!" * 80)
 
 
-def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], before: Optional[resume.OutputScan],
-           plan: Plan, output: storage.Location, detector: Optional[type], budget: ray.actor.ActorHandle,
-           metric_tags: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle], resume.OutputScan]:
-    """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed with a tally
-    of every input seen) → read and decode (CPU tasks, retrying reads under the run's retry `budget`) →
-    detect (actor pool, its actors alive in the metrics with `metric_tags`). Also the tally, and the
-    counts of the rows earlier runs committed (rows and errors)."""
+def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], index: Optional[ray.ObjectRef],
+           plan: Plan, detector: Optional[type], budget: ray.actor.ActorHandle,
+           metric_tags: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle]]:
+    """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed without those
+    that have a row in `index`, with a tally of every input seen) → read and decode (CPU tasks, retrying
+    reads under the run's retry `budget`) → detect (actor pool, its actors alive in the metrics with
+    `metric_tags`). Also the tally."""
     tally = None
     if todo is not None:
         # from_blocks takes each block's size from the table here; from_arrow would run a task per block for it.
         images = ray.data.from_blocks([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
     else:
-        images, tally, before = streamed_todo(cfg.data, inputs, output, plan.input_tasks, plan.block_rows)
+        images, tally = streamed_todo(cfg.data, inputs, index, plan.input_tasks)
+        # Cut into blocks by Ray Data's streaming repartition, which takes a CPU (app.plan left one).
+        images = images.repartition(target_num_rows_per_block=plan.block_rows)
     resize = cfg.inference.resize_on_cpu
     tiling = TilingOptions.from_config(cfg.tiling)
     decoded = images.map_batches(
@@ -258,7 +277,7 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
         num_gpus=plan.resources.num_gpus,
         num_cpus=plan.resources.num_cpus_per_actor,
     )
-    return detected, tally, before
+    return detected, tally
 
 
 def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float) -> dict[str, float]:
@@ -282,10 +301,10 @@ def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float) -
 
 
 def summarize(output: storage.Location, inputs: int, executed: Executed, started: float, spec: ModelSpec,
-              writer: ResultWriter) -> Summary:
+              writer: ResultWriter, gpu_hour_price: Optional[float] = None) -> Summary:
     """Count the committed rows, checking each input has exactly one, and what this run's detector
-    actors were. Several rows of one path (written by an older version, or left by a rewrite that
-    crashed midway) are repaired through `writer` first."""
+    actors were and, with `gpu_hour_price`, cost. Several rows of one path (written by an older version,
+    or left by a rewrite that crashed midway) are repaired through `writer` first."""
     scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
     if scan.rows != scan.unique_paths:
         removed = rewrite.repair_duplicates(output, writer)
@@ -323,7 +342,13 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
         stage_seconds=executed.stage_seconds,
         batch_size=executed.batch_size,
         model_batches=dict(sorted(executed.model_batches.items())),
+        model_seconds=round(executed.model_seconds, 3),
     )
+    gpu_seconds = summary.detector_gpus * wall
+    if gpu_seconds and processed:
+        summary.images_per_gpu_second = round(processed / gpu_seconds, 3)
+        if gpu_hour_price is not None:
+            summary.cost_per_million_images = round(gpu_hour_price * gpu_seconds / 3600 / processed * 1e6, 4)
     on_cpu = summary.detector_devices.get("cpu", 0)
     if executed.gpus_per_actor and on_cpu:
         summary.warnings.append(

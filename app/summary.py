@@ -42,6 +42,12 @@ class Summary:
     # shape batching leaves a batch short of batch_size when a call holds too few images of its shape.
     batch_size: int = 0
     model_batches: dict[int, int] = field(default_factory=dict)
+    # Seconds the detector actors spent in model calls (on a GPU: its work, and the host's launching it).
+    model_seconds: float = 0.0
+    # Images per second per GPU the detector actors held, and, with inference.gpu_hour_price, what a
+    # million images cost: those GPUs for the run's wall time. None without GPUs (or a price).
+    images_per_gpu_second: Optional[float] = None
+    cost_per_million_images: Optional[float] = None
 
     @property
     def slowest_stage(self) -> Optional[str]:
@@ -55,6 +61,27 @@ class Summary:
         sizes = ", ".join(f"{size} x{count}" for size, count in sorted(self.model_batches.items(), reverse=True))
         return (f"model batches: {sum(self.model_batches.values())}, {self.mean_model_batch:.2f} images on average of "
                 f"batch size {self.batch_size} ({self.mean_model_batch / self.batch_size:.0%}); by images: {sizes}")
+
+    @property
+    def model_busy_share(self) -> Optional[float]:
+        """The share of the detector actors' time in the run (its wall time, each actor's) spent in model
+        calls; None when no actor made rows. Well below 1 on a GPU: the actors wait for their inputs (more
+        decode CPUs), or for their GPU's other actors."""
+        if not self.detector_actors or not self.wall_seconds:
+            return None
+        return min(1.0, self.model_seconds / (self.wall_seconds * self.detector_actors))
+
+    def cost_line(self) -> Optional[str]:
+        """The detector's use of its devices in a line of the printed summary; None when no actor made rows."""
+        share = self.model_busy_share
+        if share is None:
+            return None
+        parts = [f"model calls took {share:.0%} of the detector actors' time"]
+        if self.images_per_gpu_second is not None:
+            parts.append(f"{self.images_per_gpu_second:.2f} images/s per GPU")
+        if self.cost_per_million_images is not None:
+            parts.append(f"{self.cost_per_million_images:.2f} per million images (inference.gpu_hour_price)")
+        return "; ".join(parts)
 
     @property
     def mean_model_batch(self) -> float:

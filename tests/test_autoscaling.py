@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
@@ -164,3 +166,24 @@ def test_without_the_hint_auto_stays_on_the_cpus_that_are_up(autoscaling_cluster
     head = next(node.node_id for node in list_nodes(limit=100) if node.is_head_node)
     assert set(detector_actor_nodes(earlier)) == {head}
     assert alive_gpu_nodes() == []
+
+
+def test_a_run_that_finds_nothing_new_asks_for_no_gpu(autoscaling_cluster, tmp_path, monkeypatch):
+    """A scheduled run that finds nothing new, on inputs streamed by Ray tasks (a manifest): it ends before
+    its detector stage, so no actor asks the autoscaler for one of the GPUs RAY_DETECT_MAX_GPUS says it may
+    add, and no node is added. (The first run detects on CPUs: inference.num_gpus is not one of the
+    settings a resume compares.)"""
+    images = write_images(tmp_path / "in", 8)
+    manifest = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"path": [str(path) for path in images]}), manifest)
+    overrides = [*FAST_MODEL, "ray.address=auto", f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"]
+    monkeypatch.delenv("RAY_DETECT_MAX_GPUS", raising=False)
+    assert run(compose_config([*overrides, "inference.num_gpus=0"])).ok == 8
+
+    monkeypatch.setenv("RAY_DETECT_MAX_GPUS", str(ACTORS))
+    earlier = {a.actor_id for a in list_actors(limit=1000)}
+    nodes = {node.node_id for node in list_nodes(limit=100)}
+    again = run(compose_config(overrides))
+    assert (again.inputs, again.processed, again.detector_actors) == (8, 0, 0)
+    assert detector_actor_nodes(earlier) == []
+    assert {node.node_id for node in list_nodes(limit=100)} == nodes

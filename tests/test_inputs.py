@@ -13,6 +13,7 @@ import pytest
 
 from app import inventory, listing
 from app.config import ConfigError
+from app.detector import Detector
 from app.inputs import open_inputs
 from app.output.dataset import MANIFEST_NAME
 from app.pipeline import run
@@ -103,17 +104,31 @@ def write_gzipped_csv_without_header(tmp_path, paths):
 
 def test_a_manifest_gives_one_row_per_listed_image(local_ray, tmp_path):
     """The whole pipeline on a manifest (a gzipped CSV without a header; the Parquet manifest runs it in
-    the resume test below, and every format gives the same input rows: the test after this one)."""
+    the resume test below, and every format gives the same input rows: the test after this one); run again,
+    it finds every input with its row before any detector actor is built."""
     paths = manifest_inputs(tmp_path)
     manifest = write_gzipped_csv_without_header(tmp_path, paths)
     overrides = [*FAST_MODEL, f"data.manifest={manifest}", "data.path=/nonexistent", f"output.path={tmp_path / 'out'}"]
-    summary = run(compose_config(overrides))
+    built = tmp_path / "detectors-built"
+
+    class CountedDetector(Detector):
+        """The app's detector, leaving a line in `built` (on this machine's disk) each time an actor builds it."""
+
+        def __init__(self, *args, **kwargs):
+            with open(built, "a") as file:
+                file.write("built\n")
+            super().__init__(*args, **kwargs)
+
+    summary = run(compose_config(overrides), detector=CountedDetector)
     rows = rows_of(tmp_path / "out")
     assert {path: row["error_kind"] for path, row in rows.items()} == {**dict.fromkeys(paths[:3]), paths[3]: "unreadable"}
     assert [rows[path]["num_detections"] for path in paths[:4]] == [3, 3, 3, 0]  # the text file has no row
     assert (summary.inputs, summary.processed, summary.ok) == (4, 4, 3)
-    again = run(compose_config(overrides))
-    assert (again.inputs, again.processed) == (4, 0)
+    assert built.read_text().splitlines() == ["built"] * summary.detector_actors
+    # Nothing left: the streamed inputs are read up to the end before the detector stage, which never starts.
+    built.unlink()
+    again = run(compose_config(overrides), detector=CountedDetector)
+    assert (again.inputs, again.processed, again.detector_actors, built.exists()) == (4, 0, 0, False)
 
 
 @pytest.mark.parametrize("write", [write_parquet, write_csv_with_header, write_gzipped_csv_without_header])

@@ -42,7 +42,7 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     earlier = {a.actor_id for a in list_actors(limit=1000)}
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     args = [*FAST_MODEL, f"ray.address={cluster.address}", "inference.num_actors=auto", "inference.cpu_fallback=true",
-            f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+            "inference.gpu_hour_price=3.0", f"data.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
     result = subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     device = f"cuda:{torch.cuda.get_device_name()}" if CUDA_WORKS else "cpu"
@@ -56,6 +56,17 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     assert manifest["detector_by_last_run"] == {"actors": 1, "nodes": 1, "gpus": 1.0, "devices": {device: 1}}
     assert manifest["warnings"] == ([] if CUDA_WORKS else [fallback])
     assert manifest["versions"]["torch_cuda"] == torch.version.cuda
+    # One GPU held for the run's wall time, at 3.0 a GPU-hour, over 40 images (the wall time is rounded in the
+    # manifest, the cost is not).
+    cost = manifest["cost_by_last_run"]
+    wall = manifest["wall_seconds"]
+    assert cost["gpu_hour_price"] == 3.0 and 0 < cost["model_seconds"] <= wall
+    assert cost["model_busy_share"] == pytest.approx(cost["model_seconds"] / wall, abs=1e-3)
+    assert cost["images_per_gpu_second"] == pytest.approx(40 / wall, rel=1e-3)
+    assert cost["per_million_images"] == pytest.approx(3.0 * wall / 3600 / 40 * 1e6, rel=1e-3)
+    assert (f"ray-detect: model calls took {cost['model_busy_share']:.0%} of the detector actors' time; "
+            f"{cost['images_per_gpu_second']:.2f} images/s per GPU; {cost['per_million_images']:.2f} per million images "
+            f"(inference.gpu_hour_price)\n") in result.stdout
 
     actors = [a for a in list_actors(limit=1000) if "Detector" in a.class_name and a.actor_id not in earlier]
     assert len(actors) == 1  # auto: one actor per GPU in the cluster

@@ -19,7 +19,7 @@ from app import pipeline
 from app.bench.harness import in_fresh_process, model_overrides, peak_rss, reset_peak_rss
 from app.config import compose_config
 from app.inputs import open_inputs, streamed_todo
-from app.output import dataset
+from app.output import dataset, resume
 from app.output.dataset import SETTINGS_NAME, write_json
 from app.plan import STREAMED_BLOCK_FILES
 from app.result_schema import RESULT_SCHEMA
@@ -105,7 +105,9 @@ def measure_input_stage(overrides: list[str]) -> dict:
     assert inputs.table is None, "the inputs are small enough for the driver: no input stage to measure"
     output = dataset.locate(cfg.output)
     output.filesystem.create_dir(output.path, recursive=True)
-    todo, tally, _ = streamed_todo(cfg.data, inputs, output, tasks=max(1, (os.cpu_count() or 2) - 1), block_rows=STREAMED_BLOCK_FILES)
+    _, index = resume.scan_output(output, in_ray=True)
+    todo, tally = streamed_todo(cfg.data, inputs, index, tasks=max(1, (os.cpu_count() or 2) - 1))
+    todo = todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES)  # as the run's stages cut it
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
         first = first or time.monotonic() - started

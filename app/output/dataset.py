@@ -362,5 +362,13 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
         },
         "wall_seconds": summary.wall_seconds,
         "images_per_second": summary.images_per_second,
+        # The detector's use of its devices, and with inference.gpu_hour_price its cost (app.summary.Summary).
+        "cost_by_last_run": {
+            "model_seconds": summary.model_seconds,
+            "model_busy_share": None if summary.model_busy_share is None else round(summary.model_busy_share, 4),
+            "images_per_gpu_second": summary.images_per_gpu_second,
+            "gpu_hour_price": cfg.inference.gpu_hour_price,
+            "per_million_images": summary.cost_per_million_images,
+        },
     }
     write_json(output.filesystem, output.join(MANIFEST_NAME), document)

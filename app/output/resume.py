@@ -138,11 +138,14 @@ _merge_task = ray.remote(num_cpus=1, num_returns=2)(merge_scans)
 
 def scan_output(output: Location, in_ray: bool):
     """Scan every committed file: in Ray tasks when in_ray (the digests then stay in the object store:
-    the second value is a reference to them), else in this process (small outputs)."""
+    the second value is a reference to them), else in this process (small outputs). One task's files
+    (FILES_PER_SCAN_TASK) are scanned in this process either way: a task would wait for a CPU, which at the
+    end of a run the detector actors may still hold for a second."""
     files = committed_files(output)
     chunks = [files[i : i + FILES_PER_SCAN_TASK] for i in range(0, len(files), FILES_PER_SCAN_TASK)]
-    if not in_ray:
-        return merge_scans(*(scan_files(output, chunk) for chunk in chunks))
+    if not in_ray or len(chunks) <= 1:
+        scan, index = merge_scans(*(scan_files(output, chunk) for chunk in chunks))
+        return scan, ray.put(index) if in_ray else index
     scan, index = _merge_task.remote(*[_scan_task.remote(output, chunk) for chunk in chunks])
     ray.wait([index], fetch_local=False)  # built before the pipeline's tasks and actors take the CPUs
     return ray.get(scan), index
