@@ -17,20 +17,19 @@ os.environ.pop("RAY_ADDRESS", None)
 # The modules with a test that uses local_ray: they run first, one after another, on one Ray instance.
 LOCAL_RAY_MODULES: set[str] = set()
 
-# The modules none of whose tests starts Ray, in this process or a subprocess. scripts/test.sh runs the
-# suite in two pytest-xdist workers: these modules' tests go to whichever is free, while every other test
+# The test files (modules) none of whose tests starts Ray, in this process or a subprocess. scripts/test.sh
+# runs the suite in two pytest-xdist workers: these files' tests go to whichever is free, while every other test
 # belongs to one group ("ray") that one worker runs in order, so that the local_ray modules share one
 # instance and no two tests' Rays meet (a multi-node test's `ray stop --force` stops every Ray on the
-# machine). A module left off this list only runs in the group; one on it that starts Ray fails
-# (ray_free_modules_start_no_ray). (xdist's own `--dist loadgroup` cannot do this under pytest 9.2: it
+# machine). A file left off this list only runs in the group; one on it that starts Ray fails
+# (ray_free_files_start_no_ray). (xdist's own `--dist loadgroup` cannot do this under pytest 9.2: it
 # marks a test's group in a node attribute that pytest no longer reads.)
-RAY_FREE_MODULES = {
-    "tests.test_alerts", "tests.test_chart", "tests.test_decode", "tests.test_device", "tests.test_dockerfile",
-    "tests.test_docs", "tests.test_evaluate", "tests.test_export", "tests.test_image_requirements",
-    "tests.test_imports", "tests.test_input_schemes", "tests.test_inventory_versions", "tests.test_k8s",
-    "tests.test_listing", "tests.test_model_build", "tests.test_network_policy", "tests.test_package",
-    "tests.test_pathset", "tests.test_plan", "tests.test_precision", "tests.test_release", "tests.test_report",
-    "tests.test_resume", "tests.test_storage", "tests.test_submit", "tests.test_verdicts", "tests.test_writer",
+RAY_FREE_FILES = {
+    "test_alerts.py", "test_chart.py", "test_decode.py", "test_device.py", "test_dockerfile.py", "test_docs.py",
+    "test_evaluate.py", "test_export.py", "test_image_requirements.py", "test_imports.py", "test_input_schemes.py",
+    "test_inventory_versions.py", "test_k8s.py", "test_listing.py", "test_model_build.py", "test_network_policy.py",
+    "test_package.py", "test_pathset.py", "test_plan.py", "test_precision.py", "test_release.py", "test_report.py",
+    "test_resume.py", "test_storage.py", "test_submit.py", "test_verdicts.py", "test_writer.py",
 }
 
 
@@ -42,9 +41,9 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     LOCAL_RAY_MODULES.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
-    both = LOCAL_RAY_MODULES & RAY_FREE_MODULES
+    both = sorted({item.path.name for item in items if "local_ray" in item.fixturenames} & RAY_FREE_FILES)
     if both:
-        raise pytest.UsageError(f"tests/conftest.py: {', '.join(sorted(both))} use local_ray but are in RAY_FREE_MODULES")
+        raise pytest.UsageError(f"tests/conftest.py: {', '.join(both)} use local_ray but are in RAY_FREE_FILES")
     items.sort(key=lambda item: item.module.__name__ not in LOCAL_RAY_MODULES)
     for item in items:
         if "local_ray" in item.fixturenames:
@@ -58,14 +57,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduler by scope, with every test outside RAY_FREE_MODULES in one scope, "ray",
+    """pytest-xdist's scheduler by scope, with every test outside RAY_FREE_FILES in one scope, "ray",
     which one worker runs in collection order; each other test is a scope of its own."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0].removesuffix(".py").replace("/", ".")
-            return nodeid if module in RAY_FREE_MODULES else "ray"
+            return nodeid if os.path.basename(nodeid.split("::")[0]) in RAY_FREE_FILES else "ray"
 
     return RayGroupScheduling(config, log)
 
@@ -99,11 +97,11 @@ def ray_free_for_other_modules(request):
 
 
 @pytest.fixture(autouse=True)
-def ray_free_modules_start_no_ray(request, monkeypatch):
-    """A test of RAY_FREE_MODULES runs with RAY_TMPDIR on a folder of its own, where a Ray started by it
+def ray_free_files_start_no_ray(request, monkeypatch):
+    """A test of RAY_FREE_FILES runs with RAY_TMPDIR on a folder of its own, where a Ray started by it
     (in this process or in a subprocess, which inherits the variable) would keep its session: the test fails
     if one is there afterwards, since it ran beside the group "ray"."""
-    if request.module.__name__ not in RAY_FREE_MODULES:
+    if request.path.name not in RAY_FREE_FILES:
         yield
         return
     folder = tempfile.mkdtemp(prefix="ray-free-")
@@ -111,7 +109,7 @@ def ray_free_modules_start_no_ray(request, monkeypatch):
     yield
     started = os.path.exists(os.path.join(folder, "ray"))
     shutil.rmtree(folder, ignore_errors=True)
-    assert not started, f"{request.node.nodeid} started Ray: take {request.module.__name__} off RAY_FREE_MODULES (tests/conftest.py)"
+    assert not started, f"{request.node.nodeid} started Ray: take {request.path.name} off RAY_FREE_FILES (tests/conftest.py)"
 
 
 @pytest.fixture(scope="session")

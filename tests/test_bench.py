@@ -199,13 +199,14 @@ def test_stand_in_model_holds_the_time_and_returns_boxes_inside_each_image():
 
 
 def test_a_host_bound_stand_in_holds_the_gil_and_actors_sharing_its_device_take_it_in_turns(tmp_path):
-    """Host time: the calling thread computes (a busy loop, its process's CPU time grows with it) rather
-    than sleeping as the device time does. Device time: two stand-ins with the same lock file (two actors
-    Ray gave the same GPU) hold it one after the other, so that two calls take the sum of their device times."""
+    """Host time: the calling thread computes (its CPU time grows by the host time) rather than sleeping as
+    the device time does. Device time: two stand-ins with the same lock file (two actors Ray gave the same
+    GPU) hold it one after the other, so that two calls take the sum of their device times. Both are lower
+    bounds, which a loaded machine only exceeds."""
     model = standin.StandInModel(0.0, 0.1)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    cpu_started = time.thread_time()
     model([torch.zeros(3, 10, 10, dtype=torch.uint8)] * 2)
-    assert time.perf_counter() - started >= 0.2 and time.process_time() - cpu_started >= 0.15
+    assert time.thread_time() - cpu_started >= 0.2
     shared = [standin.StandInModel(0.1) for _ in range(2)]
     for model in shared:
         model.device_lock = str(tmp_path / "gpu0.lock")

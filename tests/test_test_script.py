@@ -11,7 +11,8 @@ of a second each.
 And how a pytest run of this suite ends (tests/conftest.py), in pytest subprocesses on small test files (a
 few seconds each, marked slow): a privileged test that skipped is named in the summary, or fails where
 RAY_DETECT_REQUIRE_PRIVILEGED_TESTS=1; a crash at the interpreter's teardown fails a run that never started
-Ray; a run that did leaves at once with pytest's exit status."""
+Ray; a run that did leaves at once with pytest's exit status; a test of a file conftest lists as never
+starting Ray (RAY_FREE_FILES) that starts one fails."""
 
 from __future__ import annotations
 
@@ -291,6 +292,15 @@ import atexit, os
 def test_passes_and_leaves_a_crash_for_the_interpreters_teardown():
     atexit.register(os.abort)
 """,
+    # Named like one of conftest's RAY_FREE_FILES: a test there that starts Ray (a local instance, in its
+    # own temp folder) must fail.
+    "test_plan.py": """
+import ray
+
+def test_starts_a_local_ray():
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    ray.shutdown()
+""",
     "test_starts_ray.py": """
 import atexit, os
 import ray
@@ -335,3 +345,15 @@ def test_where_privileged_tests_are_required_a_skip_fails_the_run_and_after_ray_
     assert ended.returncode == 1, ended.stdout
     assert f"mounting a tmpfs needs root; {REQUIRE_PRIVILEGED}=1 wants every privileged test to run\n" in ended.stdout
     assert "\n1 failed, 1 passed in " in ended.stdout
+
+
+@pytest.mark.slow
+def test_a_test_of_a_ray_free_file_that_starts_ray_fails_naming_the_file(tmp_path):
+    """A pytest run of a few seconds: the test passes, and its teardown fails it, as it would have run beside
+    the tests that start Ray (scripts/test.sh's second xdist worker)."""
+    ended = inner_pytest(tmp_path, "test_plan.py")
+    assert ended.returncode == 1, ended.stdout
+    assert "_ ERROR at teardown of test_starts_a_local_ray _" in ended.stdout
+    assert ("AssertionError: test_plan.py::test_starts_a_local_ray started Ray: take test_plan.py off RAY_FREE_FILES "
+            "(tests/conftest.py)\n") in ended.stdout
+    assert "\n1 passed, 1 error in " in ended.stdout

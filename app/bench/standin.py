@@ -35,9 +35,10 @@ STAND_IN_DETECTIONS = 5
 
 
 class StandInModel(torch.nn.Module):
-    """Stands in for a model on an accelerator. Each batch first works on the host for
-    `host_seconds_per_image` per image with the GIL held, as the Python thread that launches a model's
-    kernels and loops over its images does (a host-bound model); then holds the device for
+    """Stands in for a model on an accelerator. Each batch first computes on the host for
+    `host_seconds_per_image` of its thread's CPU time per image with the GIL held, as the Python thread
+    that launches a model's kernels and loops over its images does (a host-bound model; on a busy machine
+    it takes longer, as that thread would); then holds the device for
     `seconds_per_image` per image with the GIL released, as a CUDA call does while the device works. The
     actors Ray gave the same GPU take the device in turns (shared_device_lock), as kernels on one GPU run
     one after another. Returns STAND_IN_DETECTIONS boxes per image, spread over it."""
@@ -49,8 +50,8 @@ class StandInModel(torch.nn.Module):
         self.device_lock = shared_device_lock()
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        busy_until = time.perf_counter() + self.host_seconds_per_image * len(images)
-        while time.perf_counter() < busy_until:
+        busy_until = time.thread_time() + self.host_seconds_per_image * len(images)
+        while time.thread_time() < busy_until:
             pass
         if self.seconds_per_image:
             with self.device():
