@@ -15,7 +15,7 @@ import ray
 
 from app.config import ConfigError
 from app.device import DEVICE_ERROR_MARKER
-from app.metrics import BATCH_IMAGES_COLUMN, MEASUREMENT_COLUMNS, MODEL_SECONDS_COLUMN, WORKER_COLUMN, RunMetrics
+from app.metrics import BATCH_IMAGES_COLUMN, BATCH_SIZE_COLUMN, MEASUREMENT_COLUMNS, MODEL_SECONDS_COLUMN, WORKER_COLUMN, RunMetrics
 from app.model import WEIGHTS_ERROR_MARKER
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal
@@ -90,7 +90,7 @@ class Executed:
     read_retries: int = 0
     workers: set[str] = field(default_factory=set)
     gpus_per_actor: float = 0.0
-    batch_size: int = 0
+    batch_size: int = 0  # the largest of the detector actors' batch sizes (configured, or calibrated)
     model_batches: Counter = field(default_factory=Counter)
     model_seconds: float = 0.0  # the actors' seconds in model calls (MODEL_SECONDS_COLUMN summed)
     tally: Optional[ray.actor.ActorHandle] = None
@@ -108,7 +108,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
     their inputs, and which faults stop the run instead, app.output.verdicts decides. Each batch of rows
     is counted in the run's metrics, then loses its measurement columns. How the run stops decides what is
     still written (`stopped`)."""
-    executed = Executed(gpus_per_actor=plan.resources.num_gpus, batch_size=plan.batch_size)
+    executed = Executed(gpus_per_actor=plan.resources.num_gpus)
 
     def committed(rows: Optional[pa.Table], workers: set[str]) -> None:
         if rows is None or not rows.num_rows:
@@ -126,6 +126,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
             metrics.record(rows)
             executed.model_batches.update(pc.list_flatten(rows.column(BATCH_IMAGES_COLUMN)).drop_null().to_pylist())
             executed.model_seconds += pc.sum(rows.column(MODEL_SECONDS_COLUMN)).as_py() or 0.0
+            executed.batch_size = max(executed.batch_size, pc.max(rows.column(BATCH_SIZE_COLUMN)).as_py() or 0)
             committed(verdicts.add(rows.drop_columns(list(MEASUREMENT_COLUMNS))), workers)
         committed(verdicts.finish(), set())
         verdicts.close()

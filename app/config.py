@@ -99,7 +99,16 @@ class Precision(str, Enum):
 @dataclass
 class InferenceConfig:
     # Images per model call; null = the model's default on the device the actors run on (see docs/performance.md).
+    # With calibrate_batch_size, the largest batch size tried (null: the model's default times 4).
     batch_size: Optional[int] = None
+    # Each detector actor picks its batch size at start: a few timed model calls at batch sizes 1, 2, 4, ...
+    # on the largest padded input choose the smallest within 5% of the best time per image that leaves 15%
+    # of its GPU memory free (app.calibration). Meant for GPUs; each new combination of GPU, model,
+    # precision and torch costs a few seconds once, then comes from calibration_cache.
+    calibrate_batch_size: bool = False
+    # Where calibrated batch sizes are kept: a path (on each node) or a URI (s3://bucket/ray-detect/batch-sizes.json:
+    # shared, so that new GPU pods reuse it). null = ~/.cache/ray-detect/batch-sizes.json.
+    calibration_cache: Optional[str] = None
     # GPUs per detector actor: "auto" = 1 when the Ray cluster has GPUs, else 0. Fractions share a GPU.
     num_gpus: str = "auto"
     # Detector actors sharing each GPU (num_gpus auto or 1): each takes 1/actors_per_gpu of a GPU and as much

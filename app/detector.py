@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from app.calibration import TIMED_CALLS, CalibrationOptions, Trial, calibrated_batch_size
 from app.decode import model_input_size
 from app.device import (DeviceError, cap_device_memory, check_cuda_allocator, choose_device, configure_cuda_allocator,
                         device_name, precision_problem, set_float32_math)
@@ -172,10 +173,12 @@ class Detector:
     raises DeviceError before any image, unless cpu_fallback lets it run on the CPU. tiling (tiling=tiles)
     says the images are tiles (and whole images) of tiled scenes: a model batch then holds images of one
     shape only. device_share is the share of its GPU the actor holds (below 1 when actors share a GPU):
-    its GPU memory is capped at that share."""
+    its GPU memory is capped at that share. calibration (inference.calibrate_batch_size) has the actor
+    choose its batch size, up to the options' ceiling, by timing model calls (app.calibration)."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
-                 cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None, device_share: float = 1.0):
+                 cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None, device_share: float = 1.0,
+                 calibration: Optional[CalibrationOptions] = None):
         # The actor's start-up, part by part, logged at debug level after the first model call.
         self.startup_seconds: Optional[dict[str, float]] = {"imports": IMPORT_SECONDS}
         started = time.perf_counter()
@@ -193,7 +196,7 @@ class Detector:
         set_float32_math(self.device)
         self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
-        self.spec, self.batch_size, self.tiling = spec, batch_size, tiling
+        self.spec, self.precision, self.batch_size, self.tiling = spec, precision, batch_size, tiling
         self.startup_seconds["device check"] = time.perf_counter() - started
         model, self.categories = self.load_model(spec)
         started = time.perf_counter()
@@ -202,6 +205,48 @@ class Detector:
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
+        if calibration is not None:
+            started = time.perf_counter()
+            self.batch_size = calibrated_batch_size(self.time_batch, calibration, self.calibration_key(calibration, device_share),
+                                                    self.memory_limit(device_share))
+            self.startup_seconds["calibration"] = time.perf_counter() - started
+
+    def calibration_key(self, calibration: CalibrationOptions, device_share: float) -> str:
+        """What a calibrated batch size holds for: its cache's key."""
+        spec = self.spec
+        return (f"{self.device_name}, {spec.name} at {spec.min_size}-{spec.max_size} px, {self.precision}, "
+                f"torch {torch.__version__}, {device_share:g} of the device, batch sizes up to {calibration.ceiling}")
+
+    def memory_limit(self, device_share: float) -> Optional[int]:
+        """The device memory this actor may use, in bytes; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.get_device_properties(self.device).total_memory * device_share)
+
+    @torch.inference_mode()
+    def time_batch(self, batch_size: int) -> Trial:
+        """Model calls of batch_size images of the largest padded input (noise at the model's input size of
+        a max_size x min_size image): their seconds per image after one to warm up, and on a GPU the
+        device memory's peak. Running out of device memory is a result (seconds inf), not an error."""
+        width, height = model_input_size(self.spec.max_size, self.spec.min_size, self.spec.min_size, self.spec.max_size)
+        image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        cuda = self.device.type == "cuda"
+        try:
+            tensors = self.stage([image] * batch_size).ready()
+            to_host(self.model(tensors))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            started = time.perf_counter()
+            for _ in range(TIMED_CALLS):
+                to_host(self.model(tensors))
+            seconds = time.perf_counter() - started
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            release_cuda_memory()
+            return Trial(batch_size, math.inf)
+        peak = torch.cuda.max_memory_reserved(self.device) if cuda else None
+        return Trial(batch_size, seconds / (TIMED_CALLS * batch_size), peak)
 
     def load_model(self, spec: ModelSpec) -> tuple[torch.nn.Module, list[str]]:
         """The model (CHW uint8 images in, torchvision's detections out) and its label names. The

@@ -21,6 +21,7 @@ from app import decode
 from app.metrics import (
     BATCH_IMAGES_COLUMN,
     BATCH_PADDING_COLUMN,
+    BATCH_SIZE_COLUMN,
     DECODE_SECONDS_COLUMN,
     INPUT_BYTES_COLUMN,
     MODEL_SECONDS_COLUMN,
@@ -62,7 +63,7 @@ class DetectorStage:
         detections = image_detections(views, found, self.tiling)
         num_tiles = np.bincount([view.row for view in views], minlength=batch.num_rows)
         table = result_rows(batch, rows, [detections[i] for i in rows], self.label_names, num_tiles)
-        for name, column in measurements(batch, rows, views, ran, self.worker).items():
+        for name, column in measurements(batch, rows, views, ran, self.worker, self.detector.batch_size).items():
             table = table.append_column(name, column)
         return table
 
@@ -131,11 +132,11 @@ def image_detections(views: list[View], found: list[dict[str, np.ndarray]], tili
 
 
 def measurements(batch: pa.Table, rows: np.ndarray, views: list[View], ran: list["ModelBatch"],
-                 worker: str) -> dict[str, pa.Array]:
+                 worker: str, batch_size: int) -> dict[str, pa.Array]:
     """The measurement columns (app.metrics) of a batch's result rows: the actor that made them, the
     decode task's bytes and seconds, the share of the model's seconds of each row of `rows` (those
-    detected), and the images and padding of the model batches that began with one of its views (`ran`,
-    whose indices are positions in `views`)."""
+    detected), the images and padding of the model batches that began with one of its views (`ran`,
+    whose indices are positions in `views`), and the actor's batch size."""
     view_rows = np.array([view.row for view in views], np.int64)
     model_seconds = np.full(batch.num_rows, np.nan)
     model_seconds[rows] = 0.0
@@ -153,4 +154,5 @@ def measurements(batch: pa.Table, rows: np.ndarray, views: list[View], ran: list
         MODEL_SECONDS_COLUMN: pa.array(model_seconds, from_pandas=True),
         BATCH_IMAGES_COLUMN: pa.array([values or None for values in batch_images], pa.list_(pa.int32())),
         BATCH_PADDING_COLUMN: pa.array([values or None for values in padding], pa.list_(pa.float64())),
+        BATCH_SIZE_COLUMN: pa.array(np.full(batch.num_rows, batch_size, np.int32)),
     }

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import ray
 
 from app import console, storage
+from app.calibration import DEFAULT_CACHE, CalibrationOptions
 from app.commit import Executed, InputsLeft, commit, stop_on_sigterm
 from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config, image_formats
 from app.decode import DecodeOptions, decode_images
@@ -270,6 +271,8 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
             batch_size=plan.batch_size,
             cpu_fallback=cfg.inference.cpu_fallback,
             device_share=min(1.0, plan.resources.num_gpus) or 1.0,
+            calibration=CalibrationOptions(plan.batch_size, cfg.inference.calibration_cache or DEFAULT_CACHE)
+            if cfg.inference.calibrate_batch_size else None,
             metric_tags=metric_tags,
             tiling=tiling,
         ),

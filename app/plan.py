@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from app.calibration import CEILING_FACTOR
 from app.config import AUTO, AppConfig, ConfigError, InferenceConfig, ModelConfig, parse_number
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,12 @@ def files_per_block(num_files: int, num_actors: int, batch_size: int) -> int:
 
 
 def model_batch_size(inference: InferenceConfig, model: ModelConfig, resources: Resources) -> int:
-    """inference.batch_size, or the model's default on the device the actors run on."""
+    """inference.batch_size, or the model's default on the device the actors run on. With
+    inference.calibrate_batch_size, the largest the actors may choose: calls are sized for it."""
     if inference.batch_size is not None:
         return inference.batch_size
-    return DEFAULT_BATCH_SIZES[model.name]["gpu" if resources.num_gpus else "cpu"]
+    default = DEFAULT_BATCH_SIZES[model.name]["gpu" if resources.num_gpus else "cpu"]
+    return default * CEILING_FACTOR if inference.calibrate_batch_size else default
 
 
 def rows_per_call(block_rows: int, batch_size: int, listed_files: Optional[int] = None, num_actors: int = 1,

@@ -37,7 +37,8 @@ class Summary:
     # Seconds of work per worker (task slot or actor) of each stage, by its function's name; the stage
     # with the most is the slowest, the one that sets the run's pace.
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    # The images per model batch the run planned (inference.batch_size or the model's default), and the
+    # The images per model batch of the run's detector actors (inference.batch_size, the model's default, or
+    # with inference.calibrate_batch_size the largest the actors chose; 0 when no actor made rows), and the
     # model batches its detector actors ran, by their images (tiles too, with tiling), smallest first:
     # shape batching leaves a batch short of batch_size when a call holds too few images of its shape.
     batch_size: int = 0

@@ -4,7 +4,8 @@
 # with the bundle: `bash .gpu-bundle/with-deps.sh bash scripts/gpu-check.sh [tests] [bench] [long]`).
 #   tests: the device, detector, decoder and precision tests, CUDA-only ones included (among them:
 #          fp16/bf16 detections on the GPU against fp32 within test_precision's bound), and the app run
-#          once on the GPU at fp16 and once tiled (tiles are strided views staged through the pinned buffer);
+#          once on the GPU at fp16, once calibrating its batch size (the trials in $OUT/batch-sizes.json) and
+#          once tiled (tiles are strided views staged through the pinned buffer);
 #   bench: the GPU benchmark: the heavy model at fp16 (model alone, DataLoader loop, app) on 600 images,
 #          the baselines at batch 8 and 16, 3 repeats each, then the app with two actors per GPU (docs/performance.md); with "long" also the heavy model at fp32 and the light one at fp32 in every mode, each
 #          in its own result file so that a run cut short keeps the rest.
@@ -48,6 +49,15 @@ if [[ " $stages " == *" tests "* ]]; then
   devices=$(grep -o 'devices: .*;' "$out/app.log" | head -1)
   if [[ $code == 0 && "$devices" != *cuda:* ]]; then code=6; fi
   report app-on-gpu $code "$devices" "the app did not run on the GPU: $(tail -1 "$out/app.log")"
+
+  # The batch size calibrated on this GPU (fp16, up to 32): the actor's trials and choice, from its cache file.
+  timeout 120 python3 -m app inference=gpu inference.precision=fp16 model.weights=none inference.calibrate_batch_size=true \
+    inference.calibration_cache="$out/batch-sizes.json" output.path=/tmp/gpu-check-calibrated > "$out/app-calibrated.log" 2>&1
+  code=$?
+  calibrated=$(python3 -c "import json, sys; [print(key, '->', entry['batch_size'], entry['trials']) for key, entry in json.load(open(sys.argv[1])).items()]" \
+    "$out/batch-sizes.json" 2>&1)
+  if [[ $code == 0 && "$calibrated" != cuda:* ]]; then code=8; fi
+  report calibration-on-gpu $code "$calibrated" "no calibration on the GPU: $(tail -1 "$out/app-calibrated.log") $calibrated"
 
   # Tiled on the GPU: the samples cut into 256-px tiles, each a strided view staged through the pinned buffer.
   timeout 90 python3 -m app inference=gpu tiling=tiles tiling.tile_size=256 model.weights=none \

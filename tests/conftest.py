@@ -25,7 +25,7 @@ LOCAL_RAY_MODULES: set[str] = set()
 # (ray_free_files_start_no_ray). (xdist's own `--dist loadgroup` cannot do this under pytest 9.2: it
 # marks a test's group in a node attribute that pytest no longer reads.)
 RAY_FREE_FILES = {
-    "test_alerts.py", "test_chart.py", "test_decode.py", "test_device.py", "test_dockerfile.py", "test_docs.py",
+    "test_alerts.py", "test_calibration.py", "test_chart.py", "test_decode.py", "test_device.py", "test_dockerfile.py", "test_docs.py",
     "test_evaluate.py", "test_export.py", "test_image_requirements.py", "test_imports.py", "test_input_schemes.py",
     "test_inventory_versions.py", "test_k8s.py", "test_listing.py", "test_model_build.py", "test_network_policy.py",
     "test_package.py", "test_pathset.py", "test_plan.py", "test_precision.py", "test_release.py", "test_report.py",

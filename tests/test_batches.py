@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from app.calibration import Trial
 from app.config import compose_config
 from app.decode import model_input_size
 from app.detector import Detector, shape_batches
@@ -94,3 +95,40 @@ def test_calls_of_a_block_would_leave_the_same_corpus_short_of_that():
     assert sum(map(len, batches)) == IMAGES
     assert IMAGES / len(batches) < 6.0
     assert np.mean([len(batch) for batch in batches]) < 0.75 * BATCH_SIZE
+
+
+# What a fake probe measures, by batch size: 4 is within 5% of the best time per image (8's), so it is chosen.
+PROBED_SECONDS_PER_IMAGE = {1: 0.010, 2: 0.006, 4: 0.0041, 8: 0.004}
+
+
+def test_a_calibrating_run_detects_at_the_batch_size_its_actor_chose_and_says_so(local_ray, tmp_path):
+    """inference.calibrate_batch_size through a whole run: the actor's probe (a fake one: timings on the
+    CPU say nothing of a GPU) chooses 4 of the sizes up to 8, every model call holds at most 4 images,
+    the summary and the manifest report 4, and the choice is in the cache the run was given."""
+    sizes = orientations(48, seed=7)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, (width, height) in enumerate(sizes):
+        (folder / f"img_{i:04d}.jpg").write_bytes(jpeg_bytes(width, height, color=(i % 256, 90, 160)))
+    calls, cache = tmp_path / "model-calls.txt", tmp_path / "cache" / "batch-sizes.json"
+
+    class ProbedDetector(recording_detector(calls)):
+        def time_batch(self, batch_size):
+            return Trial(batch_size, PROBED_SECONDS_PER_IMAGE[batch_size])
+
+    overrides = [*FAST_MODEL, f"model.min_size={MIN_SIZE}", f"model.max_size={MAX_SIZE}", f"inference.batch_size={BATCH_SIZE}",
+                 "inference.calibrate_batch_size=true", f"inference.calibration_cache={cache}",
+                 f"data.path={folder}", f"output.path={tmp_path / 'out'}"]
+
+    summary = run(compose_config(overrides), detector=ProbedDetector)
+
+    recorded = Counter(int(line) for line in calls.read_text().split())
+    assert (summary.inputs, summary.ok) == (48, 48)
+    assert sum(size * count for size, count in recorded.items()) == 48
+    assert max(recorded) == 4 and summary.model_batches == dict(sorted(recorded.items()))
+    assert summary.batch_size == 4
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["model_batches_by_last_run"]["batch_size"] == 4
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["batch_size"] == 4
+    assert [trial["batch_size"] for trial in entry["trials"]] == [1, 2, 4, 8]

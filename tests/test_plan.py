@@ -55,6 +55,19 @@ def test_a_call_holds_model_batches_of_each_shape_in_whole_blocks():
     assert plan.rows_per_call == 8 * SHAPE_BUCKETS * MODEL_BATCHES_PER_SHAPE
 
 
+def test_a_calibrating_run_sizes_its_calls_for_the_largest_batch_size_its_actors_may_choose():
+    """inference.calibrate_batch_size: the ceiling is inference.batch_size, or the model's default on the
+    device times 4 (the light model's 32 on a GPU: 128); calls are sized for it, within CALL_BYTES (873
+    images at 320 x 640, in 44 blocks of 20)."""
+    gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    calibrating = compose_config(["data.path=x", "output.path=y", *MODEL, "inference.calibrate_batch_size=true"])
+    plan = plan_run(calibrating, gpu, True, ClusterLimits(), 10_000)
+    assert (plan.batch_size, plan.block_rows, plan.rows_per_call) == (128, 20, 44 * 20)
+    assert plan_run(calibrating, CPU_NODE, True, ClusterLimits(), 10_000).batch_size == 16
+    capped = compose_config(["data.path=x", "output.path=y", *MODEL, "inference.calibrate_batch_size=true", "inference.batch_size=16"])
+    assert plan_run(capped, gpu, True, ClusterLimits(), 10_000).batch_size == 16
+
+
 @pytest.mark.parametrize("cpus, threads", [(2.0, 1.0), (8.0, 7.0)])
 def test_a_fixed_pool_on_streamed_inputs_leaves_the_input_stage_its_cpu(cpus, threads):
     """inference.num_actors=1 on streamed inputs: the actor's threads stop one CPU short of the node, the
