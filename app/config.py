@@ -130,6 +130,11 @@ class InferenceConfig:
     cpu_fallback: bool = False
     # Resize to the model's input size in the CPU stage, so only uint8 pixels at model size cross stages.
     resize_on_cpu: bool = True
+    # The model's convolution weights in channels-last layout (NHWC), which tensor cores prefer under fp16/bf16.
+    channels_last: bool = False
+    # cuDNN tries its convolution algorithms on each new input shape and keeps the fastest (torch's
+    # cudnn.benchmark): pays where shapes repeat, as shape batching's padded shapes do over a long run.
+    cudnn_benchmark: bool = False
     # Price of one GPU-hour (any currency): the summary and the manifest then give the cost of a million
     # images (the GPUs the detector actors held, for the run's wall time). null: no cost figure.
     gpu_hour_price: Optional[float] = None

@@ -32,7 +32,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from app.calibration import TIMED_CALLS, CalibrationOptions, Trial, calibrated_batch_size
 from app.decode import model_input_size
 from app.device import (DeviceError, cap_device_memory, check_cuda_allocator, choose_device, configure_cuda_allocator,
-                        device_name, precision_problem, set_float32_math)
+                        device_name, precision_problem, set_cudnn_autotune, set_float32_math)
 from app.model import ModelSpec, build_model
 from app.out_of_memory import SplittingRunner, is_out_of_memory, release_cuda_memory
 from app.precision import AUTOCAST_DTYPES, mixed_precision
@@ -174,11 +174,14 @@ class Detector:
     says the images are tiles (and whole images) of tiled scenes: a model batch then holds images of one
     shape only. device_share is the share of its GPU the actor holds (below 1 when actors share a GPU):
     its GPU memory is capped at that share. calibration (inference.calibrate_batch_size) has the actor
-    choose its batch size, up to the options' ceiling, by timing model calls (app.calibration)."""
+    choose its batch size, up to the options' ceiling, by timing model calls (app.calibration).
+    channels_last lays the model's convolution weights out channels-last (NHWC), so that its convolutions
+    compute in that layout; cudnn_benchmark has cuDNN autotune each new input shape (on a GPU)."""
 
     def __init__(self, spec: ModelSpec, num_threads: int, precision: str = "fp32", batch_size: int = 4,
                  cpu_fallback: bool = False, tiling: Optional[TilingOptions] = None, device_share: float = 1.0,
-                 calibration: Optional[CalibrationOptions] = None):
+                 calibration: Optional[CalibrationOptions] = None, channels_last: bool = False,
+                 cudnn_benchmark: bool = False):
         # The actor's start-up, part by part, logged at debug level after the first model call.
         self.startup_seconds: Optional[dict[str, float]] = {"imports": IMPORT_SECONDS}
         started = time.perf_counter()
@@ -194,6 +197,7 @@ class Detector:
                 raise DeviceError(problem)
             cap_device_memory(self.device, device_share)
         set_float32_math(self.device)
+        set_cudnn_autotune(self.device, cudnn_benchmark)
         self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.precision, self.batch_size, self.tiling = spec, precision, batch_size, tiling
@@ -201,6 +205,8 @@ class Detector:
         model, self.categories = self.load_model(spec)
         started = time.perf_counter()
         self.model = model.to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.startup_seconds["to device"] = time.perf_counter() - started
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

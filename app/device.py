@@ -218,6 +218,15 @@ def set_float32_math(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def set_cudnn_autotune(device: torch.device, enabled: bool) -> None:
+    """cuDNN's autotuning (inference.cudnn_benchmark) on a GPU: each new input shape's convolutions are timed
+    once with each algorithm and run with the fastest after. Off, cuDNN picks by heuristics."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = enabled
+
+
 def cap_device_memory(device: torch.device, share: float) -> None:
     """Caps this process's GPU memory at `share` of the GPU's (inference.actors_per_gpu: each actor's
     share), so that the actors sharing a GPU cannot starve each other: torch's allocator then raises its

@@ -273,6 +273,8 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
             device_share=min(1.0, plan.resources.num_gpus) or 1.0,
             calibration=CalibrationOptions(plan.batch_size, cfg.inference.calibration_cache or DEFAULT_CACHE)
             if cfg.inference.calibrate_batch_size else None,
+            channels_last=cfg.inference.channels_last,
+            cudnn_benchmark=cfg.inference.cudnn_benchmark,
             metric_tags=metric_tags,
             tiling=tiling,
         ),

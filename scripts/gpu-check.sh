@@ -7,7 +7,9 @@
 #          once on the GPU at fp16, once calibrating its batch size (the trials in $OUT/batch-sizes.json) and
 #          once tiled (tiles are strided views staged through the pinned buffer);
 #   bench: the GPU benchmark: the heavy model at fp16 (model alone, DataLoader loop, app) on 600 images,
-#          the baselines at batch 8 and 16, 3 repeats each, then the app with two actors per GPU (docs/performance.md); with "long" also the heavy model at fp32 and the light one at fp32 in every mode, each
+#          the baselines at batch 8 and 16, 3 repeats each, then the app with two actors per GPU and the app
+#          with channels-last weights and cuDNN autotuning (docs/performance.md); with "long" also the heavy
+#          model at fp32 and the light one at fp32 in every mode, each
 #          in its own result file so that a run cut short keeps the rest.
 # One line per check, "PASS <check>: ..." or "FAIL <check>: ...", goes to stdout and $OUT/summary.txt;
 # logs and results go to $OUT (default: ./gpu-check). Exits 1 when any check failed.
@@ -80,6 +82,9 @@ if [[ " $stages " == *" bench "* ]]; then
   bench bench-heavy-fp16 240 --models $heavy --precisions fp16 --modes model dataloader app --count 600 --baseline-batch-sizes 8 16 --repeats 3
   # Two detector actors per GPU (inference.actors_per_gpu=2) against the one-actor app figures above.
   bench bench-heavy-fp16-two-actors 150 --models $heavy --precisions fp16 --modes app --count 600 --repeats 3 --actors-per-gpu 2
+  # Channels-last weights and cuDNN's autotuning (inference.channels_last, inference.cudnn_benchmark) against the same.
+  bench bench-heavy-fp16-channels-last 150 --models $heavy --precisions fp16 --modes app --count 600 --repeats 3 \
+    --app-overrides inference.channels_last=true inference.cudnn_benchmark=true
   [[ " $stages " == *" long "* ]] || exit $failed
   bench bench-heavy-fp32 200 --models $heavy --precisions fp32 --count 300 --baseline-batch-sizes 8 --repeats 2
   bench bench-light-fp32 150 --models $light --precisions fp32 --count 300 --baseline-batch-sizes 16 --repeats 2

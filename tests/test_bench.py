@@ -16,7 +16,7 @@ import torch
 
 from app import bench
 from app.bench import chaos, decode, harness, standin, throughput
-from app.config import compose_config
+from app.config import check_config, compose_config
 
 
 def test_marginal_rate_cancels_the_fixed_cost():
@@ -313,14 +313,18 @@ def test_bad_arguments_stop(argv, message, capsys):
 def test_the_gpu_checks_benchmark_runs_pass_the_benchmarks_own_checks():
     """scripts/gpu-check.sh runs on a lent GPU, with little time to rerun: each of its benchmark runs
     (`bench <name> <timeout> <arguments>`) parses here, with the heavy and light model names it sets."""
-    script = (Path(__file__).parent.parent / "scripts" / "gpu-check.sh").read_text()
+    script = (Path(__file__).parent.parent / "scripts" / "gpu-check.sh").read_text().replace("\\\n", "")
     names = dict(re.findall(r"(heavy|light)=(\S+)", script))
     runs = re.findall(r"^  bench (\S+) \d+ (.+)$", script, re.MULTILINE)
-    assert [name for name, _ in runs] == ["bench-heavy-fp16", "bench-heavy-fp16-two-actors", "bench-heavy-fp32", "bench-light-fp32"]
+    assert [name for name, _ in runs] == ["bench-heavy-fp16", "bench-heavy-fp16-two-actors", "bench-heavy-fp16-channels-last",
+                                          "bench-heavy-fp32", "bench-light-fp32"]
     for _, arguments in runs:
         args = bench.parse_args(["throughput", *arguments.replace("$heavy", names["heavy"]).replace("$light", names["light"]).split()])
         assert set(args.models) <= set(throughput.MODELS)
+        check_config(compose_config(["data.path=x", "output.path=y", *args.app_overrides]))
     assert bench.parse_args(["throughput", *runs[1][1].split()]).actors_per_gpu == 2
+    assert bench.parse_args(["throughput", *runs[2][1].split()]).app_overrides == [
+        "inference.channels_last=true", "inference.cudnn_benchmark=true"]
 
 
 def test_chaos_lines_count_rows_duplicates_and_lost_inputs():

@@ -196,7 +196,36 @@ def test_the_manifest_records_the_precision_and_ieee_float32_on_gpus(tmp_path, p
     spec = ModelSpec(name=LIGHT, weights="none", score_threshold=0.5, min_size=320, max_size=640)
     output = storage.resolve(str(tmp_path))
     write_manifest(cfg, spec, Summary(output_path=str(tmp_path), inputs=0, processed=0, ok=0, errors=0, detections=0), output)
-    assert read_manifest(output)["numerics"] == {"precision": precision, "gpu_float32": "ieee"}
+    assert read_manifest(output)["numerics"] == {"precision": precision, "gpu_float32": "ieee", "channels_last": False,
+                                                 "cudnn_benchmark": False}
+
+
+def test_channels_last_convolutions_compute_in_that_layout_and_detect_what_the_default_layout_does():
+    """inference.channels_last: every convolution's weight is laid out channels-last, every convolution of
+    the backbone and FPN returns channels-last activations (forward hooks; with the setting ignored the
+    first check fails), and the detections match the default layout's: the same labels, scores and boxes
+    within float32 rounding (the CPU's convolution kernels differ by layout)."""
+    spec = ModelSpec(name=LIGHT, weights=str(light_checkpoint()), score_threshold=0.0, min_size=320, max_size=640)
+    photo = np.asarray(Image.open(SAMPLES_DIR / "chelsea.jpg").convert("RGB").resize((426, 320)))
+    default = Detector(spec, num_threads=2, batch_size=1).detect([photo])[0]
+    detector = Detector(spec, num_threads=2, batch_size=1, channels_last=True)
+    convolutions = {name: module for name, module in detector.model.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    assert {name for name, module in convolutions.items()
+            if not module.weight.is_contiguous(memory_format=torch.channels_last)} == set()
+    layouts: dict[str, bool] = {}
+
+    def record(name: str, output: torch.Tensor) -> None:
+        layouts[name] = output.is_contiguous(memory_format=torch.channels_last)
+
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: record(name, output))
+             for name, module in convolutions.items() if name.startswith("model.backbone.")]
+    found = detector.detect([photo])[0]
+    for hook in hooks:
+        hook.remove()
+    assert len(layouts) == 66 and {name for name, channels_last in layouts.items() if not channels_last} == set()
+    np.testing.assert_array_equal(found["labels"], default["labels"])
+    np.testing.assert_allclose(found["scores"], default["scores"], rtol=1e-4)
+    np.testing.assert_allclose(found["boxes"], default["boxes"], atol=1e-2)
 
 
 def test_the_rpn_head_takes_the_fpns_half_precision_features_with_the_same_detections_as_their_round_trip():

@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(default: {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cpu']))}; "
                              f"with CUDA {' '.join(map(str, DEFAULT_BASELINE_BATCH_SIZES['cuda']))})")
     parser.add_argument("--actors-per-gpu", type=int, help="the throughput suite's app at inference.actors_per_gpu=N (with CUDA)")
+    parser.add_argument("--app-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="the throughput suite's app with these config overrides (e.g. inference.channels_last=true); "
+                             "the baselines run as they are")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each throughput mode, interleaved (default: 3)")
     parser.add_argument("--warm-up", type=float, default=0.2,
                         help="share of a throughput run's images before its rate is timed (default: 0.2)")

@@ -263,6 +263,7 @@ def run(args, base: Path) -> dict:
             cfg_overrides = model_overrides(model, args, precision)
             if args.actors_per_gpu:
                 cfg_overrides.append(f"inference.actors_per_gpu={args.actors_per_gpu}")  # the app's; baselines have one model
+            cfg_overrides += args.app_overrides  # the app's; the baselines read none of them
             batch_size = model_batch_size(compose_config(cfg_overrides))
             warm_up_process(compose_config(cfg_overrides))
             modes = mode_names(args)

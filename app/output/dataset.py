@@ -333,8 +333,10 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
         },
         "model": {"name": spec.name, "weights": spec.weights, "weights_sha256": spec.weights_sha256,
                   "random_init_fallback": spec.fallback_reason},
-        # The layers' precision, and the float32 arithmetic on a GPU: "ieee", TF32 off (app.device).
-        "numerics": {"precision": cfg.inference.precision.value, "gpu_float32": FLOAT32_MATH},
+        # The layers' precision, the float32 arithmetic on a GPU ("ieee", TF32 off: app.device), and the
+        # settings that change which convolution algorithms run (the last bits of a detection may differ).
+        "numerics": {"precision": cfg.inference.precision.value, "gpu_float32": FLOAT32_MATH,
+                     "channels_last": cfg.inference.channels_last, "cudnn_benchmark": cfg.inference.cudnn_benchmark},
         "counts": {
             "inputs": summary.inputs,
             "ok": summary.ok,
