@@ -78,8 +78,9 @@ def print_summary(summary: Summary) -> None:
         print(f"ray-detect: slowest stage: {summary.slowest_stage} (work per worker: {stages})")
     if summary.model_batches_line():
         print(f"ray-detect: {summary.model_batches_line()}")
-    if summary.cost_line():
-        print(f"ray-detect: {summary.cost_line()}")
+    for line in (summary.cost_line(), summary.host_bound_line()):
+        if line:
+            print(f"ray-detect: {line}")
     for warning in summary.warnings:
         log.warning(warning)
 

@@ -15,7 +15,7 @@ import ray
 
 from app.config import ConfigError
 from app.device import DEVICE_ERROR_MARKER
-from app.metrics import BATCH_IMAGES_COLUMN, BATCH_SIZE_COLUMN, MEASUREMENT_COLUMNS, MODEL_SECONDS_COLUMN, WORKER_COLUMN, RunMetrics
+from app.metrics import BATCH_IMAGES_COLUMN, BATCH_SIZE_COLUMN, DEVICE_BUSY_COLUMN, MEASUREMENT_COLUMNS, MODEL_SECONDS_COLUMN, WORKER_COLUMN, RunMetrics
 from app.model import WEIGHTS_ERROR_MARKER
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, storage_refusal
@@ -93,6 +93,7 @@ class Executed:
     batch_size: int = 0  # the largest of the detector actors' batch sizes (configured, or calibrated)
     model_batches: Counter = field(default_factory=Counter)
     model_seconds: float = 0.0  # the actors' seconds in model calls (MODEL_SECONDS_COLUMN summed)
+    device_busy: list[float] = field(default_factory=list)  # each call's device busy share, where known
     tally: Optional[ray.actor.ActorHandle] = None
     peak_actors: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -127,6 +128,7 @@ def commit(detected: ray.data.Dataset, verdicts: Verdicts, lease: OutputLease, p
             executed.model_batches.update(pc.list_flatten(rows.column(BATCH_IMAGES_COLUMN)).drop_null().to_pylist())
             executed.model_seconds += pc.sum(rows.column(MODEL_SECONDS_COLUMN)).as_py() or 0.0
             executed.batch_size = max(executed.batch_size, pc.max(rows.column(BATCH_SIZE_COLUMN)).as_py() or 0)
+            executed.device_busy += rows.column(DEVICE_BUSY_COLUMN).drop_null().to_pylist()
             committed(verdicts.add(rows.drop_columns(list(MEASUREMENT_COLUMNS))), workers)
         committed(verdicts.finish(), set())
         verdicts.close()

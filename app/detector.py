@@ -209,6 +209,9 @@ class Detector:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.startup_seconds["to device"] = time.perf_counter() - started
         self.runner = SplittingRunner(self.forward, release_cuda_memory if self.device.type == "cuda" else lambda: None)
+        # The share of its last call's time the device ran kernels (device_busy_share); None where unknown.
+        self.device_busy: Optional[float] = None
+        self.nvml_failed = False
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-batch")
         if calibration is not None:
@@ -260,6 +263,24 @@ class Detector:
         model, categories = build_model(spec, self.startup_seconds)
         return PixelModel(model, self.autocast_dtype), categories
 
+    def device_busy_reading(self) -> Optional[tuple[float, float]]:
+        """What device_busy_share needs from a call's start: nothing on a GPU (NVML keeps its own samples).
+        The benchmark's device stand-in returns its clock and busy seconds."""
+        return None
+
+    def device_busy_share(self, reading: Optional[tuple[float, float]]) -> Optional[float]:
+        """The share of time the GPU ran kernels, as nvidia-smi shows it: NVML's utilisation over its last sample
+        period (1/6 s to 1 s, the end of the call that just ran). For the whole GPU, whatever else runs on it.
+        None on a CPU, and where NVML cannot be read (warned once)."""
+        if self.device.type != "cuda" or self.nvml_failed:
+            return None
+        try:
+            return torch.cuda.utilization(self.device) / 100
+        except Exception as error:  # no pynvml, no NVML library, a GPU NVML does not know
+            self.nvml_failed = True
+            log.warning("cannot read the GPU's utilisation through NVML (%s): the summary has no GPU busy share", error)
+            return None
+
     def log_startup(self, first_forward: float) -> None:
         """One debug line with the parts of the actor's start-up, the first model call included (it pays
         for lazy module loading and, on a GPU, cuDNN's plans for the first shape)."""
@@ -302,11 +323,12 @@ class Detector:
 
     @torch.inference_mode()
     def detect_batches(self, images: list[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list[ModelBatch]]:
-        """`detect`, and the model batches it ran. The next model batch is staged on the device while the
-        current one runs. Running out of device memory anywhere in a model batch's path (staging, the
+        """`detect`, and the model batches it ran; device_busy holds the device's busy share after. The next
+        model batch is staged on the device while the current one runs. Running out of device memory anywhere in a model batch's path (staging, the
         model, the copy back) splits the batch."""
         if not images:
             return [], []
+        reading = self.device_busy_reading()
         sizes = [model_input_size(image.shape[1], image.shape[0], self.spec.min_size, self.spec.max_size) for image in images]
         # Tiled, a model batch holds inputs of one padded shape: a tile padded to another input's shape
         # would be detected differently from the tile alone (as SAHI detects it).
@@ -322,4 +344,5 @@ class Detector:
             for i, detections in zip(indices, self.runner(inputs)):
                 found[i] = detections
             ran.append(ModelBatch(indices, time.perf_counter() - started, batch_padding([sizes[i] for i in indices])))
+        self.device_busy = self.device_busy_share(reading)
         return found, ran

@@ -23,6 +23,7 @@ from app.metrics import (
     BATCH_PADDING_COLUMN,
     BATCH_SIZE_COLUMN,
     DECODE_SECONDS_COLUMN,
+    DEVICE_BUSY_COLUMN,
     INPUT_BYTES_COLUMN,
     MODEL_SECONDS_COLUMN,
     WORKER_COLUMN,
@@ -63,7 +64,8 @@ class DetectorStage:
         detections = image_detections(views, found, self.tiling)
         num_tiles = np.bincount([view.row for view in views], minlength=batch.num_rows)
         table = result_rows(batch, rows, [detections[i] for i in rows], self.label_names, num_tiles)
-        for name, column in measurements(batch, rows, views, ran, self.worker, self.detector.batch_size).items():
+        columns = measurements(batch, rows, views, ran, self.worker, self.detector.batch_size, self.detector.device_busy)
+        for name, column in columns.items():
             table = table.append_column(name, column)
         return table
 
@@ -132,11 +134,12 @@ def image_detections(views: list[View], found: list[dict[str, np.ndarray]], tili
 
 
 def measurements(batch: pa.Table, rows: np.ndarray, views: list[View], ran: list["ModelBatch"],
-                 worker: str, batch_size: int) -> dict[str, pa.Array]:
+                 worker: str, batch_size: int, device_busy: Optional[float]) -> dict[str, pa.Array]:
     """The measurement columns (app.metrics) of a batch's result rows: the actor that made them, the
     decode task's bytes and seconds, the share of the model's seconds of each row of `rows` (those
     detected), the images and padding of the model batches that began with one of its views (`ran`,
-    whose indices are positions in `views`), and the actor's batch size."""
+    whose indices are positions in `views`), the actor's batch size, and on the first row the share of the
+    call's time its device was busy."""
     view_rows = np.array([view.row for view in views], np.int64)
     model_seconds = np.full(batch.num_rows, np.nan)
     model_seconds[rows] = 0.0
@@ -155,4 +158,5 @@ def measurements(batch: pa.Table, rows: np.ndarray, views: list[View], ran: list
         BATCH_IMAGES_COLUMN: pa.array([values or None for values in batch_images], pa.list_(pa.int32())),
         BATCH_PADDING_COLUMN: pa.array([values or None for values in padding], pa.list_(pa.float64())),
         BATCH_SIZE_COLUMN: pa.array(np.full(batch.num_rows, batch_size, np.int32)),
+        DEVICE_BUSY_COLUMN: pa.array([device_busy if i == 0 and ran else None for i in range(batch.num_rows)], pa.float64()),
     }

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # Columns the stages add to each row for the driver's metrics, dropped before the rows are committed:
 # who made the row, the bytes its file had, the seconds it took to read and decode, its share of its model
 # batch's seconds, and (on the first image of each model batch, null on the others) the batch's images and
-# padding (padded pixels over the pixels its images need, minus 1), and the actor's batch size (as
-# configured, or calibrated: app.calibration).
+# padding (padded pixels over the pixels its images need, minus 1), the actor's batch size (as
+# configured, or calibrated: app.calibration), and (on the first row of each call, null on the others) the
+# share of the call's time its device ran kernels (app.detector.Detector.device_busy_share; null on a CPU).
 WORKER_COLUMN = "_worker"  # "<node id>/<actor id>/<device>"
 INPUT_BYTES_COLUMN = "_input_bytes"
 DECODE_SECONDS_COLUMN = "_decode_seconds"
@@ -36,8 +37,9 @@ MODEL_SECONDS_COLUMN = "_model_seconds"
 BATCH_IMAGES_COLUMN = "_batch_images"
 BATCH_PADDING_COLUMN = "_batch_padding"
 BATCH_SIZE_COLUMN = "_batch_size"
+DEVICE_BUSY_COLUMN = "_device_busy"
 MEASUREMENT_COLUMNS = (WORKER_COLUMN, INPUT_BYTES_COLUMN, DECODE_SECONDS_COLUMN, MODEL_SECONDS_COLUMN,
-                       BATCH_IMAGES_COLUMN, BATCH_PADDING_COLUMN, BATCH_SIZE_COLUMN)
+                       BATCH_IMAGES_COLUMN, BATCH_PADDING_COLUMN, BATCH_SIZE_COLUMN, DEVICE_BUSY_COLUMN)
 
 # Seconds between refreshes of the gauges (Ray drops a gauge not set again within two of its export
 # intervals, 10 s each by default).

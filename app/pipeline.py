@@ -348,6 +348,7 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
         batch_size=executed.batch_size,
         model_batches=dict(sorted(executed.model_batches.items())),
         model_seconds=round(executed.model_seconds, 3),
+        device_busy_share=round(sum(executed.device_busy) / len(executed.device_busy), 3) if executed.device_busy else None,
     )
     gpu_seconds = summary.detector_gpus * wall
     if gpu_seconds and processed:

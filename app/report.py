@@ -217,6 +217,28 @@ def bar(count: int, largest: int, width: int = 200) -> str:
     return f'<span class="bar" style="width:{pixels}px"></span>'
 
 
+def last_run_items(manifest: dict) -> list[tuple[str, str, str]]:
+    """The last run's figures the manifest holds, as (id, term, value) of the report's Last run list: its
+    pace, its detector actors, its model batches, and what its devices did and cost (outputs.md's manifest
+    keys). Figures the manifest lacks (an older run's, or null on CPUs) are left out."""
+    detector = manifest.get("detector_by_last_run") or {}
+    batches = manifest.get("model_batches_by_last_run") or {}
+    cost = manifest.get("cost_by_last_run") or {}
+    figures = [
+        ("wall-seconds", "wall time", manifest.get("wall_seconds"), "{:.1f} s"),
+        ("images-per-second", "images/s", manifest.get("images_per_second"), "{:.2f}"),
+        ("actors", "detector actors", detector.get("actors"), "{}"),
+        ("gpus", "GPUs held", detector.get("gpus"), "{:g}"),
+        ("mean-batch", "images per model batch", batches.get("mean_images") if batches.get("batches") else None,
+         "{:.2f} of " + str(batches.get("batch_size"))),
+        ("model-busy", "actors' time in model calls", cost.get("model_busy_share"), "{:.0%}"),
+        ("device-busy", "GPUs busy in model calls", cost.get("device_busy_share"), "{:.0%}"),
+        ("images-per-gpu-second", "images/s per GPU", cost.get("images_per_gpu_second"), "{:.2f}"),
+        ("cost-per-million", "cost per million images", cost.get("per_million_images"), "{:.2f}"),
+    ]
+    return [(key, term, form.format(value)) for key, term, value, form in figures if value is not None]
+
+
 def render_html(results: reader.Results, stats: Stats, previews: list[Preview], selection: Selection) -> str:
     e = html.escape
     model = results.manifest.get("model", {})
@@ -245,7 +267,13 @@ def render_html(results: reader.Results, stats: Stats, previews: list[Preview], 
     for index, count in enumerate(stats.histogram):
         low, high = index / HISTOGRAM_BINS, (index + 1) / HISTOGRAM_BINS
         lines.append(f'<tr><td>{low:.1f}–{high:.1f}</td><td class="n">{count}</td><td>{bar(count, largest)}</td></tr>')
-    lines.append("</table></section></div>")
+    lines.append("</table></section>")
+    last_run = last_run_items(results.manifest)
+    if last_run:
+        lines.append('<section><h2>Last run</h2><dl class="counts" id="last-run">')
+        lines += [f'<dt>{e(term)}</dt><dd id="{key}">{e(value)}</dd>' for key, term, value in last_run]
+        lines.append("</dl></section>")
+    lines.append("</div>")
     lines.append(f"<h2>Errors ({stats.errors})</h2>")
     if stats.error_rows:
         lines.append('<table id="errors-table"><tr><th>image</th><th>kind</th><th>message</th></tr>')

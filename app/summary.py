@@ -4,6 +4,10 @@ dataset's manifest. Its own module, so that both import it without importing eac
 from dataclasses import dataclass, field
 from typing import Optional
 
+# A GPU busy for less than this share of the detector's model calls is waiting for the host (Python launching
+# kernels, loops over images): a second actor per GPU gives it work in that time (docs/performance.md).
+HOST_BOUND_BELOW = 0.7
+
 
 @dataclass
 class Summary:
@@ -45,6 +49,9 @@ class Summary:
     model_batches: dict[int, int] = field(default_factory=dict)
     # Seconds the detector actors spent in model calls (on a GPU: its work, and the host's launching it).
     model_seconds: float = 0.0
+    # The share of their model calls' time the detector actors' GPUs ran kernels (NVML's utilisation at the end
+    # of each call, averaged over the calls); None on CPUs. Below HOST_BOUND_BELOW the run looks host-bound.
+    device_busy_share: Optional[float] = None
     # Images per second per GPU the detector actors held, and, with inference.gpu_hour_price, what a
     # million images cost: those GPUs for the run's wall time. None without GPUs (or a price).
     images_per_gpu_second: Optional[float] = None
@@ -78,11 +85,20 @@ class Summary:
         if share is None:
             return None
         parts = [f"model calls took {share:.0%} of the detector actors' time"]
+        if self.device_busy_share is not None:
+            parts.append(f"their GPUs were busy {self.device_busy_share:.0%} of the model calls' time")
         if self.images_per_gpu_second is not None:
             parts.append(f"{self.images_per_gpu_second:.2f} images/s per GPU")
         if self.cost_per_million_images is not None:
             parts.append(f"{self.cost_per_million_images:.2f} per million images (inference.gpu_hour_price)")
         return "; ".join(parts)
+
+    def host_bound_line(self) -> Optional[str]:
+        """A line of the printed summary when the detector looks host-bound; None otherwise."""
+        if self.device_busy_share is None or self.device_busy_share >= HOST_BOUND_BELOW:
+            return None
+        return (f"the detector looks host-bound: its GPUs ran kernels {self.device_busy_share:.0%} of its model calls' time; "
+                f"more detector actors per GPU (inference.actors_per_gpu) give a GPU another actor's work in that time")
 
     @property
     def mean_model_batch(self) -> float:

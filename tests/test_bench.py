@@ -17,6 +17,7 @@ import torch
 from app import bench
 from app.bench import chaos, decode, harness, standin, throughput
 from app.config import check_config, compose_config
+from app.summary import HOST_BOUND_BELOW
 
 
 def test_marginal_rate_cancels_the_fixed_cost():
@@ -201,8 +202,8 @@ def test_stand_in_model_holds_the_time_and_returns_boxes_inside_each_image():
 def test_a_host_bound_stand_in_holds_the_gil_and_actors_sharing_its_device_take_it_in_turns(tmp_path):
     """Host time: the calling thread computes (its CPU time grows by the host time) rather than sleeping as
     the device time does. Device time: two stand-ins with the same lock file (two actors Ray gave the same
-    GPU) hold it one after the other, so that two calls take the sum of their device times. Both are lower
-    bounds, which a loaded machine only exceeds."""
+    GPU) hold it one after the other, so that two calls take the sum of their device times, and both count
+    the device's busy seconds of the two. All are lower bounds, which a loaded machine only exceeds."""
     model = standin.StandInModel(0.0, 0.1)
     cpu_started = time.thread_time()
     model([torch.zeros(3, 10, 10, dtype=torch.uint8)] * 2)
@@ -223,13 +224,19 @@ def test_a_host_bound_stand_in_holds_the_gil_and_actors_sharing_its_device_take_
     for thread in threads:
         thread.join()
     assert max(end for _, end in spans) - min(begun for begun, _ in spans) >= 0.4  # 2 x 0.2 s, not overlapped
+    assert shared[0].busy_seconds() == shared[1].busy_seconds() >= 0.4
+    alone = standin.StandInModel(0.1)
+    alone([torch.zeros(3, 10, 10, dtype=torch.uint8)])
+    assert alone.device_lock is None and alone.busy_seconds() >= 0.1
 
 
 def test_two_actors_per_device_recover_what_a_host_bound_model_leaves_idle():
     """The actors suite: 10 ms of host work with the GIL held and 10 ms of device time per image. One
     actor per device leaves the device idle while it works on the host (20 ms an image); two actors on one
     device overlap one's host work with the other's device time (10 ms an image at best): at least 1.3x
-    (1.9x measured here, unloaded). The rates are recomputed from the runs' arrival times."""
+    (1.9x measured here, unloaded). The rates are recomputed from the runs' arrival times. The app's
+    summary finds the one-actor run host-bound (its device busy half its model calls' time at best), and
+    the device busier in two actors' calls than in one's."""
     if ray.is_initialized():
         ray.shutdown()  # the module's shared Ray has no GPU; the suite starts its own
     results = bench.main(["actors", "--stand-in-ms", "10", "--host-ms", "10", "--count", "160", "--repeats", "1",
@@ -239,7 +246,12 @@ def test_two_actors_per_device_recover_what_a_host_bound_model_leaves_idle():
     rates = {n: [harness.rate_after_warm_up(run["arrivals"], 32) for run in runs] for n, runs in actors["runs"].items()}
     assert {n: spread["median"] for n, spread in actors["images_per_s"].items()} == {n: values[0] for n, values in rates.items()}
     assert actors["two_over_one"]["median"] == round(rates["2"][0] / rates["1"][0], 3) >= 1.3
+    busy = {n: runs[0]["device_busy_share"] for n, runs in actors["runs"].items()}
+    assert busy["1"] < HOST_BOUND_BELOW and busy["1"] < busy["2"], busy
+    assert {n: spread["median"] for n, spread in actors["device_busy_share"].items()} == busy
     assert results["report"].splitlines()[1].startswith("host-bound stand-in (10.0 ms/image host with the GIL held, 10.0 ms/image device)")
+    assert results["report"].splitlines()[2] == (f"device busy in model calls, as the app's summary reports it: one actor per device "
+                                                 f"{busy['1']:.2f}, two {busy['2']:.2f}")
 
 
 def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path):
@@ -266,7 +278,8 @@ def test_report_of_every_suite():
                     "host_time": {"image_size": [1066, 800], "detections_per_image": 5, "ms_per_image": 0.0451}},
         "actors": {"host_ms": 10.0, "device_ms": 10.0, "count": 400, "images_per_s": {
                        "1": {"median": 49.5, "min": 48.0, "max": 50.25}, "2": {"median": 97.0, "min": 95.0, "max": 99.0}},
-                   "two_over_one": {"median": 1.96, "min": 1.9, "max": 1.98}},
+                   "two_over_one": {"median": 1.96, "min": 1.9, "max": 1.98},
+                   "device_busy_share": {"1": {"median": 0.49, "min": 0.49, "max": 0.49}, "2": {"median": 0.953, "min": 0.95, "max": 0.96}}},
         "decode": {"12 MP": {"reduced": 25.46, "full": 13.8}},
         "memory": {"model": "m", "runs": [{"images": 5, "peak_rss_mb": 100.0, "seconds": 9.0}], "peak_ratio": 1.0},
         "inputs": {"manifest of 10 paths": {"inputs": 10, "todo": 4, "first_block_s": 1.25, "seconds": 2.0, "driver_peak_above_idle_mb": 30.4,
@@ -284,6 +297,7 @@ def test_report_of_every_suite():
         "detector host time, zero-time stand-in, 1066x800 images with 5 detections: 0.045 ms/image",
         "host-bound stand-in (10.0 ms/image host with the GIL held, 10.0 ms/image device), 400 images: one actor per "
         "device 49.5 images/s, two 97.0, ratio 1.96 (1.90-1.98)",
+        "device busy in model calls, as the app's summary reports it: one actor per device 0.49, two 0.95",
         "decode 12 MP JPEGs to 800 px, one core: 25.5 images/s (13.8 decoding them at full size)",
         "memory (m, app): peak RSS 5 images: 100 MB in 9 s; ratio 1.00",
         "input stage, manifest of 10 paths: first block after 1.2 s, all 10 in 2.0 s (4 to do), driver peak RSS +30 MB "

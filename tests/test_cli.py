@@ -213,6 +213,7 @@ SUMMARY = Summary(
     detector_actors=2, detector_nodes=1, detector_gpus=1.5, detector_devices={"cuda:NVIDIA H100": 2},
     peak_actors={"cuda": 2}, stage_seconds={"DetectorStage": 5.25, "FromArrow": 0.001, "decode_images": 0.84},
     batch_size=8, model_batches={5: 1, 8: 3}, model_seconds=18.5, images_per_gpu_second=0.432, cost_per_million_images=1607.4219,
+    device_busy_share=0.523,
 )
 SUMMARY_TEXT = (
     "ray-detect: 10 images (7 ok, 3 errors: unreadable=2, too_large=1), 21 detections; 8 processed by this run "
@@ -222,14 +223,23 @@ SUMMARY_TEXT = (
     "at most at once: cuda 2\n"
     "ray-detect: slowest stage: DetectorStage (work per worker: DetectorStage 5.2 s, decode_images 0.8 s)\n"
     "ray-detect: model batches: 4, 7.25 images on average of batch size 8 (91%); by images: 8 x3, 5 x1\n"
-    "ray-detect: model calls took 75% of the detector actors' time; 0.43 images/s per GPU; 1607.42 per million images "
-    "(inference.gpu_hour_price)\n"
+    "ray-detect: model calls took 75% of the detector actors' time; their GPUs were busy 52% of the model calls' time; "
+    "0.43 images/s per GPU; 1607.42 per million images (inference.gpu_hour_price)\n"
+    "ray-detect: the detector looks host-bound: its GPUs ran kernels 52% of its model calls' time; more detector actors "
+    "per GPU (inference.actors_per_gpu) give a GPU another actor's work in that time\n"
 )
 
 
 def test_print_summary(capsys):
     cli.print_summary(SUMMARY)
     assert capsys.readouterr().out == SUMMARY_TEXT
+    # A GPU busy 70% of the model calls' time or more is not host-bound; on CPUs nothing is said of it.
+    cli.print_summary(dataclasses.replace(SUMMARY, device_busy_share=0.7))
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "ray-detect: model calls took 75% of the detector actors' time; their GPUs were busy 70% of the model calls' "
+        "time; 0.43 images/s per GPU; 1607.42 per million images (inference.gpu_hour_price)")
+    cli.print_summary(dataclasses.replace(SUMMARY, device_busy_share=None))
+    assert "host-bound" not in capsys.readouterr().out
     cli.print_summary(Summary(output_path="out", inputs=0, processed=0, ok=0, errors=0, detections=0))
     assert capsys.readouterr().out == (
         "ray-detect: 0 images (0 ok, 0 errors: none), 0 detections; 0 processed by this run in 0.0 s "

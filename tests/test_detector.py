@@ -923,3 +923,31 @@ def test_the_tests_model_detects_differently_in_each_sample_image():
     assert len(best) == 4
     for (one, (score, box)), (other, (other_score, other_box)) in itertools.combinations(best.items(), 2):
         assert abs(score - other_score) > 1e-4 and np.abs(box - other_box).max() > 0.05, (one, other)
+
+
+def test_a_gpus_busy_share_comes_from_nvml_and_a_machine_without_it_gives_none_with_one_warning(caplog, monkeypatch):
+    """On the CPU nothing is measured. An actor on a GPU reads NVML's utilisation through torch: here, with
+    no NVIDIA driver, the real call fails and the actor warns once and measures nothing more (on a GPU
+    machine the same call gives a share). NVML's answer on a GPU is then stood in for (no GPU here)."""
+    detector = Detector(SPEC, num_threads=1)
+    detector.detect([np.zeros((64, 96, 3), np.uint8)])
+    assert detector.device_busy is None and detector.device_busy_share(None) is None
+    detector.device = torch.device("cuda")  # as an actor given a GPU calls it
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        nvml = True
+    except Exception:
+        nvml = False
+    with caplog.at_level(logging.WARNING, logger="app.detector"):
+        shares = [detector.device_busy_share(None) for _ in range(2)]
+    if nvml:
+        assert all(0 <= share <= 1 for share in shares) and caplog.messages == []
+    else:
+        assert shares == [None, None]
+        assert len(caplog.messages) == 1
+        assert caplog.messages[0].startswith("cannot read the GPU's utilisation through NVML (")
+    detector.nvml_failed = False
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device: 52)
+    assert detector.device_busy_share(None) == 0.52

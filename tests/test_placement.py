@@ -64,7 +64,10 @@ def test_detector_on_gpu_node_decode_on_cpu_node(gpu_cluster, tmp_path):
     assert cost["model_busy_share"] == pytest.approx(cost["model_seconds"] / wall, abs=1e-3)
     assert cost["images_per_gpu_second"] == pytest.approx(40 / wall, rel=1e-3)
     assert cost["per_million_images"] == pytest.approx(3.0 * wall / 3600 / 40 * 1e6, rel=1e-3)
-    assert (f"ray-detect: model calls took {cost['model_busy_share']:.0%} of the detector actors' time; "
+    # The GPU's busy share comes from NVML: none for an actor on the CPU.
+    assert (cost["device_busy_share"] is None) == (not CUDA_WORKS)
+    busy = "" if cost["device_busy_share"] is None else f"their GPUs were busy {cost['device_busy_share']:.0%} of the model calls' time; "
+    assert (f"ray-detect: model calls took {cost['model_busy_share']:.0%} of the detector actors' time; {busy}"
             f"{cost['images_per_gpu_second']:.2f} images/s per GPU; {cost['per_million_images']:.2f} per million images "
             f"(inference.gpu_hour_price)\n") in result.stdout
 

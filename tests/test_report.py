@@ -111,6 +111,39 @@ def test_index_holds_the_exact_counts(results_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "report" / "previews")) == ["0001_a.jpg", "0002_b.jpg", "0003_c.jpg"]
 
 
+def test_the_last_runs_pace_and_cost_come_from_the_manifest(tmp_path):
+    """The Last run list: the manifest's figures of the last run, formatted, and none where the manifest has
+    none (a CPU run has no GPU figures; the fixture's manifest, like an older run's, has no last run)."""
+    rows = [ok_row(gray_image(tmp_path / "images" / "a.jpg"), [(17, "cat", 0.95, [40, 30, 160, 120])])]
+    last_run = {
+        "wall_seconds": 123.456, "images_per_second": 8.1,
+        "detector_by_last_run": {"actors": 2, "nodes": 1, "gpus": 1.0, "devices": {"cuda:NVIDIA H100": 2}},
+        "model_batches_by_last_run": {"batch_size": 8, "batches": 4, "mean_images": 7.25, "by_images": {"5": 1, "8": 3}},
+        "cost_by_last_run": {"model_seconds": 18.5, "model_busy_share": 0.7493, "device_busy_share": 0.523,
+                             "images_per_gpu_second": 0.432, "gpu_hour_price": 3.0, "per_million_images": 1607.4219},
+    }
+    results = write_results(tmp_path / "results", rows, manifest_extra=last_run)
+    report.main([results, "--out", str(tmp_path / "report")])
+    page = (tmp_path / "report" / "index.html").read_text()
+    items = re.findall(r'<dt>([^<]+)</dt><dd id="([a-z-]+)">([^<]+)</dd>', page.split('<dl class="counts" id="last-run">')[1])
+    assert items == [
+        ("wall time", "wall-seconds", "123.5 s"), ("images/s", "images-per-second", "8.10"),
+        ("detector actors", "actors", "2"), ("GPUs held", "gpus", "1"), ("images per model batch", "mean-batch", "7.25 of 8"),
+        ("actors&#x27; time in model calls", "model-busy", "75%"), ("GPUs busy in model calls", "device-busy", "52%"),
+        ("images/s per GPU", "images-per-gpu-second", "0.43"), ("cost per million images", "cost-per-million", "1607.42"),
+    ]
+    on_cpu = {**last_run, "detector_by_last_run": {"actors": 1, "nodes": 1, "gpus": 0.0, "devices": {"cpu": 1}},
+              "cost_by_last_run": {"model_seconds": 9.0, "model_busy_share": 0.5, "device_busy_share": None,
+                                   "images_per_gpu_second": None, "gpu_hour_price": None, "per_million_images": None}}
+    results = write_results(tmp_path / "cpu-results", rows, manifest_extra=on_cpu)
+    report.main([results, "--out", str(tmp_path / "cpu-report")])
+    page = (tmp_path / "cpu-report" / "index.html").read_text()
+    assert re.findall(r'<dd id="([a-z-]+)">', page.split('id="last-run">')[1]) == [
+        "wall-seconds", "images-per-second", "actors", "gpus", "mean-batch", "model-busy"]
+    report.main([write_results(tmp_path / "old", rows), "--out", str(tmp_path / "old-report")])
+    assert 'id="last-run"' not in (tmp_path / "old-report" / "index.html").read_text()
+
+
 def test_filters_choose_the_previews(results_dir, tmp_path):
     report.main([results_dir, "--out", str(tmp_path / "dogs"), "--label", "dog"])
     page = (tmp_path / "dogs" / "index.html").read_text()

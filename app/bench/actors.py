@@ -54,14 +54,21 @@ def run(args, base: Path) -> dict:
         "warm_up_images": warm_up,
         "images_per_s": {str(n): spread(values) for n, values in rates.items()},
         "two_over_one": spread(ratios, 3),
+        # The share of the model calls' time the stand-in device was busy (the app's summary: app.summary).
+        "device_busy_share": {str(n): spread([timing.device_busy_share for timing in timings], 3) for n, timings in runs.items()},
         "runs": {str(n): [asdict(timing) for timing in timings] for n, timings in runs.items()},
     }
 
 
 def lines(actors: dict) -> list[str]:
     one, two, ratio = actors["images_per_s"]["1"], actors["images_per_s"]["2"], actors["two_over_one"]
-    return [
+    lines = [
         f"host-bound stand-in ({actors['host_ms']} ms/image host with the GIL held, {actors['device_ms']} ms/image device), "
         f"{actors['count']} images: one actor per device {number(one['median'], 0, 1)} images/s, two "
         f"{number(two['median'], 0, 1)}, ratio {number(ratio['median'], 0, 2)} ({number(ratio['min'], 0, 2)}-{number(ratio['max'], 0, 2)})"
     ]
+    busy = actors.get("device_busy_share")  # not in results written before it was measured
+    if busy:
+        lines.append(f"device busy in model calls, as the app's summary reports it: one actor per device "
+                     f"{number(busy['1']['median'], 0, 2)}, two {number(busy['2']['median'], 0, 2)}")
+    return lines

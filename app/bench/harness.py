@@ -141,6 +141,8 @@ class Timing:
     detections: int
     # [seconds, images] as results reached the driver, on the mode's own clock; only differences count.
     arrivals: list[list] = field(default_factory=list)
+    # The app's: the share of its model calls' time its devices were busy (app.summary.Summary), where known.
+    device_busy_share: Optional[float] = None
 
 
 class Run(NamedTuple):
@@ -152,6 +154,7 @@ class Run(NamedTuple):
     first_result_s: Optional[float]
     timed_s: Optional[float] = None
     arrivals: tuple = ()
+    device_busy_share: Optional[float] = None
 
 
 class Arrivals:
@@ -209,7 +212,7 @@ def run_app(folder: Path, cfg, out: Path, batch_size: int, detector: type[Detect
     finally:
         if not keep_ray:
             ray.shutdown()
-    return Run(summary.detections, arrivals.first_s, arrivals=tuple(arrivals.times))
+    return Run(summary.detections, arrivals.first_s, arrivals=tuple(arrivals.times), device_busy_share=summary.device_busy_share)
 
 
 def timed(mode: str, run: Callable[[], Run], images: int) -> Timing:
@@ -220,7 +223,7 @@ def timed(mode: str, run: Callable[[], Run], images: int) -> Timing:
     first = result.first_result_s
     timing = Timing(mode, images, round(seconds, 3), round(first, 4) if first is not None else None,
                     round(memory.peak_bytes / 2**20, 1), round(memory.peak_driver_bytes / 2**20, 1), result.detections,
-                    [[round(at, 4), count] for at, count in result.arrivals])
+                    [[round(at, 4), count] for at, count in result.arrivals], result.device_busy_share)
     log.info("%-10s %5d images in %8.2f s (first result after %s s), peak RSS %.0f MB, %d detections",
              mode, images, seconds, timing.first_result_s, timing.peak_rss_mb, result.detections)
     return timing

@@ -41,13 +41,16 @@ class StandInModel(torch.nn.Module):
     it takes longer, as that thread would); then holds the device for
     `seconds_per_image` per image with the GIL released, as a CUDA call does while the device works. The
     actors Ray gave the same GPU take the device in turns (shared_device_lock), as kernels on one GPU run
-    one after another. Returns STAND_IN_DETECTIONS boxes per image, spread over it."""
+    one after another, and add the seconds they held it to the device's busy seconds (busy_seconds: those of
+    every actor sharing it, as NVML's utilisation counts a GPU's kernels whichever process launched them).
+    Returns STAND_IN_DETECTIONS boxes per image, spread over it."""
 
     def __init__(self, seconds_per_image: float, host_seconds_per_image: float = 0.0):
         super().__init__()
         self.seconds_per_image = seconds_per_image
         self.host_seconds_per_image = host_seconds_per_image
         self.device_lock = shared_device_lock()
+        self.own_busy_seconds = 0.0  # without a shared device
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         busy_until = time.thread_time() + self.host_seconds_per_image * len(images)
@@ -66,16 +69,38 @@ class StandInModel(torch.nn.Module):
 
     @contextlib.contextmanager
     def device(self):
-        """The stand-in device, held: an exclusive lock on its lock file when actors share it."""
+        """The stand-in device, held: an exclusive lock on its lock file when actors share it. The seconds
+        it was held are added to its busy seconds before it is let go."""
         if self.device_lock is None:
+            started = time.perf_counter()
             yield
+            self.own_busy_seconds += time.perf_counter() - started
             return
         with open(self.device_lock, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                started = time.perf_counter()
                 yield
+                self.write_busy_seconds(self.busy_seconds() + time.perf_counter() - started)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def busy_seconds(self) -> float:
+        """The seconds the stand-in device was held so far, by every actor sharing it. Read without the lock
+        (a reader would wait for the device otherwise): the file is replaced whole, never written in place."""
+        if self.device_lock is None:
+            return self.own_busy_seconds
+        try:
+            with open(self.device_lock + ".busy") as file:
+                return float(file.read())
+        except FileNotFoundError:
+            return 0.0
+
+    def write_busy_seconds(self, seconds: float) -> None:
+        partial = f"{self.device_lock}.busy.{os.getpid()}"
+        with open(partial, "w") as file:
+            file.write(repr(seconds))
+        os.replace(partial, self.device_lock + ".busy")
 
 
 def shared_device_lock() -> Optional[str]:
@@ -93,6 +118,15 @@ def stand_in_detector(seconds_per_image: float, host_seconds_per_image: float = 
     class StandInDetector(Detector):
         def load_model(self, spec: ModelSpec):
             return StandInModel(seconds_per_image, host_seconds_per_image), coco_categories(spec.name)
+
+        def device_busy_reading(self) -> tuple[float, float]:
+            return time.perf_counter(), self.model.busy_seconds()
+
+        def device_busy_share(self, reading: tuple[float, float]) -> Optional[float]:
+            """The share of the call's time the stand-in device was held, by this actor or one sharing it."""
+            started, busy = reading
+            seconds = time.perf_counter() - started
+            return min(1.0, (self.model.busy_seconds() - busy) / seconds) if seconds > 0 else None
 
     return StandInDetector
 

@@ -368,6 +368,7 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
         "cost_by_last_run": {
             "model_seconds": summary.model_seconds,
             "model_busy_share": None if summary.model_busy_share is None else round(summary.model_busy_share, 4),
+            "device_busy_share": summary.device_busy_share,
             "images_per_gpu_second": summary.images_per_gpu_second,
             "gpu_hour_price": cfg.inference.gpu_hour_price,
             "per_million_images": summary.cost_per_million_images,

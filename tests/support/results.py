@@ -32,8 +32,9 @@ def error_row(path, kind, message):
     }
 
 
-def write_results(folder, rows, weights="none", class_names=None, filesystem=None, settings=None):
-    """A results directory as `python -m app` leaves it: Parquet data files, the manifest and the settings."""
+def write_results(folder, rows, weights="none", class_names=None, filesystem=None, settings=None, manifest_extra=None):
+    """A results directory as `python -m app` leaves it: Parquet data files, the manifest (with manifest_extra's
+    keys) and the settings."""
     filesystem = filesystem or pafs.LocalFileSystem()
     folder = str(folder)
     filesystem.create_dir(folder, recursive=True)
@@ -46,6 +47,7 @@ def write_results(folder, rows, weights="none", class_names=None, filesystem=Non
         "config": {"model": {"name": MODEL, "weights": weights, "class_names": class_names, "num_classes": None}},
         "model": {"name": MODEL, "weights": weights, "random_init_fallback": None},
         "counts": {"inputs": len(rows)},
+        **(manifest_extra or {}),
     }
     with filesystem.open_output_stream(f"{folder}/{MANIFEST_NAME}") as stream:
         stream.write(json.dumps(manifest).encode())
