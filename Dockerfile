@@ -32,16 +32,17 @@ ENV TORCH_HOME=/home/ray/.cache/torch \
     RAY_USAGE_STATS_ENABLED=0
 
 # 1. The pinned dependencies, read from pyproject.toml alone, so this layer is rebuilt only when they
-#    change: [project] dependencies only, no extras. The pods run the job and nothing else (KubeRay's
-#    submitter, `ray job submit`; the entrypoint `python -m app ...` on the head; Ray's workers); the
-#    commands with extras (submit: kubernetes, evaluate: pycocotools, bench: psutil) run elsewhere.
+#    change: [project] dependencies and the job's extras for table outputs (delta: deltalake, iceberg:
+#    pyiceberg). The pods run the job and nothing else (KubeRay's submitter, `ray job submit`; the
+#    entrypoint `python -m app ...` on the head; Ray's workers); the commands with extras (submit:
+#    kubernetes, evaluate: pycocotools, bench: psutil) run elsewhere.
 #    Ray is already in the base image at the same version. torch and torchvision come from PyPI, like the
 #    rest: PyPI's Linux torch 2.14.1 is the CUDA 13.0 build, the base image's CUDA, so one index gives one
 #    CUDA stack. The check after the install fails the build if torch's CUDA is not the base image's;
 #    tests/test_image_requirements.py resolves these pins for this platform against PyPI, so a pin without
 #    a wheel fails a test rather than a build.
 COPY --chown=1000:100 pyproject.toml ray-detect/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('ray-detect/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('ray-detect/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['delta'] + p['optional-dependencies']['iceberg']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && python -c "import sys, torch; sys.exit(0 if torch.version.cuda == '13.0' else f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, not the base image CUDA 13.0')" \
     && rm /tmp/requirements.txt

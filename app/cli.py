@@ -60,7 +60,7 @@ def print_summary(summary: Summary) -> None:
         f"ray-detect: {summary.inputs} images ({summary.ok} ok, {summary.errors} errors: {errors}), "
         f"{summary.detections} detections; {summary.processed} processed by this run in "
         f"{summary.wall_seconds:.1f} s ({summary.images_per_second:.2f} images/s)\n"
-        f"ray-detect: results in {summary.output_path} (manifest: {summary.output_path}/_manifest.json)"
+        f"ray-detect: results in {summary.output_path} (manifest: {summary.manifest_path or summary.output_path + '/_manifest.json'})"
     )
     if summary.duplicates:
         print(f"ray-detect: {summary.duplicates} input(s) listed more than once: one row each")

@@ -177,10 +177,25 @@ class TilingConfig:
     class_aware: Optional[bool] = None
 
 
+class OutputFormat(str, Enum):
+    """Where the result rows go: a folder of Parquet files, a Delta Lake table, or an Apache Iceberg table."""
+
+    parquet = "parquet"
+    delta = "delta"
+    iceberg = "iceberg"
+
+
 @dataclass
 class OutputConfig:
-    # Directory or URI of the Parquet dataset.
+    # Directory or URI of the Parquet dataset; with format=delta the Delta table's; with format=iceberg the
+    # folder of the run's bookkeeping (lease, settings, manifest), the rows going to output.table.
     path: str = MISSING
+    # parquet, delta or iceberg (docs/outputs.md): pick with output=delta or output=iceberg.
+    format: OutputFormat = OutputFormat.parquet
+    # format=iceberg: the pyiceberg catalog's name (configured in ~/.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__*
+    # variables; "local" without a configuration: SQLite under ./iceberg) and the table, NAMESPACE.TABLE.
+    catalog: Optional[str] = None
+    table: Optional[str] = None
     # Delete what output.path holds and start afresh, instead of resuming the run that wrote it.
     overwrite: bool = False
     # Rows are committed in files of at most this many rows, and with the next rows that arrive once
@@ -319,6 +334,9 @@ def check_config(cfg: AppConfig) -> None:
         raise ConfigError(f"inference.gpu_hour_price={cfg.inference.gpu_hour_price} must be at least 0")
     if cfg.inference.batch_size is not None and cfg.inference.batch_size < 1:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size} must be at least 1")
+    if cfg.output.format == OutputFormat.iceberg and not (cfg.output.catalog and "." in (cfg.output.table or "").strip(".")):
+        raise ConfigError(f"output=iceberg needs output.catalog (a pyiceberg catalog's name) and output.table as "
+                          f"NAMESPACE.TABLE, not catalog={cfg.output.catalog!r} table={cfg.output.table!r}")
     if cfg.output.rows_per_file < 1:
         raise ConfigError(f"output.rows_per_file={cfg.output.rows_per_file} must be at least 1")
     if cfg.data.read_attempts < 1:

@@ -27,7 +27,7 @@ from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume, rewrite
 from app.output.lease import OutputLease
 from app.output.verdicts import Verdicts, read_transient
-from app.output.writer import ResultWriter
+from app.output.writer import ResultWriter, TableWriter, writer_for
 from app.plan import ClusterLimits, Plan, on_driver_node, plan_run
 from app.progress import Progress
 from app.retry import RetryBudget
@@ -108,7 +108,9 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
                         cfg.output.lease_wait_s)
     with stop_on_sigterm(), lease:
         dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights, spec.weights_sha256))
-        writer = ResultWriter(output, lease.generation, cfg.output.rows_per_file, cfg.output.commit_interval_s, lease.verify)
+        output = dataset.prepare_table(cfg.output, output)
+        writer = writer_for(output, lease.generation, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s,
+                            lease.verify)
         if cfg.data.retry_errors:
             remove_errors_to_retry(cfg, output, writer)
         executed = Executed()
@@ -164,7 +166,10 @@ def remove_errors_to_retry(cfg: AppConfig, output: storage.Location, writer: Res
     manifest = output.join(dataset.MANIFEST_NAME)
     if output.filesystem.get_file_info(manifest).type != pafs.FileType.NotFound:
         output.filesystem.delete_file(manifest)
-    removed = rewrite.remove_rows_of_kinds(output, writer, list(cfg.data.retry_errors))
+    if isinstance(writer, TableWriter):
+        removed = writer.delete_rows(list(cfg.data.retry_errors))
+    else:
+        removed = rewrite.remove_rows_of_kinds(output, writer, list(cfg.data.retry_errors))
     log.info("data.retry_errors: %d committed rows of kinds %s removed; their images are read again", removed,
              ", ".join(cfg.data.retry_errors))
 
@@ -311,21 +316,22 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
     actors were and, with `gpu_hour_price`, cost. Several rows of one path (written by an older version,
     or left by a rewrite that crashed midway) are repaired through `writer` first."""
     scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
-    if scan.rows != scan.unique_paths:
+    if scan.rows != scan.unique_paths and output.table is None:  # a table's rows are only ever this app's appends
         removed = rewrite.repair_duplicates(output, writer)
         writer.close()
         log.warning("%s held %d rows beyond one per path: removed", output.uri(output.path), removed)
         scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
     transient = executed.left.num_rows if executed.left is not None else 0
     if scan.rows != scan.unique_paths or scan.unique_paths + transient < inputs:
-        raise RuntimeError(f"{output.uri(output.path)} holds {scan.rows} rows for {scan.unique_paths} paths and "
+        raise RuntimeError(f"{dataset.output_name(output)} holds {scan.rows} rows for {scan.unique_paths} paths and "
                            f"{inputs} inputs ({transient} left unread)")
     kinds = scan.errors_by_kind
     errors = sum(kinds.values())
     wall = time.monotonic() - started
     processed, workers = executed.processed, executed.workers
     summary = Summary(
-        output_path=output.uri(output.path),
+        output_path=dataset.output_name(output),
+        manifest_path=output.uri(output.join(dataset.MANIFEST_NAME)),
         inputs=scan.rows + transient,
         processed=processed,
         ok=scan.rows - errors,

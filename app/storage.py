@@ -13,6 +13,7 @@ once (`for_image_reads`) because app.retry retries them, with its own backoff, b
 
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
@@ -33,6 +34,9 @@ class Location:
     filesystem: pafs.FileSystem
     path: str
     uri_prefix: str = ""
+    # The table the result rows go to, when a run's output is one (app.output.tables): the location is then
+    # the folder of the run's bookkeeping only.
+    table: Optional[Any] = None
 
     def uri(self, path: str) -> str:
         return self.uri_prefix + path

@@ -13,7 +13,7 @@ HOST_BOUND_BELOW = 0.7
 class Summary:
     """What a run did; also the counts in the manifest."""
 
-    output_path: str
+    output_path: str  # where the rows are: the Parquet dataset's URI, or a table's name
     inputs: int
     processed: int  # images that went through the model in this run (the rest were already committed)
     ok: int
@@ -29,6 +29,7 @@ class Summary:
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     weights: str = ""
+    manifest_path: str = ""  # the manifest's URI; "" for output_path/_manifest.json
     warnings: list[str] = field(default_factory=list)
     # The detector actors this run used, the nodes they ran on, the GPUs they held, and their devices
     # (cuda:<GPU model> or cpu: actors).

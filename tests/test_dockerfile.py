@@ -22,7 +22,7 @@ from packaging.specifiers import SpecifierSet
 import app
 from app.model import MODEL_NAMES
 from tests.support import k8s_validation as kv
-from tests.support.dockerfile import CHART_META, CHART_VALUES, DOCKERFILE, PYPROJECT, ROOT, instructions
+from tests.support.dockerfile import CHART_META, CHART_VALUES, DOCKERFILE, IMAGE_PINS, PYPROJECT, ROOT, instructions
 
 pytestmark = pytest.mark.slow  # hadolint, helm renders and the weights bake
 
@@ -148,7 +148,7 @@ def test_dependencies_are_installed_in_a_layer_before_the_source():
     deps_index, deps = runs[0]
     assert copies[0][0] < deps_index < copies[1][0]
     assert "pip install --no-cache-dir -r /tmp/requirements.txt" in deps
-    assert "['project']['dependencies']" in deps
+    assert "['dependencies']" in deps
     app_index, install_app = runs[-1]
     assert app_index > copies[-1][0] and "pip install --no-cache-dir --no-deps ./ray-detect" in install_app
     for _, args in runs:
@@ -156,18 +156,20 @@ def test_dependencies_are_installed_in_a_layer_before_the_source():
             assert "--no-cache-dir" in call, call
 
 
-def test_the_image_installs_the_jobs_dependencies_and_no_extra(tmp_path):
+def test_the_image_installs_the_jobs_dependencies_and_no_commands_extra(tmp_path):
     """The pods run the job only: the requirements the Dockerfile's program reads from pyproject.toml
-    are the [project] dependencies, without the commands' extras (submit, eval, bench) or test's."""
+    are the [project] dependencies and the job's table outputs (delta, iceberg), without the commands'
+    extras (submit, eval, bench) or test's."""
     run = next(args for keyword, args in instructions() if keyword == "RUN" and "requirements.txt" in args)
     program = re.fullmatch(r'python -c "([^"]+)" > /tmp/requirements\.txt .*', run).group(1)
     (tmp_path / "ray-detect").mkdir()
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "ray-detect" / "pyproject.toml")
     done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
-    assert done.stdout.splitlines() == PYPROJECT["project"]["dependencies"]
+    assert done.stdout.splitlines() == IMAGE_PINS
     assert [re.split(r"[=\[]", requirement)[0] for requirement in done.stdout.splitlines()] == [
-        "ray", "torch", "torchvision", "hydra-core", "omegaconf", "pyarrow", "pillow", "numpy", "fsspec", "boto3"
+        "ray", "torch", "torchvision", "hydra-core", "omegaconf", "pyarrow", "pillow", "numpy", "fsspec", "boto3",
+        "nvidia-ml-py", "deltalake", "pyiceberg"
     ]
     # Every pip install names requirement files or the source, never an extra ([...]).
     installs = [call for _, args in instructions() for call in re.findall(r"pip install[^&;]*", args)]

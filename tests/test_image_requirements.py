@@ -24,7 +24,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
-from tests.support.dockerfile import PYPROJECT, ROOT, instructions
+from tests.support.dockerfile import IMAGE_PINS, PYPROJECT, ROOT, instructions
 
 pytestmark = pytest.mark.slow  # pip resolves the image's requirements against PyPI
 
@@ -124,7 +124,7 @@ def image_resolution(tmp_path_factory, source_built_wheels) -> dict:
     """pip's report for the image's requirements."""
     folder = tmp_path_factory.mktemp("image-resolution")
     requirements = the_images_requirements(folder)
-    assert requirements == PYPROJECT["project"]["dependencies"]
+    assert requirements == IMAGE_PINS
     done, report = resolve_for_the_image(requirements, folder, find_links=source_built_wheels)
     assert (done.returncode, pip_errors(done)) == (0, []), done.stderr
     assert {key: report["environment"][key] for key in IMAGE_MARKERS} == IMAGE_MARKERS, (
@@ -139,11 +139,11 @@ def installed(report: dict) -> dict[str, dict]:
 
 def test_every_pin_resolves_at_its_version(image_resolution):
     pins = dict(re.fullmatch(r"([\w.-]+)(?:\[[^\]]*\])?==(\S+)", requirement).groups()
-                for requirement in PYPROJECT["project"]["dependencies"])
+                for requirement in IMAGE_PINS)
     requested = {name: item["metadata"]["version"] for name, item in installed(image_resolution).items()
                  if item["requested"]}
     assert requested == {canonicalize_name(name): version for name, version in pins.items()}
-    assert len(requested) == 10
+    assert len(requested) == 13
 
 
 def test_every_package_is_a_wheel_from_pypi_that_the_image_runs(image_resolution):
@@ -194,7 +194,7 @@ REQUIRES_PYTHON = SpecifierSet(PYPROJECT["project"]["requires-python"])
 def resolve_the_pins_alone(python: str) -> subprocess.CompletedProcess:
     """pip's resolution of the [project] pins alone (--no-deps) for CPython `python` on Linux x86_64."""
     return pip("install", "--dry-run", "--no-deps", "--ignore-installed", *linux_target(python),
-               *PYPROJECT["project"]["dependencies"])
+               *IMAGE_PINS)
 
 
 def test_the_newest_python_that_requires_python_allows_has_a_wheel_of_every_pin():
@@ -211,5 +211,5 @@ def test_the_pythons_just_outside_requires_python_lack_a_wheel_of_a_pin(python):
     assert python not in REQUIRES_PYTHON
     done = resolve_the_pins_alone(python)
     missing = re.fullmatch(r"ERROR: No matching distribution found for (.+)", pip_errors(done)[-1]).group(1)
-    pins = [re.sub(r"\[.*\]", "", pin) for pin in PYPROJECT["project"]["dependencies"]]  # pip names no extras
+    pins = [re.sub(r"\[.*\]", "", pin) for pin in IMAGE_PINS]  # pip names no extras
     assert (done.returncode, missing in pins) == (1, True), done.stderr

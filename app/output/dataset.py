@@ -17,6 +17,9 @@ Layout of output.path (the commit protocol):
   _transient.parquet        the inputs without a row because storage kept failing for reasons that may pass
                             (path, last error, runs in a row); a rerun reads them (app.output.verdicts).
 Names starting with "_" are ignored by pyarrow, pandas, DuckDB and Spark readers of the dataset.
+
+With a table output (output=delta, output=iceberg: app.output.tables) the folder holds the same files but for
+the part files and the staging: the rows are the table's, and `committed_files` lists its data files.
 """
 
 import contextlib
@@ -27,6 +30,7 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
@@ -37,6 +41,7 @@ from omegaconf import OmegaConf
 from app import storage
 from app.config import AppConfig, ConfigError, OutputConfig
 from app.model import ModelSpec, torch_build
+from app.output import tables
 from app.result_schema import RESULT_SCHEMA
 from app.retry import with_retries
 
@@ -125,15 +130,36 @@ def read_json(filesystem: pafs.FileSystem, path: str) -> Optional[dict]:
 
 
 def locate(section: OutputConfig) -> storage.Location:
-    """output.path as a filesystem location: a folder, or nothing yet."""
+    """The folder of the run's files, a filesystem location (a folder, or nothing yet): output.path, or with
+    output=delta the table's _ray_detect folder; with a table output it names the table (app.output.tables)."""
+    table = tables.table_of(section)
+    folder = table.control_uri() if table is not None and table.control_uri() else section.path
     try:
-        output = storage.resolve(section.path)
+        output = storage.resolve(folder)
         info = output.filesystem.get_file_info(output.path)
     except (storage.StorageError, OSError) as error:
         raise ConfigError(f"output.path {section.path} cannot be used: {error}") from None
     if info.type == pafs.FileType.File:
         raise ConfigError(f"output.path {section.path} is a file, not a directory")
-    return output
+    return replace(output, table=table)
+
+
+def prepare_table(section: OutputConfig, output: storage.Location) -> storage.Location:
+    """A table output's table created, or its schema checked (emptied with output.overwrite): called once the
+    run holds the lease. The location, naming the table as prepared."""
+    if output.table is None:
+        return output
+    return replace(output, table=output.table.prepare(section.overwrite))
+
+
+def output_name(output: storage.Location) -> str:
+    """Where the rows are, in words: the Parquet dataset's URI, or the table's name."""
+    return output.table.name if output.table is not None else output.uri(output.path)
+
+
+def rows_filesystem(output: storage.Location) -> pafs.FileSystem:
+    """The filesystem of the files committed_files lists."""
+    return tables.rows_filesystem(output.table) if output.table is not None else output.filesystem
 
 
 def settings(cfg: AppConfig, weights: str, weights_sha256: Optional[str] = None) -> dict:
@@ -151,7 +177,10 @@ def settings(cfg: AppConfig, weights: str, weights_sha256: Optional[str] = None)
     inputs = {"data.manifest": storage.absolute(cfg.data.manifest)} if cfg.data.manifest else {}
     # Tiling's keys only when it is on: the settings of an untiled run are those of the versions before it.
     tiling = OmegaConf.to_container(cfg.tiling, resolve=True, enum_to_str=True) if cfg.tiling.enabled else {}
+    # The table's name only with a table output: a bookkeeping folder stays with the table it was made for.
+    table = tables.table_of(cfg.output)
     return {
+        **({"output.table": table.name} if table is not None else {}),
         **{f"tiling.{key}": value for key, value in tiling.items() if key != "enabled"},
         **inputs,
         "data.path": storage.absolute(cfg.data.path),
@@ -293,7 +322,10 @@ def sorted_part_files(output: storage.Location) -> tuple[list[str], list[str]]:
 
 
 def committed_files(output: storage.Location) -> list[str]:
-    """The files that make the dataset: the one place that decides, for every reader."""
+    """The files that make the dataset: the one place that decides, for every reader. With a table output,
+    the data files of the table's current version (on rows_filesystem)."""
+    if output.table is not None:
+        return output.table.data_files()
     return sorted_part_files(output)[0]
 
 
@@ -302,7 +334,7 @@ def read_committed(output: storage.Location, columns: list[str]) -> pa.Table:
     files = committed_files(output)
     if not files:
         return RESULT_SCHEMA.empty_table().select(columns)
-    dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=output.filesystem, format="parquet")
+    dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=rows_filesystem(output), format="parquet")
     return dataset.to_table(columns=columns)
 
 

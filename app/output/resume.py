@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from app.output.dataset import committed_files
+from app.output.dataset import committed_files, rows_filesystem
 from app.result_schema import RESULT_SCHEMA
 from app.storage import Location
 
@@ -110,7 +110,7 @@ class OutputScan:
 
 def scan_files(output: Location, files: list[str]) -> tuple[OutputScan, np.ndarray]:
     """Counts of the rows in files, and their paths' digests."""
-    dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=output.filesystem, format="parquet")
+    dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=rows_filesystem(output), format="parquet")
     scan, index = OutputScan(), [np.empty(0, dtype=DIGEST)]
     for batch in dataset.to_batches(columns=["path", "error_kind", "num_detections"]):
         scan.rows += batch.num_rows

@@ -28,7 +28,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app.output.dataset import TRANSIENT_NAME, committed_files, parquet_bytes, replace_file
+from app.output.dataset import TRANSIENT_NAME, committed_files, parquet_bytes, replace_file, rows_filesystem
 from app.output.resume import PathSet
 from app.output.writer import ResultWriter
 from app.result_schema import KEPT_FAILING, REFUSED, RESULT_SCHEMA, TRANSIENT, UNREADABLE
@@ -74,7 +74,7 @@ def read_transient(output: Location) -> pa.Table:
     files = committed_files(output)
     if not files or not left.num_rows:
         return left
-    rows = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=output.filesystem, format="parquet")
+    rows = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=rows_filesystem(output), format="parquet")
     done = rows.to_table(columns=["path"], filter=pc.field("path").isin(left["path"])).column("path")
     return left.filter(pc.invert(pc.is_in(left["path"], done)))
 

@@ -6,6 +6,8 @@ from typing import Callable
 import pyarrow as pa
 
 from app.output.dataset import STAGING_DIR, parquet_bytes, part_name, write_whole
+from app.output.lease import LeaseLost
+from app.output.tables import GENERATION_KEY, RUN_ID_KEY, TableMoved
 from app.result_schema import RESULT_SCHEMA
 from app.storage import Location
 
@@ -72,3 +74,44 @@ class ResultWriter:
             self.before_commit()  # staging is only its holder's to delete: not a run whose lease was taken over
             self.output.filesystem.delete_dir(self.output.join(STAGING_DIR))
             self.staged = False
+
+
+class TableWriter(ResultWriter):
+    """A ResultWriter for a table output (app.output.tables): each file's rows are one table commit, made from
+    the version of the table this run left, with the run's id (`owner`) and lease generation in its commit
+    metadata. A commit that finds the table moved by another writer stops the run as a lost lease does."""
+
+    def __init__(self, output: Location, generation: int, owner: str, rows_per_file: int, commit_interval_s: float,
+                 before_commit: Callable[[], None] = lambda: None):
+        super().__init__(output, generation, rows_per_file, commit_interval_s, before_commit)
+        self.table = output.table
+        self.metadata = {RUN_ID_KEY: owner, GENERATION_KEY: str(generation)}
+        self.expected = self.table.version()
+
+    def write_file(self, rows: pa.Table) -> None:
+        self.before_commit()
+        try:
+            self.expected = self.table.append(rows.cast(RESULT_SCHEMA), self.expected, self.metadata)
+        except TableMoved as error:
+            raise LeaseLost(f"another writer committed to {self.table.name} while this run wrote it ({error}); the rows "
+                            f"this run committed are kept: rerun once it is the table's only writer") from error
+        self.sequence += 1
+        self.last_commit = time.monotonic()
+
+    def delete_rows(self, error_kinds: list[str]) -> int:
+        """Delete the committed rows of these error kinds (data.retry_errors) in one commit; their number."""
+        self.before_commit()
+        removed = self.table.delete_rows(error_kinds)
+        self.expected = self.table.version()
+        return removed
+
+    def close(self) -> None:
+        self.commit()
+
+
+def writer_for(output: Location, generation: int, owner: str, rows_per_file: int, commit_interval_s: float,
+               before_commit: Callable[[], None]) -> ResultWriter:
+    """The writer of the output's rows: Parquet files, or commits to its table."""
+    if output.table is not None:
+        return TableWriter(output, generation, owner, rows_per_file, commit_interval_s, before_commit)
+    return ResultWriter(output, generation, rows_per_file, commit_interval_s, before_commit)

@@ -10,6 +10,9 @@ from tests.support import k8s_validation as kv
 ROOT = kv.REPO_ROOT
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# What the image installs: the [project] dependencies and the job's extras for table outputs (Dockerfile).
+IMAGE_PINS = (PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["delta"]
+                      + PYPROJECT["project"]["optional-dependencies"]["iceberg"])
 CHART_META = yaml.safe_load((kv.CHART_DIR / "Chart.yaml").read_text())
 CHART_VALUES = yaml.safe_load((kv.CHART_DIR / "values.yaml").read_text())
 

@@ -1,0 +1,280 @@
+"""Lakehouse table outputs: the result rows committed into a Delta Lake table (output=delta, the deltalake
+library) or an Apache Iceberg table (output=iceberg, pyiceberg) instead of a folder of Parquet files.
+
+What stays as it is: the run's bookkeeping, in a folder of its own (app.output.dataset's protocol: the
+lease, the settings, the manifest, the inputs left unread). For a Delta table that folder is
+`<table>/_ray_detect` (Delta's readers and VACUUM skip names that start with "_"); for an Iceberg table it is
+output.path, since Iceberg's orphan-file clean-up would delete anything under the table's location that its
+metadata does not name. The driver is still the only writer.
+
+What changes: a commit of rows (up to output.rows_per_file, or what came within output.commit_interval_s)
+is one table transaction that appends one data file, with the run's id and lease generation in its commit
+metadata (Delta's commitInfo, Iceberg's snapshot summary). The table's readers see every row of a commit or
+none. Each commit expects the table at the version this run left it: a commit that finds it moved by another
+writer stops the run as a lost lease does (app.output.lease.LeaseLost).
+- Delta: the commit is tried once (max_commit_retries=0) from the run's own snapshot of the table, so a
+  version that another writer took makes it fail, and nothing of it is in the table.
+- Iceberg: the table is read again before each commit; a snapshot that is not the run's own stops the run
+  before it writes. pyiceberg retries a commit that meets a concurrent one by appending on top of it; a
+  commit whose parent is not the run's last snapshot then stops the run after it, with its rows in the
+  table once (no duplicate).
+Resume reads the data files of the table's current version (the `path` column, as for the Parquet files):
+this app only appends and deletes whole files' rows (copy-on-write), so the files hold exactly the rows.
+The schema is the result schema, unpartitioned (see docs/outputs.md), created on the first run and checked
+against an existing table before any work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from app import storage
+from app.config import ConfigError, OutputConfig, OutputFormat
+from app.result_schema import RESULT_SCHEMA
+
+log = logging.getLogger(__name__)
+
+# The folder of a Delta table's run bookkeeping, inside the table's own folder.
+DELTA_CONTROL_DIR = "_ray_detect"
+# The commit metadata each commit carries.
+RUN_ID_KEY = "ray-detect.run-id"
+GENERATION_KEY = "ray-detect.lease-generation"
+# The Iceberg catalog that needs no configuration: a SQL catalog on SQLite and a warehouse under ./iceberg.
+EMBEDDED_CATALOG = "local"
+EMBEDDED_CATALOG_DIR = "iceberg"
+
+
+class TableMoved(Exception):
+    """Another writer committed to the table while this run wrote it."""
+
+
+def type_name(data_type: pa.DataType) -> str:
+    """A column's type as the formats keep it: string for (large_)string, list<...> whatever its item's name."""
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return "string"
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        return f"list<{type_name(data_type.value_type)}>"
+    return str(data_type)
+
+
+def schema_problem(table_name: str, schema: pa.Schema) -> Optional[str]:
+    """Why an existing table cannot take the result rows (a ConfigError's line), or None."""
+    found = [(field.name, type_name(field.type)) for field in schema]
+    wanted = [(field.name, type_name(field.type)) for field in RESULT_SCHEMA]
+    if found == wanted:
+        return None
+    for position, (have, want) in enumerate(zip(found + [None] * len(wanted), wanted + [None] * len(found))):
+        if have != want:
+            break
+    what = (f"column {position + 1} is {have[0]} {have[1]}" if have else f"it has {len(found)} columns") + \
+        (f", not {want[0]} {want[1]}" if want else f", not the {len(wanted)} of the result schema")
+    return (f"output table {table_name} does not have the result schema ({what}); choose another table, or drop "
+            f"this one to have the run create it")
+
+
+def path_on_filesystem(uri: str) -> str:
+    """A data file's URI as a path on its filesystem: s3://bucket/key -> bucket/key, file:///a/b -> /a/b."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+@dataclass(frozen=True)
+class DeltaTable:
+    """A Delta Lake table at a path or URI (its storage credentials from the environment, as deltalake reads
+    them). Picklable: it holds no connection."""
+
+    uri: str
+
+    @property
+    def name(self) -> str:
+        return f"delta table {self.uri}"
+
+    def storage_options(self) -> Optional[dict[str, str]]:
+        # S3 commits are made safe by conditional writes (If-None-Match on the log's next file), not by a lock.
+        return {"conditional_put": "etag"} if self.uri.startswith("s3://") else None
+
+    def open(self, version: Optional[int] = None):
+        from deltalake import DeltaTable as Delta
+
+        return Delta(self.uri, version=version, storage_options=self.storage_options())
+
+    def exists(self) -> bool:
+        from deltalake import DeltaTable as Delta
+
+        return Delta.is_deltatable(self.uri, storage_options=self.storage_options())
+
+    def prepare(self, overwrite: bool) -> "DeltaTable":
+        """Create the table, or check the existing one's schema (and with overwrite, delete its rows)."""
+        from deltalake import DeltaTable as Delta
+
+        if not self.exists():
+            Delta.create(self.uri, schema=RESULT_SCHEMA, mode="error", storage_options=self.storage_options())
+            log.info("created %s", self.name)
+            return self
+        table = self.open()
+        problem = schema_problem(self.uri, pa.schema(table.schema().to_arrow()))
+        if problem:
+            raise ConfigError(problem)
+        if overwrite:
+            table.delete()
+        return self
+
+    def version(self) -> int:
+        return self.open().version()
+
+    def data_files(self) -> list[str]:
+        return [path_on_filesystem(uri) for uri in self.open().file_uris()]
+
+    def append(self, rows: pa.Table, expected: int, metadata: dict[str, str]) -> int:
+        """Append rows in one commit made from version `expected`; the version made. Raises TableMoved when
+        another writer made a version after `expected`, before or while this commit was made."""
+        from deltalake import CommitProperties, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        table = self.open(expected)
+        try:
+            write_deltalake(table, rows, mode="append",
+                            commit_properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0))
+        except CommitFailedError as error:
+            raise TableMoved(f"{self.name} has versions after {expected} that this run did not make ({error})") from error
+        return table.version()
+
+    def delete_rows(self, error_kinds: list[str]) -> int:
+        """Delete the rows with these error kinds (data.retry_errors); the number deleted."""
+        kinds = ", ".join("'" + kind.replace("'", "''") + "'" for kind in error_kinds)
+        metrics = self.open().delete(f"error_kind IN ({kinds})")
+        return int(metrics.get("num_deleted_rows", 0))
+
+    def control_uri(self) -> str:
+        return self.uri.rstrip("/") + "/" + DELTA_CONTROL_DIR
+
+    def files_root(self) -> str:
+        return self.uri
+
+
+def catalog_properties(name: str) -> dict:
+    """The properties of the pyiceberg catalog `name`: from pyiceberg's configuration (~/.pyiceberg.yaml, or
+    PYICEBERG_CATALOG__<NAME>__* variables) as they are now; for EMBEDDED_CATALOG without a configuration, a
+    SQL catalog on SQLite with its warehouse, both under ./iceberg."""
+    from pyiceberg.utils.config import Config
+
+    configured = Config().get_catalog_config(name)
+    if configured:
+        return configured
+    if name != EMBEDDED_CATALOG:
+        raise ConfigError(f"output.catalog={name!r} is not configured for pyiceberg: define it in ~/.pyiceberg.yaml or "
+                          f"with PYICEBERG_CATALOG__{name.upper()}__URI (and its other properties), or use "
+                          f"output.catalog={EMBEDDED_CATALOG} (SQLite under ./{EMBEDDED_CATALOG_DIR})")
+    folder = os.path.abspath(EMBEDDED_CATALOG_DIR)
+    os.makedirs(folder, exist_ok=True)
+    return {"type": "sql", "uri": f"sqlite:///{folder}/catalog.db", "warehouse": f"file://{folder}/warehouse"}
+
+
+@dataclass(frozen=True)
+class IcebergTable:
+    """An Apache Iceberg table `identifier` (NAMESPACE.TABLE) of the pyiceberg catalog `catalog`. Picklable:
+    the catalog is loaded where it is used (the driver)."""
+
+    catalog: str
+    identifier: str
+    location: str = ""  # the table's location, once known (where its data files are)
+
+    @property
+    def name(self) -> str:
+        return f"iceberg table {self.catalog}.{self.identifier}"
+
+    def load_catalog(self):
+        from pyiceberg.catalog import load_catalog
+
+        return load_catalog(self.catalog, **catalog_properties(self.catalog))
+
+    def open(self):
+        return self.load_catalog().load_table(self.identifier)
+
+    def prepare(self, overwrite: bool) -> "IcebergTable":
+        """Create the table (and its namespace), or check the existing one's schema (and with overwrite,
+        delete its rows); the table with its location."""
+        from pyiceberg.exceptions import NoSuchTableError
+        from pyiceberg.expressions import AlwaysTrue
+
+        catalog = self.load_catalog()
+        try:
+            table = catalog.load_table(self.identifier)
+        except NoSuchTableError:
+            catalog.create_namespace_if_not_exists(self.identifier.rsplit(".", 1)[0])
+            table = catalog.create_table_if_not_exists(self.identifier, schema=RESULT_SCHEMA)
+            log.info("created %s", self.name)
+        else:
+            problem = schema_problem(f"{self.catalog}.{self.identifier}", table.schema().as_arrow())
+            if problem:
+                raise ConfigError(problem)
+            if overwrite and table.current_snapshot() is not None:
+                table.delete(AlwaysTrue())
+        return IcebergTable(self.catalog, self.identifier, table.location())
+
+    def version(self) -> Optional[int]:
+        snapshot = self.open().current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+
+    def data_files(self) -> list[str]:
+        return [path_on_filesystem(task.file.file_path) for task in self.open().scan().plan_files()]
+
+    def append(self, rows: pa.Table, expected: Optional[int], metadata: dict[str, str]) -> int:
+        """Append rows in one snapshot on top of snapshot `expected`; the snapshot made. Raises TableMoved when
+        the table's current snapshot is another (before the commit), or when the commit landed on top of
+        another writer's (after it: its rows are in the table)."""
+        table = self.open()
+        current = table.current_snapshot()
+        if (current.snapshot_id if current else None) != expected:
+            raise TableMoved(f"{self.name} is at snapshot {current.snapshot_id if current else None}, not this run's "
+                             f"{expected}")
+        table.append(rows, snapshot_properties=metadata)
+        made = table.current_snapshot()
+        if made.parent_snapshot_id != expected:
+            raise TableMoved(f"{self.name}: this run's commit (snapshot {made.snapshot_id}) landed on snapshot "
+                             f"{made.parent_snapshot_id} of another writer, not on {expected}")
+        return made.snapshot_id
+
+    def delete_rows(self, error_kinds: list[str]) -> int:
+        from pyiceberg.expressions import In
+
+        table = self.open()
+        before = table.scan(row_filter=In("error_kind", error_kinds), selected_fields=("path",)).to_arrow().num_rows
+        if before:
+            table.delete(In("error_kind", error_kinds))
+        return before
+
+    def control_uri(self) -> Optional[str]:
+        return None  # output.path
+
+    def files_root(self) -> str:
+        return self.location
+
+
+# The library each table output needs, and the extra that installs it (the image has both).
+LIBRARIES = {OutputFormat.delta: ("deltalake", "delta"), OutputFormat.iceberg: ("pyiceberg", "iceberg")}
+
+
+def table_of(section: OutputConfig):
+    """The table output.format names (None for the Parquet dataset). A ConfigError when its library is missing."""
+    if section.format == OutputFormat.parquet:
+        return None
+    module, extra = LIBRARIES[section.format]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"output={section.format.value} needs {module}, which is not installed: pip install 'ray-detect[{extra}]'")
+    if section.format == OutputFormat.delta:
+        return DeltaTable(storage.absolute(section.path))
+    return IcebergTable(section.catalog, section.table)
+
+
+def rows_filesystem(table) -> pafs.FileSystem:
+    """The filesystem the table's data files are on."""
+    return storage.resolve(table.files_root()).filesystem
