@@ -1,12 +1,14 @@
 """Reading a finished results directory back, for the report, export and evaluate commands.
 
 A results directory counts as finished when its manifest exists (app.output.dataset.read_manifest): the
-job writes `_manifest.json` last, after every Parquet file is in place.
+job writes `_manifest.json` last, after every Parquet file is in place. A Delta table's folder is read as
+its results (its run files are in its _ray_detect folder); an Iceberg output is read from its run folder
+(output.path), whose manifest names the catalog and the table (app.output.tables).
 """
 
 import functools
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -15,6 +17,7 @@ from PIL import Image
 from app import storage
 from app.config import DataConfig, image_formats
 from app.decode import DecodeOptions, decode, read_file
+from app.output import tables
 from app.output.dataset import MANIFEST_NAME, SETTINGS_NAME, read_committed, read_json, read_manifest
 from app.result_schema import RESULT_SCHEMA
 
@@ -50,6 +53,9 @@ class Results:
 
     @property
     def uri(self) -> str:
+        """The results as named on the command line: the folder, or the Delta table."""
+        if isinstance(self.location.table, tables.DeltaTable):
+            return self.location.table.uri
         return self.location.uri(self.location.path)
 
     def rows(self) -> list[dict]:
@@ -68,15 +74,35 @@ def open_results(uri: str) -> Results:
     if info.type != pafs.FileType.Directory:
         raise ResultsError(f"{uri} is not a results directory (it is a file)")
     try:
+        location = run_folder(location, uri)
         manifest = read_manifest(location)
         if manifest is None:
             raise ResultsError(f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run")
+        location = with_iceberg_table(location, manifest)
         # Only the committed part-*.parquet files: not _staging/, _settings.json or anything else there.
         table = read_committed(location, RESULT_SCHEMA.names).sort_by("path")
         settings = read_json(location.filesystem, location.join(SETTINGS_NAME)) or {}
     except (OSError, ValueError, pa.ArrowException) as error:
         raise ResultsError(f"cannot read results in {uri}: {error}") from None
     return Results(location, manifest, table, settings)
+
+
+def run_folder(location: storage.Location, uri: str) -> storage.Location:
+    """The folder of a run's files: the results directory itself, or a Delta table's _ray_detect folder
+    (naming the table)."""
+    if location.filesystem.get_file_info(location.join("_delta_log")).type != pafs.FileType.Directory:
+        return location
+    table = tables.DeltaTable(storage.absolute(uri))
+    return replace(storage.resolve(table.control_uri()), table=table)
+
+
+def with_iceberg_table(location: storage.Location, manifest: dict) -> storage.Location:
+    """The run folder of an Iceberg output named with its table (the catalog and table its manifest's config
+    names); any other folder as it is."""
+    output = (manifest.get("config") or {}).get("output") or {}
+    if output.get("format") != tables.OutputFormat.iceberg.value:
+        return location
+    return replace(location, table=tables.IcebergTable(output["catalog"], output["table"]).located())
 
 
 def output_location(results: Results, uri: str, option: str = "--out") -> storage.Location:

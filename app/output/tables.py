@@ -220,6 +220,10 @@ class IcebergTable:
                 table.delete(AlwaysTrue())
         return IcebergTable(self.catalog, self.identifier, table.location())
 
+    def located(self) -> "IcebergTable":
+        """The table with its location (where its data files are), as the catalog has it."""
+        return IcebergTable(self.catalog, self.identifier, self.open().location())
+
     def version(self) -> Optional[int]:
         snapshot = self.open().current_snapshot()
         return snapshot.snapshot_id if snapshot else None
@@ -272,6 +276,7 @@ def table_of(section: OutputConfig):
         raise ConfigError(f"output={section.format.value} needs {module}, which is not installed: pip install 'ray-detect[{extra}]'")
     if section.format == OutputFormat.delta:
         return DeltaTable(storage.absolute(section.path))
+    catalog_properties(section.catalog)  # a catalog pyiceberg is not configured for fails here, before the run starts
     return IcebergTable(section.catalog, section.table)
 
 

@@ -182,11 +182,10 @@ class FaultProxy:
 
 
 @contextlib.contextmanager
-def moto_behind_proxy(bucket: str, keys: tuple[str, str] = ("test-key", "test-secret")):
-    """moto's S3 server on loopback with `bucket` created, and a FaultProxy in front of it. The AWS
-    variables point every client at the proxy while the context lasts (this process's, and those of Ray
-    workers started meanwhile), with `keys` (access key id, secret). Yields the proxy and a boto3 client
-    that talks to moto directly, never faulted (for putting the test's objects)."""
+def moto_process(bucket: str):
+    """moto's S3 server in a process of its own on loopback (a client that holds the GIL while it waits for
+    an answer, as deltalake's does, would block a server thread of this process), with `bucket` created.
+    Yields its port and a boto3 client that talks to it."""
     import boto3
 
     with socket.socket() as sock:
@@ -194,22 +193,35 @@ def moto_behind_proxy(bucket: str, keys: tuple[str, str] = ("test-key", "test-se
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = FaultProxy(port)
-    # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
-    env = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1], "AWS_ENDPOINT_URL": proxy.endpoint,
-           "AWS_REGION": "us-east-1"}
     try:
-        with environment(env):
-            client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-            deadline = time.monotonic() + 60
-            while not bucket_created(client, bucket):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not answer on port {port} within 60 s")
-                time.sleep(0.3)
-            yield proxy, client
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        deadline = time.monotonic() + 60
+        while not bucket_created(client, bucket):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto's S3 server did not answer on port {port} within 60 s")
+            time.sleep(0.3)
+        yield port, client
     finally:
-        proxy.close()
         server.kill()
+
+
+@contextlib.contextmanager
+def moto_behind_proxy(bucket: str, keys: tuple[str, str] = ("test-key", "test-secret")):
+    """moto's S3 server on loopback with `bucket` created, and a FaultProxy in front of it. The AWS
+    variables point every client at the proxy while the context lasts (this process's, and those of Ray
+    workers started meanwhile), with `keys` (access key id, secret). Yields the proxy and a boto3 client
+    that talks to moto directly, never faulted (for putting the test's objects)."""
+    with moto_process(bucket) as (port, client):
+        proxy = FaultProxy(port)
+        # Dummy keys for the stand-in endpoint, set the way a user sets real ones: in the environment.
+        env = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1], "AWS_ENDPOINT_URL": proxy.endpoint,
+               "AWS_REGION": "us-east-1"}
+        try:
+            with environment(env):
+                yield proxy, client
+        finally:
+            proxy.close()
 
 
 @contextlib.contextmanager

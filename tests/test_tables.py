@@ -1,0 +1,276 @@
+"""Table outputs (app.output.tables): runs into a Delta Lake table (deltalake) and an Apache Iceberg table
+(pyiceberg, SQL catalogs on SQLite and on a PostgreSQL server started here on loopback), on local disk and on
+moto's S3 server. For each: one row per input holding the model's detections, commits carrying the run's id
+and lease generation, a table moved by another writer mid-run stopping the run, the rerun finishing with
+exactly one row per input, a second writer refused, a schema that differs refused before any work, and the
+report reading the table. All real libraries and servers; nothing mocked."""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from app.config import ConfigError, compose_config
+from app.output import tables
+from app.output.dataset import locate
+from app.output.lease import LeaseLost, OutputInUse, OutputLease
+from app.pipeline import run
+from app.result_schema import RESULT_SCHEMA
+from tests.support.images import write_images
+from tests.support.models import FAST_MODEL, assert_detections, model_detections
+from tests.support.s3_faults import moto_process
+
+IMAGES = 12
+# Calls of at most 4 images (batch 1), each committed on its own: several commits a run.
+COMMITS = ["output.rows_per_file=4", "output.commit_interval_s=0", "inference.batch_size=1"]
+
+
+@pytest.fixture
+def iceberg_catalog(monkeypatch, tmp_path):
+    """A pyiceberg SQL catalog on SQLite named "tests", configured as users do: PYICEBERG_CATALOG__* variables."""
+    for key, value in {"TYPE": "sql", "URI": f"sqlite:///{tmp_path}/catalog.db", "WAREHOUSE": f"file://{tmp_path}/warehouse"}.items():
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
+    return "tests"
+
+
+def output_overrides(kind: str, tmp_path: Path, catalog: str = "tests") -> list[str]:
+    if kind == "delta":
+        return ["output=delta", f"output.path={tmp_path / 'table'}"]
+    return ["output=iceberg", f"output.catalog={catalog}", "output.table=detections.run", f"output.path={tmp_path / 'run'}"]
+
+
+def table_rows(output) -> pa.Table:
+    """Every row of the table, read with the format's own library."""
+    if isinstance(output.table, tables.DeltaTable):
+        return pa.table(output.table.open().to_pyarrow_table())
+    return output.table.open().scan().to_arrow()
+
+
+def commit_metadata(output) -> list[dict]:
+    """Each commit's metadata, oldest first: Delta's commitInfo, Iceberg's snapshot summaries."""
+    if isinstance(output.table, tables.DeltaTable):
+        return [entry for entry in reversed(output.table.open().history()) if entry["operation"] == "WRITE"]
+    return [dict(snapshot.summary.additional_properties) for snapshot in output.table.open().snapshots()]
+
+
+def deleting_one_row_after_the_first_commit(output):
+    """An on_rows callback: once the table has rows, another writer deletes one of them (a new version)."""
+    deleted = []
+
+    def on_rows(rows):
+        if deleted or not output.table.data_files():
+            return
+        path = table_rows(output).column("path")[0].as_py()
+        if isinstance(output.table, tables.DeltaTable):
+            output.table.open().delete(f"path = '{path}'")
+        else:
+            from pyiceberg.expressions import EqualTo
+
+            output.table.open().delete(EqualTo("path", path))
+        deleted.append(path)
+
+    return on_rows, deleted
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_a_table_moved_by_another_writer_stops_the_run_and_the_rerun_leaves_one_row_per_input(kind, local_ray, tmp_path, request):
+    if kind == "iceberg":
+        request.getfixturevalue("iceberg_catalog")
+    paths = write_images(tmp_path / "in", IMAGES)
+    cfg = compose_config([*FAST_MODEL, *COMMITS, f"data.path={tmp_path / 'in'}", *output_overrides(kind, tmp_path)])
+    output = locate(cfg.output)
+    if kind == "iceberg":
+        output.table.prepare(False)  # made by the run otherwise; here first, for the callback to read
+
+    on_rows, deleted = deleting_one_row_after_the_first_commit(output)
+    with pytest.raises(LeaseLost, match=rf"^another writer committed to {output.table.name} while this run wrote it \("):
+        run(cfg, on_rows=on_rows)
+    first = table_rows(output).column("path").to_pylist()
+    assert len(deleted) == 1 and deleted[0] not in first and len(first) == len(set(first)) and len(first) < IMAGES
+
+    summary = run(cfg)
+    rows = table_rows(output)
+    assert (summary.inputs, summary.ok, summary.processed) == (IMAGES, IMAGES, IMAGES - len(first))
+    assert sorted(rows.column("path").to_pylist()) == sorted(str(path) for path in paths)
+    assert rows.schema.names == RESULT_SCHEMA.names
+    assert_detections({row["path"]: row for row in rows.to_pylist()}, model_detections(cfg, paths))
+    # Each of the runs' commits names its run and lease generation: the first run's (generation 1) and the
+    # rerun's (generation 2, another run id).
+    ours = [(entry[tables.RUN_ID_KEY], entry[tables.GENERATION_KEY]) for entry in commit_metadata(output)
+            if tables.RUN_ID_KEY in entry]
+    assert [generation for _, generation in ours] == sorted(generation for _, generation in ours)
+    assert {generation for _, generation in ours} == {"1", "2"} and len({run_id for run_id, _ in ours}) == 2
+    assert summary.output_path == output.table.name
+
+    again = run(cfg)  # nothing left: no detector actor
+    assert (again.inputs, again.processed, again.detector_actors) == (IMAGES, 0, 0)
+    assert table_rows(output).num_rows == IMAGES
+
+    from app import report
+
+    report.main([str(tmp_path / ("table" if kind == "delta" else "run")), "--out", str(tmp_path / "report")])
+    assert f'<dd id="images">{IMAGES}</dd>' in (tmp_path / "report" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_a_second_writer_is_refused_and_a_table_of_another_schema_is_refused_before_any_work(kind, tmp_path, request):
+    if kind == "iceberg":
+        request.getfixturevalue("iceberg_catalog")
+    write_images(tmp_path / "in", 2)
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides(kind, tmp_path)])
+    output = locate(cfg.output)
+    with OutputLease(output, "first-writer", timeout_s=60, heartbeat_s=30):
+        with pytest.raises(OutputInUse):
+            run(cfg)
+
+    other = pa.schema([("path", pa.string()), ("score", pa.float64())])
+    if kind == "delta":
+        from deltalake import write_deltalake
+
+        shutil.rmtree(tmp_path / "table")
+        write_deltalake(str(tmp_path / "table"), other.empty_table())
+        name = str(tmp_path / "table")
+    else:
+        catalog = output.table.load_catalog()
+        catalog.create_namespace_if_not_exists("detections")
+        catalog.create_table("detections.run", schema=other)
+        name = "tests.detections.run"
+    with pytest.raises(ConfigError) as refused:
+        run(cfg)
+    assert str(refused.value) == (f"output table {name} does not have the result schema (column 2 is score double, not "
+                                  f"width int32); choose another table, or drop this one to have the run create it")
+
+
+def test_an_iceberg_catalog_that_is_not_configured_is_a_config_error(tmp_path):
+    write_images(tmp_path / "in", 1)
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", "output=iceberg", "output.catalog=nowhere",
+                          f"output.path={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^output.catalog='nowhere' is not configured for pyiceberg: define it in "):
+        run(cfg)
+    with pytest.raises(ConfigError, match=r"^output=iceberg needs output.catalog .* and output.table as NAMESPACE.TABLE"):
+        run(compose_config([f"data.path={tmp_path / 'in'}", "output=iceberg", "output.table=flat"]))
+    assert not (tmp_path / "run").exists()  # refused before the run took a lease
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    """A PostgreSQL server on loopback, run by the unprivileged postgres user when the tests run as root (it
+    refuses root), from Debian's postgresql package (scripts/test.sh installs it where it is missing)."""
+    bin_dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    assert bin_dirs, "PostgreSQL is not installed (Debian's postgresql package; scripts/test.sh installs it)"
+    folder = Path(tempfile.mkdtemp(prefix="ray-detect-pg-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dirs[-1] / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, str(bin_dirs[-1] / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"),
+                    "-o", f"-p {port} -h 127.0.0.1 -k {folder}", "start"], check=True, capture_output=True, timeout=120)
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_user, str(bin_dirs[-1] / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
+                   capture_output=True, timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_iceberg_table_of_a_postgresql_catalog_gets_one_row_per_input(postgresql, local_ray, monkeypatch, tmp_path):
+    """The shared catalog teams run: pyiceberg's SQL catalog on PostgreSQL, its warehouse on local disk."""
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__TYPE", "sql")
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__URI", postgresql)
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__WAREHOUSE", f"file://{tmp_path}/warehouse")
+    paths = write_images(tmp_path / "in", 4)
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides("iceberg", tmp_path, "shared")])
+    summary = run(cfg)
+    output = locate(cfg.output)
+    rows = table_rows(output)
+    assert (summary.inputs, summary.ok, summary.output_path) == (4, 4, "iceberg table shared.detections.run")
+    assert_detections({row["path"]: row for row in rows.to_pylist()}, model_detections(cfg, paths))
+    assert output.table.load_catalog().properties["uri"] == postgresql
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """moto's S3 server on loopback (its own process) with the bucket "lake", reached through the standard AWS
+    settings (and plain HTTP allowed for deltalake)."""
+    with moto_process("lake") as (port, _):
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}.items():
+            monkeypatch.setenv(key, value)
+        yield endpoint
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_a_table_on_s3_gets_one_row_per_input_exactly_once_over_a_killed_driver(kind, s3_server, local_ray, monkeypatch, tmp_path):
+    """The table on moto's S3 (Delta's commits by conditional writes; Iceberg's warehouse there, its catalog
+    on SQLite). The driver, a `python -m app` process attached to the tests' Ray, is SIGKILLed after its first
+    commit; the command run again commits the inputs without a row: exactly one row per input."""
+    if kind == "iceberg":
+        for key, value in {"TYPE": "sql", "URI": f"sqlite:///{tmp_path}/catalog.db", "WAREHOUSE": "s3://lake/warehouse",
+                           "S3__ENDPOINT": s3_server, "S3__REGION": "us-east-1"}.items():
+            monkeypatch.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
+        target = ["output=iceberg", "output.catalog=tests", "output.table=detections.run", "output.path=s3://lake/runs/one"]
+    else:
+        target = ["output=delta", "output.path=s3://lake/tables/detections"]
+    paths = write_images(tmp_path / "in", IMAGES)
+    overrides = [*FAST_MODEL, *COMMITS, f"data.path={tmp_path / 'in'}", *target]
+    output = locate(compose_config(overrides).output)
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        driver = subprocess.Popen([sys.executable, "-m", "app", *overrides, "output.lease_timeout_s=5", "output.lease_heartbeat_s=1"], env=env,
+                                  start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output.table.exists() if kind == "delta" else table_exists(output)) or not output.table.data_files():
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first = table_rows(located(output)).column("path").to_pylist()
+    assert 1 <= len(first) < IMAGES and len(set(first)) == len(first)
+
+    cfg = compose_config([*overrides, "output.lease_timeout_s=5", "output.lease_heartbeat_s=1", "output.lease_wait_s=30"])
+    summary = run(cfg)
+    rows = table_rows(located(output))
+    assert (summary.inputs, summary.ok, summary.processed) == (IMAGES, IMAGES, IMAGES - len(first))
+    assert sorted(rows.column("path").to_pylist()) == sorted(str(path) for path in paths)
+    assert_detections({row["path"]: row for row in rows.to_pylist()}, model_detections(cfg, paths))
+
+
+def table_exists(output) -> bool:
+    from pyiceberg.exceptions import NoSuchTableError
+
+    try:
+        output.table.open()
+    except NoSuchTableError:
+        return False
+    return True
+
+
+def located(output):
+    """The location with an Iceberg table's location filled in (where its data files are)."""
+    if isinstance(output.table, tables.IcebergTable):
+        from dataclasses import replace
+
+        return replace(output, table=output.table.located())
+    return output
