@@ -13,6 +13,8 @@
 #     prometheus       the prometheus server and promtool, for tests/test_metrics.py and the alert rules' tests
 #     docker-registry  CNCF Distribution, the OCI registry tests/test_release.py starts on loopback
 #     graphviz         `dot`, which draws the docs' diagrams when the docs are built (tests/test_docs.py)
+#     postgresql       the server of the Iceberg tests' shared catalog, started on loopback by the tests as the
+#                      unprivileged postgres user (tests/test_tables.py)
 # It needs python3 (3.11), Node.js with npm, and curl. Extra arguments go to pytest, e.g.
 # `bash scripts/test.sh -k chart`.
 set -euo pipefail
@@ -32,6 +34,7 @@ missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v dot >/dev/null || missing+=(graphviz)
+command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     as_root=()

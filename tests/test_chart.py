@@ -30,6 +30,7 @@ CHART = kv.CHART_DIR
 PROD_VALUES = CHART / "examples" / "values-gpu-prod.yaml"
 SPOT_VALUES = CHART / "examples" / "values-gpu-spot.yaml"
 PLATFORM_VALUES = CHART / "examples" / "values-platform.yaml"
+ICEBERG_VALUES = CHART / "examples" / "values-iceberg.yaml"
 INVALID_VALUES = Path(__file__).parent / "data" / "chart-values-invalid.yaml"
 CHECKOV_SKIPS = Path(__file__).parent / "checkov-skips.yaml"
 RELEASE, NAMESPACE = "detect", "ray-detect"
@@ -42,6 +43,7 @@ RENDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dedicated-no-autoscaling": ((), ("job.cluster=dedicated", "autoscaling.enabled=false")),
     "platform": ((str(PROD_VALUES), str(PLATFORM_VALUES)), ()),
     "kueue": ((str(PROD_VALUES),), ("job.cluster=dedicated", "job.queueName=gpu-queue")),
+    "iceberg": ((str(ICEBERG_VALUES),), ()),
 }
 
 
@@ -954,7 +956,7 @@ def test_checkov_fails_only_the_listed_checks(helm_binaries, tmp_path):
                 (tmp_path / f"{count:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml").write_text(
                     yaml.safe_dump(doc)
                 )
-    assert count == 42  # 8 each from default and gpu-prod, 7 from dedicated-no-autoscaling, 11 from platform, 8 from kueue
+    assert count == 50  # 8 each from default, gpu-prod and iceberg, 7 from dedicated-no-autoscaling, 11 from platform, 8 from kueue
     proc = subprocess.run(
         [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--output", "json",
          "--quiet", "--compact", "--skip-download"],
@@ -1393,3 +1395,59 @@ def test_the_dashboard_json_is_what_scripts_dashboard_py_writes():
     assert result.returncode == 0, result.stderr
     dashboard = json.loads((CHART / "dashboards" / "ray-detect.json").read_text())
     assert [variable["name"] for variable in dashboard["templating"]["list"]] == ["datasource", "run"]
+
+
+def test_a_table_output_reaches_the_app_and_its_catalog_the_ray_pods_as_pyiceberg_reads_it(helm, tmp_path, monkeypatch):
+    """table.format adds output=<it> (and for iceberg the catalog and the table) to the overrides; the Iceberg
+    catalog's properties become PYICEBERG_CATALOG__<NAME>__* variables of the Ray containers, credential
+    properties from the Secret only, which pyiceberg's own configuration reads back as the properties."""
+    from app.config import check_config
+    from app.output.tables import catalog_properties
+
+    objects = render(helm, "iceberg")
+    overrides = entrypoint_overrides(only(objects, "RayJob"))
+    assert overrides == ["experiment=voc_animals", "output.path=s3://my-bucket/ray-detect/runs/vision-detections",
+                         "output=iceberg", "output.catalog=lake", "output.table=vision.detections"]
+    with initialize_config_module(version_base=None, config_module="app.conf"):
+        check_config(compose(config_name="config", overrides=overrides))
+    catalog = [{"name": "PYICEBERG_CATALOG__LAKE__TYPE", "value": "rest"},
+               {"name": "PYICEBERG_CATALOG__LAKE__URI", "value": "https://iceberg-catalog.example.com"},
+               {"name": "PYICEBERG_CATALOG__LAKE__WAREHOUSE", "value": "s3://my-bucket/warehouse"},
+               {"name": "PYICEBERG_CATALOG__LAKE__TOKEN", "valueFrom": {"secretKeyRef": {"name": "iceberg-catalog", "key": "token"}}}]
+    for where, template in all_pod_templates(objects):
+        env = template["spec"]["containers"][0]["env"]
+        if where.endswith("submitter"):
+            assert not [entry for entry in env if entry["name"].startswith("PYICEBERG_")], where
+        else:
+            assert [entry for entry in env if entry["name"].startswith("PYICEBERG_")] == catalog, where
+    for entry in catalog:
+        monkeypatch.setenv(entry["name"], entry.get("value", "a-token"))
+    assert catalog_properties("lake") == {"type": "rest", "uri": "https://iceberg-catalog.example.com",
+                                          "warehouse": "s3://my-bucket/warehouse", "token": "a-token"}
+    # A property with a dot and a dash: pyiceberg's spelling of it in a variable.
+    job = render_with(helm, tmp_path, {"table": {"format": "iceberg", "iceberg": {"table": "a.b", "properties": {"s3.path-style-access": True}}}})
+    head = next(template for where, template in all_pod_templates(job) if where.endswith(" head"))
+    assert {"name": "PYICEBERG_CATALOG__LAKE__S3__PATH_STYLE_ACCESS", "value": "true"} in head["spec"]["containers"][0]["env"]
+    # Delta: output=delta, no catalog; an override of the user's wins.
+    assert entrypoint_overrides(only(render(helm, "default", ("table.format=delta",)), "RayJob"))[-1] == "output=delta"
+    job = only(render_with(helm, tmp_path, {"table": {"format": "delta"}, "job": {"overrides": ["output=parquet"]}}), "RayJob")
+    assert entrypoint_overrides(job) == ["output=parquet"]
+
+
+@pytest.mark.parametrize("values, failure", [
+    ({"table": {"format": "iceberg"}}, "table.format=iceberg needs table.iceberg.table: NAMESPACE.TABLE"),
+    ({"table": {"format": "iceberg", "iceberg": {"table": "a.b", "credentialKeys": ["token"]}}},
+     "table.iceberg.credentialKeys name keys of table.iceberg.credentialsSecret, which is empty"),
+], ids=["no-table", "keys-without-secret"])
+def test_an_iceberg_table_without_its_name_or_secret_fails_the_render(helm, tmp_path, values, failure):
+    extra = tmp_path / "table.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    assert template_failure(helm_error(helm, "--values", str(extra))) == failure
+
+
+def test_a_credential_in_a_catalog_property_fails_the_render_naming_the_property(helm, tmp_path):
+    extra = tmp_path / "table.yaml"
+    extra.write_text(yaml.safe_dump({"table": {"format": "iceberg", "iceberg": {
+        "table": "a.b", "properties": {"uri": "postgresql://ray:hunter2@db:5432/catalog"}}}}))
+    message = template_failure(helm_error(helm, "--values", str(extra)))
+    assert message.startswith("table.iceberg.properties.uri holds credentials (") and "hunter2" not in message

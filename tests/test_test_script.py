@@ -125,7 +125,7 @@ def test_get_crds_refuses_a_file_that_is_not_the_pinned_one(mirror, tmp_path):
 
 # Real commands the two scripts run besides the stand-ins.
 REAL_COMMANDS = ("bash", "env", "dirname", "mkdir", "rm", "curl", "sha256sum", "true")
-ALL_PRESENT = ("node", "npm", "promtool", "docker-registry", "dot")
+ALL_PRESENT = ("node", "npm", "promtool", "docker-registry", "dot", "pg_ctlcluster")
 # The calls test.sh makes after the system packages, on every machine: the app's venv, and beside it (in
 # the background, so in any order among those) the npm tools.
 VENV_INSTALLS = [
@@ -142,7 +142,7 @@ def installs(calls: list[str]) -> list[str]:
 
 
 INSTALLS = VENV_INSTALLS + TOOL_INSTALLS
-APT_INSTALL = "apt-get install -y -qq --no-install-recommends prometheus docker-registry graphviz"
+APT_INSTALL = "apt-get install -y -qq --no-install-recommends prometheus docker-registry graphviz postgresql"
 
 
 def stub(path: Path, body: str = "") -> None:
@@ -258,8 +258,9 @@ def test_test_sh_names_the_debian_packages_it_cannot_install_and_stops(machine, 
     result = machine.run(present=("node", "npm", "promtool"), sudo=sudo)
     assert result.returncode == 1
     assert result.stderr == (
-        "scripts/test.sh: the tests need Debian's packages docker-registry graphviz; install them "
-        "(sudo apt-get install docker-registry graphviz) or run this script as root or with sudo that needs no password\n")
+        "scripts/test.sh: the tests need Debian's packages docker-registry graphviz postgresql; install them "
+        "(sudo apt-get install docker-registry graphviz postgresql) or run this script as root or with sudo that needs no "
+        "password\n")
     assert machine.call_lines() == []  # nothing installed, no half-done venv
 
 

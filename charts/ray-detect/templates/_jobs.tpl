@@ -14,7 +14,8 @@ quote inside as '\'' (close, escaped quote, reopen).
 "python -m app 'override' ...": the RayJob's entrypoint. With the PodMonitor on, the chart adds
 metrics.run=<job.runName> (the run label of the app's metrics) unless an override sets it; for a schedule,
 output.skip_if_in_use=true: a scheduled run that finds the previous one still going ends at once, successfully;
-with job.actorsPerGpu other than 1, inference.actors_per_gpu=<it>, unless an override sets it.
+with job.actorsPerGpu other than 1, inference.actors_per_gpu=<it>, unless an override sets it; with
+table.format, output=<it> (and for iceberg output.catalog and output.table), unless an override sets them.
 */}}
 {{- define "ray-detect.entrypoint" -}}
 {{- $overrides := .Values.job.overrides }}
@@ -37,6 +38,22 @@ naming the key (the schema makes every override key=value, or a key alone) but n
 {{- $actorsPerGpu := include "ray-detect.actorsPerGpu" . | atoi }}
 {{- if and (ne $actorsPerGpu 1) (not (has "inference.actors_per_gpu" $set)) }}
 {{- $overrides = append $overrides (printf "inference.actors_per_gpu=%d" $actorsPerGpu) }}
+{{- end }}
+{{- with .Values.table.format }}
+{{- if not (has "output" $set) }}
+{{- $overrides = append $overrides (printf "output=%s" .) }}
+{{- end }}
+{{- if eq . "iceberg" }}
+{{- if not $.Values.table.iceberg.table }}
+{{- fail "table.format=iceberg needs table.iceberg.table: NAMESPACE.TABLE" }}
+{{- end }}
+{{- if not (has "output.catalog" $set) }}
+{{- $overrides = append $overrides (printf "output.catalog=%s" $.Values.table.iceberg.catalog) }}
+{{- end }}
+{{- if not (has "output.table" $set) }}
+{{- $overrides = append $overrides (printf "output.table=%s" $.Values.table.iceberg.table) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $words := list "python" "-m" "app" }}
 {{- range $overrides }}

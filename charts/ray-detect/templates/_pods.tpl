@@ -47,7 +47,9 @@ on the network may use.
 
 {{/*
 Environment shared by every Ray container (head and workers, where the job's driver and tasks run): the
-base environment, S3 credentials from the referenced Secret only, the optional endpoint and region.
+base environment, S3 credentials from the referenced Secret only, the optional endpoint and region, and with
+table.format=iceberg the catalog's properties as pyiceberg reads them from the environment (credential
+properties from the referenced Secret only).
 */}}
 {{- define "ray-detect.rayEnv" -}}
 {{ include "ray-detect.baseEnv" . }}
@@ -74,6 +76,33 @@ base environment, S3 credentials from the referenced Secret only, the optional e
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- if eq .Values.table.format "iceberg" }}
+{{- $iceberg := .Values.table.iceberg }}
+{{- range $property := keys $iceberg.properties | sortAlpha }}
+{{- $value := get $iceberg.properties $property | toString }}
+{{- include "ray-detect.refuseCredentials" (dict "where" (printf "table.iceberg.properties.%s" $property) "value" $value) }}
+- name: {{ include "ray-detect.icebergVariable" (dict "catalog" $iceberg.catalog "property" $property) }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- range $property := $iceberg.credentialKeys }}
+{{- if not $iceberg.credentialsSecret }}
+{{- fail "table.iceberg.credentialKeys name keys of table.iceberg.credentialsSecret, which is empty" }}
+{{- end }}
+- name: {{ include "ray-detect.icebergVariable" (dict "catalog" $iceberg.catalog "property" $property) }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $iceberg.credentialsSecret }}
+      key: {{ $property }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The environment variable pyiceberg reads a catalog's property from: PYICEBERG_CATALOG__<CATALOG>__<PROPERTY>,
+a dot of the property written "__" and a dash "_" (s3.secret-access-key: S3__SECRET_ACCESS_KEY).
+*/}}
+{{- define "ray-detect.icebergVariable" -}}
+PYICEBERG_CATALOG__{{ upper .catalog }}__{{ .property | replace "." "__" | replace "-" "_" | upper }}
 {{- end }}
 
 {{/*
