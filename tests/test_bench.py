@@ -254,6 +254,22 @@ def test_two_actors_per_device_recover_what_a_host_bound_model_leaves_idle():
                                                  f"{busy['1']:.2f}, two {busy['2']:.2f}")
 
 
+def test_the_sinks_suite_commits_the_same_rows_to_each_output_and_reports_their_cost_per_row(monkeypatch):
+    """The sinks suite on 600 rows in commits of 200: three commits in each output, each output scanned back
+    whole (the suite checks one row per path), and the figures recomputed from the recorded seconds."""
+    for key in ("TYPE", "URI", "WAREHOUSE"):
+        monkeypatch.delenv(f"PYICEBERG_CATALOG__BENCH__{key}", raising=False)  # the suite sets them, for its own catalog
+    results = bench.main(["sinks", "--sink-rows", "600", "--sink-rows-per-file", "200", "--repeats", "1", "--out", ""])
+    sinks = results["sinks"]
+    assert sinks["commits"] == {"parquet": 3, "delta": 3, "iceberg": 3}
+    for sink, (run,) in sinks["runs"].items():
+        assert sinks["commit_us_per_row"][sink]["median"] == round(1e6 * run["commit_s"] / 600, 2)
+    assert sinks["commit_over_parquet"]["parquet"] == 1.0
+    lines = results["report"].splitlines()[1:]
+    assert lines[0] == "outputs, 600 rows of 5 detections in commits of 200 rows, median of repeats:"
+    assert [line.split()[0] for line in lines[1:]] == ["parquet", "delta", "iceberg"]
+
+
 def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path):
     monkeypatch.setattr(harness.ray, "shutdown", lambda: None)
     folder = tmp_path / "in"
@@ -309,7 +325,7 @@ def test_report_of_every_suite():
     "argv,message",
     [
         (["--counts", "5", "5"], "--counts: the second count must be larger"),
-        (["nonsense"], "unknown suite nonsense: choose throughput, standin, actors, decode, memory, inputs, chaos, tiles or all"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, actors, decode, memory, inputs, chaos, tiles, sinks or all"),
         (["--tiles-counts", "3", "2"], "--tiles-counts: the second count must be larger"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
         (["--repeats", "0"], "--repeats: at least 1"),

@@ -89,7 +89,7 @@ def test_a_table_moved_by_another_writer_stops_the_run_and_the_rerun_leaves_one_
     cfg = compose_config([*FAST_MODEL, *COMMITS, f"data.path={tmp_path / 'in'}", *output_overrides(kind, tmp_path)])
     output = locate(cfg.output)
     if kind == "iceberg":
-        output.table.prepare(False)  # made by the run otherwise; here first, for the callback to read
+        output.table.prepare(False, output.uri(output.path))  # made by the run otherwise; here first, for the callback
 
     on_rows, deleted = deleting_one_row_after_the_first_commit(output)
     with pytest.raises(LeaseLost, match=rf"^another writer committed to {output.table.name} while this run wrote it \("):
@@ -148,6 +148,23 @@ def test_a_second_writer_is_refused_and_a_table_of_another_schema_is_refused_bef
         run(cfg)
     assert str(refused.value) == (f"output table {name} does not have the result schema (column 2 is score double, not "
                                   f"width int32); choose another table, or drop this one to have the run create it")
+
+
+def test_an_iceberg_table_is_written_through_one_run_folder(iceberg_catalog, tmp_path):
+    """A second run folder's lease could not keep two writers apart: a run through another output.path
+    than the one the table was made through is refused before any work."""
+    write_images(tmp_path / "in", 1)
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides("iceberg", tmp_path)])
+    first = locate(cfg.output)
+    made = first.table.prepare(False, first.uri(first.path))
+    assert made.open().properties[tables.RUN_FOLDER_KEY] == str(tmp_path / "run")
+    other = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides("iceberg", tmp_path),
+                            f"output.path={tmp_path / 'elsewhere'}"])
+    with pytest.raises(ConfigError) as refused:
+        run(other)
+    assert str(refused.value) == (f"output table tests.detections.run is written through the run folder {tmp_path / 'run'}, "
+                                  f"not output.path={tmp_path / 'elsewhere'}: one run folder per table keeps one writer at "
+                                  f"a time; set output.path={tmp_path / 'run'}")
 
 
 def test_an_iceberg_catalog_that_is_not_configured_is_a_config_error(tmp_path):

@@ -12,7 +12,9 @@ inputs      the input stage at 10^6-10^7 files and paths, and a resume (app.benc
 chaos       faults injected into runs: preemption, S3 throttled, down, failing requests and a revoked
             credential, duplicate inputs, SIGTERM, the output volume full
             (app.bench.chaos);
-tiles       tiled detection of large scenes against SAHI's sliced prediction (app.bench.tiles).
+tiles       tiled detection of large scenes against SAHI's sliced prediction (app.bench.tiles);
+sinks       what a committed row costs in the Parquet dataset, a Delta table and an Iceberg table
+            (app.bench.sinks).
 What they share (generated inputs, timings, arrival times and the rate after warm-up, the marginal rate, peak
 memory) is in app.bench.harness.
 
@@ -30,7 +32,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from app.bench import actors, chaos, decode, inputs, memory, standin, throughput, tiles
+from app.bench import actors, chaos, decode, inputs, memory, sinks, standin, throughput, tiles
 from app.bench.harness import DEVICE, VOC_LIKE_SIZES, machine
 from app.bench.throughput import CPU_MODES, DEFAULT_BASELINE_BATCH_SIZES, GPU_MODES, MODELS, MODES
 from app.exit_codes import CommandParser
@@ -40,7 +42,7 @@ PROG = "ray-detect bench"
 
 # The suites by name, in the order they run and report.
 SUITES = {"throughput": throughput, "standin": standin, "actors": actors, "decode": decode, "memory": memory, "inputs": inputs,
-          "chaos": chaos, "tiles": tiles}
+          "chaos": chaos, "tiles": tiles, "sinks": sinks}
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def size_arg(text: str) -> tuple[int, int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help="throughput (default), standin, actors, decode, memory, inputs, chaos, tiles or all")
+                        help="throughput (default), standin, actors, decode, memory, inputs, chaos, tiles, sinks or all")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help=f"throughput modes (default: {' '.join(CPU_MODES)}; with CUDA {' '.join(GPU_MODES)})")
@@ -108,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--removals", type=int, default=5, help="worker nodes the chaos suite's preemption removes")
     parser.add_argument("--chaos-faults", nargs="+", choices=list(chaos.FAULTS), default=list(chaos.FAULTS),
                         help="the chaos suite's faults to run (default: all)")
+    parser.add_argument("--sink-rows", type=int, default=200_000, help="rows the sinks suite commits to each output")
+    parser.add_argument("--sink-rows-per-file", type=int, default=10_000,
+                        help="rows per commit in the sinks suite (output.rows_per_file)")
     parser.add_argument("--tiles-model", default="fasterrcnn_mobilenet_v3_large_320_fpn", help="the tiles suite's model")
     parser.add_argument("--tiles-counts", nargs=2, type=int, default=[2, 5], help="the two scene counts of the tiles suite")
     parser.add_argument("--tiles-sizes", nargs="+", type=size_arg, metavar="WxH",

@@ -149,7 +149,7 @@ def prepare_table(section: OutputConfig, output: storage.Location) -> storage.Lo
     run holds the lease. The location, naming the table as prepared."""
     if output.table is None:
         return output
-    return replace(output, table=output.table.prepare(section.overwrite))
+    return replace(output, table=output.table.prepare(section.overwrite, output.uri(output.path)))
 
 
 def output_name(output: storage.Location) -> str:

@@ -5,7 +5,8 @@ What stays as it is: the run's bookkeeping, in a folder of its own (app.output.d
 lease, the settings, the manifest, the inputs left unread). For a Delta table that folder is
 `<table>/_ray_detect` (Delta's readers and VACUUM skip names that start with "_"); for an Iceberg table it is
 output.path, since Iceberg's orphan-file clean-up would delete anything under the table's location that its
-metadata does not name. The driver is still the only writer.
+metadata does not name; the table records that folder (RUN_FOLDER_KEY) and refuses runs through another,
+whose lease could not keep them apart. The driver is still the only writer.
 
 What changes: a commit of rows (up to output.rows_per_file, or what came within output.commit_interval_s)
 is one table transaction that appends one data file, with the run's id and lease generation in its commit
@@ -46,6 +47,9 @@ DELTA_CONTROL_DIR = "_ray_detect"
 # The commit metadata each commit carries.
 RUN_ID_KEY = "ray-detect.run-id"
 GENERATION_KEY = "ray-detect.lease-generation"
+# The Iceberg table property naming the run folder (output.path) whose lease guards the table: one per table,
+# so that the lease keeps one writer on it.
+RUN_FOLDER_KEY = "ray-detect.run-folder"
 # The Iceberg catalog that needs no configuration: a SQL catalog on SQLite and a warehouse under ./iceberg.
 EMBEDDED_CATALOG = "local"
 EMBEDDED_CATALOG_DIR = "iceberg"
@@ -111,8 +115,9 @@ class DeltaTable:
 
         return Delta.is_deltatable(self.uri, storage_options=self.storage_options())
 
-    def prepare(self, overwrite: bool) -> "DeltaTable":
-        """Create the table, or check the existing one's schema (and with overwrite, delete its rows)."""
+    def prepare(self, overwrite: bool, run_folder: str) -> "DeltaTable":
+        """Create the table, or check the existing one's schema (and with overwrite, delete its rows). Its run
+        folder is inside it: one per table."""
         from deltalake import DeltaTable as Delta
 
         if not self.exists():
@@ -199,9 +204,10 @@ class IcebergTable:
     def open(self):
         return self.load_catalog().load_table(self.identifier)
 
-    def prepare(self, overwrite: bool) -> "IcebergTable":
+    def prepare(self, overwrite: bool, run_folder: str) -> "IcebergTable":
         """Create the table (and its namespace), or check the existing one's schema (and with overwrite,
-        delete its rows); the table with its location."""
+        delete its rows); the table with its location. The table is bound to one run folder (RUN_FOLDER_KEY):
+        another folder's lease could not keep a second writer off it."""
         from pyiceberg.exceptions import NoSuchTableError
         from pyiceberg.expressions import AlwaysTrue
 
@@ -210,14 +216,22 @@ class IcebergTable:
             table = catalog.load_table(self.identifier)
         except NoSuchTableError:
             catalog.create_namespace_if_not_exists(self.identifier.rsplit(".", 1)[0])
-            table = catalog.create_table_if_not_exists(self.identifier, schema=RESULT_SCHEMA)
+            table = catalog.create_table_if_not_exists(self.identifier, schema=RESULT_SCHEMA,
+                                                       properties={RUN_FOLDER_KEY: run_folder})
             log.info("created %s", self.name)
-        else:
-            problem = schema_problem(f"{self.catalog}.{self.identifier}", table.schema().as_arrow())
-            if problem:
-                raise ConfigError(problem)
-            if overwrite and table.current_snapshot() is not None:
-                table.delete(AlwaysTrue())
+        problem = schema_problem(f"{self.catalog}.{self.identifier}", table.schema().as_arrow())
+        if problem:
+            raise ConfigError(problem)
+        owner = table.properties.get(RUN_FOLDER_KEY)
+        if owner is None:
+            with table.transaction() as transaction:
+                transaction.set_properties({RUN_FOLDER_KEY: run_folder})
+        elif owner != run_folder:
+            raise ConfigError(f"output table {self.catalog}.{self.identifier} is written through the run folder {owner}, "
+                              f"not output.path={run_folder}: one run folder per table keeps one writer at a time; "
+                              f"set output.path={owner}")
+        if overwrite and table.current_snapshot() is not None:
+            table.delete(AlwaysTrue())
         return IcebergTable(self.catalog, self.identifier, table.location())
 
     def located(self) -> "IcebergTable":
