@@ -337,7 +337,7 @@ def test_ci_runs_the_readmes_test_command():
     apt = step_named(workflow, "test", "Debian packages the tests run (their services stay off; the tests start their own)")
     test_sh = (ROOT / "scripts" / "test.sh").read_text()
     packages = re.findall(r"missing\+=\(([\w-]+)\)", test_sh)
-    assert packages == ["prometheus", "docker-registry", "graphviz"]
+    assert packages == ["prometheus", "docker-registry", "graphviz", "postgresql"]
     assert f"--no-install-recommends {' '.join(packages)}\n" in apt["run"]
 
 

@@ -205,21 +205,6 @@ def postgresql():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_an_iceberg_table_of_a_postgresql_catalog_gets_one_row_per_input(postgresql, local_ray, monkeypatch, tmp_path):
-    """The shared catalog teams run: pyiceberg's SQL catalog on PostgreSQL, its warehouse on local disk."""
-    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__TYPE", "sql")
-    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__URI", postgresql)
-    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__WAREHOUSE", f"file://{tmp_path}/warehouse")
-    paths = write_images(tmp_path / "in", 4)
-    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides("iceberg", tmp_path, "shared")])
-    summary = run(cfg)
-    output = locate(cfg.output)
-    rows = table_rows(output)
-    assert (summary.inputs, summary.ok, summary.output_path) == (4, 4, "iceberg table shared.detections.run")
-    assert_detections({row["path"]: row for row in rows.to_pylist()}, model_detections(cfg, paths))
-    assert output.table.load_catalog().properties["uri"] == postgresql
-
-
 @pytest.fixture
 def s3_server(monkeypatch):
     """moto's S3 server on loopback (its own process) with the bucket "lake", reached through the standard AWS
@@ -233,12 +218,14 @@ def s3_server(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["delta", "iceberg"])
-def test_a_table_on_s3_gets_one_row_per_input_exactly_once_over_a_killed_driver(kind, s3_server, local_ray, monkeypatch, tmp_path):
-    """The table on moto's S3 (Delta's commits by conditional writes; Iceberg's warehouse there, its catalog
-    on SQLite). The driver, a `python -m app` process attached to the tests' Ray, is SIGKILLed after its first
-    commit; the command run again commits the inputs without a row: exactly one row per input."""
+def test_a_table_on_s3_gets_one_row_per_input_exactly_once_over_a_killed_driver(kind, s3_server, local_ray, monkeypatch, tmp_path,
+                                                                               request):
+    """The table on moto's S3: Delta's commits by conditional writes; Iceberg's warehouse there, its catalog
+    the shared kind teams run, pyiceberg's SQL catalog on PostgreSQL. The driver, a `python -m app` process
+    of its own, is SIGKILLed after its first commit; the command run again commits the inputs without a row:
+    exactly one row per input, each with the model's detections."""
     if kind == "iceberg":
-        for key, value in {"TYPE": "sql", "URI": f"sqlite:///{tmp_path}/catalog.db", "WAREHOUSE": "s3://lake/warehouse",
+        for key, value in {"TYPE": "sql", "URI": request.getfixturevalue("postgresql"), "WAREHOUSE": "s3://lake/warehouse",
                            "S3__ENDPOINT": s3_server, "S3__REGION": "us-east-1"}.items():
             monkeypatch.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
         target = ["output=iceberg", "output.catalog=tests", "output.table=detections.run", "output.path=s3://lake/runs/one"]
@@ -272,6 +259,8 @@ def test_a_table_on_s3_gets_one_row_per_input_exactly_once_over_a_killed_driver(
     assert (summary.inputs, summary.ok, summary.processed) == (IMAGES, IMAGES, IMAGES - len(first))
     assert sorted(rows.column("path").to_pylist()) == sorted(str(path) for path in paths)
     assert_detections({row["path"]: row for row in rows.to_pylist()}, model_detections(cfg, paths))
+    if kind == "iceberg":
+        assert output.table.load_catalog().properties["uri"].startswith("postgresql+psycopg2://")
 
 
 def table_exists(output) -> bool:
@@ -291,3 +280,32 @@ def located(output):
 
         return replace(output, table=output.table.located())
     return output
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_data_retry_errors_deletes_a_tables_error_rows_of_those_kinds_in_one_commit(kind, tmp_path, request):
+    """What a run with data.retry_errors does first: the table writer deletes the committed rows of those
+    kinds in one commit, and commits after it from the version that made."""
+    from app.output.writer import TableWriter
+
+    if kind == "iceberg":
+        request.getfixturevalue("iceberg_catalog")
+    cfg = compose_config([f"data.path={tmp_path}", *output_overrides(kind, tmp_path)])
+    output = dataset_prepared(cfg)
+    writer = TableWriter(output, 1, "run-a", rows_per_file=10, commit_interval_s=3600)
+    kinds = [None, "unreadable", "corrupt_image", None, "unreadable"]
+    writer.add(pa.Table.from_pylist([{"path": f"img_{i}.jpg", "error_kind": kind, "num_detections": 0}
+                                     for i, kind in enumerate(kinds)], schema=RESULT_SCHEMA))
+    writer.close()
+    assert writer.delete_rows(["unreadable", "not_an_image"]) == 2
+    writer.add(pa.Table.from_pylist([{"path": "img_1.jpg", "num_detections": 0}], schema=RESULT_SCHEMA))
+    writer.close()  # from the version the delete made: not a table moved by another writer
+    rows = table_rows(output)
+    assert sorted(zip(rows.column("path").to_pylist(), rows.column("error_kind").to_pylist())) == [
+        ("img_0.jpg", None), ("img_1.jpg", None), ("img_2.jpg", "corrupt_image"), ("img_3.jpg", None)]
+
+
+def dataset_prepared(cfg):
+    from app.output.dataset import prepare_table
+
+    return prepare_table(cfg.output, locate(cfg.output))
