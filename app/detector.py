@@ -201,6 +201,7 @@ class Detector:
         self.device_name = device_name(self.device)  # as the summary and the metrics name it
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.spec, self.precision, self.batch_size, self.tiling = spec, precision, batch_size, tiling
+        self.channels_last, self.cudnn_benchmark = channels_last, cudnn_benchmark
         self.startup_seconds["device check"] = time.perf_counter() - started
         model, self.categories = self.load_model(spec)
         started = time.perf_counter()
@@ -223,7 +224,9 @@ class Detector:
     def calibration_key(self, calibration: CalibrationOptions, device_share: float) -> str:
         """What a calibrated batch size holds for: its cache's key."""
         spec = self.spec
-        return (f"{self.device_name}, {spec.name} at {spec.min_size}-{spec.max_size} px, {self.precision}, "
+        layout = "".join(text for flag, text in ((self.channels_last, ", channels-last"), (self.cudnn_benchmark, ", cuDNN autotuned"),
+                                                  (self.tiling is not None, ", tiled")) if flag)
+        return (f"{self.device_name}, {spec.name} at {spec.min_size}-{spec.max_size} px, {self.precision}{layout}, "
                 f"torch {torch.__version__}, {device_share:g} of the device, batch sizes up to {calibration.ceiling}")
 
     def memory_limit(self, device_share: float) -> Optional[int]:
@@ -270,8 +273,9 @@ class Detector:
 
     def device_busy_share(self, reading: Optional[tuple[float, float]]) -> Optional[float]:
         """The share of time the GPU ran kernels, as nvidia-smi shows it: NVML's utilisation over its last sample
-        period (1/6 s to 1 s, the end of the call that just ran). For the whole GPU, whatever else runs on it.
-        None on a CPU, and where NVML cannot be read (warned once)."""
+        period (1/6 s to 1 s), read at the end of the call that just ran, so a sample of the call's end rather
+        than a measure of the whole call. For the whole GPU, whatever else runs on it. None on a CPU, and where
+        NVML cannot be read (warned once)."""
         if self.device.type != "cuda" or self.nvml_failed:
             return None
         try:

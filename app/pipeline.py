@@ -107,8 +107,9 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
     lease = OutputLease(output, uuid.uuid4().hex[:12], cfg.output.lease_timeout_s, cfg.output.lease_heartbeat_s,
                         cfg.output.lease_wait_s)
     with stop_on_sigterm(), lease:
-        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights, spec.weights_sha256))
+        # The table first: with output.overwrite its rows go before the new settings are written.
         output = dataset.prepare_table(cfg.output, output)
+        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights, spec.weights_sha256))
         writer = writer_for(output, lease.generation, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s,
                             lease.verify)
         if cfg.data.retry_errors:

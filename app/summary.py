@@ -50,8 +50,9 @@ class Summary:
     model_batches: dict[int, int] = field(default_factory=dict)
     # Seconds the detector actors spent in model calls (on a GPU: its work, and the host's launching it).
     model_seconds: float = 0.0
-    # The share of their model calls' time the detector actors' GPUs ran kernels (NVML's utilisation at the end
-    # of each call, averaged over the calls); None on CPUs. Below HOST_BOUND_BELOW the run looks host-bound.
+    # The share of time the detector actors' GPUs ran kernels in their model calls, as sampled: NVML's
+    # utilisation read at the end of each call (its last 1/6 s to 1 s), averaged over the calls; None on CPUs.
+    # Below HOST_BOUND_BELOW the run looks host-bound.
     device_busy_share: Optional[float] = None
     # Images per second per GPU the detector actors held, and, with inference.gpu_hour_price, what a
     # million images cost: those GPUs for the run's wall time. None without GPUs (or a price).
@@ -99,7 +100,7 @@ class Summary:
         if self.device_busy_share is None or self.device_busy_share >= HOST_BOUND_BELOW:
             return None
         return (f"the detector looks host-bound: its GPUs ran kernels {self.device_busy_share:.0%} of its model calls' time; "
-                f"more detector actors per GPU (inference.actors_per_gpu) give a GPU another actor's work in that time")
+                f"more detector actors per GPU (inference.actors_per_gpu) may give a GPU another actor's work in that time")
 
     @property
     def mean_model_batch(self) -> float:

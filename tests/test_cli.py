@@ -226,7 +226,7 @@ SUMMARY_TEXT = (
     "ray-detect: model calls took 75% of the detector actors' time; their GPUs were busy 52% of the model calls' time; "
     "0.43 images/s per GPU; 1607.42 per million images (inference.gpu_hour_price)\n"
     "ray-detect: the detector looks host-bound: its GPUs ran kernels 52% of its model calls' time; more detector actors "
-    "per GPU (inference.actors_per_gpu) give a GPU another actor's work in that time\n"
+    "per GPU (inference.actors_per_gpu) may give a GPU another actor's work in that time\n"
 )
 
 

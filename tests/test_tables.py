@@ -309,3 +309,19 @@ def dataset_prepared(cfg):
     from app.output.dataset import prepare_table
 
     return prepare_table(cfg.output, locate(cfg.output))
+
+
+def test_an_iceberg_commit_that_meets_a_concurrent_one_is_refused_whole(iceberg_catalog, tmp_path, monkeypatch):
+    """Another writer commits between the run's check of the table and its commit: Iceberg refuses the commit
+    (the run set the table's commit retries to 0; pyiceberg would otherwise append on top of the other
+    writer's snapshot), so none of its rows are in the table."""
+    cfg = compose_config([f"data.path={tmp_path}", *output_overrides("iceberg", tmp_path)])
+    table = dataset_prepared(cfg).table
+    assert table.open().properties[tables.ICEBERG_RETRIES_KEY] == "0"
+    expected = table.version()
+    checked = table.at(expected)
+    table.open().append(pa.Table.from_pylist([{"path": "theirs.jpg"}], schema=RESULT_SCHEMA))  # the other writer
+    monkeypatch.setattr(tables.IcebergTable, "at", lambda self, snapshot: checked)
+    with pytest.raises(tables.TableMoved, match=r"moved on from snapshot None while this run committed"):
+        table.append(pa.Table.from_pylist([{"path": "ours.jpg"}], schema=RESULT_SCHEMA), expected, {})
+    assert table_rows(locate(cfg.output)).column("path").to_pylist() == ["theirs.jpg"]

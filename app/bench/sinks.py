@@ -71,6 +71,7 @@ def run(args, base: Path) -> dict:
     count, per_file = args.sink_rows, args.sink_rows_per_file
     rows = result_rows(count)
     folder = base / "sinks"
+    shutil.rmtree(folder, ignore_errors=True)  # a --workdir of an earlier run: its tables and catalog go
     os.environ[f"PYICEBERG_CATALOG__{CATALOG.upper()}__TYPE"] = "sql"
     os.environ[f"PYICEBERG_CATALOG__{CATALOG.upper()}__URI"] = f"sqlite:///{folder}/catalog.db"
     os.environ[f"PYICEBERG_CATALOG__{CATALOG.upper()}__WAREHOUSE"] = f"file://{folder}/warehouse"

@@ -365,6 +365,8 @@ def write_manifest(cfg: AppConfig, spec: ModelSpec, summary: "Summary", output: 
         },
         "model": {"name": spec.name, "weights": spec.weights, "weights_sha256": spec.weights_sha256,
                   "random_init_fallback": spec.fallback_reason},
+        # The table the rows are in, as the run resolved it (readers find it here); null for the Parquet dataset.
+        "table": output.table.manifest_entry() if output.table is not None else None,
         # The layers' precision, the float32 arithmetic on a GPU ("ieee", TF32 off: app.device), and the
         # settings that change which convolution algorithms run (the last bits of a detection may differ).
         "numerics": {"precision": cfg.inference.precision.value, "gpu_float32": FLOAT32_MATH,

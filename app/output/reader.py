@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from app import storage
-from app.config import DataConfig, image_formats
+from app.config import ConfigError, DataConfig, image_formats
 from app.decode import DecodeOptions, decode, read_file
 from app.output import tables
 from app.output.dataset import MANIFEST_NAME, SETTINGS_NAME, read_committed, read_json, read_manifest
@@ -78,11 +78,11 @@ def open_results(uri: str) -> Results:
         manifest = read_manifest(location)
         if manifest is None:
             raise ResultsError(f"{uri} has no {MANIFEST_NAME}: not the output of a finished `python -m app` run")
-        location = with_iceberg_table(location, manifest)
+        location = with_iceberg_table(location, manifest, uri)
         # Only the committed part-*.parquet files: not _staging/, _settings.json or anything else there.
         table = read_committed(location, RESULT_SCHEMA.names).sort_by("path")
         settings = read_json(location.filesystem, location.join(SETTINGS_NAME)) or {}
-    except (OSError, ValueError, pa.ArrowException) as error:
+    except (OSError, ValueError, pa.ArrowException, ConfigError) as error:
         raise ResultsError(f"cannot read results in {uri}: {error}") from None
     return Results(location, manifest, table, settings)
 
@@ -96,13 +96,16 @@ def run_folder(location: storage.Location, uri: str) -> storage.Location:
     return replace(storage.resolve(table.control_uri()), table=table)
 
 
-def with_iceberg_table(location: storage.Location, manifest: dict) -> storage.Location:
-    """The run folder of an Iceberg output named with its table (the catalog and table its manifest's config
-    names); any other folder as it is."""
-    output = (manifest.get("config") or {}).get("output") or {}
-    if output.get("format") != tables.OutputFormat.iceberg.value:
+def with_iceberg_table(location: storage.Location, manifest: dict, uri: str) -> storage.Location:
+    """The run folder of an Iceberg output named with its table (as its manifest records it); any other folder
+    as it is. A table that cannot be read is a ResultsError (a catalog not configured here, a table dropped)."""
+    entry = manifest.get("table") or {}
+    if entry.get("format") != tables.OutputFormat.iceberg.value:
         return location
-    return replace(location, table=tables.IcebergTable(output["catalog"], output["table"]).located())
+    try:
+        return replace(location, table=tables.table_from_manifest(entry).located())
+    except Exception as error:  # pyiceberg's and its catalogs' own errors, and ConfigError
+        raise ResultsError(f"cannot read the table of {uri}: {error}") from None
 
 
 def output_location(results: Results, uri: str, option: str = "--out") -> storage.Location:

@@ -15,22 +15,24 @@ none. Each commit expects the table at the version this run left it: a commit th
 writer stops the run as a lost lease does (app.output.lease.LeaseLost).
 - Delta: the commit is tried once (max_commit_retries=0) from the run's own snapshot of the table, so a
   version that another writer took makes it fail, and nothing of it is in the table.
-- Iceberg: the table is read again before each commit; a snapshot that is not the run's own stops the run
-  before it writes. pyiceberg retries a commit that meets a concurrent one by appending on top of it; a
-  commit whose parent is not the run's last snapshot then stops the run after it, with its rows in the
-  table once (no duplicate).
+- Iceberg: the table is read again before each commit, and a snapshot that is not the run's own stops the
+  run before it writes; the commit itself asserts that snapshot, and the table's commit.retry.num-retries
+  is 0 (set by the run), so that pyiceberg does not append on top of a concurrent commit instead.
 Resume reads the data files of the table's current version (the `path` column, as for the Parquet files):
-this app only appends and deletes whole files' rows (copy-on-write), so the files hold exactly the rows.
+this app only appends and deletes rows copy-on-write, so the files hold exactly the rows; an Iceberg table
+with delete files (another engine's merge-on-read deletes) is refused until it is compacted.
 The schema is the result schema, unpartitioned (see docs/outputs.md), created on the first run and checked
 against an existing table before any work.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import pyarrow as pa
@@ -50,6 +52,9 @@ GENERATION_KEY = "ray-detect.lease-generation"
 # The Iceberg table property naming the run folder (output.path) whose lease guards the table: one per table,
 # so that the lease keeps one writer on it.
 RUN_FOLDER_KEY = "ray-detect.run-folder"
+# Iceberg's table property for the retries of a commit that meets a concurrent one: none, so that such a
+# commit fails (TableMoved) instead of landing on top of the other writer's.
+ICEBERG_RETRIES_KEY = "commit.retry.num-retries"
 # The Iceberg catalog that needs no configuration: a SQL catalog on SQLite and a warehouse under ./iceberg.
 EMBEDDED_CATALOG = "local"
 EMBEDDED_CATALOG_DIR = "iceberg"
@@ -136,7 +141,8 @@ class DeltaTable:
         return self.open().version()
 
     def data_files(self) -> list[str]:
-        return [path_on_filesystem(uri) for uri in self.open().file_uris()]
+        # deltalake gives the files' URIs percent-encoded (a space as %20).
+        return [urllib.parse.unquote(path_on_filesystem(uri)) for uri in self.open().file_uris()]
 
     def append(self, rows: pa.Table, expected: int, metadata: dict[str, str]) -> int:
         """Append rows in one commit made from version `expected`; the version made. Raises TableMoved when
@@ -152,23 +158,35 @@ class DeltaTable:
             raise TableMoved(f"{self.name} has versions after {expected} that this run did not make ({error})") from error
         return table.version()
 
-    def delete_rows(self, error_kinds: list[str]) -> int:
-        """Delete the rows with these error kinds (data.retry_errors); the number deleted."""
+    def delete_rows(self, error_kinds: list[str], expected: int) -> tuple[int, int]:
+        """Delete the rows with these error kinds (data.retry_errors) in one commit from version `expected`:
+        the number deleted and the version made. Raises TableMoved as append does."""
+        from deltalake import CommitProperties
+        from deltalake.exceptions import CommitFailedError
+
         kinds = ", ".join("'" + kind.replace("'", "''") + "'" for kind in error_kinds)
-        metrics = self.open().delete(f"error_kind IN ({kinds})")
-        return int(metrics.get("num_deleted_rows", 0))
+        table = self.open(expected)
+        try:
+            metrics = table.delete(f"error_kind IN ({kinds})", commit_properties=CommitProperties(max_commit_retries=0))
+        except CommitFailedError as error:
+            raise TableMoved(f"{self.name} has versions after {expected} that this run did not make ({error})") from error
+        return int(metrics.get("num_deleted_rows", 0)), table.version()
 
     def control_uri(self) -> str:
         return self.uri.rstrip("/") + "/" + DELTA_CONTROL_DIR
+
+    def manifest_entry(self) -> dict:
+        """What the manifest records of the table, for readers (app.output.reader)."""
+        return {"format": "delta", **asdict(self)}
 
     def files_root(self) -> str:
         return self.uri
 
 
-def catalog_properties(name: str) -> dict:
+def catalog_properties(name: str, embedded_folder: str = "") -> dict:
     """The properties of the pyiceberg catalog `name`: from pyiceberg's configuration (~/.pyiceberg.yaml, or
     PYICEBERG_CATALOG__<NAME>__* variables) as they are now; for EMBEDDED_CATALOG without a configuration, a
-    SQL catalog on SQLite with its warehouse, both under ./iceberg."""
+    SQL catalog on SQLite with its warehouse, both in embedded_folder (by default ./iceberg)."""
     from pyiceberg.utils.config import Config
 
     configured = Config().get_catalog_config(name)
@@ -178,9 +196,18 @@ def catalog_properties(name: str) -> dict:
         raise ConfigError(f"output.catalog={name!r} is not configured for pyiceberg: define it in ~/.pyiceberg.yaml or "
                           f"with PYICEBERG_CATALOG__{name.upper()}__URI (and its other properties), or use "
                           f"output.catalog={EMBEDDED_CATALOG} (SQLite under ./{EMBEDDED_CATALOG_DIR})")
-    folder = os.path.abspath(EMBEDDED_CATALOG_DIR)
+    folder = embedded_folder or os.path.abspath(EMBEDDED_CATALOG_DIR)
     os.makedirs(folder, exist_ok=True)
     return {"type": "sql", "uri": f"sqlite:///{folder}/catalog.db", "warehouse": f"file://{folder}/warehouse"}
+
+
+@functools.lru_cache(maxsize=8)
+def cached_catalog(name: str, properties: tuple):
+    """One pyiceberg catalog (a SQL catalog holds a pool of database connections) per name and properties, per
+    process."""
+    from pyiceberg.catalog import load_catalog
+
+    return load_catalog(name, **dict(properties))
 
 
 @dataclass(frozen=True)
@@ -191,15 +218,15 @@ class IcebergTable:
     catalog: str
     identifier: str
     location: str = ""  # the table's location, once known (where its data files are)
+    embedded_folder: str = ""  # EMBEDDED_CATALOG's folder, as the run resolved it (readers run elsewhere)
 
     @property
     def name(self) -> str:
         return f"iceberg table {self.catalog}.{self.identifier}"
 
     def load_catalog(self):
-        from pyiceberg.catalog import load_catalog
-
-        return load_catalog(self.catalog, **catalog_properties(self.catalog))
+        properties = catalog_properties(self.catalog, self.embedded_folder)
+        return cached_catalog(self.catalog, tuple(sorted((key, str(value)) for key, value in properties.items())))
 
     def open(self):
         return self.load_catalog().load_table(self.identifier)
@@ -212,63 +239,90 @@ class IcebergTable:
         from pyiceberg.expressions import AlwaysTrue
 
         catalog = self.load_catalog()
+        ours = {RUN_FOLDER_KEY: run_folder, ICEBERG_RETRIES_KEY: "0"}
         try:
             table = catalog.load_table(self.identifier)
         except NoSuchTableError:
             catalog.create_namespace_if_not_exists(self.identifier.rsplit(".", 1)[0])
-            table = catalog.create_table_if_not_exists(self.identifier, schema=RESULT_SCHEMA,
-                                                       properties={RUN_FOLDER_KEY: run_folder})
+            table = catalog.create_table_if_not_exists(self.identifier, schema=RESULT_SCHEMA, properties=ours)
             log.info("created %s", self.name)
         problem = schema_problem(f"{self.catalog}.{self.identifier}", table.schema().as_arrow())
         if problem:
             raise ConfigError(problem)
         owner = table.properties.get(RUN_FOLDER_KEY)
-        if owner is None:
+        if owner is None or table.properties.get(ICEBERG_RETRIES_KEY) != "0":
+            if owner not in (None, run_folder):
+                ours.pop(RUN_FOLDER_KEY)
             with table.transaction() as transaction:
-                transaction.set_properties({RUN_FOLDER_KEY: run_folder})
-        elif owner != run_folder:
+                transaction.set_properties(ours)
+        if owner is not None and owner != run_folder:
             raise ConfigError(f"output table {self.catalog}.{self.identifier} is written through the run folder {owner}, "
                               f"not output.path={run_folder}: one run folder per table keeps one writer at a time; "
                               f"set output.path={owner}")
         if overwrite and table.current_snapshot() is not None:
             table.delete(AlwaysTrue())
-        return IcebergTable(self.catalog, self.identifier, table.location())
+        return IcebergTable(self.catalog, self.identifier, table.location(), self.embedded_folder)
 
     def located(self) -> "IcebergTable":
         """The table with its location (where its data files are), as the catalog has it."""
-        return IcebergTable(self.catalog, self.identifier, self.open().location())
+        return IcebergTable(self.catalog, self.identifier, self.open().location(), self.embedded_folder)
+
+    def manifest_entry(self) -> dict:
+        """What the manifest records of the table, for readers (app.output.reader)."""
+        return {"format": "iceberg", **asdict(self)}
 
     def version(self) -> Optional[int]:
         snapshot = self.open().current_snapshot()
         return snapshot.snapshot_id if snapshot else None
 
     def data_files(self) -> list[str]:
-        return [path_on_filesystem(task.file.file_path) for task in self.open().scan().plan_files()]
+        tasks = list(self.open().scan().plan_files())
+        if any(task.delete_files for task in tasks):
+            raise ConfigError(f"output table {self.catalog}.{self.identifier} has delete files (rows another engine deleted "
+                              f"merge-on-read): its data files no longer hold exactly its rows; compact it "
+                              f"(rewrite_data_files) and rerun")
+        return [path_on_filesystem(task.file.file_path) for task in tasks]
 
     def append(self, rows: pa.Table, expected: Optional[int], metadata: dict[str, str]) -> int:
         """Append rows in one snapshot on top of snapshot `expected`; the snapshot made. Raises TableMoved when
-        the table's current snapshot is another (before the commit), or when the commit landed on top of
-        another writer's (after it: its rows are in the table)."""
+        the table's current snapshot is another, before the commit or when it is made."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        table = self.at(expected)
+        try:
+            table.append(rows, snapshot_properties=metadata)
+        except CommitFailedException as error:
+            raise TableMoved(f"{self.name} moved on from snapshot {expected} while this run committed ({error})") from error
+        made = table.current_snapshot()
+        if made.parent_snapshot_id != expected:  # a table whose retries were set again after this run set them
+            raise TableMoved(f"{self.name}: this run's commit (snapshot {made.snapshot_id}) landed on snapshot "
+                             f"{made.parent_snapshot_id} of another writer, not on {expected}")
+        return made.snapshot_id
+
+    def at(self, expected: Optional[int]):
+        """The table, read now; TableMoved when its current snapshot is not `expected`."""
         table = self.open()
         current = table.current_snapshot()
         if (current.snapshot_id if current else None) != expected:
             raise TableMoved(f"{self.name} is at snapshot {current.snapshot_id if current else None}, not this run's "
                              f"{expected}")
-        table.append(rows, snapshot_properties=metadata)
-        made = table.current_snapshot()
-        if made.parent_snapshot_id != expected:
-            raise TableMoved(f"{self.name}: this run's commit (snapshot {made.snapshot_id}) landed on snapshot "
-                             f"{made.parent_snapshot_id} of another writer, not on {expected}")
-        return made.snapshot_id
+        return table
 
-    def delete_rows(self, error_kinds: list[str]) -> int:
+    def delete_rows(self, error_kinds: list[str], expected: Optional[int]) -> tuple[int, Optional[int]]:
+        """Delete the rows with these error kinds (data.retry_errors) in one snapshot on top of `expected`: the
+        number deleted and the snapshot made (`expected` when there were none)."""
+        from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.expressions import In
 
-        table = self.open()
-        before = table.scan(row_filter=In("error_kind", error_kinds), selected_fields=("path",)).to_arrow().num_rows
-        if before:
+        table = self.at(expected)
+        found = table.scan(row_filter=In("error_kind", error_kinds), selected_fields=("path",)).to_arrow().num_rows
+        if not found:
+            return 0, expected
+        try:
             table.delete(In("error_kind", error_kinds))
-        return before
+        except CommitFailedException as error:
+            raise TableMoved(f"{self.name} moved on from snapshot {expected} while this run committed ({error})") from error
+        return found, table.current_snapshot().snapshot_id
 
     def control_uri(self) -> Optional[str]:
         return None  # output.path
@@ -290,8 +344,14 @@ def table_of(section: OutputConfig):
         raise ConfigError(f"output={section.format.value} needs {module}, which is not installed: pip install 'ray-detect[{extra}]'")
     if section.format == OutputFormat.delta:
         return DeltaTable(storage.absolute(section.path))
-    catalog_properties(section.catalog)  # a catalog pyiceberg is not configured for fails here, before the run starts
-    return IcebergTable(section.catalog, section.table)
+    catalog_properties(section.catalog, embedded := os.path.abspath(EMBEDDED_CATALOG_DIR))  # fails here, before the run
+    return IcebergTable(section.catalog, section.table, embedded_folder=embedded if section.catalog == EMBEDDED_CATALOG else "")
+
+
+def table_from_manifest(entry: dict):
+    """The table a manifest's "table" entry names (manifest_entry)."""
+    fields = {key: value for key, value in entry.items() if key != "format"}
+    return DeltaTable(**fields) if entry["format"] == "delta" else IcebergTable(**fields)
 
 
 def rows_filesystem(table) -> pafs.FileSystem:

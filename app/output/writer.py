@@ -1,5 +1,6 @@
 """Committing result rows: whole Parquet files, staged and then moved into output.path (dataset.py)."""
 
+import contextlib
 import time
 from typing import Callable
 
@@ -90,20 +91,26 @@ class TableWriter(ResultWriter):
 
     def write_file(self, rows: pa.Table) -> None:
         self.before_commit()
-        try:
+        with self.fenced():
             self.expected = self.table.append(rows.cast(RESULT_SCHEMA), self.expected, self.metadata)
-        except TableMoved as error:
-            raise LeaseLost(f"another writer committed to {self.table.name} while this run wrote it ({error}); the rows "
-                            f"this run committed are kept: rerun once it is the table's only writer") from error
         self.sequence += 1
         self.last_commit = time.monotonic()
 
     def delete_rows(self, error_kinds: list[str]) -> int:
         """Delete the committed rows of these error kinds (data.retry_errors) in one commit; their number."""
         self.before_commit()
-        removed = self.table.delete_rows(error_kinds)
-        self.expected = self.table.version()
+        with self.fenced():
+            removed, self.expected = self.table.delete_rows(error_kinds, self.expected)
         return removed
+
+    @contextlib.contextmanager
+    def fenced(self):
+        """A commit that finds the table moved by another writer stops the run as a lost lease does."""
+        try:
+            yield
+        except TableMoved as error:
+            raise LeaseLost(f"another writer committed to {self.table.name} while this run wrote it ({error}); the rows "
+                            f"this run committed are kept: rerun once it is the table's only writer") from error
 
     def close(self) -> None:
         self.commit()
