@@ -108,8 +108,9 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
                         cfg.output.lease_wait_s)
     with stop_on_sigterm(), lease:
         # The table first: with output.overwrite its rows go before the new settings are written.
-        output = dataset.prepare_table(cfg.output, output)
-        dataset.prepare(cfg.output, output, dataset.settings(cfg, spec.weights, spec.weights_sha256))
+        wanted = dataset.settings(cfg, spec.weights, spec.weights_sha256)
+        output = dataset.prepare_table(cfg.output, output, wanted)
+        dataset.prepare(cfg.output, output, wanted)
         writer = writer_for(output, lease.generation, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s,
                             lease.verify)
         if cfg.data.retry_errors:

@@ -325,3 +325,24 @@ def test_an_iceberg_commit_that_meets_a_concurrent_one_is_refused_whole(iceberg_
     with pytest.raises(tables.TableMoved, match=r"moved on from snapshot None while this run committed"):
         table.append(pa.Table.from_pylist([{"path": "ours.jpg"}], schema=RESULT_SCHEMA), expected, {})
     assert table_rows(locate(cfg.output)).column("path").to_pylist() == ["theirs.jpg"]
+
+
+def test_an_iceberg_tables_rows_keep_the_digest_of_their_settings_for_a_run_folder_that_lost_its_own(iceberg_catalog, tmp_path):
+    """The run folder's _settings.json is what a rerun compares; when the folder has none (lost, or new), the
+    table's own record of its rows' settings refuses a run with other settings, and output.overwrite replaces
+    the rows and the record."""
+    from app.output.dataset import prepare_table
+
+    cfg = compose_config([f"data.path={tmp_path}", *output_overrides("iceberg", tmp_path)])
+    made = prepare_table(cfg.output, locate(cfg.output), {"model.score_threshold": 0.5})
+    digest = made.table.open().properties[tables.SETTINGS_KEY]
+    assert prepare_table(cfg.output, locate(cfg.output), {"model.score_threshold": 0.5}).table == made.table
+    with pytest.raises(ConfigError) as refused:
+        prepare_table(cfg.output, locate(cfg.output), {"model.score_threshold": 0.9})
+    assert str(refused.value) == (
+        f"output table tests.detections.run holds results made with other settings than this run's (its "
+        f"ray-detect.settings-sha256 differs), and output.path={tmp_path / 'run'} holds no settings to say which: run with "
+        f"the settings it was made with, or pass output.overwrite=true to replace its rows")
+    overwrite = compose_config([f"data.path={tmp_path}", *output_overrides("iceberg", tmp_path), "output.overwrite=true"])
+    prepare_table(overwrite.output, locate(overwrite.output), {"model.score_threshold": 0.9})
+    assert made.table.open().properties[tables.SETTINGS_KEY] not in (digest, None)

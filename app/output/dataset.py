@@ -24,6 +24,7 @@ the part files and the staging: the rows are the table's, and `committed_files` 
 
 import contextlib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -144,12 +145,16 @@ def locate(section: OutputConfig) -> storage.Location:
     return replace(output, table=table)
 
 
-def prepare_table(section: OutputConfig, output: storage.Location) -> storage.Location:
+def prepare_table(section: OutputConfig, output: storage.Location, wanted: Optional[dict] = None) -> storage.Location:
     """A table output's table created, or its schema checked (emptied with output.overwrite): called once the
-    run holds the lease. The location, naming the table as prepared."""
+    run holds the lease, before `prepare`. With the settings `wanted`, a table made with other settings is
+    refused when the run folder has none of its own to compare (a lost folder, or a new one): `prepare`
+    compares them otherwise, naming the setting. The location, naming the table as prepared."""
     if output.table is None:
         return output
-    return replace(output, table=output.table.prepare(section.overwrite, output.uri(output.path)))
+    check = wanted is not None and read_json(output.filesystem, output.join(SETTINGS_NAME)) is None
+    digest = hashlib.sha256(json_bytes(wanted)).hexdigest() if wanted is not None else None
+    return replace(output, table=output.table.prepare(section.overwrite, output.uri(output.path), digest, check))
 
 
 def output_name(output: storage.Location) -> str:

@@ -55,6 +55,9 @@ RUN_FOLDER_KEY = "ray-detect.run-folder"
 # Iceberg's table property for the retries of a commit that meets a concurrent one: none, so that such a
 # commit fails (TableMoved) instead of landing on top of the other writer's.
 ICEBERG_RETRIES_KEY = "commit.retry.num-retries"
+# The Iceberg table property holding the SHA-256 of the settings its rows were made with (the run folder's
+# _settings.json): a run through a lost or new folder is checked against it.
+SETTINGS_KEY = "ray-detect.settings-sha256"
 # The Iceberg catalog that needs no configuration: a SQL catalog on SQLite and a warehouse under ./iceberg.
 EMBEDDED_CATALOG = "local"
 EMBEDDED_CATALOG_DIR = "iceberg"
@@ -120,9 +123,11 @@ class DeltaTable:
 
         return Delta.is_deltatable(self.uri, storage_options=self.storage_options())
 
-    def prepare(self, overwrite: bool, run_folder: str) -> "DeltaTable":
+    def prepare(self, overwrite: bool, run_folder: str, settings_digest: Optional[str] = None,
+                check_settings: bool = False) -> "DeltaTable":
         """Create the table, or check the existing one's schema (and with overwrite, delete its rows). Its run
-        folder is inside it: one per table."""
+        folder, with the settings, is inside it: one per table (deltalake takes no custom table property to
+        hold the settings' digest)."""
         from deltalake import DeltaTable as Delta
 
         if not self.exists():
@@ -231,15 +236,18 @@ class IcebergTable:
     def open(self):
         return self.load_catalog().load_table(self.identifier)
 
-    def prepare(self, overwrite: bool, run_folder: str) -> "IcebergTable":
+    def prepare(self, overwrite: bool, run_folder: str, settings_digest: Optional[str] = None,
+                check_settings: bool = False) -> "IcebergTable":
         """Create the table (and its namespace), or check the existing one's schema (and with overwrite,
         delete its rows); the table with its location. The table is bound to one run folder (RUN_FOLDER_KEY):
-        another folder's lease could not keep a second writer off it."""
+        another folder's lease could not keep a second writer off it. It records the digest of its rows'
+        settings (SETTINGS_KEY); with check_settings (the run folder has no settings to compare) a table made
+        with others is refused, unless overwrite replaces its rows."""
         from pyiceberg.exceptions import NoSuchTableError
         from pyiceberg.expressions import AlwaysTrue
 
         catalog = self.load_catalog()
-        ours = {RUN_FOLDER_KEY: run_folder, ICEBERG_RETRIES_KEY: "0"}
+        ours = {RUN_FOLDER_KEY: run_folder, ICEBERG_RETRIES_KEY: "0", **({SETTINGS_KEY: settings_digest} if settings_digest else {})}
         try:
             table = catalog.load_table(self.identifier)
         except NoSuchTableError:
@@ -249,16 +257,21 @@ class IcebergTable:
         problem = schema_problem(f"{self.catalog}.{self.identifier}", table.schema().as_arrow())
         if problem:
             raise ConfigError(problem)
-        owner = table.properties.get(RUN_FOLDER_KEY)
-        if owner is None or table.properties.get(ICEBERG_RETRIES_KEY) != "0":
-            if owner not in (None, run_folder):
-                ours.pop(RUN_FOLDER_KEY)
-            with table.transaction() as transaction:
-                transaction.set_properties(ours)
+        owner, made_with = table.properties.get(RUN_FOLDER_KEY), table.properties.get(SETTINGS_KEY)
         if owner is not None and owner != run_folder:
             raise ConfigError(f"output table {self.catalog}.{self.identifier} is written through the run folder {owner}, "
                               f"not output.path={run_folder}: one run folder per table keeps one writer at a time; "
                               f"set output.path={owner}")
+        if check_settings and not overwrite and made_with and settings_digest and made_with != settings_digest:
+            raise ConfigError(f"output table {self.catalog}.{self.identifier} holds results made with other settings than "
+                              f"this run's (its {SETTINGS_KEY} differs), and output.path={run_folder} holds no settings "
+                              f"to say which: run with the settings it was made with, or pass output.overwrite=true to "
+                              f"replace its rows")
+        if made_with and not overwrite:
+            ours.pop(SETTINGS_KEY, None)  # the digest of the rows it holds; the run folder's settings check the run's
+        if any(table.properties.get(key) != value for key, value in ours.items()):
+            with table.transaction() as transaction:
+                transaction.set_properties(ours)
         if overwrite and table.current_snapshot() is not None:
             table.delete(AlwaysTrue())
         return IcebergTable(self.catalog, self.identifier, table.location(), self.embedded_folder)
