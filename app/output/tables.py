@@ -33,7 +33,7 @@ import logging
 import os
 import urllib.parse
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -65,6 +65,38 @@ EMBEDDED_CATALOG_DIR = "iceberg"
 
 class TableMoved(Exception):
     """Another writer committed to the table while this run wrote it."""
+
+
+class RowTable(Protocol):
+    """What a table output is to the rest of the app: DeltaTable and IcebergTable below. The Parquet dataset's
+    side of the same (its part files, their commit and fence) is app.output.dataset's and app.output.writer's;
+    the run folder's protocol (lease, settings, manifest) is the same for all three.
+    - prepare: made, or checked, once the run holds its lease (app.output.dataset.prepare_table);
+    - version, append, delete_rows: commits from the version the run left, TableMoved otherwise
+      (app.output.writer.TableWriter);
+    - data_files, files_root: what resume, the summary and the readers scan (app.output.dataset.committed_files);
+    - control_uri: the run folder when it is the table's own (Delta), else None (output.path);
+    - manifest_entry: the table as the manifest records it for readers (table_from_manifest)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def prepare(self, overwrite: bool, run_folder: str, settings_digest: Optional[str] = None,
+                check_settings: bool = False) -> "RowTable": ...
+
+    def version(self) -> Optional[int]: ...
+
+    def append(self, rows: pa.Table, expected: Optional[int], metadata: dict[str, str]) -> int: ...
+
+    def delete_rows(self, error_kinds: list[str], expected: Optional[int]) -> tuple[int, Optional[int]]: ...
+
+    def data_files(self) -> list[str]: ...
+
+    def files_root(self) -> str: ...
+
+    def control_uri(self) -> Optional[str]: ...
+
+    def manifest_entry(self) -> dict: ...
 
 
 def type_name(data_type: pa.DataType) -> str:
@@ -348,7 +380,7 @@ class IcebergTable:
 LIBRARIES = {OutputFormat.delta: ("deltalake", "delta"), OutputFormat.iceberg: ("pyiceberg", "iceberg")}
 
 
-def table_of(section: OutputConfig):
+def table_of(section: OutputConfig) -> Optional[RowTable]:
     """The table output.format names (None for the Parquet dataset). A ConfigError when its library is missing."""
     if section.format == OutputFormat.parquet:
         return None
@@ -361,12 +393,12 @@ def table_of(section: OutputConfig):
     return IcebergTable(section.catalog, section.table, embedded_folder=embedded if section.catalog == EMBEDDED_CATALOG else "")
 
 
-def table_from_manifest(entry: dict):
+def table_from_manifest(entry: dict) -> RowTable:
     """The table a manifest's "table" entry names (manifest_entry)."""
     fields = {key: value for key, value in entry.items() if key != "format"}
     return DeltaTable(**fields) if entry["format"] == "delta" else IcebergTable(**fields)
 
 
-def rows_filesystem(table) -> pafs.FileSystem:
+def rows_filesystem(table: RowTable) -> pafs.FileSystem:
     """The filesystem the table's data files are on."""
     return storage.resolve(table.files_root()).filesystem
