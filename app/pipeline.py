@@ -26,7 +26,7 @@ from app.metrics import RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume, rewrite
 from app.output.lease import OutputLease
-from app.output.verdicts import Verdicts, read_transient
+from app.output.verdicts import StorageRefused, Verdicts, read_transient
 from app.output.writer import ResultWriter, TableWriter, writer_for
 from app.plan import ClusterLimits, Plan, on_driver_node, plan_run
 from app.progress import Progress
@@ -109,7 +109,7 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
     with stop_on_sigterm(), lease:
         # The table first: with output.overwrite its rows go before the new settings are written.
         wanted = dataset.settings(cfg, spec.weights, spec.weights_sha256)
-        output = dataset.prepare_table(cfg.output, output, wanted)
+        output = prepared_table(cfg, output, wanted)
         dataset.prepare(cfg.output, output, wanted)
         writer = writer_for(output, lease.generation, lease.owner, cfg.output.rows_per_file, cfg.output.commit_interval_s,
                             lease.verify)
@@ -152,6 +152,18 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
                 f"{output.uri(output.join(dataset.TRANSIENT_NAME))}); rerun to read them", summary)
         dataset.write_manifest(cfg, spec, summary, output)
         return check_errors(cfg, summary)
+
+
+def prepared_table(cfg: AppConfig, output: storage.Location, wanted: dict) -> storage.Location:
+    """dataset.prepare_table, its table library's own failures (a catalog that does not answer, a database
+    that refuses the connection) stopping the run in one line, as storage refusing it does."""
+    try:
+        return dataset.prepare_table(cfg.output, output, wanted)
+    except (ConfigError, OSError):  # one-line errors already, or storage's (app.cli tells them apart)
+        raise
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StorageRefused(f"{dataset.output_name(output)} cannot be opened or created: {reason}") from error
 
 
 def cluster_plan(cfg: AppConfig, listed_files: Optional[int]) -> Plan:

@@ -346,3 +346,23 @@ def test_an_iceberg_tables_rows_keep_the_digest_of_their_settings_for_a_run_fold
     overwrite = compose_config([f"data.path={tmp_path}", *output_overrides("iceberg", tmp_path), "output.overwrite=true"])
     prepare_table(overwrite.output, locate(overwrite.output), {"model.score_threshold": 0.9})
     assert made.table.open().properties[tables.SETTINGS_KEY] not in (digest, None)
+
+
+def test_a_catalog_that_does_not_answer_stops_the_run_in_one_line(monkeypatch, tmp_path):
+    """A SQL catalog on a database nobody listens for: the run stops before any work with storage's exit code
+    and one line, not a traceback, and commits nothing."""
+    from app import cli
+    from app.output.verdicts import StorageRefused
+
+    for key, value in {"TYPE": "sql", "URI": f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/none",
+                       "WAREHOUSE": f"file://{tmp_path}/warehouse"}.items():
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__DOWN__{key}", value)
+    write_images(tmp_path / "in", 1)
+    cfg = compose_config([*FAST_MODEL, f"data.path={tmp_path / 'in'}", *output_overrides("iceberg", tmp_path, "down")])
+    with pytest.raises(StorageRefused) as refused:
+        run(cfg)
+    assert str(refused.value).startswith("iceberg table down.detections.run cannot be opened or created: ")
+    assert "\n" not in str(refused.value) and not (tmp_path / "warehouse").exists()
+    with pytest.raises(SystemExit) as stopped:
+        cli.job(cfg)
+    assert stopped.value.code == cli.ExitCode.STORAGE_REFUSED
