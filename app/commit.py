@@ -79,7 +79,7 @@ def stop_on_sigterm():
 class Executed:
     """What the execution of a run did: the images it processed, the detector actors that made rows (by
     WORKER_COLUMN), the GPUs each held, the model batches they ran (by their images, BATCH_IMAGES_COLUMN)
-    against the planned batch size and their seconds, the tally of streamed inputs, the most actors at work at once and
+    against the batch size they ran at and their seconds, the tally of streamed inputs, the most actors at work at once and
     each stage's seconds of work per worker (see Summary)."""
 
     processed: int = 0
