@@ -22,6 +22,7 @@ from app.output.verdicts import Verdicts, storage_refusal
 from app.plan import Plan
 from app.progress import Progress
 from app.retry import BUDGET_SPENT_MARKER
+from app.video import VIDEO_CHANGED_MARKER
 
 if TYPE_CHECKING:
     from app.summary import Summary
@@ -149,9 +150,10 @@ def stopped(error: BaseException, verdicts: Verdicts) -> BaseException:
     reason = marked_error_in(error, DEVICE_ERROR_MARKER) if isinstance(error, Exception) else None
     if reason is not None:
         return DeviceUnavailable(reason)
-    reason = marked_error_in(error, WEIGHTS_ERROR_MARKER) if isinstance(error, Exception) else None
-    if reason is not None:
-        return ConfigError(reason)
+    for marker in (WEIGHTS_ERROR_MARKER, VIDEO_CHANGED_MARKER):
+        reason = marked_error_in(error, marker) if isinstance(error, Exception) else None
+        if reason is not None:
+            return ConfigError(reason)
     refusal = storage_refusal(error)
     if refusal is not None:
         with contextlib.suppress(Exception):  # storage may refuse these writes too: the rerun redoes them

@@ -21,6 +21,7 @@ SAMPLES_DIR = Path(__file__).parent / "samples"
 # The value of the inference settings that the job resolves against the cluster (app.plan).
 AUTO = "auto"
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif"]
+VIDEO_EXTENSIONS = ["mp4", "mov", "mkv", "webm", "avi"]
 # The storage a run reads by default (app.storage): local files (`file`: a path without a scheme), S3, GCS,
 # HDFS and Azure. Not http(s): a manifest made elsewhere must not send the workers to any web address (a
 # cloud's metadata service, a service inside the cluster).
@@ -29,6 +30,28 @@ STORAGE_SCHEMES = ["file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az"]
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # A SHA-256 as hexadecimal digits.
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class VideoSampling(str, Enum):
+    """Which frames of a video are detected (app.video)."""
+
+    fps = "fps"  # the first frame of each 1/data.video.fps second
+    all = "all"  # every frame
+    keyframes = "keyframes"  # the key frames alone: the cheapest to decode
+
+
+@dataclass
+class VideoConfig:
+    # Files with these extensions are videos: each frame data.video.sample chooses gets its row (app.video).
+    # [] reads no video.
+    extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    sample: VideoSampling = VideoSampling.fps
+    # Frames detected per second of video with sample=fps.
+    fps: float = 1.0
+    # Seconds of a video one decode task decodes: the segments of a long video run in parallel.
+    segment_s: float = 60.0
+    # A longer video becomes one error row (kind too_long).
+    max_duration_s: float = 4 * 3600.0
 
 
 @dataclass
@@ -65,6 +88,7 @@ class DataConfig:
     # Error kinds whose committed rows this run reads again and replaces (e.g. [unreadable] after fixing
     # permissions, [kept_failing] after an outage); each image still ends with exactly one row.
     retry_errors: list[str] = field(default_factory=list)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 @dataclass
@@ -371,6 +395,7 @@ def check_config(cfg: AppConfig) -> None:
         image_formats(cfg.data.extensions)
     except ValueError as error:
         raise ConfigError(f"data.extensions: {error}") from None
+    check_video(cfg.data)
     allowed = [scheme.lower() for scheme in cfg.data.allowed_schemes]
     for key, value in (("data.path", cfg.data.path), ("data.manifest", cfg.data.manifest)):
         if value and uri_scheme(value) not in allowed:
@@ -401,6 +426,17 @@ def uri_scheme(uri: str) -> str:
     """The scheme of a path or URI, in lower case: "file" for a local path."""
     match = URI_SCHEME.match(uri)
     return match.group(1).lower() if match else "file"
+
+
+def check_video(data: DataConfig) -> None:
+    video = data.video
+    for key in ("fps", "segment_s", "max_duration_s"):
+        if not getattr(video, key) > 0:
+            raise ConfigError(f"data.video.{key}={getattr(video, key)} must be above 0")
+    images = {extension.lower().lstrip(".") for extension in data.extensions}
+    both = sorted(images & {extension.lower().lstrip(".") for extension in video.extensions})
+    if both:
+        raise ConfigError(f"{both[0]!r} is in both data.extensions and data.video.extensions: a file is an image or a video")
 
 
 def check_tiling(tiling: TilingConfig) -> None:

@@ -49,6 +49,10 @@ DECODED_SCHEMA = pa.schema(
         # seconds it took to read and decode.
         ("input_bytes", pa.int64()),
         ("decode_seconds", pa.float64()),
+        # A video's frame (app.video); null for images.
+        ("frame_index", pa.int64()),
+        ("frame_time_s", pa.float64()),
+        ("video_version", pa.string()),
     ]
 )
 
@@ -245,6 +249,12 @@ def decode_into(row: dict, data: bytes, options: DecodeOptions) -> None:
     tiled, its pixels at full size with its tile grid, and the whole-image pass at model size (if asked
     for and resized on the CPU: on the device otherwise, from the full-size pixels)."""
     image, row["width"], row["height"] = open_image(data, options)
+    fill_pixels(row, image, options)
+
+
+def fill_pixels(row: dict, image: Image.Image, options: DecodeOptions) -> None:
+    """decode_into's filling of a row from an opened image (or a video's decoded frame) whose original
+    size the row holds already."""
     size = model_size(row["width"], row["height"], options)
     tiling = options.tiling
     if tiling is None or not tiling.tiles(row["width"], row["height"]):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from app.result_schema import NOT_A_FILE, UNREADABLE
@@ -46,6 +47,21 @@ INPUT_SCHEMA = pa.schema(
 def image_suffixes(extensions: list[str]) -> tuple[str, ...]:
     """data.extensions as lower-case name endings: "JPG" and ".jpg" both give ".jpg"."""
     return tuple("." + extension.lower().lstrip(".") for extension in extensions)
+
+
+def named(rows: pa.Table, suffixes: tuple[str, ...]) -> pa.ChunkedArray:
+    """Which input rows have a name ending with one of `suffixes` (lower-case, as image_suffixes gives them)."""
+    lower = pc.utf8_lower(rows.column("path"))
+    found = pa.chunked_array([pa.array([False] * rows.num_rows)])
+    for suffix in suffixes:
+        found = pc.or_(found, pc.ends_with(lower, suffix))
+    return found
+
+
+def of_kind(rows: pa.Table, *, suffixes: tuple[str, ...], is_video: bool) -> pa.Table:
+    """Ray Data UDF: the input rows that are videos (named with the video `suffixes`), or those that are not."""
+    videos = named(rows, suffixes)
+    return rows.filter(videos if is_video else pc.invert(videos))
 
 
 def text_path(path: str) -> tuple[str, Optional[bytes]]:

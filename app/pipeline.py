@@ -17,11 +17,11 @@ import ray
 
 from app import console, storage
 from app.calibration import DEFAULT_CACHE, CalibrationOptions
-from app.commit import Executed, InputsLeft, commit, stop_on_sigterm
-from app.config import SAMPLES_DIR, AppConfig, ConfigError, check_config, image_formats
+from app.commit import Executed, InputsLeft, commit, marked_error_in, stop_on_sigterm
+from app.config import SAMPLES_DIR, AppConfig, ConfigError, VideoSampling, check_config, image_formats
 from app.decode import DecodeOptions, decode_images
 from app.detector_stage import DetectorStage
-from app.inputs import Inputs, listed_todo, no_images, open_inputs, streamed_all_done, streamed_todo
+from app.inputs import Inputs, StreamedVideos, listed_todo, no_images, open_inputs, streamed_all_done, streamed_todo
 from app.metrics import RunMetrics
 from app.model import ModelSpec, WeightsError, resolve_weights
 from app.output import dataset, resume, rewrite
@@ -33,6 +33,7 @@ from app.progress import Progress
 from app.retry import RetryBudget
 from app.summary import Summary
 from app.tiling import TilingOptions
+from app.video import VIDEO_CHANGED_MARKER, VideoOptions, decode_segments
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,11 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
             before, index = resume.scan_output(output, in_ray=True)
             # Before the detector stage asks for its GPUs: an incremental run that finds nothing new must not
             # make the autoscaler add a GPU node.
-            executed.tally = streamed_all_done(cfg.data, inputs, index, plan.input_tasks)
+            videos = StreamedVideos(video_options(cfg), ray.put(before.video_versions))
+            try:
+                executed.tally = streamed_all_done(cfg.data, inputs, index, plan.input_tasks, videos)
+            except Exception as error:
+                raise video_changed(error) or error
             work_left = executed.tally is None
         if not work_left and executed.tally is not None:
             executed.duplicates = ray.get(executed.tally.duplicates.remote())
@@ -164,6 +169,18 @@ def prepared_table(cfg: AppConfig, output: storage.Location, wanted: dict) -> st
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageRefused(f"{dataset.output_name(output)} cannot be opened or created: {reason}") from error
+
+
+def video_options(cfg: AppConfig) -> VideoOptions:
+    video = cfg.data.video
+    return VideoOptions(sample=VideoSampling(video.sample).value, fps=video.fps, segment_s=video.segment_s,
+                        max_duration_s=video.max_duration_s, read_attempts=cfg.data.read_attempts)
+
+
+def video_changed(error: BaseException) -> Optional[ConfigError]:
+    """The ConfigError a task's VideoChanged (app.video) is on the driver, if `error` is one."""
+    reason = marked_error_in(error, VIDEO_CHANGED_MARKER) if isinstance(error, Exception) else None
+    return ConfigError(reason) if reason is not None else None
 
 
 def cluster_plan(cfg: AppConfig, listed_files: Optional[int]) -> Plan:
@@ -202,7 +219,7 @@ def execute(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.T
     budget = RetryBudget.options(name=f"ray-detect-retry-budget-{lease.owner}", scheduling_strategy=on_driver_node(),
                                  max_restarts=-1, max_task_retries=-1).remote(cfg.data.read_retry_budget)
     metric_tags = {"run": cfg.metrics.run, "model": spec.name}
-    detected, tally = stages(cfg, spec, inputs, todo, index, plan, detector, budget, metric_tags)
+    detected, tally = stages(cfg, spec, inputs, todo, index, plan, detector, budget, metric_tags, before.video_versions)
     progress = Progress(
         cfg.progress.interval_s, total=inputs.table.num_rows if inputs.table is not None else None,
         done_before=before.rows, errors_before=sum(before.errors_by_kind.values()),
@@ -241,43 +258,53 @@ def warn_random_weights(spec: ModelSpec) -> None:
 
 def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Table], index: Optional[ray.ObjectRef],
            plan: Plan, detector: Optional[type], budget: ray.actor.ActorHandle,
-           metric_tags: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle]]:
+           metric_tags: Optional[dict[str, str]] = None,
+           video_versions: Optional[dict[str, str]] = None) -> tuple[ray.data.Dataset, Optional[ray.actor.ActorHandle]]:
     """The Dataset of result rows: the inputs to process (`todo` when listed, else streamed without those
     that have a row in `index`, with a tally of every input seen) → read and decode (CPU tasks, retrying
-    reads under the run's retry `budget`) → detect (actor pool, its actors alive in the metrics with
-    `metric_tags`). Also the tally."""
-    tally = None
+    reads under the run's retry `budget`; a video's segments a task each, app.video) → detect (actor pool,
+    its actors alive in the metrics with `metric_tags`). Also the tally. `video_versions` are those of the
+    videos output.path has frames of."""
+    tally, segments = None, None
     if todo is not None:
         # from_blocks takes each block's size from the table here; from_arrow would run a task per block for it.
         images = ray.data.from_blocks([todo.slice(i, plan.block_rows) for i in range(0, todo.num_rows, plan.block_rows)])
     else:
-        images, tally = streamed_todo(cfg.data, inputs, index, plan.input_tasks)
+        videos = StreamedVideos(video_options(cfg), ray.put(video_versions or {}), budget)
+        images, segments, tally = streamed_todo(cfg.data, inputs, index, plan.input_tasks, videos)
         # Cut into blocks by Ray Data's streaming repartition, which takes a CPU (app.plan left one).
         images = images.repartition(target_num_rows_per_block=plan.block_rows)
     resize = cfg.inference.resize_on_cpu
     tiling = TilingOptions.from_config(cfg.tiling)
+    options = DecodeOptions(
+        max_file_bytes=cfg.data.max_file_bytes,
+        max_image_pixels=cfg.data.max_image_pixels,
+        min_size=cfg.model.min_size if resize else None,
+        max_size=cfg.model.max_size if resize else None,
+        read_attempts=cfg.data.read_attempts,
+        tiling=tiling,
+        formats=image_formats(cfg.data.extensions),
+    )
+    decode_stage = dict(num_cpus=plan.resources.decode_cpus, compute=ray.data.TaskPoolStrategy(size=plan.resources.decode_tasks),
+                        memory=plan.decode_memory)
     decoded = images.map_batches(
         decode_images,
         batch_format="pyarrow",
         batch_size=plan.decode_batch,
-        fn_kwargs=dict(
-            filesystem=inputs.source.filesystem,
-            uri_prefix=inputs.source.uri_prefix,
-            options=DecodeOptions(
-                max_file_bytes=cfg.data.max_file_bytes,
-                max_image_pixels=cfg.data.max_image_pixels,
-                min_size=cfg.model.min_size if resize else None,
-                max_size=cfg.model.max_size if resize else None,
-                read_attempts=cfg.data.read_attempts,
-                tiling=tiling,
-                formats=image_formats(cfg.data.extensions),
-            ),
-            budget=budget,
-        ),
-        num_cpus=plan.resources.decode_cpus,
-        compute=ray.data.TaskPoolStrategy(size=plan.resources.decode_tasks),
-        memory=plan.decode_memory,
+        fn_kwargs=dict(filesystem=inputs.source.filesystem, uri_prefix=inputs.source.uri_prefix, options=options, budget=budget),
+        **decode_stage,
     )
+    if segments is not None:
+        # A block, and so a decode task, per segment.
+        frames = segments.repartition(target_num_rows_per_block=1).map_batches(
+            decode_segments,
+            batch_format="pyarrow",
+            batch_size=1,
+            fn_kwargs=dict(filesystem=inputs.source.filesystem, uri_prefix=inputs.source.uri_prefix, decode=options,
+                           options=video_options(cfg), budget=budget),
+            **decode_stage,
+        )
+        decoded = decoded.union(frames)
     detected = decoded.map_batches(
         DetectorStage,
         batch_format="pyarrow",
@@ -330,14 +357,14 @@ def summarize(output: storage.Location, inputs: int, executed: Executed, started
     actors were and, with `gpu_hour_price`, cost. Several rows of one path (written by an older version,
     or left by a rewrite that crashed midway) are repaired through `writer` first."""
     scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
-    if scan.rows != scan.unique_paths and output.table is None:  # a table's rows are only ever this app's appends
+    if scan.rows != scan.unique_keys and output.table is None:  # a table's rows are only ever this app's appends
         removed = rewrite.repair_duplicates(output, writer)
         writer.close()
         log.warning("%s held %d rows beyond one per path: removed", output.uri(output.path), removed)
         scan, _ = resume.scan_output(output, in_ray=ray.is_initialized())
     transient = executed.left.num_rows if executed.left is not None else 0
-    if scan.rows != scan.unique_paths or scan.unique_paths + transient < inputs:
-        raise RuntimeError(f"{dataset.output_name(output)} holds {scan.rows} rows for {scan.unique_paths} paths and "
+    if scan.rows != scan.unique_keys or scan.unique_keys + transient < inputs:
+        raise RuntimeError(f"{dataset.output_name(output)} holds {scan.rows} rows for {scan.unique_keys} paths and "
                            f"{inputs} inputs ({transient} left unread)")
     kinds = scan.errors_by_kind
     errors = sum(kinds.values())

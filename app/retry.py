@@ -136,10 +136,15 @@ def with_retries(read: Callable[[], T], attempts: int, budget: Optional[ray.acto
         except Exception as error:
             if not is_transient(error, path) or retry + 1 == attempts:
                 raise
-            if budget is not None and not ray.get(budget.take.remote()):
-                raise RetryBudgetSpent(
-                    f"{BUDGET_SPENT_MARKER} the run's read retries (data.read_retry_budget) are spent: storage keeps "
-                    f"failing ({type(error).__name__}: {error}); rerun later to go on where this run stopped"
-                ) from error
+            take_retry(budget, error)
         sleep(backoff_s(retry))
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def take_retry(budget: Optional[ray.actor.ActorHandle], error: Exception) -> None:
+    """Take one retry of `error` from the run's budget (none outside a run); RetryBudgetSpent when it is spent."""
+    if budget is not None and not ray.get(budget.take.remote()):
+        raise RetryBudgetSpent(
+            f"{BUDGET_SPENT_MARKER} the run's read retries (data.read_retry_budget) are spent: storage keeps "
+            f"failing ({type(error).__name__}: {error}); rerun later to go on where this run stopped"
+        ) from error

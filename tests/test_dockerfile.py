@@ -169,7 +169,7 @@ def test_the_image_installs_the_jobs_dependencies_and_no_commands_extra(tmp_path
     assert done.stdout.splitlines() == IMAGE_PINS
     assert [re.split(r"[=\[]", requirement)[0] for requirement in done.stdout.splitlines()] == [
         "ray", "torch", "torchvision", "hydra-core", "omegaconf", "pyarrow", "pillow", "numpy", "fsspec", "boto3",
-        "nvidia-ml-py", "deltalake", "pyiceberg"
+        "nvidia-ml-py", "av", "deltalake", "pyiceberg"
     ]
     # Every pip install names requirement files or the source, never an extra ([...]).
     installs = [call for _, args in instructions() for call in re.findall(r"pip install[^&;]*", args)]

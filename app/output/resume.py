@@ -1,10 +1,11 @@
 """What output.path already holds, found by Ray tasks so that the driver never holds every path.
 
-Committed rows are read file by file in tasks; each path becomes a 16-byte BLAKE2b digest, and the sorted
-digests of all of them are one array in Ray's object store (16 bytes a row: 160 MB for 10 million rows),
-which the tasks that drop already-done inputs search. Two different paths share a 16-byte digest with a
-chance of about 10^-22 at 10^8 paths. The driver keeps the paths that got their row in this run in a
-PathSet of such digests, so that a path listed twice gets one row.
+Committed rows are read file by file in tasks; each row's key (its path; a video frame's path and index,
+app.result_schema.row_keys) becomes a 16-byte BLAKE2b digest, and the sorted digests of all of them are
+one array in Ray's object store (16 bytes a row: 160 MB for 10 million rows), which the tasks that drop
+already-done inputs search. Two different keys share a 16-byte digest with a chance of about 10^-22 at
+10^8 keys. The driver keeps the keys that got their row in this run in a PathSet of such digests, so that
+a path listed twice gets one row.
 """
 
 import hashlib
@@ -19,7 +20,7 @@ import pyarrow.dataset as pads
 import ray
 
 from app.output.dataset import committed_files, rows_filesystem
-from app.result_schema import RESULT_SCHEMA
+from app.result_schema import RESULT_SCHEMA, frame_key, row_keys
 from app.storage import Location
 
 DIGEST = np.dtype("S16")
@@ -103,20 +104,25 @@ class OutputScan:
     """Counts of the committed rows."""
 
     rows: int = 0
-    unique_paths: int = 0
+    unique_keys: int = 0
     detections: int = 0
     errors_by_kind: Counter = field(default_factory=Counter)
+    # The versions of the videos that have frame rows (app.video.video_version), by path.
+    video_versions: dict[str, str] = field(default_factory=dict)
 
 
 def scan_files(output: Location, files: list[str]) -> tuple[OutputScan, np.ndarray]:
-    """Counts of the rows in files, and their paths' digests."""
+    """Counts of the rows in files, and their keys' digests."""
     dataset = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=rows_filesystem(output), format="parquet")
     scan, index = OutputScan(), [np.empty(0, dtype=DIGEST)]
-    for batch in dataset.to_batches(columns=["path", "error_kind", "num_detections"]):
+    for batch in dataset.to_batches(columns=["path", "error_kind", "num_detections", "frame_index", "video_version"]):
         scan.rows += batch.num_rows
         scan.detections += int(pc.sum(batch.column("num_detections")).as_py() or 0)
         scan.errors_by_kind.update(batch.column("error_kind").drop_null().to_pylist())
-        index.append(digests(batch.column("path").to_pylist()))
+        index.append(digests(row_keys(pa.Table.from_batches([batch]))))
+        if batch.column("video_version").null_count < batch.num_rows:
+            videos = pa.Table.from_batches([batch]).filter(pc.is_valid(batch.column("video_version")))
+            scan.video_versions.update(zip(videos["path"].to_pylist(), videos["video_version"].to_pylist()))
     return scan, np.concatenate(index)
 
 
@@ -127,8 +133,9 @@ def merge_scans(*scans: tuple[OutputScan, np.ndarray]) -> tuple[OutputScan, np.n
         total.rows += scan.rows
         total.detections += scan.detections
         total.errors_by_kind += scan.errors_by_kind
+        total.video_versions.update(scan.video_versions)
     index = np.sort(np.concatenate([np.empty(0, dtype=DIGEST)] + [index for _, index in scans]))
-    total.unique_paths = int(len(index) and 1 + np.count_nonzero(index[1:] != index[:-1]))
+    total.unique_keys = int(len(index) and 1 + np.count_nonzero(index[1:] != index[:-1]))
     return total, index
 
 
@@ -181,12 +188,33 @@ class InputTally:
 
 
 def drop_done(batch: pa.Table, *, index: Optional[ray.ObjectRef], uri_prefix: str, tally) -> pa.Table:
-    """Ray Data UDF: input rows in, those that bring their path first and have no committed row out;
-    every row in is counted by the tally."""
+    """Ray Data UDF: input rows in, those that bring their key first and have no committed row out;
+    every key in is counted by the tally. A video's segment (app.video.SEGMENT_SCHEMA) has a key per
+    frame: it comes out with its frames that pass, or not at all when none does."""
     if not batch.num_rows:
         return batch
-    values = digests([uri_prefix + path for path in batch.column("path").to_pylist()])
+    if "frame_indexes" not in batch.column_names:
+        values = digests([uri_prefix + path for path in batch.column("path").to_pylist()])
+        return batch.filter(pa.array(kept(values, index, tally)))
+    rows = batch.to_pylist()
+    keys = [[frame_key(uri_prefix + row["path"], frame) for frame in row["frame_indexes"] or [None]] for row in rows]
+    keep = iter(kept(digests([key for frames in keys for key in frames]), index, tally).tolist())
+    out = []
+    for row, frames in zip(rows, keys):
+        mask = [next(keep) for _ in frames]
+        if not any(mask):
+            continue
+        if row["frame_indexes"] is not None and not all(mask):
+            for name in ("frame_indexes", "frame_pts", "frame_times"):
+                if row[name] is not None:
+                    row[name] = [value for value, keep_it in zip(row[name], mask) if keep_it]
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=batch.schema)
+
+
+def kept(values: np.ndarray, index: Optional[ray.ObjectRef], tally) -> np.ndarray:
+    """Which of these key digests the tally finds first, and are not in the committed `index`."""
     keep = ray.get(tally.record.remote(values))
     if index is not None:
         keep = keep & ~contains(ray.get(index), values)
-    return batch.filter(pa.array(keep))
+    return keep

@@ -1,10 +1,10 @@
-"""Rewriting committed files without some of their rows: the rows a path holds beyond its one
+"""Rewriting committed files without some of their rows: the rows a key (app.result_schema.row_keys) holds beyond its one
 (repair_duplicates), and error rows whose images are to be read again (remove_rows_of_kinds).
 
 A file is rewritten by committing the rows it keeps as a new file through the run's ResultWriter (staged,
 lease checked, moved into place) and then deleting it, one file at a time. A crash in between leaves that
 file's kept rows twice, never none; the next repair_duplicates removes the second copy. Which rows go is
-decided from the path and error_kind columns alone, read in Ray tasks when Ray is initialised (as
+decided from the key and error_kind columns alone, read in Ray tasks when Ray is initialised (as
 resume.scan_output does), else in this process; a file without such rows is left as it is. The driver
 holds 33 bytes for each row of a path that has several, and a number for each file holding rows to remove.
 
@@ -23,7 +23,7 @@ from app.output import resume
 from app.output.dataset import committed_files
 from app.output.resume import DIGEST, FILES_PER_SCAN_TASK, contains, digests
 from app.output.writer import ResultWriter
-from app.result_schema import RESULT_SCHEMA
+from app.result_schema import RESULT_SCHEMA, row_keys
 from app.storage import Location
 
 # A row of a path that has several: its digest, the number of its file in committed_files order, its
@@ -42,11 +42,11 @@ def repeated_digests(index: np.ndarray) -> np.ndarray:
 
 
 def rows_of_digests(output: Location, files: list[str], first: int, wanted: np.ndarray) -> np.ndarray:
-    """The rows of files (numbered from `first`) whose path's digest is in the sorted `wanted`, as CANDIDATEs."""
+    """The rows of files (numbered from `first`) whose key's digest is in the sorted `wanted`, as CANDIDATEs."""
     found = [np.empty(0, dtype=CANDIDATE)]
     for number, path in enumerate(files, first):
-        rows = read_file(output, path, ["path", "error_kind"])
-        values = digests(rows.column("path").to_pylist())
+        rows = read_file(output, path, ["path", "frame_index", "error_kind"])
+        values = digests(row_keys(rows))
         at = np.flatnonzero(contains(wanted, values))
         part = np.empty(len(at), dtype=CANDIDATE)
         part["digest"], part["file"], part["row"] = values[at], number, at
@@ -101,13 +101,13 @@ def rewrite_file(output: Location, writer: ResultWriter, path: str, dropped: Cal
 
 
 def repair_duplicates(output: Location, writer: ResultWriter, in_ray: Optional[bool] = None) -> int:
-    """Leave one row per path in output, whose files may hold several (from older versions, or a crash
+    """Leave one row per key in output, whose files may hold several (from older versions, or a crash
     in a rewrite): the first row without error in committed_files order, else the first row. Each file
     holding a row to drop is rewritten through writer. Scans in Ray tasks when in_ray (by default when
     Ray is initialised). Returns the number of rows removed."""
     in_ray = ray.is_initialized() if in_ray is None else in_ray
     scan, index = resume.scan_output(output, in_ray)
-    if scan.rows == scan.unique_paths:
+    if scan.rows == scan.unique_keys:
         return 0
     repeated = _repeated_task.remote(index) if in_ray else repeated_digests(index)
     files = committed_files(output)

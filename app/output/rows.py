@@ -31,5 +31,8 @@ def result_rows(batch: pa.Table, rows: np.ndarray, found: list[Detections], labe
         "num_tiles": pa.array(num_tiles.astype(np.int32)),
         "error_kind": batch.column("error_kind"),
         "error": batch.column("error"),
+        "frame_index": batch.column("frame_index"),
+        "frame_time_s": batch.column("frame_time_s"),
+        "video_version": batch.column("video_version"),
     }
     return pa.table(columns, schema=RESULT_SCHEMA)

@@ -14,7 +14,7 @@ commits:
   StorageRefused and commits none of the held rows (a rerun with access restored reads them). Read fine:
   the held rows are committed as UNREADABLE, with storage's message. The probe runs once
   REFUSALS_BEFORE_PROBE rows are held, and when the rows end.
-- A row for a path that already has one from this run (an input listed twice) is dropped and counted.
+- A row for a key that already has one from this run (an input listed twice) is dropped and counted.
 
 The probe runs on the driver with the driver's credentials, which are the workers' in a RayJob (the same
 Secret or service account on every pod).
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from app.output.dataset import TRANSIENT_NAME, committed_files, parquet_bytes, replace_file, rows_filesystem
 from app.output.resume import PathSet
 from app.output.writer import ResultWriter
-from app.result_schema import KEPT_FAILING, REFUSED, RESULT_SCHEMA, TRANSIENT, UNREADABLE
+from app.result_schema import KEPT_FAILING, REFUSED, RESULT_SCHEMA, TRANSIENT, UNREADABLE, row_keys
 from app.retry import AWS_ERROR, error_text, is_refused, with_retries
 from app.storage import Location
 
@@ -48,7 +48,8 @@ class StorageRefused(Exception):
 
 
 # TRANSIENT_NAME's rows: an input without a row because storage kept failing for reasons that may
-# pass, the last error, and the runs in a row that left it so.
+# pass (its key, app.result_schema.row_keys: a video's frame has its own), the last error, and the runs in a
+# row that left it so.
 TRANSIENT_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("runs", pa.int32())])
 
 
@@ -75,8 +76,9 @@ def read_transient(output: Location) -> pa.Table:
     if not files or not left.num_rows:
         return left
     rows = pads.dataset(files, schema=RESULT_SCHEMA, filesystem=rows_filesystem(output), format="parquet")
-    done = rows.to_table(columns=["path"], filter=pc.field("path").isin(left["path"])).column("path")
-    return left.filter(pc.invert(pc.is_in(left["path"], done)))
+    paths = pc.unique(pa.array([key.rsplit("#frame=", 1)[0] for key in left["path"].to_pylist()], pa.string()))
+    done = row_keys(rows.to_table(columns=["path", "frame_index"], filter=pc.field("path").isin(paths)))
+    return left.filter(pc.invert(pc.is_in(left["path"], pa.array(done, pa.string()))))
 
 
 def storage_refusal(error: BaseException) -> Optional[StorageRefused]:
@@ -133,9 +135,10 @@ class Verdicts:
         become KEPT_FAILING rows (returned)."""
         if not rows.num_rows:
             return []
-        runs = pa.array([self.runs_before.get(path, 0) + 1 for path in rows["path"].to_pylist()], pa.int32())
+        keys = row_keys(rows)
+        runs = pa.array([self.runs_before.get(key, 0) + 1 for key in keys], pa.int32())
         final = pc.greater_equal(runs, self.transient_runs)
-        self.set_aside.append(pa.table([rows["path"], rows["error"], runs], schema=TRANSIENT_SCHEMA).filter(pc.invert(final)))
+        self.set_aside.append(pa.table([pa.array(keys, pa.string()), rows["error"], runs], schema=TRANSIENT_SCHEMA).filter(pc.invert(final)))
         failing = rows.filter(final)
         if not failing.num_rows:
             return []
@@ -173,10 +176,10 @@ class Verdicts:
                 f"is refused too ({reason}): no row was committed for them; restore access and rerun")
 
     def commit(self, rows: pa.Table) -> pa.Table:
-        """Hand the rows of paths without a row from this run to the writer; returns them."""
+        """Hand the rows of keys without a row from this run to the writer; returns them."""
         if not rows.num_rows:
             return rows
-        new = self.committed.add_new(rows["path"].to_pylist())
+        new = self.committed.add_new(row_keys(rows))
         if not new.all():
             self.duplicates += int((~new).sum())
             rows = rows.filter(pa.array(new))
