@@ -73,6 +73,8 @@ SEGMENT_SCHEMA = pa.schema(
 
 # Bytes FFmpeg asks storage for at a time: on S3 each read is a ranged GET.
 READ_BUFFER_BYTES = 4 * 1024 * 1024
+# The demuxer's reports of damage quoted in its error row, at most.
+DAMAGE_MESSAGES = 3
 # Decoded frames a decode task hands on at a time.
 FRAMES_PER_OUTPUT = 8
 
@@ -139,22 +141,37 @@ def video_stream(container):
 
 def index_stream(container, options: VideoOptions) -> StreamIndex:
     """Read the first video stream's packets (not decoding them): each frame's timestamp and whether it
-    is a key frame. Raises ImageError when the video is longer than options.max_duration_s."""
+    is a key frame. Damage is what stops the packets (an error) or what FFmpeg's demuxer reports at its
+    error level while it reads them (a file cut short, a broken element it skips): the frames it hides
+    are not in the index. Raises ImageError when the video is longer than options.max_duration_s."""
     import av
+    import av.logging
 
     stream = video_stream(container)
     if container.duration is not None and container.duration / 1e6 > options.max_duration_s:
         raise too_long(container.duration / 1e6, options)
     pts, keyframe, damage = [], [], None
+    level, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)  # the same damage in the next file is reported again
     try:
-        for packet in container.demux(stream):
-            stamp = packet.pts if packet.pts is not None else packet.dts
-            if packet.size == 0 or stamp is None:
-                continue
-            pts.append(stamp)
-            keyframe.append(packet.is_keyframe)
-    except av.error.FFmpegError as error:
-        damage = f"{type(error).__name__}: {error}"
+        with av.logging.Capture() as reports:
+            try:
+                for packet in container.demux(stream):
+                    stamp = packet.pts if packet.pts is not None else packet.dts
+                    if packet.size == 0 or stamp is None:
+                        continue
+                    pts.append(stamp)
+                    keyframe.append(packet.is_keyframe)
+            except av.error.FFmpegError as error:
+                damage = f"{type(error).__name__}: {error}"
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip_repeated)
+    if reports and damage is None:
+        messages = list(dict.fromkeys(message.strip() for _, _, message in reports))
+        more = f"; and {len(messages) - DAMAGE_MESSAGES} more" if len(messages) > DAMAGE_MESSAGES else ""
+        damage = "; ".join(messages[:DAMAGE_MESSAGES]) + more
     order = np.argsort(np.array(pts, dtype=np.int64), kind="stable")
     index = StreamIndex(np.array(pts, dtype=np.int64)[order], np.array(keyframe, dtype=bool)[order],
                         Fraction(stream.time_base), damage)
@@ -228,7 +245,8 @@ def probe(filesystem: pafs.FileSystem, path: str, raw_path: Optional[bytes],
     except (ImageError, RetryBudgetSpent):
         raise
     except av.error.FFmpegError as error:
-        raise ImageError(NOT_A_VIDEO, f"not a video FFmpeg can open: {error}") from error
+        raise ImageError(NOT_A_VIDEO, f"FFmpeg cannot open it as a video (another kind of file, or a video cut short "
+                                      f"before its index): {error}") from error
     except OSError as error:
         raise storage_error(error, path, options) from error
 
@@ -260,11 +278,10 @@ def segment_rows(row: dict, version: str, index: StreamIndex, options: VideoOpti
                          frame_times=index.seconds(index.pts[frames]).tolist(),
                          keyframe_pts=keyframes[start:stop].tolist() or [int(index.pts[0])]))
     if index.damage is not None:
-        after = float(index.seconds(index.pts[-1:])[0]) if len(index.pts) else 0.0
         rows.append(dict(row, video_version=version, error_kind=CORRUPT_VIDEO, frame_indexes=[len(index.pts)],
                          frame_times=[None],
-                         error=f"the stream cannot be read after {after:.3f} s (frame {len(index.pts)}): "
-                               f"{index.damage}; its frames from there have no rows of their own"))
+                         error=f"the stream is damaged ({index.damage}): the {len(index.pts)} frames read around "
+                               f"the damage have their rows, the frames it hides have none"))
     return rows
 
 

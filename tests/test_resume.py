@@ -34,7 +34,7 @@ def test_scan_counts_rows_paths_errors_and_detections(tmp_path):
     (tmp_path / "_staging").mkdir()
     committed_file(tmp_path / "_staging" / "part-c-000000.parquet", [dict(path="s3://b/9.jpg", num_detections=1)])
     scan, index = scan_output(resolve(str(tmp_path)), in_ray=False)
-    assert (scan.rows, scan.unique_paths, scan.detections, dict(scan.errors_by_kind)) == (4, 3, 8, {"unreadable": 1})
+    assert (scan.rows, scan.unique_keys, scan.detections, dict(scan.errors_by_kind)) == (4, 3, 8, {"unreadable": 1})
     assert list(index) == sorted(index) and len(index) == 4
     asked = digests(["s3://b/3.jpg", "s3://b/9.jpg", "s3://b/1.jpg", "3.jpg"])
     assert contains(index, asked).tolist() == [True, False, True, False]

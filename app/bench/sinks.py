@@ -41,6 +41,9 @@ def result_rows(count: int) -> pa.Table:
         "num_tiles": [1] * count,
         "error_kind": pa.nulls(count, pa.string()),
         "error": pa.nulls(count, pa.string()),
+        "frame_index": pa.nulls(count, pa.int64()),
+        "frame_time_s": pa.nulls(count, pa.float64()),
+        "video_version": pa.nulls(count, pa.string()),
     }, schema=RESULT_SCHEMA)
 
 
@@ -63,7 +66,7 @@ def commit_and_scan(sink: str, rows: pa.Table, rows_per_file: int, folder: Path)
     started = time.perf_counter()
     scan, _ = resume.scan_output(output, in_ray=False)
     scanned = time.perf_counter() - started
-    assert scan.rows == scan.unique_paths == rows.num_rows, (sink, scan)
+    assert scan.rows == scan.unique_keys == rows.num_rows, (sink, scan)
     return {"commit_s": committed, "scan_s": scanned, "commits": writer.sequence}
 
 
