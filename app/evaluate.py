@@ -138,7 +138,7 @@ def evaluate(results: "reader.Results | str", ground_truth_uri: str) -> dict:
 
     rows = {}
     for row in results.rows():
-        rows.setdefault(reader.file_stem(row["path"]), row)
+        rows.setdefault(reader.file_stem(reader.frame_name(row)), row)
     truth_stems = {image.stem for image in truth}
     matched = [image for image in truth if image.stem in rows]
     if not matched:

@@ -28,10 +28,13 @@ def to_coco(results: reader.Results, rows: list[dict]) -> dict:
         images.append(
             {
                 "id": image_id,
-                "file_name": row["path"][len(root):],
+                "file_name": reader.frame_name(row)[len(root):],
                 "width": row["width"],
                 "height": row["height"],
                 "path": row["path"],
+                # A video's frame: its index and time in the video at `path`.
+                **({"frame_index": row["frame_index"], "frame_time_s": row["frame_time_s"]}
+                   if row.get("frame_time_s") is not None else {}),
             }
         )
         for box, score, label in zip(row["boxes"], row["scores"], row["labels"]):
@@ -53,7 +56,7 @@ def to_voc(row: dict) -> bytes:
 
     VOC counts pixels from 1 with inclusive corners, so a box [x1, y1, x2, y2] in continuous pixel
     coordinates becomes xmin = round(x1) + 1, xmax = round(x2) (and likewise for y)."""
-    folder, _, name = row["path"].rpartition("/")
+    folder, _, name = reader.frame_name(row).rpartition("/")
     annotation = ET.Element("annotation")
     ET.SubElement(annotation, "folder").text = folder.rpartition("/")[2]
     ET.SubElement(annotation, "filename").text = name
@@ -80,13 +83,13 @@ def to_voc(row: dict) -> bytes:
 
 def voc_names(rows: list[dict]) -> list[str]:
     """XML file names: the image's stem, or its path below the common folder where stems collide."""
-    stems = Counter(reader.file_stem(row["path"]) for row in rows)
+    stems = Counter(reader.file_stem(reader.frame_name(row)) for row in rows)
     root = reader.common_folder([row["path"] for row in rows])
     names = []
     for row in rows:
-        stem = reader.file_stem(row["path"])
+        stem = reader.file_stem(reader.frame_name(row))
         if stems[stem] > 1:
-            stem = row["path"][len(root):].rpartition(".")[0].replace("/", "__")
+            stem = reader.file_stem(reader.frame_name(dict(row, path=row["path"][len(root):].replace("/", "__"))))
         names.append(stem + ".xml")
     return names
 

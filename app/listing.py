@@ -51,10 +51,10 @@ def image_suffixes(extensions: list[str]) -> tuple[str, ...]:
 
 def named(rows: pa.Table, suffixes: tuple[str, ...]) -> pa.ChunkedArray:
     """Which input rows have a name ending with one of `suffixes` (lower-case, as image_suffixes gives them)."""
-    lower = pc.utf8_lower(rows.column("path"))
-    found = pa.chunked_array([pa.array([False] * rows.num_rows)])
+    lower = pc.utf8_lower(rows.column("path").cast(pa.string()))
+    found = pa.chunked_array([pa.array([False] * rows.num_rows, pa.bool_())])
     for suffix in suffixes:
-        found = pc.or_(found, pc.ends_with(lower, suffix))
+        found = pc.or_(found, pc.fill_null(pc.ends_with(lower, suffix), False))
     return found
 
 

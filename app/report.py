@@ -143,7 +143,7 @@ def draw_preview(row: dict, selection: Selection, max_side: int, limits: DecodeO
     import torch  # imported here, so that argument errors are reported without loading torch
     from torchvision.utils import draw_bounding_boxes
 
-    image = reader.read_image(row["path"], limits)
+    image = reader.read_image(row["path"], limits, row.get("frame_time_s"))
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -182,7 +182,7 @@ def write_previews(
         if row["error_kind"] is not None:
             preview.problem = f"{row['error_kind']}: {row['error']}"
         else:
-            name = f"{number:04d}_{reader.file_stem(row['path'])}.jpg"
+            name = f"{number:04d}_{reader.file_stem(reader.frame_name(row)).replace(reader.FRAME_TIME, '_t')}.jpg"
             try:
                 data, preview.boxes = draw_preview(row, selection, max_side, limits)
             except Exception as error:  # a moved or changed image must not stop the report
@@ -285,7 +285,7 @@ def render_html(results: reader.Results, stats: Stats, previews: list[Preview], 
     lines.append(f"<h2>Previews ({len(previews)})</h2><p class=\"meta\">{e(selection.describe())}</p>")
     lines.append('<div class="grid">')
     for preview in previews:
-        path = preview.row["path"]
+        path = reader.frame_name(preview.row)
         caption = f'<figcaption title="{e(path)}">{e(path.rsplit("/", 1)[-1])}'
         if preview.file:
             caption += f" · {preview.boxes} box{'es' if preview.boxes != 1 else ''}"

@@ -427,3 +427,29 @@ def decoded_frames(filesystem: pafs.FileSystem, segment: dict, wanted: list[int]
 def key_frame_before(keyframes: list[int], pts: int) -> int:
     """The last key frame's timestamp at or before pts (the first key frame when none is)."""
     return keyframes[max(0, bisect.bisect_right(keyframes, pts) - 1)]
+
+
+def read_frame(filesystem: pafs.FileSystem, path: str, frame_time_s: float):
+    """The frame of the video at `path` whose time is frame_time_s (as a row holds it), as an RGB image;
+    ImageError when the video has no such frame now."""
+    import av
+
+    container, file = open_container(filesystem, path)
+    try:
+        stream = container.streams.video[0]
+        target = Fraction(frame_time_s) / Fraction(stream.time_base)
+        container.seek(int(target), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            seconds = float(Fraction(frame.pts) * Fraction(stream.time_base))
+            if seconds == frame_time_s:
+                return frame.to_image()
+            if seconds > frame_time_s:
+                break
+    except (av.error.FFmpegError, IndexError) as error:
+        raise ImageError(CORRUPT_VIDEO, f"its frame at {frame_time_s:.3f} s cannot be decoded: {error}") from error
+    finally:
+        container.close()
+        file.close()
+    raise ImageError(CORRUPT_VIDEO, f"the video has no frame at {frame_time_s:.3f} s now")

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 from omegaconf import OmegaConf
 
 from app import storage
-from app.config import AppConfig, ConfigError, OutputConfig
+from app.config import AppConfig, ConfigError, OutputConfig, VideoConfig, VideoSampling
 from app.model import ModelSpec, torch_build
 from app.output import tables
 from app.result_schema import RESULT_SCHEMA
@@ -185,6 +185,7 @@ def settings(cfg: AppConfig, weights: str, weights_sha256: Optional[str] = None)
     # The table's name only with a table output: a bookkeeping folder stays with the table it was made for.
     table = tables.table_of(cfg.output)
     return {
+        **video_settings(cfg.data.video),
         **({"output.table": table.name} if table is not None else {}),
         **{f"tiling.{key}": value for key, value in tiling.items() if key != "enabled"},
         **inputs,
@@ -195,6 +196,17 @@ def settings(cfg: AppConfig, weights: str, weights_sha256: Optional[str] = None)
         "inference.precision": cfg.inference.precision.value,
         **{f"model.{key}": value for key, value in model.items()},
     }
+
+
+def video_settings(video: VideoConfig) -> dict:
+    """The video settings that choose frames (app.video), those that differ from their defaults alone: the
+    settings of a run with the defaults are those of the versions before videos were read."""
+    defaults = VideoConfig()
+    chosen = {"sample": VideoSampling(video.sample).value, "fps": video.fps, "max_duration_s": video.max_duration_s}
+    if chosen["sample"] != VideoSampling.fps.value:
+        del chosen["fps"]
+    return {f"data.video.{key}": value for key, value in chosen.items()
+            if value != (getattr(defaults, key).value if key == "sample" else getattr(defaults, key))}
 
 
 def prepare(section: OutputConfig, output: storage.Location, wanted: dict) -> None:

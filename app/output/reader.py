@@ -9,6 +9,7 @@ its results (its run files are in its _ray_detect folder); an Iceberg output is 
 import functools
 import posixpath
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -154,8 +155,24 @@ def categories(results: Results) -> dict[int, str]:
 
 
 def file_stem(path: str) -> str:
-    """An image's name without folder and extension: how rows are matched with ground truth."""
-    return posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
+    """An image's name without folder and extension: how rows are matched with ground truth. A video's
+    frame is named by its video and time, as frame_name gives it: "clip.mp4#t=12.345" has the stem
+    "clip#t=12.345"."""
+    path, time = path.split(FRAME_TIME, 1) if FRAME_TIME in path else (path, None)
+    stem = posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
+    return stem if time is None else f"{stem}{FRAME_TIME}{float(time):.3f}"
+
+
+# How a video's frame is named: the video's path, then its time in seconds (a media fragment, as in
+# "clip.mp4#t=12.345").
+FRAME_TIME = "#t="
+
+
+def frame_name(row: dict) -> str:
+    """A row's name: its image's path, or its video's path and frame time."""
+    if row.get("frame_time_s") is None:
+        return row["path"]
+    return f"{row['path']}{FRAME_TIME}{row['frame_time_s']:.3f}"
 
 
 def common_folder(paths: list[str]) -> str:
@@ -190,7 +207,14 @@ def write_bytes(location: storage.Location, path: str, data: bytes) -> None:
         stream.write(data)
 
 
-def read_image(uri: str, limits: DecodeOptions) -> Image.Image:
+def read_image(uri: str, limits: DecodeOptions, frame_time_s: Optional[float] = None) -> Image.Image:
     """An input image as the job saw it (app.decode): EXIF orientation applied, 8-bit RGB, original size;
-    read and decoded under the job's limits (Results.image_limits), since the file may have changed."""
+    read and decoded under the job's limits (Results.image_limits), since the file may have changed. With
+    frame_time_s, the frame of the video at `uri` of that time (app.video)."""
+    if frame_time_s is not None:
+        from app import video
+
+        folder, slash, name = uri.rpartition("/")
+        location = _folder(folder or (slash or "."))
+        return video.read_frame(location.filesystem, location.join(name), frame_time_s)
     return decode(read_bytes(uri, limits), limits)[0]
