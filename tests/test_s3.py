@@ -16,6 +16,7 @@ import sys
 import urllib.parse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -32,6 +33,7 @@ from app.config import compose_config
 from tests.support.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from tests.support.images import gradient_jpeg, jpeg_bytes
 from tests.support.models import FAST_MODEL, assert_detections, model_detections
+from tests.support.videos import write_video
 
 pytestmark = pytest.mark.slow  # moto's server and runs on Ray
 
@@ -152,16 +154,28 @@ def test_an_s3_inventory_report_of_all_versions_gives_one_row_per_live_key(s3_en
     assert run(compose_config(overrides)).processed == 0
 
 
-def test_a_prefix_listed_in_parts_finds_every_key_once(s3_endpoint, monkeypatch):
+def test_a_prefix_listed_in_parts_finds_every_key_once_and_each_chosen_frame_of_a_video(s3_endpoint, monkeypatch, tmp_path):
+    """Listed by Ray tasks (the driver lists 2 entries): nine images and a video, whose 12 frames at 4 a
+    second are probed and decoded from S3 in segments of 1 s."""
     monkeypatch.setattr(listing, "DRIVER_LISTING_ENTRIES", 2)
     expected = {f"parts/{folder}/img_{i}.jpg" for folder in "abc" for i in range(3)}
     for key in expected:
         s3_endpoint.put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes())
-    summary = run(compose_config([*FAST_MODEL, f"data.path=s3://{BUCKET}/parts", f"output.path=s3://{BUCKET}/out/parts"]))
+    times = write_video(tmp_path / "clip.mp4", frames=90, rate=30, gop=10)
+    s3_endpoint.put_object(Bucket=BUCKET, Key="parts/b/clip.mp4", Body=(tmp_path / "clip.mp4").read_bytes())
+    summary = run(compose_config([*FAST_MODEL, f"data.path=s3://{BUCKET}/parts", f"output.path=s3://{BUCKET}/out/parts",
+                                  "data.video.fps=4", "data.video.segment_s=1"]))
     filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/parts")
-    paths = pads.dataset(path, filesystem=filesystem, format="parquet").to_table().column("path").to_pylist()
-    assert sorted(paths) == sorted(f"s3://{BUCKET}/{key}" for key in expected)
-    assert (summary.inputs, summary.processed, summary.ok) == (9, 9, 9)
+    table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table()
+    images = table.filter(pc.is_null(table["frame_index"]))
+    assert sorted(images.column("path").to_pylist()) == sorted(f"s3://{BUCKET}/{key}" for key in expected)
+    frames = table.filter(pc.is_valid(table["frame_index"])).sort_by("frame_index")
+    chosen = [0, 8, 15, 23, 30, 38, 45, 53, 60, 68, 75, 83]  # the first frame of each quarter second
+    assert frames.column("path").to_pylist() == [f"s3://{BUCKET}/parts/b/clip.mp4"] * 12
+    assert frames.column("frame_index").to_pylist() == chosen
+    assert frames.column("frame_time_s").to_pylist() == [times[i] for i in chosen]
+    assert frames.column("error_kind").null_count == 12
+    assert (summary.inputs, summary.processed, summary.ok) == (21, 21, 21)
 
 
 def test_the_lease_is_created_with_a_conditional_write(s3_endpoint):
