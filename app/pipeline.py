@@ -128,12 +128,13 @@ def run(cfg: AppConfig, detector: Optional[type] = None, on_rows: Optional[Calla
             log.info("listing %s in Ray tasks as the run goes", cfg.data.manifest or cfg.data.path)
             before, index = resume.scan_output(output, in_ray=True)
             # Before the detector stage asks for its GPUs: an incremental run that finds nothing new must not
-            # make the autoscaler add a GPU node.
-            videos = StreamedVideos(video_options(cfg), ray.put(before.video_versions))
-            try:
-                executed.tally = streamed_all_done(cfg.data, inputs, index, plan.input_tasks, videos)
-            except Exception as error:
-                raise video_changed(error) or error
+            # make the autoscaler add a GPU node. A first run on inputs the driver saw has work for sure.
+            if before.rows or inputs.listed is None or not inputs.listed.found.num_rows:
+                videos = StreamedVideos(video_options(cfg), ray.put(before.video_versions))
+                try:
+                    executed.tally = streamed_all_done(cfg.data, inputs, index, plan.input_tasks, videos)
+                except Exception as error:
+                    raise video_changed(error) or error
             work_left = executed.tally is None
         if not work_left and executed.tally is not None:
             executed.duplicates = ray.get(executed.tally.duplicates.remote())

@@ -14,7 +14,9 @@ chaos       faults injected into runs: preemption, S3 throttled, down, failing r
             (app.bench.chaos);
 tiles       tiled detection of large scenes against SAHI's sliced prediction (app.bench.tiles);
 sinks       what a committed row costs in the Parquet dataset, a Delta table and an Iceberg table
-            (app.bench.sinks).
+            (app.bench.sinks);
+video       frames/s of videos through the app against read_videos and the same detector, and one long
+            video against many short ones (app.bench.video).
 What they share (generated inputs, timings, arrival times and the rate after warm-up, the marginal rate, peak
 memory) is in app.bench.harness.
 
@@ -32,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from app.bench import actors, chaos, decode, inputs, memory, sinks, standin, throughput, tiles
+from app.bench import actors, chaos, decode, inputs, memory, sinks, standin, throughput, tiles, video
 from app.bench.harness import DEVICE, VOC_LIKE_SIZES, machine
 from app.bench.throughput import CPU_MODES, DEFAULT_BASELINE_BATCH_SIZES, GPU_MODES, MODELS, MODES
 from app.exit_codes import CommandParser
@@ -42,7 +44,7 @@ PROG = "ray-detect bench"
 
 # The suites by name, in the order they run and report.
 SUITES = {"throughput": throughput, "standin": standin, "actors": actors, "decode": decode, "memory": memory, "inputs": inputs,
-          "chaos": chaos, "tiles": tiles, "sinks": sinks}
+          "chaos": chaos, "tiles": tiles, "sinks": sinks, "video": video}
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sink-rows", type=int, default=200_000, help="rows the sinks suite commits to each output")
     parser.add_argument("--sink-rows-per-file", type=int, default=10_000,
                         help="rows per commit in the sinks suite (output.rows_per_file)")
+    parser.add_argument("--video-fps", type=int, default=5, help="frames detected per second of video in the video suite")
+    parser.add_argument("--video-stand-in-ms", type=float, default=2.0, help="the video suite's device stand-in's milliseconds per frame")
+    parser.add_argument("--segment-s", type=float, help="the video suite's data.video.segment_s (default: the app's)")
     parser.add_argument("--tiles-model", default="fasterrcnn_mobilenet_v3_large_320_fpn", help="the tiles suite's model")
     parser.add_argument("--tiles-counts", nargs=2, type=int, default=[2, 5], help="the two scene counts of the tiles suite")
     parser.add_argument("--tiles-sizes", nargs="+", type=size_arg, metavar="WxH",
