@@ -334,12 +334,10 @@ def stages(cfg: AppConfig, spec: ModelSpec, inputs: Inputs, todo: Optional[pa.Ta
 
 def stage_seconds(detected: ray.data.Dataset, plan: Plan, cluster_cpus: float) -> dict[str, float]:
     """Seconds of work per worker of each stage of an executed Dataset, from Ray Data's task statistics:
-    the detector's over its actors, decoding's over the tasks it may run at once, the input stage's
+    the detector's over its actors, decoding's (images', videos') over the tasks it may run at once, the input stage's
     (listing, reading a manifest, dropping done inputs) over its tasks."""
-    slots = {
-        "decode_images": plan.resources.decode_tasks or max(1.0, cluster_cpus // max(plan.resources.decode_cpus, 1.0)),
-        DetectorStage.__name__: plan.resources.num_actors,
-    }
+    decode_slots = plan.resources.decode_tasks or max(1.0, cluster_cpus // max(plan.resources.decode_cpus, 1.0))
+    slots = {decode_images.__name__: decode_slots, decode_segments.__name__: decode_slots, DetectorStage.__name__: plan.resources.num_actors}
     seconds = {}
     summaries = [detected._get_stats_summary()]  # Ray Data has no public accessor
     while summaries:  # the last operators' statistics, and their parents' before them

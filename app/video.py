@@ -15,17 +15,18 @@ Each chosen frame becomes one result row, keyed by its video's path and its inde
 row_keys), so that resume, the tally and the verdicts hold one row per frame as they hold one per image.
 A video that cannot be a row per frame (no video stream, a codec FFmpeg cannot decode, not a video at
 all, longer than data.video.max_duration_s) is one error row keyed by its path. Damage is kept where it
-is: a stream whose packets stop being readable keeps the frames before, and one error row stands for the
-rest; a segment whose decoding fails keeps the frames decoded before, and each of its frames not decoded
-gets an error row of kind corrupt_video naming the segment.
+is: where FFmpeg's demuxer reports damage (a file cut short, a broken element it skips), the frames it
+read keep their rows and one more error row, indexed after them, quotes its reports; a segment whose
+decoding fails keeps the frames decoded before, and each of its frames not decoded gets an error row of
+kind corrupt_video naming the segment.
 """
 
 import bisect
 import math
 import os
 import time
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from fractions import Fraction
 from typing import Iterator, Optional
 

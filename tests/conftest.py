@@ -29,7 +29,7 @@ RAY_FREE_FILES = {
     "test_evaluate.py", "test_export.py", "test_image_requirements.py", "test_imports.py", "test_input_schemes.py",
     "test_inventory_versions.py", "test_k8s.py", "test_listing.py", "test_model_build.py", "test_network_policy.py",
     "test_package.py", "test_pathset.py", "test_plan.py", "test_precision.py", "test_release.py", "test_report.py",
-    "test_resume.py", "test_storage.py", "test_submit.py", "test_verdicts.py", "test_video.py", "test_writer.py",
+    "test_resume.py", "test_storage.py", "test_submit.py", "test_verdicts.py", "test_video.py", "test_video_results.py", "test_writer.py",
 }
 
 

@@ -16,6 +16,7 @@ import torch
 
 from app import bench
 from app.bench import chaos, decode, harness, standin, throughput
+from app.bench import video as bench_video
 from app.config import check_config, compose_config
 from app.summary import HOST_BOUND_BELOW
 
@@ -270,6 +271,34 @@ def test_the_sinks_suite_commits_the_same_rows_to_each_output_and_reports_their_
     assert [line.split()[0] for line in lines[1:]] == ["parquet", "delta", "iceberg"]
 
 
+def test_the_video_suite_detects_the_same_frames_as_read_videos_and_reports_rates_from_their_arrivals(monkeypatch, tmp_path):
+    """The video suite on small videos (2 s of 160x90 and 90x160, one of 4 s against two of 2 s), once, the
+    baseline at batch 4: both pipelines detect the same frames (5 a second: read_videos keeps every 6th
+    of 30, the app the first of each 0.2 s), and the figures come from the runs' own arrivals and seconds."""
+    if ray.is_initialized():
+        ray.shutdown()  # the module's shared Ray has no GPU; the suite starts its own
+    monkeypatch.setattr(bench_video, "MIXED", [(160, 90, 2), (90, 160, 2)])
+    monkeypatch.setattr(bench_video, "LONG_S", 4)
+    monkeypatch.setattr(bench_video, "SHORT_S", 2)
+    monkeypatch.setattr(bench_video, "SIZE", (160, 90))
+    monkeypatch.setattr(bench_video, "BASELINE_BATCH_SIZES", (4,))
+    results = bench.main(["video", "--repeats", "1", "--pause", "0", "--workdir", str(tmp_path), "--out", ""])
+    video = results["video"]
+    assert video["frames"] == {"mixed": 20, "long": 20, "short": 20} and video["baseline_batch_size"] == 4
+    for name in ("mixed", "long", "short"):
+        (app,), (baseline,) = video["runs"][f"app {name}"], video["runs"][f"read_videos {name} batch 4"]
+        assert baseline["images"] == sum(count for _, count in baseline["arrivals"]) == 20
+        assert video["app_frames_per_s"][name]["median"] == round(bench_video.warm_rate(harness.Timing(**app)), 2)
+        assert video["seconds"]["app"][name]["median"] == app["seconds"]
+    long_short = video["long_over_short_seconds"]["read_videos"]["median"]
+    assert long_short == round(video["runs"]["read_videos long batch 4"][0]["seconds"] / video["runs"]["read_videos short batch 4"][0]["seconds"], 3)
+    lines = results["report"].splitlines()[1:]
+    assert lines[0] == ("video at 5 frames/s of video, stand-in device 2.0 ms/frame, read_videos at its best batch size 4; "
+                        "frames/s once warm, and whole runs:")
+    assert [line.split()[0] for line in lines[1:4]] == ["mixed", "long", "short"]
+    assert lines[4].startswith("  one 4-s video against 2 of 2 s, wall time long/short: app ")
+
+
 def test_tutorial_baseline_runs_the_same_model(local_ray, monkeypatch, tmp_path):
     monkeypatch.setattr(harness.ray, "shutdown", lambda: None)
     folder = tmp_path / "in"
@@ -325,7 +354,8 @@ def test_report_of_every_suite():
     "argv,message",
     [
         (["--counts", "5", "5"], "--counts: the second count must be larger"),
-        (["nonsense"], "unknown suite nonsense: choose throughput, standin, actors, decode, memory, inputs, chaos, tiles, sinks or all"),
+        (["nonsense"], "unknown suite nonsense: choose throughput, standin, actors, decode, memory, inputs, chaos, tiles, sinks, "
+                      "video or all"),
         (["--tiles-counts", "3", "2"], "--tiles-counts: the second count must be larger"),
         (["--sizes", "64by48"], "argument --sizes: '64by48' is not WIDTHxHEIGHT"),
         (["--repeats", "0"], "--repeats: at least 1"),
