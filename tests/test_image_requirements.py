@@ -143,7 +143,7 @@ def test_every_pin_resolves_at_its_version(image_resolution):
     requested = {name: item["metadata"]["version"] for name, item in installed(image_resolution).items()
                  if item["requested"]}
     assert requested == {canonicalize_name(name): version for name, version in pins.items()}
-    assert len(requested) == 13
+    assert len(requested) == 14
 
 
 def test_every_package_is_a_wheel_from_pypi_that_the_image_runs(image_resolution):

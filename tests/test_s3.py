@@ -32,7 +32,7 @@ from app.storage import resolve
 from app.config import compose_config
 from tests.support.s3_faults import ACCESS_DENIED, DELAY, INTERNAL_ERROR, RESET, SLOW_DOWN, Rule, moto_behind_proxy
 from tests.support.images import gradient_jpeg, jpeg_bytes
-from tests.support.models import FAST_MODEL, assert_detections, model_detections
+from tests.support.models import FAST_MODEL, VIDEOS, assert_detections, model_detections
 from tests.support.videos import write_video
 
 pytestmark = pytest.mark.slow  # moto's server and runs on Ray
@@ -163,7 +163,7 @@ def test_a_prefix_listed_in_parts_finds_every_key_once_and_each_chosen_frame_of_
         s3_endpoint.put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes())
     times = write_video(tmp_path / "clip.mp4", frames=90, rate=30, gop=10)
     s3_endpoint.put_object(Bucket=BUCKET, Key="parts/b/clip.mp4", Body=(tmp_path / "clip.mp4").read_bytes())
-    summary = run(compose_config([*FAST_MODEL, f"data.path=s3://{BUCKET}/parts", f"output.path=s3://{BUCKET}/out/parts",
+    summary = run(compose_config([*FAST_MODEL, *VIDEOS, f"data.path=s3://{BUCKET}/parts", f"output.path=s3://{BUCKET}/out/parts",
                                   "data.video.fps=4", "data.video.segment_s=1"]))
     filesystem, path = pafs.FileSystem.from_uri(f"s3://{BUCKET}/out/parts")
     table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table()

@@ -18,7 +18,7 @@ from app.pipeline import run
 from app.result_schema import RESULT_SCHEMA, frame_key, row_keys
 from app.storage import resolve
 from tests.support.images import write_images
-from tests.support.models import FAST_MODEL, assert_detections, model_detections
+from tests.support.models import FAST_MODEL, VIDEOS, assert_detections, model_detections
 from tests.support.videos import write_audio_only, write_video
 
 
@@ -59,7 +59,7 @@ def test_images_and_videos_give_a_row_per_image_and_per_chosen_frame_and_a_chang
     write_video(videos[2], frames=45, rate=30, gop=12, codec="libvpx-vp9")
     write_audio_only(folder / "voice.mkv")
     (folder / "notes.mp4").write_text("not a video\n" * 50)
-    cfg = compose_config([*FAST_MODEL, f"data.path={folder}", f"output.path={tmp_path / 'out'}", "data.video.fps=4",
+    cfg = compose_config([*FAST_MODEL, *VIDEOS, f"data.path={folder}", f"output.path={tmp_path / 'out'}", "data.video.fps=4",
                           "data.video.segment_s=1", "inference.batch_size=4"])
     summary = run(cfg)
 
@@ -94,8 +94,8 @@ def test_images_and_videos_give_a_row_per_image_and_per_chosen_frame_and_a_chang
     assert pads.dataset(str(tmp_path / "out"), format="parquet").to_table().num_rows == len(rows)
 
 
-# A driver that SIGKILLs itself, and the Ray it started, once its writer has taken argv[1] rows: killed in
-# the middle of a run at a point the test chooses, where a kill from outside would race a run this short.
+# A driver that SIGKILLs itself once its writer has taken argv[1] rows: killed in the middle of a run at a
+# point the test chooses, where a kill from outside would race a run this short.
 KILLED_DRIVER = """
 import os, signal, sys
 from app.config import compose_config
@@ -115,15 +115,16 @@ run(compose_config(sys.argv[2:]), on_rows=rows_taken)
 
 @pytest.mark.slow
 def test_a_driver_killed_in_the_middle_of_a_video_and_run_again_leaves_one_row_per_chosen_frame(local_ray, tmp_path):
-    """A 6-second video at 10 frames a second of it, in segments of 1 s: the driver (its own process, with
-    its own Ray) is SIGKILLed once its writer has taken 20 rows; what it committed holds each frame
-    once. The rerun commits exactly the frames without a row; the rows are those of an undisturbed run."""
+    """A 6-second video at 10 frames a second of it, in segments of 1 s: the driver (its own process,
+    attached to the tests' Ray as a RayJob's driver is to its cluster) is SIGKILLed once its writer has
+    taken 20 rows; what it committed holds each frame once. The rerun commits exactly the frames without
+    a row; the rows are those of an undisturbed run."""
     path = tmp_path / "in" / "long.mp4"
     write_video(path, frames=180, rate=30, gop=25)
-    overrides = [*FAST_MODEL, f"data.path={path.parent}", f"output.path={tmp_path / 'out'}", "data.video.fps=10",
+    overrides = [*FAST_MODEL, *VIDEOS, f"data.path={path.parent}", f"output.path={tmp_path / 'out'}", "data.video.fps=10",
                  "data.video.segment_s=1", "output.rows_per_file=4", "output.commit_interval_s=0", "inference.batch_size=2"]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    killed = subprocess.run([sys.executable, "-c", KILLED_DRIVER, "20", *overrides, "ray.num_cpus=2"], env=env,
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    killed = subprocess.run([sys.executable, "-c", KILLED_DRIVER, "20", *overrides], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert killed.returncode == -signal.SIGKILL
     before = row_keys(read_committed(resolve(str(tmp_path / "out")), ["path", "frame_index"]))

@@ -106,7 +106,7 @@ def measure_input_stage(overrides: list[str]) -> dict:
     output = dataset.locate(cfg.output)
     output.filesystem.create_dir(output.path, recursive=True)
     _, index = resume.scan_output(output, in_ray=True)
-    todo, tally = streamed_todo(cfg.data, inputs, index, tasks=max(1, (os.cpu_count() or 2) - 1))
+    todo, _, tally = streamed_todo(cfg.data, inputs, index, tasks=max(1, (os.cpu_count() or 2) - 1))
     todo = todo.repartition(target_num_rows_per_block=STREAMED_BLOCK_FILES)  # as the run's stages cut it
     first, rows = None, 0
     for batch in todo.iter_batches(batch_format="pyarrow", batch_size=None):
