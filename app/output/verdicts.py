@@ -101,7 +101,7 @@ class Verdicts:
         self.writer, self.source, self.transient_runs = writer, source, transient_runs
         self.runs_before = dict(zip(left_before["path"].to_pylist(), left_before["runs"].to_pylist()))
         self.left_before = left_before
-        self.committed = PathSet()  # paths with a row from this run
+        self.committed = PathSet()  # keys (app.result_schema.row_keys) with a row from this run
         self.set_aside: list[pa.Table] = []  # TRANSIENT_SCHEMA rows of this run
         self.held: list[pa.Table] = []
         self.held_rows = 0
