@@ -264,13 +264,13 @@ def segment_rows(row: dict, version: str, index: StreamIndex, options: VideoOpti
     """A probed video's SEGMENT_SCHEMA rows: one per segment; and after damage in its packets, one row
     for the frames it hides."""
     keyframes = index.pts[index.keyframe]
+    offset = float(index.pts[0] * index.time_base) if len(index.pts) else 0.0
     rows = []
     for frames in segments(index, sampled(index, options), options):
         first, last = int(index.pts[frames[0]]), int(index.pts[frames[-1]])
         # The key frames from the one at or before the segment's first frame to its last frame.
         start = max(0, int(np.searchsorted(keyframes, first, side="right")) - 1)
         stop = int(np.searchsorted(keyframes, last, side="right"))
-        offset = float(index.pts[0] * index.time_base)
         number = math.floor((float((first - int(index.pts[0])) * index.time_base)) / options.segment_s)
         rows.append(dict(row, video_version=version,
                          segment_start_s=offset + number * options.segment_s,
@@ -305,7 +305,7 @@ def expand_videos(batch: pa.Table, *, filesystem: pafs.FileSystem, options: Vide
             rows.append(row)
             continue
         try:
-            version, index = probe(filesystem, row["path"], row["raw_path"], options, budget)
+            version, stream = probe(filesystem, row["path"], row["raw_path"], options, budget)
         except ImageError as error:
             rows.append(dict(row, error_kind=error.kind, error=str(error)))
             continue
@@ -313,7 +313,7 @@ def expand_videos(batch: pa.Table, *, filesystem: pafs.FileSystem, options: Vide
         if before is not None and before != version:
             raise VideoChanged(f"{VIDEO_CHANGED_MARKER} {uri_prefix + row['path']} changed since output.path's rows of its frames "
                                f"were made ({before}; now {version}): use a new output.path, or output.overwrite=true")
-        rows.extend(segment_rows(row, version, index, options))
+        rows.extend(segment_rows(row, version, stream, options))
     return pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)
 
 
